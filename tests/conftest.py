@@ -1,0 +1,65 @@
+"""Shared fixtures.
+
+Tests that need real MNIST read $VAELAB_DATA_DIR; when it is unset they use
+../shared/mnist beside the checkout if it exists, else the user cache
+(fetched on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaelab.data import Dataset, encode_idx, FILES
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+
+if "VAELAB_DATA_DIR" not in os.environ and SHARED_MNIST.is_dir():
+    os.environ["VAELAB_DATA_DIR"] = str(SHARED_MNIST)
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Dataset:
+    """The real MNIST data set, loaded once per test session."""
+    from vaelab.data import load_data
+
+    return load_data(progress=False)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(mnist) -> Path:
+    return mnist.directory
+
+
+def synthetic_dataset(n_train: int = 300, n_test: int = 100, shape=(8, 8), seed: int = 0) -> Dataset:
+    """Random grey-level images with random labels: tiny and fast."""
+    g = torch.Generator().manual_seed(seed)
+    d = shape[0] * shape[1]
+    images = lambda n: torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
+    labels = lambda n: torch.randint(0, 10, (n,), generator=g)
+    return Dataset(images(n_train), labels(n_train), images(n_test), labels(n_test),
+                   tuple(shape), Path("."), verified=False)
+
+
+def write_idx_dir(directory: Path, data: Dataset, gz: bool = False) -> Path:
+    """Write a Dataset as the four IDX files into directory."""
+    import gzip
+
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_images": data.train_images.reshape(-1, *data.image_shape),
+        "train_labels": data.train_labels.to(torch.uint8),
+        "test_images": data.test_images.reshape(-1, *data.image_shape),
+        "test_labels": data.test_labels.to(torch.uint8),
+    }
+    for key, tensor in arrays.items():
+        content = encode_idx(tensor.numpy())
+        if gz:
+            (directory / f"{FILES[key]}.gz").write_bytes(gzip.compress(content))
+        else:
+            (directory / FILES[key]).write_bytes(content)
+    return directory

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from vaelab.errors import VaelabError
+from vaelab.models import PRESETS, ModelConfig, build_model, preset
+
+
+def test_tutorial_preset_is_the_notebooks_network():
+    model = build_model(preset("tutorial"))
+    linear = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear == [(784, 256), (256, 128), (128, 4), (2, 128), (128, 256), (256, 784)]
+
+
+def test_encode_and_decode_have_the_documented_shapes():
+    model = build_model(ModelConfig(z_dim=5))
+    mu, logvar = model.encode(torch.rand(7, 784))
+    assert mu.shape == logvar.shape == (7, 5)
+    assert model.decode(torch.randn(7, 5)).shape == (7, 784)
+    mean = model.decode_mean(torch.randn(3, 7, 5))
+    assert mean.shape == (3, 7, 784) and mean.min() >= 0 and mean.max() <= 1
+
+
+def test_a_seed_gives_the_same_weights_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model(ModelConfig(), seed=7)
+    after = torch.rand(1)
+    b = build_model(ModelConfig(), seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert torch.equal(before, after)
+
+
+def test_burda1_preset_is_one_stochastic_layer_with_tanh():
+    config = preset("burda1")
+    assert (config.encoder_hidden, config.decoder_hidden, config.z_dim, config.activation) == \
+        ((200, 200), (200, 200), 50, "tanh")
+    assert set(PRESETS) >= {"tutorial", "burda1"}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("z_dim", 0, "--z-dim must be a positive integer"),
+    ("likelihood", "poisson", "unknown likelihood"),
+    ("activation", "gelu6", "unknown activation"),
+    ("sigma", float("nan"), "--sigma must be a positive number"),
+])
+def test_nonsensical_model_options_are_refused(field, value, message):
+    with pytest.raises(VaelabError, match=message):
+        ModelConfig(**{field: value}).validate()
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(VaelabError, match="unknown preset 'huge'"):
+        preset("huge")

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from vaelab.models import ModelConfig, build_model
+from vaelab.objectives import (bernoulli_log_likelihood, gaussian_log_likelihood, kl_normal,
+                               negative_elbo, reparametrize)
+
+
+def test_kl_normal_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(32, 5, generator=g) * 2
+    logvar = torch.randn(32, 5, generator=g) * 1.5
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(kl_normal(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kl_normal_is_zero_for_the_prior_itself():
+    assert kl_normal(torch.zeros(3, 4), torch.zeros(3, 4)).abs().max() == 0
+
+
+def test_reparametrized_samples_have_the_right_mean_and_variance():
+    mu = torch.tensor([[1.5, -2.0]])
+    logvar = torch.tensor([[math.log(0.25), math.log(4.0)]])
+    eps = torch.randn(200_000, 1, 2, generator=torch.Generator().manual_seed(1))
+    z = reparametrize(mu, logvar, eps)[:, 0]
+    torch.testing.assert_close(z.mean(0), mu[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(z.var(0), logvar[0].exp(), atol=0.0, rtol=0.02)
+
+
+def test_reparametrization_carries_gradients_to_mu_and_logvar():
+    mu = torch.tensor([[0.3, -0.7]], requires_grad=True)
+    logvar = torch.tensor([[0.2, -1.0]], requires_grad=True)
+    eps = torch.tensor([[0.5, -1.5]])
+    reparametrize(mu, logvar, eps).sum().backward()
+    torch.testing.assert_close(mu.grad, torch.ones_like(mu))
+    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)
+
+
+def test_bernoulli_term_equals_the_tutorials_sigmoid_then_bce_where_that_is_stable():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(16, 784, generator=g) * 3  # |logits| < ~12: sigmoid-then-log is fine
+    x = (torch.rand(16, 784, generator=g) < 0.3).float()
+    tutorial = -F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="none").sum(-1)
+    torch.testing.assert_close(bernoulli_log_likelihood(x, logits), tutorial, rtol=1e-5, atol=1e-3)
+
+
+def test_bernoulli_term_stays_exact_for_extreme_logits():
+    logits = torch.tensor([[-200.0, 200.0, -40.0, 40.0]])
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    # log sigmoid(-200) = -200 (to float precision), log(1 - sigmoid(200)) = -200, the rest ~ -4e-18
+    out = bernoulli_log_likelihood(x, logits)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.tensor([-400.0]), rtol=1e-6, atol=1e-4)
+
+
+def test_gaussian_term_matches_torch_distributions():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 20, generator=g)
+    x = torch.rand(8, 20, generator=g)
+    expected = Normal(torch.sigmoid(logits), 0.1).log_prob(x).sum(-1)
+    torch.testing.assert_close(gaussian_log_likelihood(x, logits, 0.1), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_negative_elbo_equals_a_hand_computation(samples):
+    model = build_model(ModelConfig(x_dim=12, z_dim=3, encoder_hidden=(7,), decoder_hidden=(5,)), seed=0)
+    x = (torch.rand(4, 12, generator=torch.Generator().manual_seed(4)) < 0.5).float()
+
+    loss = negative_elbo(model, x, samples, torch.Generator().manual_seed(9))
+
+    # By hand, with the same noise: -(1/L) sum_l log Bern(x | decoder(z_l)) + KL
+    eps = torch.randn(samples, 4, 3, generator=torch.Generator().manual_seed(9))
+    h = model.head(model.encoder(x))
+    mu, logvar = h[:, :3], h[:, 3:]
+    z = mu + torch.exp(logvar / 2) * eps
+    log_px = torch.stack([Bernoulli(logits=model.decoder(z[l])).log_prob(x).sum(-1) for l in range(samples)])
+    q, p = Normal(mu, torch.exp(logvar / 2)), Normal(0.0, 1.0)
+    expected = kl_divergence(q, p).sum(-1) - log_px.mean(0)
+    assert loss.shape == (4,)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_negative_elbo_uses_the_gaussian_likelihood_when_configured():
+    config = ModelConfig(x_dim=6, z_dim=2, encoder_hidden=(4,), decoder_hidden=(4,), likelihood="gaussian", sigma=0.5)
+    model = build_model(config, seed=1)
+    x = torch.rand(3, 6, generator=torch.Generator().manual_seed(5))
+    loss = negative_elbo(model, x, 1, torch.Generator().manual_seed(6))
+    eps = torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(6))
+    mu, logvar = model.encode(x)
+    logits = model.decode(mu + torch.exp(logvar / 2) * eps)[0]
+    expected = kl_normal(mu, logvar) - Normal(torch.sigmoid(logits), 0.5).log_prob(x).sum(-1)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from conftest import synthetic_dataset
+from vaelab import RunConfig, train
+from vaelab.evaluate import mean_negative_elbo
+from vaelab.models import ModelConfig, build_model
+from vaelab.runs import read_metrics
+from vaelab.train import TrainingDiverged
+
+
+def tiny_config(**overrides) -> RunConfig:
+    model = ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,))
+    return RunConfig(**{"model": model, "epochs": 2, "batch_size": 50, **overrides})
+
+
+@pytest.mark.slow
+def test_short_training_on_real_mnist_lowers_the_test_negative_elbo(mnist):
+    config = RunConfig(epochs=3, train_size=6000, test_size=1000)
+    data = mnist.subset(6000, 1000)
+    untrained = mean_negative_elbo(build_model(config.model, seed=config.seed), data.test_images,
+                                   seed=config.eval_seed)
+    result = train(config, data=mnist, progress=False)
+    losses = [m["test_loss"] for m in result.metrics]
+    assert losses[-1] < losses[0] < untrained
+    assert losses[-1] < 0.5 * untrained  # from ~545 nats to well under 270
+
+
+def test_metrics_have_one_record_per_epoch_with_the_documented_keys(tmp_path):
+    result = train(tiny_config(epochs=3), tmp_path, synthetic_dataset(), progress=False)
+    assert [m["epoch"] for m in result.metrics] == [1, 2, 3]
+    for m in result.metrics:
+        assert {"epoch", "train_loss", "test_loss", "seconds"} <= set(m)
+        assert math.isfinite(m["train_loss"]) and math.isfinite(m["test_loss"]) and m["seconds"] > 0
+    assert read_metrics(tmp_path) == result.metrics
+
+
+def test_a_cpu_run_is_repeatable_for_a_seed():
+    a = train(tiny_config(), data=synthetic_dataset(), progress=False)
+    b = train(tiny_config(), data=synthetic_dataset(), progress=False)
+    c = train(tiny_config(seed=1), data=synthetic_dataset(), progress=False)
+    assert [m["test_loss"] for m in a.metrics] == [m["test_loss"] for m in b.metrics]
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    assert a.metrics[-1]["test_loss"] != c.metrics[-1]["test_loss"]
+
+
+@pytest.mark.parametrize("overrides", [dict(optimizer="adam", lr=1e-3), dict(samples=3),
+                                       dict(model=ModelConfig(z_dim=3, encoder_hidden=(16,), decoder_hidden=(16,),
+                                                              likelihood="gaussian", sigma=0.3))])
+def test_the_other_recipes_train(overrides):
+    result = train(tiny_config(**overrides), data=synthetic_dataset(), progress=False)
+    assert all(math.isfinite(m["test_loss"]) for m in result.metrics)
+
+
+def test_a_diverging_run_stops_with_a_message_naming_the_epoch():
+    with pytest.raises(TrainingDiverged, match="epoch 1.*lower the learning rate"):
+        train(tiny_config(lr=1e6), data=synthetic_dataset(), progress=False)
+
+
+def test_batch_larger_than_the_training_set_is_refused():
+    with pytest.raises(Exception, match="larger than the 300 training images"):
+        train(tiny_config(batch_size=500), data=synthetic_dataset(), progress=False)

@@ -1,0 +1,228 @@
+"""The `vaelab` command. It parses arguments, builds a config and calls the
+library; every piece of work lives in a function a notebook can call too.
+
+A user mistake ends with one line on stderr and exit status 2 (--debug shows
+the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import DEVICES, OPTIMIZERS, RunConfig
+from .errors import VaelabError
+from .models import ACTIVATIONS, LIKELIHOODS, PRESETS, preset
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line and exit with status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """'256,128' -> (256, 128)."""
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 256,128, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vaelab", description="Variational autoencoders on binarized MNIST.")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data_help = "folder with the four IDX files (default: $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)"
+    d = RunConfig()
+
+    p = sub.add_parser("train", help="train a VAE and write a run directory",
+                       description="Train a VAE. The defaults are the tutorial's recipe: z_dim=2, "
+                                   "plain SGD with lr 5e-3, batch 100, 20 epochs.")
+    p.add_argument("--preset", default=d.preset, choices=sorted(PRESETS),
+                   help="architecture preset (default: %(default)s)")
+    p.add_argument("--z-dim", type=int, help="latent dimensions (default: the preset's)")
+    p.add_argument("--encoder-hidden", type=_sizes, metavar="H1,H2",
+                   help="encoder hidden sizes (default: the preset's)")
+    p.add_argument("--decoder-hidden", type=_sizes, metavar="H1,H2",
+                   help="decoder hidden sizes (default: the preset's)")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default: the preset's)")
+    p.add_argument("--likelihood", default=d.model.likelihood, choices=LIKELIHOODS,
+                   help="observation model: bernoulli on binarized pixels, or gaussian on grey "
+                        "levels with fixed standard deviation --sigma (default: %(default)s)")
+    p.add_argument("--sigma", type=float, default=d.model.sigma,
+                   help="standard deviation of the gaussian likelihood (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=d.samples, metavar="L",
+                   help="Monte-Carlo samples of z per image in the ELBO (default: %(default)s)")
+    p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches and noise (default: %(default)s)")
+    p.add_argument("--device", default=d.device, choices=DEVICES, help="(default: %(default)s)")
+    p.add_argument("--data-dir", help=data_help)
+    p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--test-size", type=int, metavar="N", help="report the loss of the first N test images only")
+    p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")
+    p.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test negative ELBO of a run, written to RUN/eval.json",
+                       description="Evaluate a run on the test set (nats per image).")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--samples", type=int, default=1, metavar="L",
+                   help="Monte-Carlo samples of z per image (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.eval_seed, help="fixes binarization and noise (default: %(default)s)")
+    p.add_argument("--data-dir", help=data_help)
+    p.add_argument("--device", default="auto", choices=DEVICES, help="(default: %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="redraw the figures of a run", description="Redraw RUN/figures/*.png.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--data-dir", help=data_help)
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("sample", help="draw images from the prior into a PNG",
+                       description="Decode z ~ N(0, I) and save a grid of the decoder means.")
+    p.add_argument("run", help="run directory")
+    p.add_argument("-n", type=int, default=64, help="number of samples (default: %(default)s)")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("data", help="fetch and verify MNIST, and say where it is",
+                       description="Find (or fetch) the four IDX files, verify them and print where they are.")
+    p.add_argument("--data-dir", help=data_help)
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig that `vaelab train` options describe."""
+    model = preset(args.preset, z_dim=args.z_dim, encoder_hidden=args.encoder_hidden,
+                   decoder_hidden=args.decoder_hidden, activation=args.activation,
+                   likelihood=args.likelihood, sigma=args.sigma)
+    return RunConfig(model=model, preset=args.preset, samples=args.samples, optimizer=args.optimizer,
+                     lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                     device=args.device, data_dir=args.data_dir, train_size=args.train_size,
+                     test_size=args.test_size)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_data
+    from .plots import draw_figures
+    from .runs import new_run_dir
+    from .train import train
+
+    config = config_from_args(args)
+    config.validate()  # before anything is fetched or written
+    data = load_data(config.data_dir, progress=not args.quiet)
+    if not data.verified:  # not MNIST: remember where the data came from
+        config.data_dir = str(data.directory.resolve())
+    run_dir = new_run_dir(args.out)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    result = train(config, run_dir, data, progress=not args.quiet)
+    if not args.no_plots:
+        draw_figures(run_dir, result.model, result.data, result.metrics)
+    last = result.metrics[-1]
+    print(f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per image; "
+          f"run saved in {run_dir}")
+    return 0
+
+
+def _load(run: str, data_dir: str | None, device: str = "cpu"):
+    """A run's model, config and data (the run's own data folder unless given)."""
+    from .data import load_data
+    from .runs import load_config, load_run
+    from .train import pick_device
+
+    config = load_config(run)
+    model = load_run(run, pick_device(device))
+    data = load_data(data_dir or config.data_dir)
+    if data.x_dim != model.config.x_dim:
+        raise VaelabError(f"the data in {data.directory} has {data.x_dim} pixels per image "
+                          f"but the model in {run} expects {model.config.x_dim}")
+    return model, config, data
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+    from .runs import write_eval
+
+    if args.samples < 1:
+        raise VaelabError(f"--samples must be a positive integer, got {args.samples}")
+    model, _, data = _load(args.run, args.data_dir, args.device)
+    result = evaluate_run(model, data, samples=args.samples, seed=args.seed)
+    write_eval(args.run, result)
+    print(f"test negative ELBO: {result['neg_elbo']:.3f} nats per image "
+          f"({result['test_images']} test images, {args.samples} sample(s) of z each); "
+          f"written to {Path(args.run) / 'eval.json'}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import draw_figures
+    from .runs import read_metrics
+
+    model, _, data = _load(args.run, args.data_dir)
+    paths = draw_figures(args.run, model, data, read_metrics(args.run))
+    print(f"drew {len(paths)} figures into {Path(args.run) / 'figures'}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .plots import sample_images, save_image_grid
+    from .runs import load_run
+
+    if args.n < 1:
+        raise VaelabError(f"-n must be a positive integer, got {args.n}")
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise VaelabError(f"-o must name a .png file, got {out}")
+    if out.exists() and not args.force:
+        raise VaelabError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise VaelabError(f"cannot write {out}: folder {out.parent} does not exist")
+    model = load_run(args.run)
+    try:
+        save_image_grid(out, sample_images(model, args.n, args.seed))
+    except OSError as e:
+        raise VaelabError(f"cannot write {out} ({e.strerror or e})") from None
+    print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import load_data
+
+    data = load_data(args.data_dir)
+    kind = "MNIST, verified by SHA-256" if data.verified else "not MNIST (files read unverified)"
+    print(f"{data.directory}: {kind}; {len(data.train_images)} training and {len(data.test_images)} "
+          f"test images of {data.image_shape[0]}x{data.image_shape[1]} pixels")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VaelabError as e:
+        if args.debug:
+            raise
+        print(f"vaelab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

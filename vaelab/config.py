@@ -1,0 +1,65 @@
+"""One dataclass describes a run; it is saved beside the run as config.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import VaelabError
+from .models import ModelConfig
+
+OPTIMIZERS = ("sgd", "adam")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class RunConfig:
+    """A training run. The defaults are the tutorial's recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    preset: str = "tutorial"
+    samples: int = 1             # L, Monte-Carlo samples of z per example
+    optimizer: str = "sgd"
+    lr: float = 5e-3
+    batch_size: int = 100
+    epochs: int = 20
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None  # None: $VAELAB_DATA_DIR, then the cache
+    train_size: int | None = None  # use only the first N training images
+    test_size: int | None = None
+    eval_seed: int = 1234        # fixes the test set's binarization and noise
+
+    def validate(self) -> None:
+        """Raise VaelabError naming the first option that makes no sense."""
+        self.model.validate()
+        for name in ("epochs", "batch_size", "samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        for name in ("train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise VaelabError(f"--lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise VaelabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.device not in DEVICES:
+            raise VaelabError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """The inverse of to_dict; missing keys take their defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise VaelabError(f"config has unknown keys: {', '.join(sorted(unknown))}")
+        model_known = {f.name for f in fields(ModelConfig)}
+        model = d.get("model", {})
+        if set(model) - model_known:
+            raise VaelabError(f"model config has unknown keys: {', '.join(sorted(set(model) - model_known))}")
+        return cls(**{**d, "model": ModelConfig(**model)})

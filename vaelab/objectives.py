@@ -1,0 +1,71 @@
+"""The maths of the VAE, once: sampling, KL, likelihoods and the negative ELBO.
+
+Every quantity is in nats, per example. Training and evaluation both call
+`negative_elbo`, so they measure the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .models import VAE
+
+
+def reparametrize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps with sigma = exp(logvar / 2).
+
+    mu, logvar: (N, z_dim); eps: (..., N, z_dim) standard normal noise.
+    The randomness is in eps alone, so gradients flow to mu and logvar.
+    """
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL( N(mu, diag(exp(logvar))) || N(0, I) ), analytically.
+
+    mu, logvar: (N, z_dim) -> (N,) nats.
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log p(x | logits) for x in {0, 1} (or [0, 1]), computed from logits.
+
+    x: (N, D); logits: (..., N, D) -> (..., N) nats. Uses the stable form
+    x * l - softplus(l); never sigmoid followed by log.
+    """
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+def gaussian_log_likelihood(x: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.Tensor:
+    """log N(x; sigmoid(logits), sigma^2 I), a density on grey levels.
+
+    x: (N, D); logits: (..., N, D) -> (..., N) nats (a density: not comparable
+    with Bernoulli nats).
+    """
+    mean = torch.sigmoid(logits)
+    d = x.shape[-1]
+    return -0.5 * ((x - mean) / sigma).pow(2).sum(-1) - d * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
+def log_likelihood(model: VAE, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log p(x|z) under the model's observation model. (..., N) nats."""
+    if model.config.likelihood == "gaussian":
+        return gaussian_log_likelihood(x, logits, model.config.sigma)
+    return bernoulli_log_likelihood(x, logits)
+
+
+def negative_elbo(model: VAE, x: torch.Tensor, samples: int = 1,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """-ELBO(x) = -(1/L) sum_l log p(x | z_l) + KL(q(z|x) || p(z)), z_l ~ q(z|x).
+
+    x: (N, D) -> (N,) nats per example, L = `samples` Monte-Carlo samples.
+    """
+    mu, logvar = model.encode(x)
+    eps = torch.randn((samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    z = reparametrize(mu, logvar, eps)                    # (L, N, z_dim)
+    expected_ll = log_likelihood(model, x, model.decode(z)).mean(0)   # (N,)
+    return kl_normal(mu, logvar) - expected_ll

@@ -1,0 +1,220 @@
+"""Figures of a run. Each `*_figure` function returns a matplotlib Figure
+(shown inline in a notebook); `draw_figures` saves them all into RUN/figures.
+
+Uses matplotlib's object API (no pyplot), so it never touches a global
+backend and works on machines without a display.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .data import Dataset, observe
+from .models import VAE
+
+DIGIT_COLOURS = "tab10"
+
+
+def image_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Tile images into one picture.
+
+    images: (N, H, W) in [0, 1] -> (rows * (H + pad) + pad, nrow * (W + pad) + pad).
+    """
+    n, h, w = images.shape
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        grid[top:top + h, left:left + w] = image
+    return grid
+
+
+def square_nrow(n: int) -> int:
+    """Columns for a near-square grid of n images."""
+    return math.ceil(math.sqrt(n))
+
+
+def save_image_grid(path: str | Path, images: np.ndarray) -> None:
+    """Save (N, H, W) images in [0, 1] as one near-square greyscale PNG."""
+    from matplotlib.image import imsave
+
+    imsave(path, image_grid(images, nrow=square_nrow(len(images))), cmap="gray", vmin=0, vmax=1)
+
+
+def _as_images(x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
+    """x: (N, D) in [0, 1] -> (N, H, W) numpy."""
+    return x.detach().float().cpu().reshape(-1, *shape).numpy()
+
+
+def _grid_figure(grid: np.ndarray, title: str, inches: float = 6.0) -> Figure:
+    aspect = grid.shape[0] / grid.shape[1]
+    fig = Figure(figsize=(inches, inches * aspect + 0.5))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title)
+    ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _device(model: VAE) -> torch.device:
+    return next(model.parameters()).device
+
+
+def elbo_figure(metrics: list[dict]) -> Figure:
+    """Train and test ELBO (nats per image) against epoch."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    epochs = [m["epoch"] for m in metrics]
+    ax.plot(epochs, [-m["train_loss"] for m in metrics], "o-", label="train (mean over the epoch's batches)")
+    ax.plot(epochs, [-m["test_loss"] for m in metrics], "s-", label="test")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats per image)")
+    ax.set_title("Evidence lower bound")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def data_figure(data: Dataset, n: int = 100) -> Figure:
+    """A grid of training images (grey levels, before binarization)."""
+    images = _as_images(data.train_images[:n].float() / 255, data.image_shape)
+    return _grid_figure(image_grid(images, nrow=10), f"{len(images)} training images")
+
+
+@torch.no_grad()
+def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0) -> Figure:
+    """Test images (as the model sees them) above their reconstructions E[x | z = mu(x)]."""
+    generator = torch.Generator(_device(model)).manual_seed(seed)
+    x = observe(data.test_images[:n].to(_device(model)), model.config.likelihood, generator)
+    mu, _ = model.encode(x)
+    recon = model.decode_mean(mu)
+    shape = data.image_shape
+    grid = image_grid(np.concatenate([_as_images(x, shape), _as_images(recon, shape)]), nrow=n)
+    fig = Figure(figsize=(n * 0.6, 1.8))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    half = grid.shape[0] / 2
+    ax.set_yticks([half / 2, half + half / 2], ["data", "reconstruction"])
+    ax.set_title("Test images and their reconstructions (decoder mean at z = mu(x))")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
+    """Decoder means E[x|z] for z ~ N(0, I)."""
+    images = sample_images(model, n, seed)
+    return _grid_figure(image_grid(images, nrow=square_nrow(n)), f"{n} samples from the prior (decoder means)")
+
+
+@torch.no_grad()
+def sample_images(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
+    """(n, H, W) decoder means for n draws z ~ N(0, I)."""
+    generator = torch.Generator(_device(model)).manual_seed(seed)
+    z = torch.randn(n, model.config.z_dim, generator=generator, device=_device(model))
+    return _as_images(model.decode_mean(z), model.config.image_shape)
+
+
+@torch.no_grad()
+def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
+    """For z_dim = 2: decoder means over an n x n grid of [-limit, limit]^2."""
+    if model.config.z_dim != 2:
+        raise ValueError("the latent manifold needs z_dim = 2")
+    values = torch.linspace(-limit, limit, n)
+    z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")  # z2 grows upwards
+    z = torch.stack([z1.flatten(), z2.flatten()], dim=1).to(_device(model))
+    images = _as_images(model.decode_mean(z), model.config.image_shape)
+    grid = image_grid(images, nrow=n, pad=0)
+    fig = Figure(figsize=(8, 8))
+    ax = fig.subplots()
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, extent=(-limit, limit, -limit, limit),
+              interpolation="nearest")
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title(f"Latent manifold: decoder means on a {n} x {n} grid")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def latent_means(model: VAE, data: Dataset, n: int | None = None, seed: int = 0) -> np.ndarray:
+    """(N, z_dim) posterior means mu(x) of the first n test images."""
+    generator = torch.Generator(_device(model)).manual_seed(seed)
+    images = data.test_images[:n].to(_device(model))
+    mus = [model.encode(observe(images[i:i + 1000], model.config.likelihood, generator))[0]
+           for i in range(0, len(images), 1000)]
+    return torch.cat(mus).cpu().numpy()
+
+
+def _scatter_by_digit(points: np.ndarray, labels: np.ndarray, title: str,
+                      xlabel: str, ylabel: str) -> Figure:
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    import matplotlib
+
+    cmap = matplotlib.colormaps[DIGIT_COLOURS]
+    for digit in np.unique(labels):
+        sel = labels == digit
+        ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(int(digit) % 10),
+                   label=str(digit))
+    ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def latent_figure(model: VAE, data: Dataset) -> Figure:
+    """For z_dim = 2: the test set's posterior means, coloured by digit."""
+    if model.config.z_dim != 2:
+        raise ValueError("the latent scatter needs z_dim = 2; use tsne_figure")
+    mu = latent_means(model, data)
+    return _scatter_by_digit(mu, data.test_labels.numpy(), f"Posterior means of {len(mu)} test images",
+                             "mu_1", "mu_2")
+
+
+def tsne_figure(model: VAE, data: Dataset, n: int = 3000, seed: int = 0) -> Figure:
+    """For z_dim > 2: a 2-D t-SNE of the first n test images' posterior means."""
+    from sklearn.manifold import TSNE
+
+    mu = latent_means(model, data, n)
+    points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(mu)
+    return _scatter_by_digit(points, data.test_labels[:n].numpy(),
+                             f"t-SNE of the posterior means of {len(mu)} test images (z_dim={model.config.z_dim})",
+                             "t-SNE 1", "t-SNE 2")
+
+
+def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[dict]) -> list[Path]:
+    """Draw every figure of a run into RUN/figures and return their paths."""
+    out = Path(run_dir) / "figures"
+    out.mkdir(exist_ok=True)
+    figures = {
+        "elbo.png": lambda: elbo_figure(metrics),
+        "data.png": lambda: data_figure(data),
+        "reconstructions.png": lambda: reconstruction_figure(model, data),
+        "samples.png": lambda: samples_figure(model),
+    }
+    if model.config.z_dim == 2:
+        figures["manifold.png"] = lambda: manifold_figure(model)
+        figures["latent.png"] = lambda: latent_figure(model, data)
+    else:
+        figures["tsne.png"] = lambda: tsne_figure(model, data)
+    paths = []
+    for name, make in figures.items():
+        if name == "elbo.png" and not metrics:
+            continue
+        make().savefig(out / name, dpi=100)
+        paths.append(out / name)
+    return paths

@@ -1,0 +1,128 @@
+"""A run on disk: one directory holding everything a run produced.
+
+    RUN/config.json         the RunConfig (JSON only, never pickle)
+    RUN/model.safetensors   the weights (safetensors only, never torch.load)
+    RUN/metrics.jsonl       one JSON object per finished epoch
+    RUN/eval.json           written by `vaelab evaluate`
+    RUN/figures/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .config import RunConfig
+from .errors import RunError, VaelabError
+from .fileio import atomic_write_bytes, atomic_write_json
+from .models import VAE
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+FIGURES = "figures"
+RUN_FILES = (CONFIG, WEIGHTS, METRICS)
+
+
+def new_run_dir(out: str | Path | None = None, root: str | Path = "runs") -> Path:
+    """Create the directory for a new run and return it.
+
+    Without `out`, runs/<timestamp> (with a suffix if taken). A directory that
+    already holds a run is refused: a run never overwrites another's files.
+    """
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, i = Path(root) / stamp, 1
+        while path.exists():
+            path, i = Path(root) / f"{stamp}-{i}", i + 1
+    else:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise RunError(f"--out {path} is a file, not a directory; choose another --out")
+        taken = [name for name in RUN_FILES if (path / name).exists()]
+        if taken:
+            raise RunError(f"{path} already holds a run ({', '.join(taken)}); choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vaelab-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to {path} ({e.strerror or e}); choose another --out") from None
+    return path
+
+
+def save_config(run_dir: Path, config: RunConfig) -> None:
+    atomic_write_json(Path(run_dir) / CONFIG, config.to_dict())
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    """The RunConfig of a run directory, with a clear error for what is wrong."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} does not exist")
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a run: it has no {CONFIG}")
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, VaelabError) as e:
+        raise RunError(f"{path} is unreadable or corrupt: {e}") from None
+
+
+def save_weights(run_dir: Path, model: VAE) -> None:
+    """Write the model's weights atomically as safetensors."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(Path(run_dir) / WEIGHTS, save_safetensors(tensors))
+
+
+def load_weights(run_dir: Path, model: VAE) -> None:
+    """Load safetensors weights into model, refusing anything that does not fit."""
+    path = Path(run_dir) / WEIGHTS
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no {WEIGHTS}: the run has not finished an epoch")
+    try:
+        tensors = load_safetensors(path.read_bytes())
+    except (OSError, SafetensorError, ValueError) as e:
+        raise RunError(f"{path} is corrupt: {e}") from None
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    found = {k: v.shape for k, v in tensors.items()}
+    if expected != found:
+        raise RunError(f"{path} does not match the model in {CONFIG} "
+                       f"(expected {len(expected)} tensors of the configured shapes)")
+    model.load_state_dict(tensors)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
+    """The trained model of a run, ready for `encode(x)` and `decode(z)`, in eval mode."""
+    config = load_config(run_dir)
+    model = VAE(config.model)
+    load_weights(Path(run_dir), model)
+    return model.to(device).eval()
+
+
+def write_metrics(run_dir: Path, records: list[dict]) -> None:
+    """Rewrite metrics.jsonl atomically with all records so far."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write_bytes(Path(run_dir) / METRICS, text.encode())
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise RunError(f"{path} is corrupt: {e}") from None
+
+
+def write_eval(run_dir: str | Path, result: dict) -> None:
+    atomic_write_json(Path(run_dir) / EVAL, result)

@@ -1,0 +1,116 @@
+"""The training loop: data resident in memory, one optimizer step per batch.
+
+After every epoch the weights and the metrics are written (atomically) into
+the run directory, so a finished epoch is never lost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import RunConfig
+from .data import Dataset, load_data, observe
+from .errors import VaelabError
+from .evaluate import mean_negative_elbo
+from .models import VAE, build_model
+from .objectives import negative_elbo
+from .runs import save_config, save_weights, write_metrics
+
+
+class TrainingDiverged(VaelabError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    model: VAE
+    metrics: list[dict]
+    data: Dataset
+    run_dir: Path | None
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' means CUDA when there is a GPU, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise VaelabError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def make_optimizer(config: RunConfig, model: VAE) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    # Plain SGD, no momentum: the tutorial's `param -= lr * grad`.
+    return torch.optim.SGD(model.parameters(), lr=config.lr)
+
+
+def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train a VAE as `config` says; with run_dir, save everything there.
+
+    Returns the trained model (in eval mode) and one metrics record per epoch:
+    epoch, train_loss (mean negative ELBO over the epoch's batches, as trained),
+    test_loss (negative ELBO of the test set with fixed binarization), seconds.
+    """
+    config.validate()
+    device = pick_device(config.device)
+    if data is None:
+        data = load_data(config.data_dir, progress=progress)
+    data = data.subset(config.train_size, config.test_size)
+    config.model.x_dim, config.model.image_shape = data.x_dim, data.image_shape
+    steps = len(data.train_images) // config.batch_size  # drop_last, as the tutorial
+    if steps == 0:
+        raise VaelabError(f"--batch-size {config.batch_size} is larger than the "
+                          f"{len(data.train_images)} training images")
+
+    model = build_model(config.model, seed=config.seed).to(device)
+    optimizer = make_optimizer(config, model)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    train_images = data.train_images.to(device)
+    test_images = data.test_images.to(device)
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        save_config(run_dir, config)
+
+    metrics: list[dict] = []
+    epochs = tqdm(range(1, config.epochs + 1), desc="epochs", disable=not progress, dynamic_ncols=True)
+    for epoch in epochs:
+        start = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train_images), generator=generator, device=device)
+        loss_sum = torch.zeros((), device=device)
+        batches = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=not progress,
+                       dynamic_ncols=True)
+        for step in batches:
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            x = observe(train_images[idx], config.model.likelihood, generator)
+            loss = negative_elbo(model, x, config.samples, generator).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()  # stays on the device: no per-step sync
+            if progress and step % 50 == 49:
+                batches.set_postfix(loss=f"{loss.item():.2f}")
+        train_loss = loss_sum.item() / steps
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"loss became {train_loss} in epoch {epoch}; lower the learning rate (--lr)"
+                + (f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""))
+        test_loss = mean_negative_elbo(model, test_images, samples=config.samples, seed=config.eval_seed)
+        record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                  "seconds": time.perf_counter() - start}
+        metrics.append(record)
+        if run_dir is not None:
+            save_weights(run_dir, model)
+            write_metrics(run_dir, metrics)
+        if progress:
+            epochs.write(f"epoch {epoch:3d}  train {train_loss:8.3f}  test {test_loss:8.3f} "
+                         f"nats  ({record['seconds']:.1f} s)")
+    return TrainResult(model.eval(), metrics, data, run_dir)
