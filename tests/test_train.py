@@ -62,3 +62,20 @@ def test_a_diverging_run_stops_with_a_message_naming_the_epoch():
 def test_batch_larger_than_the_training_set_is_refused():
     with pytest.raises(Exception, match="larger than the 300 training images"):
         train(tiny_config(batch_size=500), data=synthetic_dataset(), progress=False)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_manual_and_autograd_backward_train_the_same_model(optimizer):
+    lr = 5e-3 if optimizer == "sgd" else 1e-3
+    runs = [train(tiny_config(backward=b, optimizer=optimizer, lr=lr), data=synthetic_dataset(), progress=False)
+            for b in ("manual", "autograd")]
+    for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert runs[0].metrics[-1]["test_loss"] == pytest.approx(runs[1].metrics[-1]["test_loss"], rel=1e-5)
+
+
+def test_manual_backward_refuses_an_activation_it_cannot_differentiate():
+    config = tiny_config(backward="manual", model=ModelConfig(z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,),
+                                                              activation="elu"))
+    with pytest.raises(Exception, match="--backward manual does not support the elu"):
+        train(config, data=synthetic_dataset(), progress=False)

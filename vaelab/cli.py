@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import DEVICES, OPTIMIZERS, RunConfig
+from .config import BACKWARDS, DEVICES, OPTIMIZERS, RunConfig
 from .errors import VaelabError
 from .models import ACTIVATIONS, LIKELIHOODS, PRESETS, preset
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches and noise (default: %(default)s)")
     p.add_argument("--device", default=d.device, choices=DEVICES, help="(default: %(default)s)")
+    p.add_argument("--backward", default=d.backward, choices=BACKWARDS,
+                   help="gradients by hand (manual, faster; relu and tanh) or by autograd; "
+                        "auto picks manual where it applies (default: %(default)s)")
     p.add_argument("--data-dir", help=data_help)
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--test-size", type=int, metavar="N", help="report the loss of the first N test images only")
@@ -112,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                    likelihood=args.likelihood, sigma=args.sigma)
     return RunConfig(model=model, preset=args.preset, samples=args.samples, optimizer=args.optimizer,
                      lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                     device=args.device, data_dir=args.data_dir, train_size=args.train_size,
+                     device=args.device, backward=args.backward, data_dir=args.data_dir, train_size=args.train_size,
                      test_size=args.test_size)
 
 

@@ -10,6 +10,7 @@ from .models import ModelConfig
 
 OPTIMIZERS = ("sgd", "adam")
 DEVICES = ("auto", "cpu", "cuda")
+BACKWARDS = ("auto", "manual", "autograd")
 
 
 @dataclass
@@ -25,6 +26,9 @@ class RunConfig:
     epochs: int = 20
     seed: int = 0
     device: str = "auto"
+    # How gradients are computed: "manual" (hand-derived, fused SGD update;
+    # faster), "autograd", or "auto" (manual where the model supports it).
+    backward: str = "auto"
     data_dir: str | None = None  # None: $VAELAB_DATA_DIR, then the cache
     train_size: int | None = None  # use only the first N training images
     test_size: int | None = None
@@ -45,6 +49,8 @@ class RunConfig:
             raise VaelabError(f"--lr must be a positive number, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise VaelabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.backward not in BACKWARDS:
+            raise VaelabError(f"unknown backward {self.backward!r}; choose one of {', '.join(BACKWARDS)}")
         if self.device not in DEVICES:
             raise VaelabError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
 
