@@ -45,13 +45,15 @@ def test_train_writes_every_artifact(cli_run):
 
 def test_evaluate_prints_and_writes_eval_json(cli_run):
     run, _ = cli_run
-    result = vaelab("evaluate", run)
+    result = vaelab("evaluate", run, "--k", 100, "--test-size", 300, "--quiet")
     assert result.returncode == 0, result.stderr
     record = json.loads((run / "eval.json").read_text())
-    assert 100 < record["neg_elbo"] < 400 and record["test_images"] == 10000
-    assert f"{record['neg_elbo']:.3f}" in result.stdout
-    again = vaelab("evaluate", run)  # a fixed seed: the same number twice
-    assert json.loads((run / "eval.json").read_text())["neg_elbo"] == record["neg_elbo"], again.stderr
+    assert {"k", "nll", "nll_se", "neg_elbo", "iwae"} <= set(record)
+    assert record["k"] == 100 and record["test_images"] == 300 and set(record["iwae"]) == {"1", "5", "50"}
+    assert 100 < record["nll"] < record["neg_elbo"] < 400
+    assert f"{record['nll']:.3f}" in result.stdout
+    vaelab("evaluate", run, "--k", 100, "--test-size", 300, "--quiet")  # a fixed seed: the same numbers
+    assert json.loads((run / "eval.json").read_text()) == record
 
 
 def test_plot_redraws_the_figures(cli_run):

@@ -79,3 +79,14 @@ def test_manual_backward_refuses_an_activation_it_cannot_differentiate():
                                                               activation="elu"))
     with pytest.raises(Exception, match="--backward manual does not support the elu"):
         train(config, data=synthetic_dataset(), progress=False)
+
+
+def test_iwae_objective_trains_and_reports_its_test_bound():
+    result = train(tiny_config(objective="iwae", k=5), data=synthetic_dataset(), progress=False)
+    for m in result.metrics:
+        assert math.isfinite(m["test_iwae"]) and m["test_iwae"] < m["test_loss"]
+
+
+def test_manual_backward_refuses_the_iwae_objective():
+    with pytest.raises(Exception, match="does not support the iwae objective"):
+        train(tiny_config(objective="iwae", backward="manual"), data=synthetic_dataset(), progress=False)

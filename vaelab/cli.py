@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import BACKWARDS, DEVICES, OPTIMIZERS, RunConfig
+from .config import BACKWARDS, DEVICES, OBJECTIVES, OPTIMIZERS, RunConfig
 from .errors import VaelabError
 from .models import ACTIVATIONS, LIKELIHOODS, PRESETS, preset
 
@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "levels with fixed standard deviation --sigma (default: %(default)s)")
     p.add_argument("--sigma", type=float, default=d.model.sigma,
                    help="standard deviation of the gaussian likelihood (default: %(default)s)")
+    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES,
+                   help="elbo, or iwae: the importance-weighted bound of Burda et al. (default: %(default)s)")
     p.add_argument("--samples", type=int, default=d.samples, metavar="L",
                    help="Monte-Carlo samples of z per image in the ELBO (default: %(default)s)")
+    p.add_argument("--k", type=int, default=d.k, help="importance samples per image for --objective iwae "
+                                                      "(default: %(default)s)")
     p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
@@ -77,14 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test negative ELBO of a run, written to RUN/eval.json",
-                       description="Evaluate a run on the test set (nats per image).")
+    p = sub.add_parser("evaluate", help="test log-likelihood of a run by importance sampling, to RUN/eval.json",
+                       description="Estimate the test log-likelihood log p(x) by importance sampling with "
+                                   "q(z|x) as proposal (K samples per image), with the negative ELBO and the "
+                                   "IWAE bounds for k = 1, 5, 50 from the same samples. Nats per image.")
     p.add_argument("run", help="run directory")
-    p.add_argument("--samples", type=int, default=1, metavar="L",
-                   help="Monte-Carlo samples of z per image (default: %(default)s)")
+    p.add_argument("--k", type=int, default=5000, help="importance samples per test image (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.eval_seed, help="fixes binarization and noise (default: %(default)s)")
+    p.add_argument("--test-size", type=int, metavar="N", help="evaluate the first N test images only")
     p.add_argument("--data-dir", help=data_help)
     p.add_argument("--device", default="auto", choices=DEVICES, help="(default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plot", help="redraw the figures of a run", description="Redraw RUN/figures/*.png.")
@@ -113,10 +120,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     model = preset(args.preset, z_dim=args.z_dim, encoder_hidden=args.encoder_hidden,
                    decoder_hidden=args.decoder_hidden, activation=args.activation,
                    likelihood=args.likelihood, sigma=args.sigma)
-    return RunConfig(model=model, preset=args.preset, samples=args.samples, optimizer=args.optimizer,
-                     lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
-                     device=args.device, backward=args.backward, data_dir=args.data_dir, train_size=args.train_size,
-                     test_size=args.test_size)
+    return RunConfig(model=model, preset=args.preset, objective=args.objective, samples=args.samples,
+                     k=args.k, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
+                     epochs=args.epochs, seed=args.seed, device=args.device, backward=args.backward,
+                     data_dir=args.data_dir, train_size=args.train_size, test_size=args.test_size)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -160,13 +167,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .runs import write_eval
 
-    if args.samples < 1:
-        raise VaelabError(f"--samples must be a positive integer, got {args.samples}")
+    for name in ("k", "test_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     model, _, data = _load(args.run, args.data_dir, args.device)
-    result = evaluate_run(model, data, samples=args.samples, seed=args.seed)
-    write_eval(args.run, result)
-    print(f"test negative ELBO: {result['neg_elbo']:.3f} nats per image "
-          f"({result['test_images']} test images, {args.samples} sample(s) of z each); "
+    data = data.subset(None, args.test_size)
+    r = evaluate_run(model, data, k=args.k, seed=args.seed, progress=not args.quiet)
+    write_eval(args.run, r)
+    bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
+    print(f"test NLL (importance sampling, K={r['k']}): {r['nll']:.3f} nats per image, "
+          f"Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images {r['nll_se_images']:.3f}\n"
+          f"negative ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\n"
           f"written to {Path(args.run) / 'eval.json'}")
     return 0
 

@@ -9,6 +9,7 @@ from .errors import VaelabError
 from .models import ModelConfig
 
 OPTIMIZERS = ("sgd", "adam")
+OBJECTIVES = ("elbo", "iwae")
 DEVICES = ("auto", "cpu", "cuda")
 BACKWARDS = ("auto", "manual", "autograd")
 
@@ -19,7 +20,9 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     preset: str = "tutorial"
-    samples: int = 1             # L, Monte-Carlo samples of z per example
+    objective: str = "elbo"      # or "iwae", the importance-weighted bound
+    samples: int = 1             # L, Monte-Carlo samples of z per example (elbo)
+    k: int = 5                   # importance samples per example (iwae)
     optimizer: str = "sgd"
     lr: float = 5e-3
     batch_size: int = 100
@@ -37,7 +40,7 @@ class RunConfig:
     def validate(self) -> None:
         """Raise VaelabError naming the first option that makes no sense."""
         self.model.validate()
-        for name in ("epochs", "batch_size", "samples"):
+        for name in ("epochs", "batch_size", "samples", "k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -47,6 +50,8 @@ class RunConfig:
                 raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise VaelabError(f"--lr must be a positive number, got {self.lr}")
+        if self.objective not in OBJECTIVES:
+            raise VaelabError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.optimizer not in OPTIMIZERS:
             raise VaelabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.backward not in BACKWARDS:

@@ -34,10 +34,11 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log p(x | logits) for x in {0, 1} (or [0, 1]), computed from logits.
 
-    x: (N, D); logits: (..., N, D) -> (..., N) nats. Uses the stable form
+    x: (N, D); logits: (..., N, D) (any shapes that broadcast) -> (..., N) nats. Uses the stable form
     x * l - softplus(l); never sigmoid followed by log.
     """
-    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    logits, x = torch.broadcast_tensors(logits, x)
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
 def gaussian_log_likelihood(x: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -69,3 +70,44 @@ def negative_elbo(model: VAE, x: torch.Tensor, samples: int = 1,
     z = reparametrize(mu, logvar, eps)                    # (L, N, z_dim)
     expected_ll = log_likelihood(model, x, model.decode(z)).mean(0)   # (N,)
     return kl_normal(mu, logvar) - expected_ll
+
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """log N(z; 0, I). z: (..., z_dim) -> (...,) nats."""
+    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+
+
+def log_normal_from_eps(eps: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) at z = mu + sigma * eps, written in eps.
+
+    eps: (..., N, z_dim); logvar: (N, z_dim) -> (..., N) nats.
+    """
+    return -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(-1)
+
+
+def log_importance_weights(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                           eps: torch.Tensor) -> torch.Tensor:
+    """log w = log p(x|z) + log p(z) - log q(z|x) for z = mu + sigma * eps.
+
+    x: (N, D); mu, logvar: (N, z_dim) from model.encode(x); eps: (K, N, z_dim)
+    -> (K, N) nats. The recognition model q(z|x) is the proposal.
+    """
+    z = reparametrize(mu, logvar, eps)
+    return (log_likelihood(model, x, model.decode(z)) + log_standard_normal(z)
+            - log_normal_from_eps(eps, logvar))
+
+
+def negative_iwae(model: VAE, x: torch.Tensor, k: int = 5,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Negative importance-weighted bound (Burda et al. 2015), per example.
+
+    -log (1/k) sum_j w_j with z_j ~ q(z|x). x: (N, D) -> (N,) nats. With k=1
+    it is the single-sample ELBO with the KL estimated by the same sample.
+    """
+    mu, logvar = model.encode(x)
+    eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    log_w = log_importance_weights(model, x, mu, logvar, eps)
+    return math.log(k) - torch.logsumexp(log_w, dim=0)

@@ -17,10 +17,10 @@ from tqdm import tqdm
 from .config import RunConfig
 from .data import Dataset, load_data, observe
 from .errors import VaelabError
-from .evaluate import mean_negative_elbo
+from .evaluate import mean_negative_elbo, mean_negative_iwae
 from .manual import negative_elbo_backward, supports
 from .models import VAE, build_model
-from .objectives import negative_elbo
+from .objectives import negative_elbo, negative_iwae
 from .runs import save_config, save_weights, write_metrics
 
 
@@ -55,10 +55,11 @@ def make_optimizer(config: RunConfig, model: VAE) -> torch.optim.Optimizer:
 
 def make_step(config: RunConfig, model: VAE, optimizer: torch.optim.Optimizer):
     """The function that does one optimizer step on a batch and returns its loss."""
-    manual = config.backward == "manual" or (config.backward == "auto" and supports(model))
-    if manual and not supports(model):
-        raise VaelabError(f"--backward manual does not support the {model.config.activation} activation; "
-                          "use --backward autograd")
+    iwae = config.objective == "iwae"
+    manual = config.backward == "manual" or (config.backward == "auto" and supports(model) and not iwae)
+    if manual and (iwae or not supports(model)):
+        what = "the iwae objective" if iwae else f"the {model.config.activation} activation"
+        raise VaelabError(f"--backward manual does not support {what}; use --backward autograd")
     if manual and config.optimizer == "sgd":
         # Plain SGD fused into the gradient GEMMs: no gradient tensors at all.
         return lambda x, g: negative_elbo_backward(model, x, config.samples, g, sgd_lr=config.lr)
@@ -69,7 +70,10 @@ def make_step(config: RunConfig, model: VAE, optimizer: torch.optim.Optimizer):
         return loss
 
     def autograd_step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        loss = negative_elbo(model, x, config.samples, g).mean()
+        if iwae:
+            loss = negative_iwae(model, x, config.k, g).mean()
+        else:
+            loss = negative_elbo(model, x, config.samples, g).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -83,8 +87,9 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
     """Train a VAE as `config` says; with run_dir, save everything there.
 
     Returns the trained model (in eval mode) and one metrics record per epoch:
-    epoch, train_loss (mean negative ELBO over the epoch's batches, as trained),
-    test_loss (negative ELBO of the test set with fixed binarization), seconds.
+    epoch, train_loss (the training objective's mean over the epoch's batches:
+    negative ELBO, or negative IWAE bound), test_loss (negative ELBO of the test
+    set with fixed binarization), seconds; with --objective iwae also test_iwae.
     """
     config.validate()
     device = pick_device(config.device)
@@ -130,6 +135,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
         test_loss = mean_negative_elbo(model, test_images, samples=config.samples, seed=config.eval_seed)
         record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                   "seconds": time.perf_counter() - start}
+        if config.objective == "iwae":
+            record["test_iwae"] = mean_negative_iwae(model, test_images, k=config.k, seed=config.eval_seed)
         metrics.append(record)
         if run_dir is not None:
             save_weights(run_dir, model)

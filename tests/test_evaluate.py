@@ -1,0 +1,116 @@
+"""Importance-sampled log-likelihood and IWAE bounds against exact answers."""
+
+import math
+
+import pytest
+import torch
+
+from vaelab.evaluate import importance_sampled, mean_negative_elbo
+from vaelab.models import ModelConfig, build_model
+from vaelab.objectives import (bernoulli_log_likelihood, kl_normal, log_standard_normal,
+                               negative_elbo, negative_iwae, reparametrize)
+
+D = 8
+
+
+def small_model(z_dim: int = 1, seed: int = 0):
+    config = ModelConfig(x_dim=D, z_dim=z_dim, encoder_hidden=(16,), decoder_hidden=(16,),
+                         activation="tanh", image_shape=(2, 4))
+    model = build_model(config, seed=seed).double()
+    with torch.no_grad():  # a sharper decoder than at initialisation: a posterior worth finding
+        model.decoder[-1].weight.mul_(4)
+    return model
+
+
+def binary_images(n: int = 20, seed: int = 0) -> torch.Tensor:
+    """Pixels of 0 or 255, so that binarization is deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, D, generator=g) < 0.5).to(torch.uint8) * 255
+
+
+def exact_log_px(model, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) = log int p(x|z) N(z; 0, 1) dz for a 1-D latent, on a fine grid."""
+    z = torch.linspace(-12, 12, 24001, dtype=torch.float64).unsqueeze(-1)  # (G, 1)
+    with torch.no_grad():
+        log_joint = bernoulli_log_likelihood(x, model.decode(z).unsqueeze(1)) \
+            + log_standard_normal(z).unsqueeze(1)                         # (G, N)
+    dz = (z[1] - z[0]).item()
+    return torch.logsumexp(log_joint, dim=0) + math.log(dz)
+
+
+def test_importance_sampled_log_px_agrees_with_exact_quadrature():
+    model = small_model()
+    images = binary_images()
+    exact_nll = -exact_log_px(model, images.double() / 255).mean().item()
+    r = importance_sampled(model.float(), images, k=5000, progress=False)
+    assert r["nll_se"] < 0.05
+    assert abs(r["nll"] - exact_nll) < 4 * r["nll_se"] + 1e-3, (r["nll"], exact_nll, r["nll_se"])
+
+
+def test_iwae_bounds_tighten_with_k_and_stay_above_the_exact_nll():
+    model = small_model()
+    images = binary_images()
+    exact_nll = -exact_log_px(model, images.double() / 255).mean().item()
+    r = importance_sampled(model.float(), images, k=5000, progress=False)
+    neg = [r["iwae"][k] for k in ("1", "5", "50")]
+    assert neg[0] > neg[1] > neg[2] > exact_nll - 1e-3
+    assert r["neg_elbo"] == neg[0] and neg[0] - exact_nll > 0.05  # the ELBO is a strictly looser bound
+
+
+def test_the_estimate_with_large_k_is_several_standard_errors_tighter_than_the_elbo():
+    r = importance_sampled(small_model().float(), binary_images(), k=2000, progress=False)
+    assert r["neg_elbo"] - r["nll"] > 10 * r["nll_se"]
+
+
+def test_chunked_evaluation_gives_the_same_estimate_as_unchunked():
+    model, images = small_model().float(), binary_images(30)
+    a = importance_sampled(model, images, k=1000, chunk=50, batch_size=30, progress=False)
+    b = importance_sampled(model, images, k=1000, chunk=1000, batch_size=30, progress=False)
+    for key in ("nll", "nll_se", "neg_elbo"):
+        assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-9)
+    assert a["iwae"] == pytest.approx(b["iwae"], rel=1e-9)
+
+
+def test_two_evaluations_of_one_model_agree_exactly():
+    model = small_model().float()
+    images = torch.randint(0, 256, (25, D), dtype=torch.uint8)  # grey levels: binarization is random
+    assert importance_sampled(model, images, k=200, progress=False) == \
+        importance_sampled(model, images, k=200, progress=False)
+
+
+def test_iwae_with_k1_is_the_single_sample_elbo_with_the_same_random_numbers():
+    model = small_model(z_dim=3, seed=2)
+    x = binary_images(10).double() / 255
+    loss = negative_iwae(model, x, 1, torch.Generator().manual_seed(4))
+
+    eps = torch.randn(1, 10, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mu, logvar = model.encode(x)
+    z = reparametrize(mu, logvar, eps)[0]
+    log_q = torch.distributions.Normal(mu, torch.exp(logvar / 2)).log_prob(z).sum(-1)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    expected = -(bernoulli_log_likelihood(x, model.decode(z)) + log_p - log_q)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_iwae_with_k1_and_the_elbo_agree_in_expectation():
+    model = small_model(z_dim=3, seed=2)
+    x = binary_images(10).double() / 255
+    x_many = x.repeat(20000, 1)
+    iwae = negative_iwae(model, x_many, 1, torch.Generator().manual_seed(0)).view(20000, 10).mean(0)
+    elbo = negative_elbo(model, x_many, 1, torch.Generator().manual_seed(1)).view(20000, 10).mean(0)
+    torch.testing.assert_close(iwae, elbo, atol=0.05, rtol=0)
+
+
+def test_iwae_objective_is_tighter_than_the_elbo_on_average():
+    model = small_model(z_dim=2, seed=3)
+    x = binary_images(10).double().repeat(500, 1) / 255
+    g = torch.Generator().manual_seed(0)
+    assert negative_iwae(model, x, 10, g).mean() < negative_iwae(model, x, 1, g).mean()
+
+
+def test_mean_negative_elbo_uses_the_analytic_kl():
+    model = small_model(z_dim=2).float()
+    images = binary_images(5)
+    x = images.float() / 255
+    value = mean_negative_elbo(model, images, samples=1, seed=0)
+    assert value > kl_normal(*model.encode(x)).mean().item()
