@@ -114,3 +114,13 @@ def test_mean_negative_elbo_uses_the_analytic_kl():
     x = images.float() / 255
     value = mean_negative_elbo(model, images, samples=1, seed=0)
     assert value > kl_normal(*model.encode(x)).mean().item()
+
+
+def test_bf16_decoding_moves_the_estimate_by_far_less_than_its_error():
+    model = small_model(z_dim=2).float()
+    images = torch.randint(0, 256, (40, D), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    fp32 = importance_sampled(model, images, k=500, precision="fp32", progress=False)
+    bf16 = importance_sampled(model, images, k=500, precision="bf16", progress=False)
+    assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
+    assert abs(bf16["nll"] - fp32["nll"]) < 0.02
+    assert bf16["nll"] != fp32["nll"]  # it really did run in another precision

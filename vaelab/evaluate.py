@@ -12,6 +12,7 @@ comes from the same generator, so two evaluations of one model agree exactly.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -25,8 +26,50 @@ from .objectives import log_importance_weights, negative_elbo, negative_iwae
 NOISE_BLOCK = 50
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 def _device(model: VAE) -> torch.device:
     return next(model.parameters()).device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (not emulated) on device."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # Linux: the CPU's own flags; elsewhere assume emulation and say no
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def bf16_decoder(model: VAE):
+    """model.decode with bf16 weights and activations (float32 logits out).
+
+    The weights are cast once, here, not at every call. Matrix products
+    accumulate in float32; measured on the tutorial model, the K=1000 test NLL
+    moved by under 0.001 nats against float32.
+    """
+    layers = [(m.weight.to(torch.bfloat16).t(), m.bias.to(torch.bfloat16)) if isinstance(m, torch.nn.Linear)
+              else m for m in model.decoder]
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        """z: (..., z_dim) -> logits (..., D), float32."""
+        h = z.reshape(-1, z.shape[-1]).to(torch.bfloat16)
+        for layer in layers:
+            h = torch.addmm(layer[1], h, layer[0]) if isinstance(layer, tuple) else layer(h)
+        return h.float().view(*z.shape[:-1], -1)
+
+    return decode
 
 
 @torch.no_grad()
@@ -110,8 +153,8 @@ class _Accumulator:
 
 @torch.no_grad()
 def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
-                       iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int = 100,
-                       chunk: int = 250, progress: bool = True) -> dict:
+                       iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int = 50,
+                       chunk: int = 50, precision: str = "fp32", progress: bool = True) -> dict:
     """Importance-sampled test log-likelihood of images: (N, D) uint8.
 
     Returns a dict (all in nats per image):
@@ -120,6 +163,10 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
       nll_se_images the standard error of the mean over test images (their spread)
       neg_elbo      the negative ELBO, estimated from the same K samples (the IWAE bound with k=1)
       iwae          {k': negative IWAE bound for k'} for each k' in iwae_ks that is <= k
+
+    batch_size images x chunk samples are decoded at a time: about 2,500 rows
+    keep the logits in cache, which makes this twice as fast as 25,000.
+    precision "bf16" decodes in bfloat16 ("auto": where the hardware has it).
     """
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
@@ -129,6 +176,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     # Chunks hold whole noise blocks and whole IWAE groups (when k allows).
     step = math.lcm(NOISE_BLOCK, *[j for j in iwae_ks if NOISE_BLOCK % j == 0 or j % NOISE_BLOCK == 0])
     chunk = max(step, chunk // step * step)
+    precision = resolve_precision(precision, device)
+    decode = bf16_decoder(model) if precision == "bf16" else model.decode
     generator = torch.Generator(device).manual_seed(seed)
     log_px, var, iwae = [], [], {j: [] for j in iwae_ks}
     bar = tqdm(total=len(images) * k, desc=f"importance sampling, K={k}", unit="sample", unit_scale=True,
@@ -141,7 +190,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
             size = min(chunk, k - first)
             blocks = [torch.randn((min(NOISE_BLOCK, size - b), *mu.shape), generator=generator,
                                   device=device, dtype=mu.dtype) for b in range(0, size, NOISE_BLOCK)]
-            acc.add(log_importance_weights(model, x, mu, logvar, torch.cat(blocks)))
+            acc.add(log_importance_weights(model, x, mu, logvar, torch.cat(blocks), decode))
             bar.update(size * len(x))
         log_px.append(acc.log_px())
         var.append(acc.log_px_variance())
@@ -161,9 +210,11 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "seed": seed,
         "unit": "nats per image",
         "estimator": f"importance sampling with q(z|x) as proposal, K={k} samples per image",
+        "precision": precision,
     }
 
 
-def evaluate_run(model: VAE, data: Dataset, *, k: int = 5000, seed: int = 1234, progress: bool = True) -> dict:
+def evaluate_run(model: VAE, data: Dataset, *, k: int = 5000, seed: int = 1234, precision: str = "auto",
+                 progress: bool = True) -> dict:
     """The evaluation record written to eval.json."""
-    return importance_sampled(model, data.test_images, k=k, seed=seed, progress=progress)
+    return importance_sampled(model, data.test_images, k=k, seed=seed, precision=precision, progress=progress)

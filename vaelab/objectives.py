@@ -37,8 +37,7 @@ def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     x: (N, D); logits: (..., N, D) (any shapes that broadcast) -> (..., N) nats. Uses the stable form
     x * l - softplus(l); never sigmoid followed by log.
     """
-    logits, x = torch.broadcast_tensors(logits, x)
-    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    return (x * logits).sum(-1) - F.softplus(logits).sum(-1)
 
 
 def gaussian_log_likelihood(x: torch.Tensor, logits: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -89,15 +88,16 @@ def log_normal_from_eps(eps: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
 
 
 def log_importance_weights(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                           eps: torch.Tensor) -> torch.Tensor:
+                           eps: torch.Tensor, decode=None) -> torch.Tensor:
     """log w = log p(x|z) + log p(z) - log q(z|x) for z = mu + sigma * eps.
 
     x: (N, D); mu, logvar: (N, z_dim) from model.encode(x); eps: (K, N, z_dim)
-    -> (K, N) nats. The recognition model q(z|x) is the proposal.
+    -> (K, N) nats. The recognition model q(z|x) is the proposal. `decode`
+    replaces model.decode (evaluation passes a reduced-precision one).
     """
     z = reparametrize(mu, logvar, eps)
-    return (log_likelihood(model, x, model.decode(z)) + log_standard_normal(z)
-            - log_normal_from_eps(eps, logvar))
+    logits = (decode or model.decode)(z)
+    return log_likelihood(model, x, logits) + log_standard_normal(z) - log_normal_from_eps(eps, logvar)
 
 
 def negative_iwae(model: VAE, x: torch.Tensor, k: int = 5,

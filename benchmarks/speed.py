@@ -1,0 +1,309 @@
+"""Training and evaluation speed, vaelab against the tutorial's pipeline, in one process.
+
+    python benchmarks/speed.py                  # everything (about 6 minutes on 2 cores)
+    python benchmarks/speed.py --reps 5 --eval-images 1000
+
+Measures, alternating over repetitions so that a noisy machine hurts both alike:
+  baseline   the tutorial's pipeline, written here for the benchmark: a Dataset that turns
+             one image at a time into a float tensor, a shuffling DataLoader with workers,
+             the tutorial's model (sigmoid output, BCE on probabilities) and manual SGD
+  vaelab     vaelab's trainer on the same recipe (z=2, batch 100, SGD lr 5e-3)
+  floor      the same GEMMs alone (forward, weight and input gradients, test pass)
+Each "epoch" is one pass over the 60,000 training images plus the loss of the
+10,000 test images, as the tutorial does it. Then, once: importance-sampled
+evaluation (K=5000) and its floor (the decoder's GEMMs alone), and optionally the
+wall time of a whole default `vaelab train`.
+
+Writes benchmarks/results/speed.json and speed.md. Prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+import vaelab
+from vaelab.evaluate import importance_sampled, resolve_precision
+
+HERE = Path(__file__).resolve().parent
+BATCH, LR, Z = 100, 5e-3, 2
+
+
+# --- peak memory ------------------------------------------------------------------
+
+class PeakRSS:
+    """Samples this process's resident memory every 10 ms; `.peak` in bytes."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+# --- the tutorial's pipeline (baseline) -------------------------------------------
+
+class PerImageDataset(TorchDataset):
+    """One image at a time, turned into a (1, 28, 28) float tensor in [0, 1]."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images = images.numpy().reshape(-1, 28, 28)
+        self.labels = labels.numpy()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i].astype(np.float32) / 255.0).unsqueeze(0), int(self.labels[i])
+
+
+class TutorialVAE(nn.Module):
+    """The notebook's network: separate mean and log-variance heads, sigmoid output."""
+
+    def __init__(self, z_dim: int = Z):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+        self.mu = nn.Linear(128, z_dim)
+        self.logvar = nn.Linear(128, z_dim)
+        self.decoder = nn.Sequential(nn.Linear(z_dim, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(),
+                                     nn.Linear(256, 784), nn.Sigmoid())
+
+    def forward(self, x):
+        h = self.encoder(x)
+        mu, logvar = self.mu(h), self.logvar(h)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return self.decoder(z), mu, logvar
+
+
+def tutorial_loss(recon, x, mu, logvar):
+    bce = nn.functional.binary_cross_entropy(recon, x, reduction="sum")
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum()
+    return (bce + kl) / len(x)
+
+
+def baseline_epoch(model, train_loader, test_loader) -> float:
+    """One epoch of the tutorial's loop; returns the mean test loss."""
+    model.train()
+    for data, _ in train_loader:
+        x = torch.bernoulli(data).view(len(data), -1)
+        recon, mu, logvar = model(x)
+        loss = tutorial_loss(recon, x, mu, logvar)
+        model.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for data, _ in test_loader:
+            x = torch.bernoulli(data).view(len(data), -1)
+            recon, mu, logvar = model(x)
+            total += tutorial_loss(recon, x, mu, logvar).item() * len(x)
+    return total / len(test_loader.dataset)
+
+
+# --- the GEMM floor ----------------------------------------------------------------
+
+def gemm_floor_epoch(n_train: int, n_test: int) -> float:
+    """Seconds for the GEMMs of one epoch alone (tutorial shapes, fp32)."""
+    layers = [(784, 256), (256, 128), (128, 2 * Z), (Z, 128), (128, 256), (256, 784)]
+    g = torch.Generator().manual_seed(0)
+    W = [torch.randn(o, i, generator=g) * 0.05 for i, o in layers]
+    A = [torch.randn(BATCH, i, generator=g) for i, _ in layers]    # layer inputs
+    dY = [torch.randn(BATCH, o, generator=g) for _, o in layers]   # output gradients
+    test_A = [torch.randn(1000, i, generator=g) for i, _ in layers]
+    start = time.perf_counter()
+    for _ in range(n_train // BATCH):
+        for j in range(len(layers)):
+            torch.mm(A[j], W[j].t())                   # forward
+            torch.mm(dY[j].t(), A[j])                  # weight gradient
+            if j != 0:
+                torch.mm(dY[j], W[j])                  # input gradient (not for the data)
+    for _ in range(n_test // 1000):
+        for j in range(len(layers)):
+            torch.mm(test_A[j], W[j].t())
+    return time.perf_counter() - start
+
+
+def decoder_gemm_floor(model, n_rows: int, precision: str, rows_per_chunk: int = 2500) -> float:
+    """Seconds for the decoder's GEMMs alone over n_rows latent samples."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    weights = [m.weight.detach().to(dtype).t().contiguous() for m in model.decoder if isinstance(m, nn.Linear)]
+    inputs = [torch.randn(rows_per_chunk, w.shape[0]).to(dtype) for w in weights]
+    reps = 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        for a, w in zip(inputs, weights):
+            torch.mm(a, w)
+    return (time.perf_counter() - start) / reps * n_rows / rows_per_chunk
+
+
+# --- running it -----------------------------------------------------------------------
+
+def summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": xs}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions of each epoch")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
+    parser.add_argument("--eval-images", type=int, default=10000, help="test images for the K=5000 evaluation")
+    parser.add_argument("--k", type=int, default=5000)
+    parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--train-run", action="store_true", help="also time a whole default `vaelab train`")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+
+    data = vaelab.load_data(progress=False)
+    n_train, n_test = len(data.train_images), len(data.test_images)
+    train_loader = DataLoader(PerImageDataset(data.train_images, data.train_labels), batch_size=BATCH,
+                              shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True)
+    test_loader = DataLoader(PerImageDataset(data.test_images, data.test_labels), batch_size=BATCH,
+                             shuffle=False, num_workers=args.workers, drop_last=True, persistent_workers=True)
+    torch.manual_seed(0)
+    baseline_model = TutorialVAE()
+    config = vaelab.RunConfig(epochs=1)
+
+    times = {"baseline": [], "vaelab": [], "floor": []}
+    peaks = {"baseline": 0, "vaelab": 0}
+    losses = {"baseline": None, "vaelab": None}
+    for rep in range(args.reps):
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            losses["baseline"] = baseline_epoch(baseline_model, train_loader, test_loader)
+            times["baseline"].append(time.perf_counter() - t)
+        peaks["baseline"] = max(peaks["baseline"], mem.peak)
+        with PeakRSS() as mem:
+            result = vaelab.train(config, data=data, progress=False)
+            times["vaelab"].append(result.metrics[0]["seconds"])
+            losses["vaelab"] = result.metrics[0]["test_loss"]
+        peaks["vaelab"] = max(peaks["vaelab"], mem.peak)
+        times["floor"].append(gemm_floor_epoch(n_train, n_test))
+        print(f"rep {rep + 1}: baseline {times['baseline'][-1]:.2f} s, vaelab {times['vaelab'][-1]:.2f} s, "
+              f"GEMM floor {times['floor'][-1]:.2f} s", file=sys.stderr)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report = {
+        "machine": machine(),
+        "epoch_seconds": {k: summary(v) for k, v in times.items()},
+        "images_per_second": {k: n_train / med[k] for k in ("baseline", "vaelab")},
+        "speedup_vs_baseline": med["baseline"] / med["vaelab"],
+        "ratio_to_gemm_floor": med["vaelab"] / med["floor"],
+        "peak_rss_bytes": peaks,
+        "first_epoch_test_loss": losses,
+        "note": "the baseline's DataLoader workers are separate processes, not in its peak RSS",
+    }
+
+    if not args.skip_eval:
+        model = result.model
+        precision = resolve_precision("auto", torch.device("cpu"))
+        images = data.test_images[:args.eval_images]
+        with PeakRSS() as mem:
+            t = time.perf_counter()
+            r = importance_sampled(model, images, k=args.k, precision=precision, progress=False)
+            seconds = time.perf_counter() - t
+        floor = decoder_gemm_floor(model, len(images) * args.k, precision)
+        report["evaluation"] = {"k": args.k, "images": len(images), "precision": precision, "seconds": seconds,
+                                "decoder_gemm_floor_seconds": floor, "ratio_to_floor": seconds / floor,
+                                "peak_rss_bytes": mem.peak, "nll": r["nll"],
+                                "note": "model: one epoch of the tutorial recipe"}
+
+    if args.train_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "vaelab", "train", "--quiet", "--out", f"{tmp}/run"], check=True,
+                           stdout=subprocess.DEVNULL)
+            report["default_train_wall_seconds"] = time.perf_counter() - t
+            report["default_train_test_loss"] = json.loads(
+                Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()[-1])["test_loss"]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.out / "speed.md").write_text(table)
+    print(table)
+    return 0
+
+
+def markdown(r: dict) -> str:
+    e = r["epoch_seconds"]
+    m = r["machine"]
+    mib = lambda b: f"{b / 2**20:.0f} MiB"
+    rows = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, PyTorch {m['torch']}.",
+        "",
+        "| one epoch (60k train + 10k test images) | median s | min s | max s | images/s | peak RSS |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    names = {"baseline": "tutorial pipeline (per-image Dataset, DataLoader, manual SGD)",
+             "vaelab": "vaelab trainer (same recipe)", "floor": "GEMM floor (the same matrix products alone)"}
+    for key, name in names.items():
+        s = e[key]
+        ips = f"{r['images_per_second'][key]:,.0f}" if key in r["images_per_second"] else ""
+        peak = mib(r["peak_rss_bytes"][key]) if key in r["peak_rss_bytes"] else ""
+        rows.append(f"| {name} | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} | {ips} | {peak} |")
+    rows += ["", f"vaelab is {r['speedup_vs_baseline']:.1f}x faster than the tutorial pipeline per epoch and "
+                 f"{r['ratio_to_gemm_floor']:.2f}x its GEMM floor (medians of {len(e['vaelab']['all'])} "
+                 "alternating repetitions)."]
+    if "evaluation" in r:
+        v = r["evaluation"]
+        rows += ["", f"Importance-sampled evaluation, K={v['k']}, {v['images']} test images, {v['precision']}: "
+                     f"{v['seconds']:.0f} s, {v['ratio_to_floor']:.2f}x the decoder's GEMM floor "
+                     f"({v['decoder_gemm_floor_seconds']:.0f} s); peak RSS {mib(v['peak_rss_bytes'])}."]
+    if "default_train_wall_seconds" in r:
+        rows += ["", f"A whole default `vaelab train` (20 epochs, figures included): "
+                     f"{r['default_train_wall_seconds']:.1f} s wall, test negative ELBO "
+                     f"{r['default_train_test_loss']:.2f} nats."]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
