@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, help=f"(default: {d.epochs}; with --resume, the run's own)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches and noise (default: %(default)s)")
     p.add_argument("--device", default=d.device, choices=DEVICES, help="(default: %(default)s)")
     p.add_argument("--backward", default=d.backward, choices=BACKWARDS,
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--test-size", type=int, metavar="N", help="report the loss of the first N test images only")
     p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last finished epoch, with its own "
+                                                   "config.json (only --epochs may change, to train longer)")
     p.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -125,24 +127,35 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                    likelihood=args.likelihood, sigma=args.sigma)
     return RunConfig(model=model, preset=args.preset, objective=args.objective, samples=args.samples,
                      k=args.k, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
-                     epochs=args.epochs, seed=args.seed, device=args.device, backward=args.backward,
+                     epochs=RunConfig.epochs if args.epochs is None else args.epochs, seed=args.seed, device=args.device, backward=args.backward,
                      data_dir=args.data_dir, train_size=args.train_size, test_size=args.test_size)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_data
     from .plots import draw_figures
-    from .runs import new_run_dir
+    from .runs import load_config, new_run_dir, save_config
     from .train import train
 
-    config = config_from_args(args)
-    config.validate()  # before anything is fetched or written
-    data = load_data(config.data_dir, progress=not args.quiet)
-    if not data.verified:  # not MNIST: remember where the data came from
-        config.data_dir = str(data.directory.resolve())
-    run_dir = new_run_dir(args.out)
+    if args.resume:
+        if args.out:
+            raise VaelabError("--resume RUN continues RUN in place; leave out --out")
+        run_dir = Path(args.resume)
+        config = load_config(run_dir)
+        if args.epochs is not None:
+            config.epochs = args.epochs
+        config.validate()
+        data = load_data(config.data_dir, progress=not args.quiet)
+        save_config(run_dir, config)  # records a changed --epochs
+    else:
+        config = config_from_args(args)
+        config.validate()  # before anything is fetched or written
+        data = load_data(config.data_dir, progress=not args.quiet)
+        if not data.verified:  # not MNIST: remember where the data came from
+            config.data_dir = str(data.directory.resolve())
+        run_dir = new_run_dir(args.out)
     print(f"run directory: {run_dir}", file=sys.stderr)
-    result = train(config, run_dir, data, progress=not args.quiet)
+    result = train(config, run_dir, data, progress=not args.quiet, resume=bool(args.resume))
     if not args.no_plots:
         draw_figures(run_dir, result.model, result.data, result.metrics)
     last = result.metrics[-1]

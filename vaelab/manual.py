@@ -21,10 +21,12 @@ from torch import nn
 
 from .models import VAE
 
-# d activation / d input, written in terms of the activation's output a.
+# Backward through an activation, in place where possible: (d loss / d output,
+# the activation's output a) -> d loss / d input.
 ACTIVATION_GRADS = {
-    "relu": lambda a: a > 0,
-    "tanh": lambda a: 1 - a * a,
+    # aten's own ReLU backward: one pass, no mask tensor to convert
+    "relu": lambda g, a: torch.ops.aten.threshold_backward(g, a, 0),
+    "tanh": lambda g, a: g.mul_(1 - a * a),
 }
 _ACTIVATIONS_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_}
 
@@ -99,7 +101,7 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
                 lin.weight.addmm_(dy.t(), a, alpha=-sgd_lr)
                 lin.bias.add_(dy.sum(0), alpha=-sgd_lr)
             if i > 0:
-                dy = dinput.mul_(act_grad(a))
+                dy = act_grad(dinput, a)
             else:
                 return dinput
         return None

@@ -2,6 +2,8 @@
 
     RUN/config.json         the RunConfig (JSON only, never pickle)
     RUN/model.safetensors   the weights (safetensors only, never torch.load)
+    RUN/checkpoint.safetensors  weights, optimizer and random-number state, and the
+                            metrics so far, of the last finished epoch (for --resume)
     RUN/metrics.jsonl       one JSON object per finished epoch
     RUN/eval.json           written by `vaelab evaluate`
     RUN/figures/*.png
@@ -25,10 +27,11 @@ from .models import VAE
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 FIGURES = "figures"
-RUN_FILES = (CONFIG, WEIGHTS, METRICS)
+RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, METRICS)
 
 
 def new_run_dir(out: str | Path | None = None, root: str | Path = "runs") -> Path:
@@ -122,6 +125,74 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except ValueError as e:
         raise RunError(f"{path} is corrupt: {e}") from None
+
+
+def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator, metrics: list[dict]) -> None:
+    """Everything needed to continue after the epoch just finished, in one atomic file.
+
+    Then model.safetensors and metrics.jsonl are rewritten from the same state:
+    a crash between the writes leaves the checkpoint as the truth.
+    """
+    run_dir = Path(run_dir)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    scalars = {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    tensors["rng"] = generator.get_state()
+    metadata = {"epoch": str(metrics[-1]["epoch"]), "metrics": json.dumps(metrics),
+                "optimizer": json.dumps({"param_groups": state["param_groups"], "scalars": scalars})}
+    atomic_write_bytes(run_dir / CHECKPOINT, save_safetensors(tensors, metadata=metadata))
+    save_weights(run_dir, model)
+    write_metrics(run_dir, metrics)
+
+
+def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
+                    generator: torch.Generator) -> list[dict]:
+    """Restore model, optimizer and generator from RUN/checkpoint.safetensors.
+
+    Returns the metrics of the finished epochs (and rewrites metrics.jsonl and
+    model.safetensors to match them).
+    """
+    from safetensors import safe_open
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no {CHECKPOINT} to resume from: no epoch of it has finished")
+    try:
+        tensors = load_safetensors(path.read_bytes())
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        metrics = json.loads(metadata["metrics"])
+        saved = json.loads(metadata["optimizer"])
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} is corrupt: {e}") from None
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if {k: v.shape for k, v in weights.items()} != expected:
+        raise RunError(f"{path} does not match the model in {CONFIG}")
+    model.load_state_dict(weights)
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in saved["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise RunError(f"{path}: the optimizer state does not fit the configured optimizer ({e})") from None
+    generator.set_state(tensors["rng"])
+    save_weights(run_dir, model)
+    write_metrics(run_dir, metrics)
+    return metrics
 
 
 def write_eval(run_dir: str | Path, result: dict) -> None:

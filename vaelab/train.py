@@ -21,7 +21,7 @@ from .evaluate import mean_negative_elbo, mean_negative_iwae
 from .manual import negative_elbo_backward, supports
 from .models import VAE, build_model
 from .objectives import negative_elbo, negative_iwae
-from .runs import save_config, save_weights, write_metrics
+from .runs import load_checkpoint, save_checkpoint, save_config
 
 
 class TrainingDiverged(VaelabError):
@@ -83,8 +83,13 @@ def make_step(config: RunConfig, model: VAE, optimizer: torch.optim.Optimizer):
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, resume: bool = False) -> TrainResult:
     """Train a VAE as `config` says; with run_dir, save everything there.
+
+    After every epoch the run directory gets a checkpoint (weights, optimizer
+    and random-number state). With resume=True, training continues from the
+    run directory's checkpoint; on the CPU the result is bit for bit that of
+    an uninterrupted run.
 
     Returns the trained model (in eval mode) and one metrics record per epoch:
     epoch, train_loss (the training objective's mean over the epoch's batches:
@@ -108,30 +113,35 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
     generator = torch.Generator(device).manual_seed(config.seed)
     train_images = data.train_images.to(device)
     test_images = data.test_images.to(device)
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        save_config(run_dir, config)
-
     metrics: list[dict] = []
-    epochs = tqdm(range(1, config.epochs + 1), desc="epochs", disable=not progress, dynamic_ncols=True)
+    if resume:
+        if run_dir is None:
+            raise VaelabError("resuming needs the run directory")
+        metrics = load_checkpoint(Path(run_dir), model, optimizer, generator)
+    elif run_dir is not None:
+        save_config(Path(run_dir), config)
+
+    epochs = tqdm(range(len(metrics) + 1, config.epochs + 1), desc="epochs", disable=not progress,
+                  dynamic_ncols=True)
     for epoch in epochs:
         start = time.perf_counter()
         model.train()
         order = torch.randperm(len(train_images), generator=generator, device=device)
-        loss_sum = torch.zeros((), device=device)
+        losses = torch.empty(steps, device=device)  # stays on the device: no per-step sync
         batches = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=not progress,
                        dynamic_ncols=True)
         for step in batches:
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            loss = train_step(observe(train_images[idx], config.model.likelihood, generator), generator)
-            loss_sum += loss  # stays on the device: no per-step sync
+            losses[step] = train_step(observe(train_images[idx], config.model.likelihood, generator), generator)
             if progress and step % 50 == 49:
-                batches.set_postfix(loss=f"{loss.item():.2f}")
-        train_loss = loss_sum.item() / steps
+                batches.set_postfix(loss=f"{losses[step].item():.2f}")
+        train_loss = losses.mean().item()
         if not math.isfinite(train_loss):
-            raise TrainingDiverged(
-                f"loss became {train_loss} in epoch {epoch}; lower the learning rate (--lr)"
-                + (f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""))
+            bad = int((~torch.isfinite(losses)).nonzero()[0])
+            kept = f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""
+            raise TrainingDiverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1} "
+                                   f"of {steps}: training diverged; lower the learning rate "
+                                   f"(--lr, now {config.lr}){kept}")
         test_loss = mean_negative_elbo(model, test_images, samples=config.samples, seed=config.eval_seed)
         record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                   "seconds": time.perf_counter() - start}
@@ -139,8 +149,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
             record["test_iwae"] = mean_negative_iwae(model, test_images, k=config.k, seed=config.eval_seed)
         metrics.append(record)
         if run_dir is not None:
-            save_weights(run_dir, model)
-            write_metrics(run_dir, metrics)
+            save_checkpoint(Path(run_dir), model, optimizer, generator, metrics)
         if progress:
             epochs.write(f"epoch {epoch:3d}  train {train_loss:8.3f}  test {test_loss:8.3f} "
                          f"nats  ({record['seconds']:.1f} s)")

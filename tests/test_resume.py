@@ -1,0 +1,94 @@
+"""Runs that are killed lose nothing and resume exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import synthetic_dataset
+from test_train import tiny_config
+from vaelab import load_run, train
+from vaelab.train import TrainingDiverged
+
+TRAIN = ["--train-size", "6000", "--test-size", "1000", "--quiet", "--no-plots", "--seed", "3"]
+
+
+def vaelab(*args):
+    return subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)], capture_output=True, text=True)
+
+
+def metrics_without_time(run: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_run_killed_mid_epoch_resumes_to_exactly_the_uninterrupted_result(tmp_path, optimizer):
+    args = [*TRAIN, "--epochs", 4, "--optimizer", optimizer, "--lr", 5e-3 if optimizer == "sgd" else 1e-3]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert vaelab("train", *args, "--out", whole).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "vaelab", "train", *map(str, args), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until epoch 2 is saved, then kill during epoch 3
+        if (killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len((killed / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= done < 4, "the kill did not land mid-run"
+
+    resumed = vaelab("train", "--resume", killed, "--quiet", "--no-plots")
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics_without_time(killed) == metrics_without_time(whole)
+    assert_same_weights(killed, whole)
+
+
+def test_resume_in_process_equals_an_uninterrupted_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = train(tiny_config(epochs=3, optimizer="adam", lr=1e-3), tmp_path / "a", synthetic_dataset(),
+                  progress=False)
+    train(tiny_config(epochs=1, optimizer="adam", lr=1e-3), tmp_path / "b", synthetic_dataset(), progress=False)
+    resumed = train(tiny_config(epochs=3, optimizer="adam", lr=1e-3), tmp_path / "b", synthetic_dataset(),
+                    progress=False, resume=True)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
+    assert strip(resumed.metrics) == strip(whole.metrics)
+    for p, q in zip(resumed.model.parameters(), whole.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    train(tiny_config(epochs=1), run, synthetic_dataset(), progress=False)
+    before = (run / "model.safetensors").read_bytes()
+    config = tiny_config(epochs=3, lr=1e5)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+ of 6.*lower the learning rate"):
+        train(config, run, synthetic_dataset(), progress=False, resume=True)
+    assert (run / "model.safetensors").read_bytes() == before
+    model = load_run(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_needs_a_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    result = vaelab("train", "--resume", tmp_path, "--quiet")
+    assert result.returncode == 2 and "no checkpoint.safetensors" in result.stderr
