@@ -1,0 +1,188 @@
+"""Every user mistake: exit status 2, one line on stderr naming the problem, no
+traceback, and nothing that existed before is changed."""
+
+import gzip
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import synthetic_dataset, write_idx_dir
+from test_train import tiny_config
+from vaelab import train
+from vaelab.cli import main
+from vaelab.data import FILES, encode_idx
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_user_error(code: int, err: str, message: str):
+    assert code == 2, err
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# --- bad data ---------------------------------------------------------------------
+
+def _truncate_gz(d: Path):
+    p = d / f"{FILES['train_images']}.gz"
+    p.write_bytes(p.read_bytes()[:50])
+
+
+def _not_gzip(d: Path):
+    (d / f"{FILES['test_images']}.gz").write_bytes(b"these bytes are not gzip at all")
+
+
+def _wrong_magic(d: Path):
+    p = d / f"{FILES['train_labels']}.gz"
+    content = bytearray(gzip.decompress(p.read_bytes()))
+    content[2] = 0x0D  # float, not unsigned byte
+    p.write_bytes(gzip.compress(bytes(content)))
+
+
+def _wrong_dims(d: Path):
+    (d / f"{FILES['test_images']}.gz").write_bytes(gzip.compress(encode_idx(np.zeros((100, 64), np.uint8))))
+
+
+def _count_mismatch(d: Path):
+    (d / f"{FILES['train_labels']}.gz").write_bytes(gzip.compress(encode_idx(np.zeros(299, np.uint8))))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_truncate_gz, "not a valid gzip file"),
+    (_not_gzip, "not a valid gzip file"),
+    (_wrong_magic, "wrong IDX magic number"),
+    (_wrong_dims, "images must have 3 dimensions"),
+    (_count_mismatch, "300 images but 299 labels"),
+])
+def test_bad_data_files(tmp_path, capsys, damage, message):
+    data = write_idx_dir(tmp_path / "data", synthetic_dataset(), gz=True)
+    damage(data)
+    before = snapshot(data)
+    code, err = run_cli(capsys, "train", "--data-dir", data, "--out", tmp_path / "run", "--quiet")
+    assert_user_error(code, err, message)
+    assert snapshot(data) == before and not (tmp_path / "run").exists()
+
+
+def test_missing_data_directory(tmp_path, capsys):
+    code, err = run_cli(capsys, "train", "--data-dir", tmp_path / "none", "--out", tmp_path / "run")
+    assert_user_error(code, err, "does not exist")
+
+
+def test_mnist_file_with_the_wrong_sha256(tmp_path, capsys, mnist_dir):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for name in FILES.values():
+        src = next(mnist_dir.glob(f"{name}*"))
+        (data / src.name).symlink_to(src)
+    labels = next(data.glob("t10k-labels*"))
+    content = bytearray(gzip.decompress(labels.read_bytes()) if labels.suffix == ".gz" else labels.read_bytes())
+    content[-1] ^= 1
+    labels.unlink()
+    (data / "t10k-labels-idx1-ubyte").write_bytes(bytes(content))
+    before = snapshot(data)
+    code, err = run_cli(capsys, "data", "--data-dir", data)
+    assert_user_error(code, err, "SHA-256 mismatch")
+    assert "t10k-labels-idx1-ubyte" in err and snapshot(data) == before
+
+
+# --- nonsensical options --------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--epochs", "-3"], "--epochs must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--z-dim", "0"], "--z-dim must be a positive integer"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "-0.1"], "--lr must be a positive number"),
+    (["--samples", "0"], "--samples must be a positive integer"),
+    (["--likelihood", "poisson"], "argument --likelihood: invalid choice"),
+    (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice"),
+    (["--preset", "huge"], "argument --preset: invalid choice"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value"),
+    (["--encoder-hidden", "256,x"], "expected comma-separated integers"),
+])
+def test_nonsensical_options(tmp_path, capsys, args, message):
+    code, err = run_cli(capsys, "train", *args, "--out", tmp_path / "run")
+    assert_user_error(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+# --- bad run directories ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("good") / "run"
+    run.mkdir()
+    train(tiny_config(), run, synthetic_dataset(), progress=False)
+    return run
+
+
+def _no_config(run: Path):
+    (run / "config.json").unlink()
+
+
+def _corrupt_weights(run: Path):
+    (run / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+
+
+def _mismatched_weights(run: Path):
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["decoder_hidden"] = [17]
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def _corrupt_config(run: Path):
+    (run / "config.json").write_text('{"model": {"z_dim": 2}, "epochs": ')
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_no_config, "has no config.json"),
+    (_corrupt_config, "config.json is unreadable or corrupt"),
+    (_corrupt_weights, "model.safetensors is corrupt"),
+    (_mismatched_weights, "does not match the model in config.json"),
+])
+@pytest.mark.parametrize("command", [["sample", "-n", "4", "-o", "{tmp}/s.png"], ["evaluate", "--k", "2"]])
+def test_bad_run_directories(tmp_path, capsys, good_run, damage, message, command):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    damage(run)
+    before = snapshot(run)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    code, err = run_cli(capsys, args[0], run, *args[1:])
+    assert_user_error(code, err, message)
+    assert snapshot(run) == before and not (tmp_path / "s.png").exists()
+
+
+def test_run_directory_that_does_not_exist(tmp_path, capsys):
+    code, err = run_cli(capsys, "plot", tmp_path / "missing")
+    assert_user_error(code, err, "does not exist")
+
+
+def test_output_directory_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file, not a folder")
+    code, err = run_cli(capsys, "train", "--train-size", "300", "--out", blocker / "run", "--quiet")
+    assert_user_error(code, err, "cannot write to")
+    assert blocker.read_text() == "I am a file, not a folder"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from vaelab.errors import VaelabError
+
+    with pytest.raises(VaelabError):
+        main(["--debug", "plot", str(tmp_path / "missing")])
