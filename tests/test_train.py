@@ -90,3 +90,18 @@ def test_iwae_objective_trains_and_reports_its_test_bound():
 def test_manual_backward_refuses_the_iwae_objective():
     with pytest.raises(Exception, match="does not support the iwae objective"):
         train(tiny_config(objective="iwae", backward="manual"), data=synthetic_dataset(), progress=False)
+
+
+def test_burda_schedule_lowers_the_rate_by_10_to_the_minus_1_over_7_after_3_to_the_i_epochs():
+    config = RunConfig(lr=1e-3, schedule="burda")
+    stages = [0] + [1] * 3 + [2] * 9 + [3] * 27
+    assert [config.lr_at(e) for e in range(1, 41)] == pytest.approx([1e-3 * 10 ** (-i / 7) for i in stages])
+    assert config.lr_at(3280) == pytest.approx(1e-4)
+    assert RunConfig(lr=0.1).lr_at(500) == 0.1
+
+
+def test_the_schedule_reaches_the_fused_sgd_step():
+    a = train(tiny_config(epochs=2, schedule="burda"), data=synthetic_dataset(), progress=False)
+    b = train(tiny_config(epochs=2), data=synthetic_dataset(), progress=False)
+    assert a.metrics[0]["test_loss"] == b.metrics[0]["test_loss"]  # the same first epoch
+    assert a.metrics[1]["test_loss"] != b.metrics[1]["test_loss"]   # a lower rate in the second

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import BACKWARDS, DEVICES, OBJECTIVES, OPTIMIZERS, RunConfig
+from .config import BACKWARDS, DEVICES, OBJECTIVES, OPTIMIZERS, SCHEDULES, RunConfig
 from .errors import VaelabError
 from .models import ACTIVATIONS, LIKELIHOODS, PRESETS, preset
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: %(default)s)")
     p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
+                   help="learning rate schedule; burda: lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ... "
+                        "(Burda et al. 2015; 3280 epochs for i up to 7) (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--epochs", type=int, help=f"(default: {d.epochs}; with --resume, the run's own)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches and noise (default: %(default)s)")
@@ -126,7 +129,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                    decoder_hidden=args.decoder_hidden, activation=args.activation,
                    likelihood=args.likelihood, sigma=args.sigma)
     return RunConfig(model=model, preset=args.preset, objective=args.objective, samples=args.samples,
-                     k=args.k, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
+                     k=args.k, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
+                     batch_size=args.batch_size,
                      epochs=RunConfig.epochs if args.epochs is None else args.epochs, seed=args.seed, device=args.device, backward=args.backward,
                      data_dir=args.data_dir, train_size=args.train_size, test_size=args.test_size)
 

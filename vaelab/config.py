@@ -10,6 +10,7 @@ from .models import ModelConfig
 
 OPTIMIZERS = ("sgd", "adam")
 OBJECTIVES = ("elbo", "iwae")
+SCHEDULES = ("constant", "burda")
 DEVICES = ("auto", "cpu", "cuda")
 BACKWARDS = ("auto", "manual", "autograd")
 
@@ -25,6 +26,8 @@ class RunConfig:
     k: int = 5                   # importance samples per example (iwae)
     optimizer: str = "sgd"
     lr: float = 5e-3
+    # "burda": the schedule of Burda et al. (2015): lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...
+    schedule: str = "constant"
     batch_size: int = 100
     epochs: int = 20
     seed: int = 0
@@ -52,6 +55,8 @@ class RunConfig:
             raise VaelabError(f"--lr must be a positive number, got {self.lr}")
         if self.objective not in OBJECTIVES:
             raise VaelabError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.schedule not in SCHEDULES:
+            raise VaelabError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise VaelabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.backward not in BACKWARDS:
@@ -61,6 +66,16 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of epoch (1-based) under the schedule."""
+        if self.schedule == "constant":
+            return self.lr
+        stage, end = 0, 1  # stage i covers 3^i epochs
+        while epoch > end:
+            stage += 1
+            end += 3 ** stage
+        return self.lr * 10 ** (-stage / 7)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

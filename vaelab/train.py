@@ -62,7 +62,8 @@ def make_step(config: RunConfig, model: VAE, optimizer: torch.optim.Optimizer):
         raise VaelabError(f"--backward manual does not support {what}; use --backward autograd")
     if manual and config.optimizer == "sgd":
         # Plain SGD fused into the gradient GEMMs: no gradient tensors at all.
-        return lambda x, g: negative_elbo_backward(model, x, config.samples, g, sgd_lr=config.lr)
+        group = optimizer.param_groups[0]  # its "lr" follows the schedule
+        return lambda x, g: negative_elbo_backward(model, x, config.samples, g, sgd_lr=group["lr"])
 
     def manual_step(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         loss = negative_elbo_backward(model, x, config.samples, g)
@@ -125,6 +126,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
                   dynamic_ncols=True)
     for epoch in epochs:
         start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr_at(epoch)
         model.train()
         order = torch.randperm(len(train_images), generator=generator, device=device)
         losses = torch.empty(steps, device=device)  # stays on the device: no per-step sync
@@ -141,7 +144,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
             kept = f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""
             raise TrainingDiverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1} "
                                    f"of {steps}: training diverged; lower the learning rate "
-                                   f"(--lr, now {config.lr}){kept}")
+                                   f"(--lr, now {config.lr_at(epoch)}){kept}")
         test_loss = mean_negative_elbo(model, test_images, samples=config.samples, seed=config.eval_seed)
         record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                   "seconds": time.perf_counter() - start}
