@@ -22,3 +22,13 @@ def test_ci_runs_the_readmes_test_command_word_for_word():
     _, install_and_test = first_commands()
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert install_and_test in ci
+
+
+def test_the_readmes_python_example_runs(tmp_path, monkeypatch):
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "runs" / "quick" / "model.safetensors").is_file()

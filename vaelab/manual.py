@@ -55,23 +55,23 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
     decoder = _linears(model.decoder)
     n, L = x.shape[0], samples
 
-    # Forward, keeping each layer's input for the weight gradients.
-    enc_inputs, h = [], x
-    for i, lin in enumerate(encoder):
-        enc_inputs.append(h)
-        h = torch.addmm(lin.bias, h, lin.weight.t())
-        if i < len(encoder) - 1:
-            h = act(h)
+    def forward(layers: list[nn.Linear], h: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Through layers (activation between them, none after the last),
+        keeping each layer's input for the weight gradients."""
+        inputs = []
+        for i, lin in enumerate(layers):
+            inputs.append(h)
+            h = torch.addmm(lin.bias, h, lin.weight.t())
+            if i < len(layers) - 1:
+                h = act(h)
+        return inputs, h
+
+    enc_inputs, h = forward(encoder, x)
     mu, logvar = h.chunk(2, dim=1)                                   # (N, z) each
     eps = torch.randn((L, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     std = torch.exp(0.5 * logvar)
     z = torch.addcmul(mu, std, eps).reshape(L * n, -1)               # (L*N, z)
-    dec_inputs, h = [], z
-    for i, lin in enumerate(decoder):
-        dec_inputs.append(h)
-        h = torch.addmm(lin.bias, h, lin.weight.t())
-        if i < len(decoder) - 1:
-            h = act(h)
+    dec_inputs, h = forward(decoder, z)
     logits = h.view(L, n, -1)                                        # (L, N, D)
 
     # Loss and d loss / d logits (the mean over L and N folded into `scale`).

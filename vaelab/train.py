@@ -21,7 +21,7 @@ from .evaluate import mean_negative_elbo, mean_negative_iwae
 from .manual import negative_elbo_backward, supports
 from .models import VAE, build_model
 from .objectives import negative_elbo, negative_iwae
-from .runs import load_checkpoint, save_checkpoint, save_config
+from .runs import load_checkpoint, new_run_dir, save_checkpoint, save_config
 
 
 class TrainingDiverged(VaelabError):
@@ -120,7 +120,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
             raise VaelabError("resuming needs the run directory")
         metrics = load_checkpoint(Path(run_dir), model, optimizer, generator)
     elif run_dir is not None:
-        save_config(Path(run_dir), config)
+        run_dir = new_run_dir(run_dir)  # created if need be; one holding a run is refused
+        save_config(run_dir, config)
 
     epochs = tqdm(range(len(metrics) + 1, config.epochs + 1), desc="epochs", disable=not progress,
                   dynamic_ncols=True)
