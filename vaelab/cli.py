@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("report", help="one self-contained HTML page of a run, with a latent explorer",
+                       description="Write RUN/report.html: configuration, metrics, evaluation, figures and an "
+                                   "interactive latent explorer that decodes in the browser (works offline).")
+    p.add_argument("run", help="run directory")
+    p.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html)")
+    p.add_argument("--data-dir", help=data_help)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("data", help="fetch and verify MNIST, and say where it is",
                        description="Find (or fetch) the four IDX files, verify them and print where they are.")
     p.add_argument("--data-dir", help=data_help)
@@ -232,6 +240,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except OSError as e:
         raise VaelabError(f"cannot write {out} ({e.strerror or e})") from None
     print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    model, _, data = _load(args.run, args.data_dir)
+    if args.output and not Path(args.output).parent.is_dir():
+        raise VaelabError(f"cannot write {args.output}: folder {Path(args.output).parent} does not exist")
+    try:
+        path = write_report(args.run, model, data, args.output)
+    except OSError as e:
+        raise VaelabError(f"cannot write the report ({e.strerror or e})") from None
+    print(f"wrote {path}")
     return 0
 
 

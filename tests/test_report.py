@@ -1,0 +1,81 @@
+"""The HTML report: self-contained, and its latent explorer decodes in a real
+browser exactly as the Python decoder does."""
+
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from vaelab import RunConfig, train
+from vaelab.plots import draw_figures
+from vaelab.report import write_report
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, mnist):
+    run = tmp_path_factory.mktemp("report") / "run"
+    result = train(RunConfig(epochs=1, train_size=3000, test_size=500), run, mnist, progress=False)
+    draw_figures(run, result.model, result.data, result.metrics)
+    return write_report(run, result.model, result.data), result.model
+
+
+def test_report_is_one_self_contained_file(report):
+    path, _ = report
+    text = path.read_text()
+    for section in ("Latent explorer", "Evaluation", "Metrics", "Figures", "Configuration"):
+        assert f"<h2>{section}" in text
+    assert text.count("data:image/png;base64,") == 6  # every figure of a z_dim=2 run, embedded
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)  # nothing to fetch
+
+
+def _browser(tmp_path):
+    try:
+        from selenium import webdriver
+    except ImportError:
+        webdriver = None
+    if webdriver is None or not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs chromium, chromium-driver and selenium: .ci/run installs them")
+        pytest.skip("needs chromium, chromium-driver (Debian) and selenium (pip)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,1000", f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+def test_the_explorer_draws_what_the_python_decoder_draws(report, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    path, model = report
+    driver = _browser(tmp_path)
+    try:
+        driver.get(path.as_uri())
+        plane = driver.find_element(By.ID, "plane")
+        for (dx, dy), expected_z in [((100, -50), (2.0, 1.0)), ((-150, 120), (-3.0, -2.4))]:
+            ActionChains(driver).move_to_element_with_offset(plane, dx, dy).perform()
+            z = driver.execute_script("return window.vaelab.z")
+            assert z == pytest.approx(expected_z, abs=0.1)
+            rgba = driver.execute_script(
+                "const c = window.vaelab.pixels;"
+                "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);")
+            shown = torch.tensor(rgba[0::4], dtype=torch.float64) / 255
+            with torch.no_grad():
+                expected = model.decode_mean(torch.tensor([z], dtype=torch.float32))[0].double()
+            assert shown.shape == expected.shape == (784,)
+            assert (shown - expected).abs().max() <= 1 / 255 + 1e-4
+            assert expected.max() - expected.min() > 0.5  # a digit, not a blank
+        driver.save_screenshot(str(tmp_path / "report.png"))
+        assert (tmp_path / "report.png").stat().st_size > 10_000
+    finally:
+        driver.quit()

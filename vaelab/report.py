@@ -1,0 +1,240 @@
+"""A run as one self-contained HTML page: configuration, metrics, evaluation,
+figures, and a latent explorer that decodes in the browser.
+
+The page needs no network: figures are embedded as PNG data, and the decoder's
+weights as base64 float32 arrays, run by a few lines of plain JavaScript. For
+z_dim = 2 the pointer on the latent plane picks z; for larger z_dim, sliders
+set the first latent dimensions (the rest stay at 0, the prior's mean).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .fileio import atomic_write_bytes
+from .models import VAE
+from .plots import latent_means
+from .runs import EVAL, FIGURES, load_config, read_metrics
+
+PLANE_LIMIT = 4.0      # the explorer's latent plane is [-4, 4]^2, like the manifold figure
+SCATTER_POINTS = 2000  # test images drawn on the plane for orientation
+MAX_SLIDERS = 8
+
+
+def _b64_float32(t: torch.Tensor) -> str:
+    return base64.b64encode(t.detach().cpu().float().contiguous().numpy().tobytes()).decode()
+
+
+def decoder_spec(model: VAE) -> dict:
+    """The decoder as JSON: layers of row-major (out, in) weights and biases."""
+    layers = [m for m in model.decoder if isinstance(m, torch.nn.Linear)]
+    return {
+        "z_dim": model.config.z_dim,
+        "image_shape": list(model.config.image_shape),
+        "activation": model.config.activation,
+        "layers": [{"in": m.in_features, "out": m.out_features, "weight": _b64_float32(m.weight),
+                    "bias": _b64_float32(m.bias)} for m in layers],
+    }
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table class='kv'>{cells}</table>"
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            text = v if isinstance(v, str) else f"{v:.4f}" if isinstance(v, float) else json.dumps(v)
+            rows.append((f"{prefix}{k}", text))
+    return rows
+
+
+def _metrics_table(metrics: list[dict]) -> str:
+    if not metrics:
+        return "<p>No finished epoch.</p>"
+    keys = list(metrics[0])
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{m[k]:.3f}</td>" if isinstance(m.get(k), float) else f"<td>{m.get(k)}</td>"
+                                    for k in keys) + "</tr>" for m in metrics)
+    return f"<table class='grid'><tr>{head}</tr>{body}</table>"
+
+
+def _png(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -> str:
+    """The report's HTML text. With data, the z_dim=2 plane shows test latents."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    metrics = read_metrics(run_dir)
+    evaluation = json.loads((run_dir / EVAL).read_text()) if (run_dir / EVAL).is_file() else None
+    figures = sorted((run_dir / FIGURES).glob("*.png")) if (run_dir / FIGURES).is_dir() else []
+
+    points = []
+    if data is not None and model.config.z_dim == 2:
+        mu = latent_means(model, data, SCATTER_POINTS)
+        labels = data.test_labels[:len(mu)].tolist()
+        points = [[round(float(a), 3), round(float(b), 3), int(c)] for (a, b), c in zip(mu, labels)]
+
+    eval_html = _table(_flatten(evaluation)) if evaluation else \
+        "<p>Not evaluated yet: run <code>vaelab evaluate RUN</code>, then the report again.</p>"
+    figures_html = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_png(p)}'>"
+                           f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures)
+    payload = json.dumps({"decoder": decoder_spec(model), "points": points, "limit": PLANE_LIMIT,
+                          "sliders": min(model.config.z_dim, MAX_SLIDERS)})
+    return (_PAGE.replace("%TITLE%", html.escape(f"vaelab report: {run_dir.name}"))
+            .replace("%CONFIG%", _table(_flatten(config.to_dict())))
+            .replace("%METRICS%", _metrics_table(metrics))
+            .replace("%EVAL%", eval_html)
+            .replace("%FIGURES%", figures_html or "<p>No figures: run <code>vaelab plot RUN</code>.</p>")
+            .replace("%PAYLOAD%", payload.replace("</", "<\\/")))
+
+
+def write_report(run_dir: str | Path, model: VAE, data: Dataset | None = None,
+                 out: str | Path | None = None) -> Path:
+    """Write the report (default RUN/report.html) and return its path."""
+    path = Path(out) if out else Path(run_dir) / "report.html"
+    atomic_write_bytes(path, build_report(run_dir, model, data).encode())
+    return path
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>%TITLE%</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: .9em; } th, td { padding: .2em .6em; text-align: left; }
+table.grid td, table.grid th { border: 1px solid #ddd; text-align: right; }
+table.kv th { font-weight: normal; color: #555; }
+#explorer { display: flex; gap: 2em; align-items: flex-start; flex-wrap: wrap; }
+#controls { max-width: 420px; }
+canvas { border: 1px solid #999; image-rendering: pixelated; }
+#plane { cursor: crosshair; }
+figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
+figure img { max-width: 520px; }
+.slider { display: flex; align-items: center; gap: .5em; margin: .3em 0; }
+</style></head>
+<body>
+<h1>%TITLE%</h1>
+
+<h2>Latent explorer</h2>
+<div id="explorer">
+  <div id="controls"></div>
+  <div><canvas id="digit" width="280" height="280"></canvas><p id="zlabel"></p></div>
+</div>
+
+<h2>Evaluation</h2>
+%EVAL%
+
+<h2>Metrics (nats per image)</h2>
+%METRICS%
+
+<h2>Figures</h2>
+%FIGURES%
+
+<h2>Configuration</h2>
+%CONFIG%
+
+<script>
+"use strict";
+const DATA = %PAYLOAD%;
+
+function floats(b64) {
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+  return new Float32Array(bytes.buffer);
+}
+const layers = DATA.decoder.layers.map(l => ({n_in: l.in, n_out: l.out, w: floats(l.weight), b: floats(l.bias)}));
+const act = {relu: v => Math.max(v, 0), tanh: Math.tanh, elu: v => v > 0 ? v : Math.expm1(v),
+             softplus: v => v > 20 ? v : Math.log1p(Math.exp(v))}[DATA.decoder.activation];
+
+// The decoder's forward pass: z -> mean image sigmoid(logits), as in vaelab.
+function decode(z) {
+  let h = Float64Array.from(z);
+  layers.forEach((l, k) => {
+    const out = new Float64Array(l.n_out);
+    for (let j = 0; j < l.n_out; j++) {
+      let s = l.b[j];
+      const row = j * l.n_in;
+      for (let i = 0; i < l.n_in; i++) s += l.w[row + i] * h[i];
+      out[j] = k < layers.length - 1 ? act(s) : 1 / (1 + Math.exp(-s));
+    }
+    h = out;
+  });
+  return h;
+}
+
+const [H, W] = DATA.decoder.image_shape;
+const small = document.createElement("canvas");
+small.width = W; small.height = H;
+const digit = document.getElementById("digit");
+
+function show(z) {
+  const image = decode(z);
+  const pixels = small.getContext("2d").createImageData(W, H);
+  for (let p = 0; p < H * W; p++) {
+    const v = Math.round(255 * image[p]);
+    pixels.data.set([v, v, v, 255], 4 * p);
+  }
+  small.getContext("2d").putImageData(pixels, 0, 0);
+  const ctx = digit.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(small, 0, 0, digit.width, digit.height);
+  document.getElementById("zlabel").textContent = "z = (" + Array.from(z, v => v.toFixed(2)).join(", ") + ")";
+  window.vaelab = {z: Array.from(z), image: Array.from(image), pixels: small};
+}
+
+const z = new Float64Array(DATA.decoder.z_dim);
+const controls = document.getElementById("controls");
+if (DATA.decoder.z_dim === 2) {
+  const size = 400, lim = DATA.limit;
+  const plane = document.createElement("canvas");
+  plane.id = "plane"; plane.width = size; plane.height = size;
+  controls.appendChild(plane);
+  const note = document.createElement("p");
+  note.textContent = "Move the pointer over the latent plane [-" + lim + ", " + lim + "]^2; dots are test images' posterior means, coloured by digit.";
+  controls.appendChild(note);
+  const ctx = plane.getContext("2d");
+  const colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+  const toPx = v => (v + lim) / (2 * lim) * size;
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, size, size);
+  ctx.strokeStyle = "#ddd"; ctx.beginPath();
+  ctx.moveTo(size / 2, 0); ctx.lineTo(size / 2, size); ctx.moveTo(0, size / 2); ctx.lineTo(size, size / 2); ctx.stroke();
+  for (const [a, b, label] of DATA.points) {
+    ctx.fillStyle = colours[label % 10];
+    ctx.fillRect(toPx(a) - 1, size - toPx(b) - 1, 2, 2);
+  }
+  plane.addEventListener("pointermove", e => {
+    const r = plane.getBoundingClientRect();
+    z[0] = -lim + 2 * lim * (e.clientX - r.left) / r.width;
+    z[1] = lim - 2 * lim * (e.clientY - r.top) / r.height;
+    show(z);
+  });
+} else {
+  for (let d = 0; d < DATA.sliders; d++) {
+    const row = document.createElement("label");
+    row.className = "slider";
+    row.innerHTML = "z" + (d + 1) + " <input type='range' min='-3' max='3' step='0.05' value='0' id='z" + d + "'>";
+    controls.appendChild(row);
+    row.querySelector("input").addEventListener("input", e => { z[d] = parseFloat(e.target.value); show(z); });
+  }
+  const note = document.createElement("p");
+  note.textContent = "The first " + DATA.sliders + " of " + DATA.decoder.z_dim + " latent dimensions; the others stay at 0.";
+  controls.appendChild(note);
+}
+show(z);
+</script>
+</body></html>
+"""
