@@ -79,3 +79,31 @@ def test_the_explorer_draws_what_the_python_decoder_draws(report, tmp_path):
         assert (tmp_path / "report.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_sliders_drive_the_explorer_for_a_larger_latent(tmp_path):
+    from conftest import synthetic_dataset
+    from test_train import tiny_config
+    from vaelab.models import ModelConfig
+
+    run = tmp_path / "run"
+    config = tiny_config(model=ModelConfig(z_dim=3, encoder_hidden=(16,), decoder_hidden=(16,)))
+    result = train(config, run, synthetic_dataset(), progress=False)
+    path = write_report(run, result.model, result.data)
+    driver = _browser(tmp_path)
+    try:
+        driver.get(path.as_uri())
+        assert driver.execute_script("return document.querySelectorAll('input[type=range]').length") == 3
+        driver.execute_script("for (const [id, v] of [['z0', 1.5], ['z2', -0.8]]) {"
+                              "  const s = document.getElementById(id); s.value = v;"
+                              "  s.dispatchEvent(new Event('input')); }")
+        assert driver.execute_script("return window.vaelab.z") == pytest.approx([1.5, 0.0, -0.8])
+        rgba = driver.execute_script(
+            "const c = window.vaelab.pixels;"
+            "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);")
+        with torch.no_grad():
+            expected = result.model.decode_mean(torch.tensor([[1.5, 0.0, -0.8]]))[0].double()
+        shown = torch.tensor(rgba[0::4], dtype=torch.float64) / 255
+        assert (shown - expected).abs().max() <= 1 / 255 + 1e-4
+    finally:
+        driver.quit()
