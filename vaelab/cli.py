@@ -205,7 +205,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     write_eval(args.run, r)
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image, "
-          f"Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images {r['nll_se_images']:.3f}\n"
+          f"Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images "
+          f"{'n/a' if r['nll_se_images'] is None else format(r['nll_se_images'], '.3f')}\n"
           f"negative ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\n"
           f"written to {Path(args.run) / 'eval.json'}")
     return 0

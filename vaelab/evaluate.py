@@ -24,8 +24,6 @@ from .objectives import log_importance_weights, negative_elbo, negative_iwae
 # Noise is drawn in blocks of this many samples, whatever the chunk size, so
 # that chunking never changes the random numbers. Chunks are whole blocks.
 NOISE_BLOCK = 50
-
-
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -203,7 +201,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "k": k,
         "nll": -log_px.mean().item(),
         "nll_se": (torch.cat(var).sum().sqrt() / n).item(),
-        "nll_se_images": (log_px.std() / math.sqrt(n)).item() if n > 1 else float("nan"),
+        "nll_se_images": (log_px.std() / math.sqrt(n)).item() if n > 1 else None,
         "neg_elbo": -torch.cat(iwae[1]).mean().item(),
         "iwae": {str(j): -torch.cat(iwae[j]).mean().item() for j in iwae_ks},
         "test_images": n,

@@ -1,7 +1,8 @@
 """The training loop: data resident in memory, one optimizer step per batch.
 
-After every epoch the weights and the metrics are written (atomically) into
-the run directory, so a finished epoch is never lost.
+After every epoch a checkpoint (weights, optimizer and random-number state),
+the weights and the metrics are written atomically into the run directory, so a
+finished epoch is never lost and a killed run resumes exactly.
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ def make_step(config: RunConfig, model: VAE, optimizer: torch.optim.Optimizer):
     return manual_step if manual else autograd_step
 
 
+def train_epoch(train_step, images: torch.Tensor, config: RunConfig, generator: torch.Generator,
+                epoch: int, progress: bool) -> torch.Tensor:
+    """One pass over images: (N, D) uint8 in a fresh random order, whole batches
+    only (drop_last, as the tutorial). Returns the (steps,) batch losses, kept on
+    the device: no per-step synchronisation."""
+    steps = len(images) // config.batch_size
+    order = torch.randperm(len(images), generator=generator, device=images.device)
+    losses = torch.empty(steps, device=images.device)
+    batches = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
+    for step in batches:
+        idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+        losses[step] = train_step(observe(images[idx], config.model.likelihood, generator), generator)
+        if progress and step % 50 == 49:
+            batches.set_postfix(loss=f"{losses[step].item():.2f}")
+    return losses
+
+
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
           progress: bool = True, resume: bool = False) -> TrainResult:
     """Train a VAE as `config` says; with run_dir, save everything there.
@@ -103,8 +121,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
         data = load_data(config.data_dir, progress=progress)
     data = data.subset(config.train_size, config.test_size)
     config.model.x_dim, config.model.image_shape = data.x_dim, data.image_shape
-    steps = len(data.train_images) // config.batch_size  # drop_last, as the tutorial
-    if steps == 0:
+    if len(data.train_images) < config.batch_size:
         raise VaelabError(f"--batch-size {config.batch_size} is larger than the "
                           f"{len(data.train_images)} training images")
 
@@ -130,21 +147,13 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
         for group in optimizer.param_groups:
             group["lr"] = config.lr_at(epoch)
         model.train()
-        order = torch.randperm(len(train_images), generator=generator, device=device)
-        losses = torch.empty(steps, device=device)  # stays on the device: no per-step sync
-        batches = tqdm(range(steps), desc=f"epoch {epoch}", leave=False, disable=not progress,
-                       dynamic_ncols=True)
-        for step in batches:
-            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
-            losses[step] = train_step(observe(train_images[idx], config.model.likelihood, generator), generator)
-            if progress and step % 50 == 49:
-                batches.set_postfix(loss=f"{losses[step].item():.2f}")
+        losses = train_epoch(train_step, train_images, config, generator, epoch, progress)
         train_loss = losses.mean().item()
         if not math.isfinite(train_loss):
             bad = int((~torch.isfinite(losses)).nonzero()[0])
             kept = f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""
             raise TrainingDiverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1} "
-                                   f"of {steps}: training diverged; lower the learning rate "
+                                   f"of {len(losses)}: training diverged; lower the learning rate "
                                    f"(--lr, now {config.lr_at(epoch)}){kept}")
         test_loss = mean_negative_elbo(model, test_images, samples=config.samples, seed=config.eval_seed)
         record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
