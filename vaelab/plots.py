@@ -157,18 +157,18 @@ def latent_means(model: VAE, data: Dataset, n: int | None = None, seed: int = 0)
     return torch.cat(mus).cpu().numpy()
 
 
-def _scatter_by_digit(points: np.ndarray, labels: np.ndarray, title: str,
-                      xlabel: str, ylabel: str) -> Figure:
+def _scatter_by_label(points: np.ndarray, labels: np.ndarray, title: str,
+                      xlabel: str, ylabel: str, legend: str) -> Figure:
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
     import matplotlib
 
     cmap = matplotlib.colormaps[DIGIT_COLOURS]
-    for digit in np.unique(labels):
-        sel = labels == digit
-        ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(int(digit) % 10),
-                   label=str(digit))
-    ax.legend(title="digit", markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    for label in np.unique(labels):
+        sel = labels == label
+        ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(int(label) % 10),
+                   label=str(label))
+    ax.legend(title=legend, markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -176,13 +176,17 @@ def _scatter_by_digit(points: np.ndarray, labels: np.ndarray, title: str,
     return fig
 
 
+def _legend(data: Dataset) -> str:
+    return "digit" if data.verified else "label"  # MNIST's labels are digits; others, classes
+
+
 def latent_figure(model: VAE, data: Dataset) -> Figure:
     """For z_dim = 2: the test set's posterior means, coloured by digit."""
     if model.config.z_dim != 2:
         raise ValueError("the latent scatter needs z_dim = 2; use tsne_figure")
     mu = latent_means(model, data)
-    return _scatter_by_digit(mu, data.test_labels.numpy(), f"Posterior means of {len(mu)} test images",
-                             "mu_1", "mu_2")
+    return _scatter_by_label(mu, data.test_labels.numpy(), f"Posterior means of {len(mu)} test images",
+                             "mu_1", "mu_2", _legend(data))
 
 
 def tsne_figure(model: VAE, data: Dataset, n: int = 3000, seed: int = 0) -> Figure:
@@ -191,9 +195,9 @@ def tsne_figure(model: VAE, data: Dataset, n: int = 3000, seed: int = 0) -> Figu
 
     mu = latent_means(model, data, n)
     points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(mu)
-    return _scatter_by_digit(points, data.test_labels[:n].numpy(),
+    return _scatter_by_label(points, data.test_labels[:n].numpy(),
                              f"t-SNE of the posterior means of {len(mu)} test images (z_dim={model.config.z_dim})",
-                             "t-SNE 1", "t-SNE 2")
+                             "t-SNE 1", "t-SNE 2", _legend(data))
 
 
 def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[dict]) -> list[Path]:
