@@ -92,7 +92,7 @@ def test_larger_latent_gets_a_tsne_instead_of_the_2d_figures(tmp_path):
 
 
 def test_every_command_has_help():
-    for command in ["train", "evaluate", "plot", "sample", "data"]:
+    for command in ["train", "evaluate", "plot", "sample", "report", "data"]:
         result = vaelab(command, "--help")
         assert result.returncode == 0 and "usage: vaelab" in result.stdout
 

@@ -136,11 +136,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     model = preset(args.preset, z_dim=args.z_dim, encoder_hidden=args.encoder_hidden,
                    decoder_hidden=args.decoder_hidden, activation=args.activation,
                    likelihood=args.likelihood, sigma=args.sigma)
+    epochs = RunConfig.epochs if args.epochs is None else args.epochs
     return RunConfig(model=model, preset=args.preset, objective=args.objective, samples=args.samples,
                      k=args.k, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule,
-                     batch_size=args.batch_size,
-                     epochs=RunConfig.epochs if args.epochs is None else args.epochs, seed=args.seed, device=args.device, backward=args.backward,
-                     data_dir=args.data_dir, train_size=args.train_size, test_size=args.test_size)
+                     batch_size=args.batch_size, epochs=epochs, seed=args.seed, device=args.device,
+                     backward=args.backward, data_dir=args.data_dir, train_size=args.train_size,
+                     test_size=args.test_size)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -177,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load(run: str, data_dir: str | None, device: str = "cpu"):
-    """A run's model, config and data (the run's own data folder unless given)."""
+    """A run's model and data (the run's own data folder unless given)."""
     from .data import load_data
     from .runs import load_config, load_run
     from .train import pick_device
@@ -188,7 +189,7 @@ def _load(run: str, data_dir: str | None, device: str = "cpu"):
     if data.x_dim != model.config.x_dim:
         raise VaelabError(f"the data in {data.directory} has {data.x_dim} pixels per image "
                           f"but the model in {run} expects {model.config.x_dim}")
-    return model, config, data
+    return model, data
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -199,7 +200,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    model, _, data = _load(args.run, args.data_dir, args.device)
+    model, data = _load(args.run, args.data_dir, args.device)
     data = data.subset(None, args.test_size)
     r = evaluate_run(model, data, k=args.k, seed=args.seed, precision=args.precision, progress=not args.quiet)
     write_eval(args.run, r)
@@ -216,7 +217,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import draw_figures
     from .runs import read_metrics
 
-    model, _, data = _load(args.run, args.data_dir)
+    model, data = _load(args.run, args.data_dir)
     paths = draw_figures(args.run, model, data, read_metrics(args.run))
     print(f"drew {len(paths)} figures into {Path(args.run) / 'figures'}")
     return 0
@@ -247,7 +248,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    model, _, data = _load(args.run, args.data_dir)
+    model, data = _load(args.run, args.data_dir)
     if args.output and not Path(args.output).parent.is_dir():
         raise VaelabError(f"cannot write {args.output}: folder {Path(args.output).parent} does not exist")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -18,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 from .data import Dataset, observe
 from .models import VAE
 
-DIGIT_COLOURS = "tab10"
+LABEL_COLOURS = "tab10"
 
 
 def image_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
@@ -161,9 +162,7 @@ def _scatter_by_label(points: np.ndarray, labels: np.ndarray, title: str,
                       xlabel: str, ylabel: str, legend: str) -> Figure:
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
-    import matplotlib
-
-    cmap = matplotlib.colormaps[DIGIT_COLOURS]
+    cmap = matplotlib.colormaps[LABEL_COLOURS]
     for label in np.unique(labels):
         sel = labels == label
         ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(int(label) % 10),
