@@ -7,7 +7,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from vaelab.models import ModelConfig, build_model
 from vaelab.objectives import (bernoulli_log_likelihood, gaussian_log_likelihood, kl_normal,
-                               negative_elbo, reparametrize)
+                               negative_elbo, reparametrize, softplus_sum)
 
 
 def test_kl_normal_matches_torch_distributions():
@@ -55,6 +55,23 @@ def test_bernoulli_term_stays_exact_for_extreme_logits():
     out = bernoulli_log_likelihood(x, logits)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, torch.tensor([-400.0]), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [784, 37])
+def test_fast_softplus_sum_matches_float64_softplus(d):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 50, d, generator=g) * 20  # many far beyond where sigmoid saturates
+    exact = F.softplus(logits.double()).sum(-1)
+    with torch.no_grad():
+        fast = softplus_sum(logits)
+    assert fast.shape == (2, 50)
+    torch.testing.assert_close(fast.double(), exact, rtol=1e-6, atol=2e-3)
+
+
+def test_softplus_sum_under_autograd_has_the_sigmoid_as_gradient():
+    logits = torch.randn(4, 784, requires_grad=True)
+    softplus_sum(logits).sum().backward()
+    torch.testing.assert_close(logits.grad, torch.sigmoid(logits.detach()))
 
 
 def test_gaussian_term_matches_torch_distributions():

@@ -50,22 +50,48 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def bf16_decoder(model: VAE):
-    """model.decode with bf16 weights and activations (float32 logits out).
+# In-place versions of the activations, for the buffer-reusing decoder.
+_INPLACE = {torch.nn.ReLU: torch.relu_, torch.nn.Tanh: torch.tanh_, torch.nn.ELU: torch.nn.functional.elu_}
 
-    The weights are cast once, here, not at every call. Matrix products
-    accumulate in float32; measured on the tutorial model, the K=1000 test NLL
-    moved by under 0.001 nats against float32.
+
+def chunk_decoder(model: VAE, precision: str = "fp32"):
+    """model.decode for a hot loop: the same maths, written into buffers it keeps.
+
+    Importance sampling decodes thousands of same-sized chunks. Fresh
+    multi-megabyte tensors for each made the allocator hand memory back to the
+    OS and fault it in again, which had cost half the evaluation time; here
+    every layer writes into a buffer kept per chunk size. The logits returned
+    are overwritten by the next call.
+
+    precision "bf16": weights and activations in bfloat16 (cast once, here),
+    float32 logits out; matrix products accumulate in float32. Measured on the
+    tutorial model, the K=1000 test NLL moved by under 0.001 nats.
     """
-    layers = [(m.weight.to(torch.bfloat16).t(), m.bias.to(torch.bfloat16)) if isinstance(m, torch.nn.Linear)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    layers = [(m.weight.detach().to(dtype).t(), m.bias.detach().to(dtype)) if isinstance(m, torch.nn.Linear)
               else m for m in model.decoder]
+    buffers: dict[tuple, torch.Tensor] = {}
+
+    def buffer(key: tuple, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+        if key not in buffers:
+            buffers[key] = torch.empty(shape, dtype=dtype, device=like.device)
+        return buffers[key]
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         """z: (..., z_dim) -> logits (..., D), float32."""
-        h = z.reshape(-1, z.shape[-1]).to(torch.bfloat16)
-        for layer in layers:
-            h = torch.addmm(layer[1], h, layer[0]) if isinstance(layer, tuple) else layer(h)
-        return h.float().view(*z.shape[:-1], -1)
+        rows = z.numel() // z.shape[-1]
+        h = z.reshape(rows, -1).to(dtype)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, tuple):
+                weight_t, bias = layer
+                h = torch.addmm(bias, h, weight_t, out=buffer((i, rows), (rows, weight_t.shape[1]), dtype, h))
+            elif type(layer) in _INPLACE:
+                _INPLACE[type(layer)](h)
+            else:
+                h = h.copy_(layer(h))
+        if h.dtype != torch.float32:
+            h = buffer(("logits", rows), h.shape, torch.float32, h).copy_(h)
+        return h.view(*z.shape[:-1], -1)
 
     return decode
 
@@ -175,7 +201,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     step = math.lcm(NOISE_BLOCK, *[j for j in iwae_ks if NOISE_BLOCK % j == 0 or j % NOISE_BLOCK == 0])
     chunk = max(step, chunk // step * step)
     precision = resolve_precision(precision, device)
-    decode = bf16_decoder(model) if precision == "bf16" else model.decode
+    decode = chunk_decoder(model, precision)
+    scratch = torch.empty(batch_size * chunk * model.config.x_dim, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     log_px, var, iwae = [], [], {j: [] for j in iwae_ks}
     bar = tqdm(total=len(images) * k, desc=f"importance sampling, K={k}", unit="sample", unit_scale=True,
@@ -188,7 +215,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
             size = min(chunk, k - first)
             blocks = [torch.randn((min(NOISE_BLOCK, size - b), *mu.shape), generator=generator,
                                   device=device, dtype=mu.dtype) for b in range(0, size, NOISE_BLOCK)]
-            acc.add(log_importance_weights(model, x, mu, logvar, torch.cat(blocks), decode))
+            work = scratch[:size * len(x) * x.shape[1]].view(size, *x.shape)
+            acc.add(log_importance_weights(model, x, mu, logvar, torch.cat(blocks), decode, work))
             bar.update(size * len(x))
         log_px.append(acc.log_px())
         var.append(acc.log_px_variance())

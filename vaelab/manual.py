@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .models import VAE
+from .objectives import softplus_sum
 
 # Backward through an activation, in place where possible: (d loss / d output,
 # the activation's output a) -> d loss / d input.
@@ -83,7 +83,7 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
             math.log(cfg.sigma) + 0.5 * math.log(2 * math.pi))
         dlogits = resid.mul_(mean * (1 - mean)).mul_(scale / cfg.sigma)
     else:
-        nll = (F.softplus(logits) - x * logits).sum()
+        nll = softplus_sum(logits).sum() - (x * logits).sum()
         dlogits = torch.sigmoid(logits).sub_(x).mul_(scale)
     kl = 0.5 * (mu.square() + std.square() - 1.0 - logvar).sum()
     loss = nll * scale + kl / n
