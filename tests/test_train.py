@@ -8,7 +8,7 @@ from vaelab import RunConfig, train
 from vaelab.evaluate import mean_negative_elbo
 from vaelab.models import ModelConfig, build_model
 from vaelab.runs import read_metrics
-from vaelab.train import TrainingDiverged
+from vaelab.train import PlainSGD, TrainingDiverged
 
 
 def tiny_config(**overrides) -> RunConfig:
@@ -105,3 +105,21 @@ def test_the_schedule_reaches_the_fused_sgd_step():
     b = train(tiny_config(epochs=2), data=synthetic_dataset(), progress=False)
     assert a.metrics[0]["test_loss"] == b.metrics[0]["test_loss"]  # the same first epoch
     assert a.metrics[1]["test_loss"] != b.metrics[1]["test_loss"]   # a lower rate in the second
+
+
+def test_plain_sgd_steps_like_torch_sgd_and_restores_its_learning_rate():
+    a, b = build_model(ModelConfig(), seed=0), build_model(ModelConfig(), seed=0)
+    ours, theirs = PlainSGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    x = torch.rand(8, 784)
+    for model, opt in ((a, ours), (b, theirs)):
+        opt.zero_grad()
+        model.encode(x)[0].square().sum().backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    saved = ours.state_dict()
+    fresh = PlainSGD(a.parameters(), lr=0.5)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] == 0.1
+    with pytest.raises(ValueError):
+        fresh.load_state_dict(theirs.state_dict() | {"state": {0: {"momentum_buffer": None}}})

@@ -385,12 +385,18 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
     """Dynamic binarization: each pixel ~ Bernoulli(k / 255).
 
     images: (N, D) uint8 grey levels -> (N, D) float32 of 0s and 1s.
-    u < k / 255 with u ~ U(0, 1) is the same distribution as torch.bernoulli,
-    written as 255 u < k to skip a conversion pass; about three times faster
-    than torch.bernoulli on the CPU.
+    Compares a uniform 16-bit integer r in [0, 65536) with 65536 k / 255:
+    exact for k = 0 and k = 255, within 1/65536 of k / 255 otherwise. Four
+    such integers come from one 64-bit draw, which makes this 1.5 times
+    faster than comparing uniform floats (and 4 times torch.bernoulli) on
+    the CPU, where the random-number generator is the cost.
     """
-    u = torch.rand(images.shape, generator=generator, device=images.device)
-    return (u.mul_(255.0) < images).to(torch.float32)
+    n = images.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=images.device)
+    r = words.random_(-2 ** 63, None, generator=generator).view(torch.int16)[:n].view(images.shape)
+    k = images.to(torch.int32)
+    # ceil(65536 k / 255) = 257 k + [k > 0], shifted into int16's range like r
+    return (r < k * 257 + k.clamp(max=1) - 32768).to(torch.float32)
 
 
 def grey(images: torch.Tensor) -> torch.Tensor:

@@ -46,15 +46,54 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(config: RunConfig, model: VAE) -> torch.optim.Optimizer:
+class PlainSGD:
+    """Plain SGD, no momentum: the tutorial's `param -= lr * grad`.
+
+    It offers the parts of torch.optim's interface that the trainer and the
+    checkpoints use. torch.optim.SGD computes the same, but its first call
+    imports TorchDynamo, a second of every run's start on a small CPU.
+    """
+
+    def __init__(self, params, lr: float):
+        self.param_groups = [{"params": list(params), "lr": lr}]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def state_dict(self) -> dict:
+        # No state: only each group's learning rate and parameter indices.
+        first, groups = 0, []
+        for group in self.param_groups:
+            groups.append({"lr": group["lr"], "params": list(range(first, first + len(group["params"])))})
+            first += len(group["params"])
+        return {"state": {}, "param_groups": groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        groups = state["param_groups"]
+        if state["state"] or [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("the saved state is not plain SGD's for these parameters")
+        for group, saved in zip(self.param_groups, groups):
+            group["lr"] = saved["lr"]
+
+
+def make_optimizer(config: RunConfig, model: VAE):
+    """torch.optim.Adam (fused), or PlainSGD."""
     if config.optimizer == "adam":
         # The fused kernel: one pass per parameter instead of a dozen small ops.
         return torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
-    # Plain SGD, no momentum: the tutorial's `param -= lr * grad`.
-    return torch.optim.SGD(model.parameters(), lr=config.lr)
+    return PlainSGD(model.parameters(), lr=config.lr)
 
 
-def make_step(config: RunConfig, model: VAE, optimizer: torch.optim.Optimizer):
+def make_step(config: RunConfig, model: VAE, optimizer):
     """The function that does one optimizer step on a batch and returns its loss."""
     iwae = config.objective == "iwae"
     manual = config.backward == "manual" or (config.backward == "auto" and supports(model) and not iwae)
