@@ -68,7 +68,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
-    hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name()
+    else:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+        hardware = f"{names[0] if names else 'CPU'}, {torch.get_num_threads()} threads"
+    hardware += f", PyTorch {torch.__version__}"
     rows = [run_row(row.strip(), args) for row in args.rows.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "burda.json").write_text(json.dumps({"hardware": hardware, "rows": rows}, indent=2) + "\n")
