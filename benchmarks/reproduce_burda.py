@@ -29,6 +29,8 @@ from vaelab.evaluate import importance_sampled
 from vaelab.runs import CHECKPOINT, new_run_dir
 from vaelab.train import pick_device
 
+from machine import cpu_description  # benchmarks/machine.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 PAPER = {"vae": ("VAE, k=1", "elbo", 1, 86.76), "iwae5": ("IWAE, k=5", "iwae", 5, 85.54),
          "iwae50": ("IWAE, k=50", "iwae", 50, 84.78)}
@@ -71,9 +73,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name()
     else:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-        hardware = f"{names[0] if names else 'CPU'}, {torch.get_num_threads()} threads"
+        hardware = f"{cpu_description()}, {torch.get_num_threads()} threads"
     hardware += f", PyTorch {torch.__version__}"
     rows = [run_row(row.strip(), args) for row in args.rows.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)

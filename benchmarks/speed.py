@@ -41,6 +41,8 @@ from torch.utils.data import Dataset as TorchDataset
 import vaelab
 from vaelab.evaluate import importance_sampled, resolve_precision
 
+from machine import cpu_description  # benchmarks/machine.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 BATCH, LR, Z = 100, 5e-3, 2
 
@@ -183,15 +185,7 @@ def summary(xs: list[float]) -> dict:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
