@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from vaelab.evaluate import native_bf16
+
 
 def cpu_description() -> str:
     """The CPU's model name plus what its name hides: the vector extensions that
@@ -17,7 +21,7 @@ def cpu_description() -> str:
         return "unknown CPU"
     flags = set(fields.get("flags", "").split())
     vector = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
+    if native_bf16(torch.device("cpu")):  # the test that picks the evaluation's precision
         vector += " with bf16"
     family = f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
     return f"{fields.get('model name', 'unknown CPU')} ({', '.join(x for x in (family, vector) if x)})"
