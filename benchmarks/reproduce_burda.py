@@ -26,7 +26,7 @@ import torch
 
 import vaelab
 from vaelab.evaluate import importance_sampled
-from vaelab.runs import CHECKPOINT, new_run_dir
+from vaelab.runs import CHECKPOINT
 from vaelab.train import pick_device
 
 from machine import cpu_description  # benchmarks/machine.py, beside this script
@@ -43,8 +43,6 @@ def run_row(row: str, args) -> dict:
                               optimizer="adam", lr=1e-3, schedule="burda", batch_size=20,
                               epochs=args.epochs, device=args.device, seed=args.seed)
     resume = (run_dir / CHECKPOINT).is_file()
-    if not resume:
-        new_run_dir(run_dir)
     print(f"{name}: {'resuming' if resume else 'training'} {run_dir}", file=sys.stderr)
     result = vaelab.train(config, run_dir, progress=not args.quiet, resume=resume)
     train_seconds = sum(m["seconds"] for m in result.metrics)

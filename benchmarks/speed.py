@@ -207,14 +207,14 @@ def main(argv=None) -> int:
                               shuffle=True, num_workers=args.workers, drop_last=True, persistent_workers=True)
     test_loader = DataLoader(PerImageDataset(data.test_images, data.test_labels), batch_size=BATCH,
                              shuffle=False, num_workers=args.workers, drop_last=True, persistent_workers=True)
-    torch.manual_seed(0)
-    baseline_model = TutorialVAE()
     config = vaelab.RunConfig(epochs=1)
 
     times = {"baseline": [], "vaelab": [], "floor": []}
     peaks = {"baseline": 0, "vaelab": 0}
     losses = {"baseline": None, "vaelab": None}
     for rep in range(args.reps):
+        torch.manual_seed(0)
+        baseline_model = TutorialVAE()  # fresh each rep: every rep times (and scores) a first epoch
         with PeakRSS() as mem:
             t = time.perf_counter()
             losses["baseline"] = baseline_epoch(baseline_model, train_loader, test_loader)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import synthetic_dataset, write_idx_dir
 from test_train import tiny_config
@@ -186,3 +187,95 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(VaelabError):
         main(["--debug", "plot", str(tmp_path / "missing")])
+
+
+# --- mistakes only training can see: still one line, and no run directory left behind ----
+
+@pytest.mark.parametrize("args,message", [
+    (["--backward", "manual", "--activation", "elu"], "--backward manual does not support the elu activation"),
+    (["--batch-size", "500"], "--batch-size 500 is larger than the 300 training images"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_mistakes_found_by_the_trainer_leave_no_run_directory(tmp_path, capsys, args, message):
+    data = write_idx_dir(tmp_path / "data", synthetic_dataset())
+    code, err = run_cli(capsys, "train", "--data-dir", data, *args, "--out", tmp_path / "run")
+    assert_user_error(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+# --- resuming -------------------------------------------------------------------------
+
+@pytest.fixture
+def finished_run(tmp_path, good_run):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    return run
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "0.1"], "--lr cannot change when resuming"),
+    (["--z-dim", "3", "--seed", "4"], "--z-dim, --seed cannot change when resuming"),
+    (["--out", "elsewhere"], "leave out --out"),
+    (["--epochs", "1"], "has finished 2 epochs already"),
+])
+def test_resume_refuses_what_it_cannot_honour(finished_run, capsys, args, message):
+    before = snapshot(finished_run)
+    code, err = run_cli(capsys, "train", "--resume", finished_run, *args, "--quiet", "--no-plots",
+                        "--data-dir", write_idx_dir(finished_run.parent / "data", synthetic_dataset()))
+    assert_user_error(code, err, message)
+    assert snapshot(finished_run) == before
+
+
+def test_resume_may_move_to_another_data_folder(finished_run, capsys):
+    data = write_idx_dir(finished_run.parent / "moved", synthetic_dataset())
+    code, err = run_cli(capsys, "train", "--resume", finished_run, "--epochs", "3", "--data-dir", data,
+                        "--quiet", "--no-plots")
+    assert code == 0, err
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["epochs"] == 3 and config["data_dir"] == str(data.resolve())
+
+
+def test_a_relative_data_folder_is_recorded_absolute(tmp_path, capsys, monkeypatch):
+    write_idx_dir(tmp_path / "data", synthetic_dataset())
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(capsys, "train", "--data-dir", "data", "--epochs", "1", "--out", "run",
+                        "--quiet", "--no-plots")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(tmp_path / "data")
+
+
+def _checkpoint_without_rng(run: Path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = run / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "rng"}
+        metadata = f.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _checkpoint_of_another_optimizer(run: Path):
+    config = json.loads((run / "config.json").read_text())
+    config["optimizer"] = "adam"
+    (run / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage", [_checkpoint_without_rng, _checkpoint_of_another_optimizer])
+def test_a_checkpoint_that_does_not_fit_is_one_line(finished_run, capsys, damage):
+    damage(finished_run)
+    data = write_idx_dir(finished_run.parent / "data", synthetic_dataset())
+    before = snapshot(finished_run)
+    code, err = run_cli(capsys, "train", "--resume", finished_run, "--epochs", "3", "--data-dir", data,
+                        "--quiet", "--no-plots")
+    assert_user_error(code, err, "checkpoint.safetensors does not fit this run")
+    assert snapshot(finished_run) == before
+
+
+def test_a_corrupt_eval_json_is_one_line(finished_run, capsys):
+    (finished_run / "eval.json").write_text('{"nll": 1')
+    code, err = run_cli(capsys, "report", finished_run,
+                        "--data-dir", write_idx_dir(finished_run.parent / "data", synthetic_dataset()))
+    assert_user_error(code, err, "eval.json is unreadable or corrupt")
+    assert not (finished_run / "report.html").exists()

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from vaelab.data import binarize
 from vaelab.evaluate import importance_sampled, mean_negative_elbo
 from vaelab.models import ModelConfig, build_model
-from vaelab.objectives import (bernoulli_log_likelihood, kl_normal, log_standard_normal,
+from vaelab.objectives import (bernoulli_log_likelihood, kl_normal, log_normal_from_eps, log_standard_normal,
                                negative_elbo, negative_iwae, reparametrize)
 
 D = 8
@@ -54,7 +55,7 @@ def test_iwae_bounds_tighten_with_k_and_stay_above_the_exact_nll():
     r = importance_sampled(model.float(), images, k=5000, progress=False)
     neg = [r["iwae"][k] for k in ("1", "5", "50")]
     assert neg[0] > neg[1] > neg[2] > exact_nll - 1e-3
-    assert r["neg_elbo"] == neg[0] and neg[0] - exact_nll > 0.05  # the ELBO is a strictly looser bound
+    assert neg[0] - exact_nll > 0.05  # the ELBO is a strictly looser bound
 
 
 def test_the_estimate_with_large_k_is_several_standard_errors_tighter_than_the_elbo():
@@ -110,10 +111,24 @@ def test_iwae_objective_is_tighter_than_the_elbo_on_average():
 
 def test_mean_negative_elbo_uses_the_analytic_kl():
     model = small_model(z_dim=2).float()
-    images = binary_images(5)
-    x = images.float() / 255
+    images = torch.randint(0, 256, (5, D), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     value = mean_negative_elbo(model, images, samples=1, seed=0)
-    assert value > kl_normal(*model.encode(x)).mean().item()
+
+    g = torch.Generator().manual_seed(0)  # the same draws, in the same order
+    x = binarize(images, g)
+    mu, logvar = model.encode(x)
+    z = reparametrize(mu, logvar, torch.randn((1, *mu.shape), generator=g))[0]
+    log_lik = bernoulli_log_likelihood(x, model.decode(z))
+    analytic = (kl_normal(mu, logvar) - log_lik).mean().item()
+    sampled = (log_normal_from_eps((z - mu) / torch.exp(logvar / 2), logvar) - log_standard_normal(z)
+               - log_lik).mean().item()
+    assert value == pytest.approx(analytic, rel=1e-6)
+    assert abs(sampled - analytic) > 1e-3  # the two KL estimates differ here, so the check above means something
+
+
+def test_iwae_bounds_must_fit_the_noise_blocks():
+    with pytest.raises(ValueError, match="divides 50 or is a multiple of it"):
+        importance_sampled(small_model().float(), binary_images(5), k=100, iwae_ks=(1, 70), progress=False)
 
 
 def test_bf16_decoding_moves_the_estimate_by_far_less_than_its_error():

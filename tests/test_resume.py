@@ -1,6 +1,7 @@
 """Runs that are killed lose nothing and resume exactly."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -86,6 +87,18 @@ def test_divergence_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint
     assert (run / "model.safetensors").read_bytes() == before
     model = load_run(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_finite_test_loss_also_stops_before_the_checkpoint(tmp_path, monkeypatch):
+    trainer = sys.modules["vaelab.train"]  # the module; vaelab.train is the function
+
+    run = tmp_path / "run"
+    train(tiny_config(epochs=1), run, synthetic_dataset(), progress=False)
+    before = (run / "checkpoint.safetensors").read_bytes()
+    monkeypatch.setattr(trainer, "mean_negative_elbo", lambda *args, **kwargs: math.nan)
+    with pytest.raises(TrainingDiverged, match="the test loss became nan after epoch 2"):
+        train(tiny_config(epochs=2), run, synthetic_dataset(), progress=False, resume=True)
+    assert (run / "checkpoint.safetensors").read_bytes() == before
 
 
 def test_resume_needs_a_checkpoint(tmp_path):

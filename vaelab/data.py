@@ -203,8 +203,9 @@ def load_data(data_dir: str | Path | None = None, *, fetch: bool = True,
     verified = not mismatched
     if mismatched and (not named or len(mismatched) < len(paths)):
         names = ", ".join(str(p) for p in mismatched)
-        raise DataError(f"SHA-256 mismatch, not the MNIST file it is named after: {names}; "
-                        "delete it and run `vaelab data` to fetch a good copy")
+        fix = ("replace it with a good copy" if named else
+               "delete it and run `vaelab data` to fetch a good copy")  # only the cache is fetched into
+        raise DataError(f"SHA-256 mismatch, not the MNIST file it is named after: {names}; {fix}")
     return _assemble(arrays, directory, verified)
 
 

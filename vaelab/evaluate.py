@@ -27,14 +27,11 @@ NOISE_BLOCK = 50
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def _device(model: VAE) -> torch.device:
-    return next(model.parameters()).device
-
 
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively (not emulated) on device."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere (8.x) and later; is_bf16_supported() also counts emulation
+        return torch.cuda.get_device_capability(device)[0] >= 8
     try:  # Linux: the CPU's own flags; elsewhere assume emulation and say no
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -105,7 +102,7 @@ def _mean_loss(loss_fn, model: VAE, images: torch.Tensor, seed: int, batch_size:
     """
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model.device
     generator = torch.Generator(device).manual_seed(seed)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, len(images), batch_size):
@@ -195,10 +192,13 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     model.eval()
-    device = _device(model)
+    device = model.device
     iwae_ks = tuple(sorted({j for j in (*iwae_ks, 1) if j <= k}))
+    odd = [j for j in iwae_ks if NOISE_BLOCK % j and j % NOISE_BLOCK]
+    if odd:  # their groups would straddle chunks
+        raise ValueError(f"IWAE bounds need k that divides {NOISE_BLOCK} or is a multiple of it; got {odd}")
     # Chunks hold whole noise blocks and whole IWAE groups (when k allows).
-    step = math.lcm(NOISE_BLOCK, *[j for j in iwae_ks if NOISE_BLOCK % j == 0 or j % NOISE_BLOCK == 0])
+    step = math.lcm(NOISE_BLOCK, *iwae_ks)
     chunk = max(step, chunk // step * step)
     precision = resolve_precision(precision, device)
     decode = chunk_decoder(model, precision)

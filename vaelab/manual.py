@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .models import VAE
-from .objectives import softplus_sum
+from .objectives import kl_normal, softplus_sum
 
 # Backward through an activation, in place where possible: (d loss / d output,
 # the activation's output a) -> d loss / d input.
@@ -85,7 +85,7 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
     else:
         nll = softplus_sum(logits).sum() - (x * logits).sum()
         dlogits = torch.sigmoid(logits).sub_(x).mul_(scale)
-    kl = 0.5 * (mu.square() + std.square() - 1.0 - logvar).sum()
+    kl = kl_normal(mu, logvar).sum()
     loss = nll * scale + kl / n
 
     def backward(layers: list[nn.Linear], inputs: list[torch.Tensor], dy: torch.Tensor,

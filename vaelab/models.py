@@ -100,6 +100,11 @@ class VAE(nn.Module):
         self.decoder = mlp([config.z_dim, *config.decoder_hidden, config.x_dim],
                            config.activation, final_activation=False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.head.weight.device
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, D) in [0, 1] -> mu, logvar: (N, z_dim) each."""
         mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)

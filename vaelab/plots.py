@@ -65,9 +65,6 @@ def _grid_figure(grid: np.ndarray, title: str, inches: float = 6.0) -> Figure:
     return fig
 
 
-def _device(model: VAE) -> torch.device:
-    return next(model.parameters()).device
-
 
 def elbo_figure(metrics: list[dict]) -> Figure:
     """Train and test ELBO (nats per image) against epoch."""
@@ -95,8 +92,8 @@ def data_figure(data: Dataset, n: int = 100) -> Figure:
 @torch.no_grad()
 def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0) -> Figure:
     """Test images (as the model sees them) above their reconstructions E[x | z = mu(x)]."""
-    generator = torch.Generator(_device(model)).manual_seed(seed)
-    x = observe(data.test_images[:n].to(_device(model)), model.config.likelihood, generator)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    x = observe(data.test_images[:n].to(model.device), model.config.likelihood, generator)
     mu, _ = model.encode(x)
     recon = model.decode_mean(mu)
     shape = data.image_shape
@@ -122,8 +119,8 @@ def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
 @torch.no_grad()
 def sample_images(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
     """(n, H, W) decoder means for n draws z ~ N(0, I)."""
-    generator = torch.Generator(_device(model)).manual_seed(seed)
-    z = torch.randn(n, model.config.z_dim, generator=generator, device=_device(model))
+    generator = torch.Generator(model.device).manual_seed(seed)
+    z = torch.randn(n, model.config.z_dim, generator=generator, device=model.device)
     return _as_images(model.decode_mean(z), model.config.image_shape)
 
 
@@ -134,7 +131,7 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
         raise ValueError("the latent manifold needs z_dim = 2")
     values = torch.linspace(-limit, limit, n)
     z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")  # z2 grows upwards
-    z = torch.stack([z1.flatten(), z2.flatten()], dim=1).to(_device(model))
+    z = torch.stack([z1.flatten(), z2.flatten()], dim=1).to(model.device)
     images = _as_images(model.decode_mean(z), model.config.image_shape)
     grid = image_grid(images, nrow=n, pad=0)
     fig = Figure(figsize=(8, 8))
@@ -151,8 +148,8 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
 @torch.no_grad()
 def latent_means(model: VAE, data: Dataset, n: int | None = None, seed: int = 0) -> np.ndarray:
     """(N, z_dim) posterior means mu(x) of the first n test images."""
-    generator = torch.Generator(_device(model)).manual_seed(seed)
-    images = data.test_images[:n].to(_device(model))
+    generator = torch.Generator(model.device).manual_seed(seed)
+    images = data.test_images[:n].to(model.device)
     mus = [model.encode(observe(images[i:i + 1000], model.config.likelihood, generator))[0]
            for i in range(0, len(images), 1000)]
     return torch.cat(mus).cpu().numpy()

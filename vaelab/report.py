@@ -22,7 +22,7 @@ from .data import Dataset
 from .fileio import atomic_write_bytes
 from .models import VAE
 from .plots import latent_means
-from .runs import EVAL, FIGURES, load_config, read_metrics
+from .runs import FIGURES, load_config, read_eval, read_metrics
 
 PLANE_LIMIT = 4.0      # the explorer's latent plane is [-4, 4]^2, like the manifold figure
 SCATTER_POINTS = 2000  # test images drawn on the plane for orientation
@@ -80,7 +80,7 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     metrics = read_metrics(run_dir)
-    evaluation = json.loads((run_dir / EVAL).read_text()) if (run_dir / EVAL).is_file() else None
+    evaluation = read_eval(run_dir)
     figures = sorted((run_dir / FIGURES).glob("*.png")) if (run_dir / FIGURES).is_dir() else []
 
     points = []

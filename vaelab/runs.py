@@ -34,17 +34,37 @@ FIGURES = "figures"
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, METRICS)
 
 
+def fresh_run_path(root: str | Path = "runs") -> Path:
+    """runs/<timestamp>, with a suffix if that is taken; nothing is created."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, i = Path(root) / stamp, 1
+    while path.exists():
+        path, i = Path(root) / f"{stamp}-{i}", i + 1
+    return path
+
+
+def check_writable(path: Path, hint: str) -> None:
+    """Create the folder path if need be and prove that a file can be written in it.
+
+    Raises RunError naming path and `hint` (what the user can do about it).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vaelab-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to {path} ({e.strerror or e}); {hint}") from None
+
+
 def new_run_dir(out: str | Path | None = None, root: str | Path = "runs") -> Path:
     """Create the directory for a new run and return it.
 
-    Without `out`, runs/<timestamp> (with a suffix if taken). A directory that
-    already holds a run is refused: a run never overwrites another's files.
+    Without `out`, a fresh runs/<timestamp>. A directory that already holds a
+    run is refused: a run never overwrites another's files.
     """
     if out is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path, i = Path(root) / stamp, 1
-        while path.exists():
-            path, i = Path(root) / f"{stamp}-{i}", i + 1
+        path = fresh_run_path(root)
     else:
         path = Path(out)
         if path.exists() and not path.is_dir():
@@ -52,13 +72,7 @@ def new_run_dir(out: str | Path | None = None, root: str | Path = "runs") -> Pat
         taken = [name for name in RUN_FILES if (path / name).exists()]
         if taken:
             raise RunError(f"{path} already holds a run ({', '.join(taken)}); choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".vaelab-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"cannot write to {path} ({e.strerror or e}); choose another --out") from None
+    check_writable(path, "choose another --out")
     return path
 
 
@@ -172,10 +186,22 @@ def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
         saved = json.loads(metadata["optimizer"])
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path} is corrupt: {e}") from None
+    try:
+        _restore(tensors, saved, model, optimizer, generator)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise RunError(f"{path} does not fit this run (corrupt, or written for another model, "
+                       f"optimizer or device): {e}") from None
+    save_weights(run_dir, model)
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _restore(tensors: dict, saved: dict, model: VAE, optimizer, generator: torch.Generator) -> None:
+    """Put a checkpoint's tensors back into model, optimizer and generator."""
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if {k: v.shape for k, v in weights.items()} != expected:
-        raise RunError(f"{path} does not match the model in {CONFIG}")
+        raise ValueError(f"its weights are not the shapes of the model in {CONFIG}")
     model.load_state_dict(weights)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -185,15 +211,26 @@ def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
     for key, value in saved["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise RunError(f"{path}: the optimizer state does not fit the configured optimizer ({e})") from None
+    mine, theirs = [set(g) for g in optimizer.param_groups], [set(g) for g in saved["param_groups"]]
+    if mine != theirs:  # torch would load them and fail at the first step
+        raise ValueError("its optimizer settings are not those of the configured optimizer")
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
     generator.set_state(tensors["rng"])
-    save_weights(run_dir, model)
-    write_metrics(run_dir, metrics)
-    return metrics
 
 
 def write_eval(run_dir: str | Path, result: dict) -> None:
-    atomic_write_json(Path(run_dir) / EVAL, result)
+    try:
+        atomic_write_json(Path(run_dir) / EVAL, result)
+    except OSError as e:
+        raise RunError(f"cannot write {Path(run_dir) / EVAL} ({e.strerror or e})") from None
+
+
+def read_eval(run_dir: str | Path) -> dict | None:
+    """RUN/eval.json, or None when the run has not been evaluated."""
+    path = Path(run_dir) / EVAL
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab evaluate {run_dir}` again") from None

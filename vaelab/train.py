@@ -8,6 +8,7 @@ finished epoch is never lost and a killed run resumes exactly.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,14 @@ def train_epoch(train_step, images: torch.Tensor, config: RunConfig, generator: 
     return losses
 
 
+def _advice(config: RunConfig, epoch: int, run_dir: Path | None) -> str:
+    """What to do after a divergence in `epoch`, and what was kept."""
+    rate = f"--lr {config.lr}" if config.schedule == "constant" else \
+        f"--lr {config.lr}, which the schedule had brought to {config.lr_at(epoch):.3g}"
+    kept = f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""
+    return f"lower the learning rate ({rate}){kept}"
+
+
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
           progress: bool = True, resume: bool = False) -> TrainResult:
     """Train a VAE as `config` says; with run_dir, save everything there.
@@ -175,9 +184,15 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
         if run_dir is None:
             raise VaelabError("resuming needs the run directory")
         metrics = load_checkpoint(Path(run_dir), model, optimizer, generator)
+        if len(metrics) > config.epochs:
+            raise VaelabError(f"{run_dir} has finished {len(metrics)} epochs already; --epochs {config.epochs} "
+                              f"would undo some: give at least {len(metrics)}")
+        save_config(Path(run_dir), config)  # records a longer --epochs, another device or data folder
     elif run_dir is not None:
         run_dir = new_run_dir(run_dir)  # created if need be; one holding a run is refused
         save_config(run_dir, config)
+    if progress:
+        tqdm.write(f"run directory: {run_dir}", file=sys.stderr)
 
     epochs = tqdm(range(len(metrics) + 1, config.epochs + 1), desc="epochs", disable=not progress,
                   dynamic_ncols=True)
@@ -190,11 +205,12 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
         train_loss = losses.mean().item()
         if not math.isfinite(train_loss):
             bad = int((~torch.isfinite(losses)).nonzero()[0])
-            kept = f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""
             raise TrainingDiverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1} "
-                                   f"of {len(losses)}: training diverged; lower the learning rate "
-                                   f"(--lr, now {config.lr_at(epoch)}){kept}")
+                                   f"of {len(losses)}: training diverged; {_advice(config, epoch, run_dir)}")
         test_loss = mean_negative_elbo(model, test_images, samples=config.samples, seed=config.eval_seed)
+        if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
+            raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
+                                   f"{_advice(config, epoch, run_dir)}")
         record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                   "seconds": time.perf_counter() - start}
         if config.objective == "iwae":
