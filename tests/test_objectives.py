@@ -7,7 +7,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from vaelab.models import ModelConfig, build_model
 from vaelab.objectives import (bernoulli_log_likelihood, gaussian_log_likelihood, kl_normal,
-                               negative_elbo, reparametrize, softplus_sum)
+                               negative_elbo, reparametrize, softplus_sum, softplus_total)
 
 
 def test_kl_normal_matches_torch_distributions():
@@ -66,6 +66,14 @@ def test_fast_softplus_sum_matches_float64_softplus(d):
         fast = softplus_sum(logits)
     assert fast.shape == (2, 50)
     torch.testing.assert_close(fast.double(), exact, rtol=1e-6, atol=2e-3)
+
+
+@pytest.mark.parametrize("scale", [1.0, 20.0])
+def test_softplus_total_from_the_sigmoid_matches_float64_softplus(scale):
+    logits = torch.randn(3, 100, 784, generator=torch.Generator().manual_seed(4)) * scale
+    exact = F.softplus(logits.double()).sum()
+    fast = softplus_total(logits, torch.sigmoid(logits))
+    torch.testing.assert_close(fast.double(), exact, rtol=2e-6, atol=0)
 
 
 def test_softplus_sum_under_autograd_has_the_sigmoid_as_gradient():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .models import VAE
-from .objectives import kl_normal, softplus_sum
+from .objectives import kl_normal, softplus_total
 
 # Backward through an activation, in place where possible: (d loss / d output,
 # the activation's output a) -> d loss / d input.
@@ -83,8 +83,10 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
             math.log(cfg.sigma) + 0.5 * math.log(2 * math.pi))
         dlogits = resid.mul_(mean * (1 - mean)).mul_(scale / cfg.sigma)
     else:
-        nll = softplus_sum(logits).sum() - (x * logits).sum()
-        dlogits = torch.sigmoid(logits).sub_(x).mul_(scale)
+        sig = torch.sigmoid(logits)
+        # sum of x * l as one matrix-vector product: no (L, N, D) temporary
+        nll = softplus_total(logits, sig) - torch.mv(logits.view(L, -1), x.reshape(-1)).sum()
+        dlogits = sig.sub_(x).mul_(scale)
     kl = kl_normal(mu, logvar).sum()
     loss = nll * scale + kl / n
 

@@ -51,11 +51,29 @@ def softplus_sum(logits: torch.Tensor, scratch: torch.Tensor | None = None) -> t
     """
     if _tracked(logits):
         return F.softplus(logits).sum(-1)
-    group = math.gcd(logits.shape[-1], 16)
     work = torch.clamp_min(logits, 0, out=scratch) if scratch is not None else logits.clamp_min(0)
     positive_part = work.sum(-1)
-    sig = torch.abs(logits, out=work).sigmoid_()
-    return positive_part - sig.view(*sig.shape[:-1], -1, group).prod(-1).log_().sum(-1)
+    return positive_part - _sum_log_half_to_one(torch.abs(logits, out=work).sigmoid_())
+
+
+def softplus_total(logits: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+    """sum of softplus(l) over all of logits, given sig = sigmoid(logits): (...) -> 0-d.
+
+    For a caller that needs sigmoid(logits) anyway (the Bernoulli gradient):
+    sigmoid(|l|) is the larger of sigmoid(l) and 1 - sigmoid(l), so no second
+    sigmoid is taken. Not for autograd.
+    """
+    sig_abs = torch.maximum(sig, torch.rsub(sig, 1.0))
+    return logits.clamp_min(0).sum() - _sum_log_half_to_one(sig_abs).sum()
+
+
+def _sum_log_half_to_one(p: torch.Tensor) -> torch.Tensor:
+    """sum_d log p_d over the last dimension for p in [1/2, 1]: (..., D) -> (...).
+
+    One log per group of 16: their product is at least 2^-16, so it cannot underflow.
+    """
+    group = math.gcd(p.shape[-1], 16)
+    return p.view(*p.shape[:-1], -1, group).prod(-1).log_().sum(-1)
 
 
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor,
