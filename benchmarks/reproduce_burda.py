@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name()
     else:
-        hardware = f"{cpu_description()}, {torch.get_num_threads()} threads"
+        threads = torch.get_num_threads()
+        hardware = f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}"
     hardware += f", PyTorch {torch.__version__}"
     rows = [run_row(row.strip(), args) for row in args.rows.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
