@@ -401,8 +401,11 @@ def bernoulli_thresholds(images: torch.Tensor) -> torch.Tensor:
     ceil(65536 k / 255) = 257 k + [k > 0], shifted into int16's range like r.
     The trainer computes these once for the whole training set.
     """
-    k = images.to(torch.int32)
-    return k * 257 + k.clamp(max=1) - 32768
+    out = torch.empty(images.shape, dtype=torch.int32, device=images.device)
+    for i in range(0, len(images), 4096):  # in slices: whole-set temporaries would be 188 MB each
+        k = images[i:i + 4096]
+        out[i:i + 4096] = k.to(torch.int32).mul_(257).add_(k.clamp(max=1)).sub_(32768)
+    return out
 
 
 def _binarize_against(thresholds: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
