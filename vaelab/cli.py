@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", choices=BACKWARDS,
                    help="gradients by hand (manual, faster; relu and tanh) or by autograd; "
                         f"auto picks manual where it applies (default: {d.backward})")
-    p.add_argument("--data-dir", help=data_help.replace(")", "; with --resume, the run's own)"))
+    p.add_argument("--data-dir", help="folder with the four IDX files (default: $VAELAB_DATA_DIR, then "
+                                      "~/.cache/vaelab/mnist; with --resume, the run's own)")
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--test-size", type=int, metavar="N", help="report the loss of the first N test images only")
     p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")

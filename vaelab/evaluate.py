@@ -27,7 +27,6 @@ NOISE_BLOCK = 50
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matrix products run natively (not emulated) on device."""
     if device.type == "cuda":  # Ampere (8.x) and later; is_bf16_supported() also counts emulation
@@ -197,7 +196,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     odd = [j for j in iwae_ks if NOISE_BLOCK % j and j % NOISE_BLOCK]
     if odd:  # their groups would straddle chunks
         raise ValueError(f"IWAE bounds need k that divides {NOISE_BLOCK} or is a multiple of it; got {odd}")
-    # Chunks hold whole noise blocks and whole IWAE groups (when k allows).
+    # Chunks hold whole noise blocks and whole IWAE groups.
     step = math.lcm(NOISE_BLOCK, *iwae_ks)
     chunk = max(step, chunk // step * step)
     precision = resolve_precision(precision, device)

@@ -65,7 +65,6 @@ def _grid_figure(grid: np.ndarray, title: str, inches: float = 6.0) -> Figure:
     return fig
 
 
-
 def elbo_figure(metrics: list[dict]) -> Figure:
     """Train and test ELBO (nats per image) against epoch."""
     fig = Figure(figsize=(6, 4))

@@ -192,7 +192,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
     elif run_dir is not None:
         run_dir = new_run_dir(run_dir)  # created if need be; one holding a run is refused
         save_config(run_dir, config)
-    if progress:
+    if progress and run_dir is not None:
         tqdm.write(f"run directory: {run_dir}", file=sys.stderr)
 
     epochs = tqdm(range(len(metrics) + 1, config.epochs + 1), desc="epochs", disable=not progress,
