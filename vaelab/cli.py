@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import BACKWARDS, DEVICES, OBJECTIVES, OPTIMIZERS, SCHEDULES, RunConfig
+from .config import BACKWARDS, DEVICES, KERNELS, OBJECTIVES, OPTIMIZERS, SCHEDULES, RunConfig
 from .errors import VaelabError
 from .models import ACTIVATIONS, LIKELIHOODS, PRESETS, preset
 
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", choices=BACKWARDS,
                    help="gradients by hand (manual, faster; relu and tanh) or by autograd; "
                         f"auto picks manual where it applies (default: {d.backward})")
+    p.add_argument("--kernels", choices=KERNELS,
+                   help="the training step's kernels: native (C, built with the system's compiler at first use; "
+                        "plain SGD, Bernoulli, CPU) or torch; auto picks native where it applies and builds "
+                        f"(default: {d.kernels}; with --resume, the run's own)")
     p.add_argument("--data-dir", help="folder with the four IDX files (default: $VAELAB_DATA_DIR, then "
                                       "~/.cache/vaelab/mnist; with --resume, the run's own)")
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")
     p.add_argument("--resume", metavar="RUN",
                    help="continue RUN from its last finished epoch with its own config.json; only "
-                        "--epochs (to train longer), --device and --data-dir may be given with it")
+                        "--epochs (to train longer), --device, --kernels and --data-dir may be given with it")
     p.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What `vaelab train` options may accompany --resume (the rest is the run's config.json).
-RESUME_OPTIONS = ("epochs", "device", "data_dir", "resume", "quiet", "no_plots", "debug", "command", "func")
+RESUME_OPTIONS = ("epochs", "device", "kernels", "data_dir", "resume", "quiet", "no_plots", "debug", "command", "func")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -156,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      schedule=given("schedule", d.schedule), batch_size=given("batch_size", d.batch_size),
                      epochs=given("epochs", d.epochs), seed=given("seed", d.seed),
                      device=given("device", d.device), backward=given("backward", d.backward),
-                     data_dir=args.data_dir, train_size=args.train_size, test_size=args.test_size)
+                     kernels=given("kernels", d.kernels), data_dir=args.data_dir, train_size=args.train_size, test_size=args.test_size)
 
 
 def resumed_config(args: argparse.Namespace) -> RunConfig:
@@ -170,9 +174,9 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         raise VaelabError(f"{flags} cannot change when resuming: {args.resume}/config.json fixes the run; "
                           f"leave {'them' if len(fixed) > 1 else 'it'} out "
-                          "(only --epochs, --device and --data-dir may be given)")
+                          "(only --epochs, --device, --kernels and --data-dir may be given)")
     config = load_config(args.resume)
-    for name in ("epochs", "device", "data_dir"):
+    for name in ("epochs", "device", "kernels", "data_dir"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return config

@@ -13,6 +13,7 @@ OBJECTIVES = ("elbo", "iwae")
 SCHEDULES = ("constant", "burda")
 DEVICES = ("auto", "cpu", "cuda")
 BACKWARDS = ("auto", "manual", "autograd")
+KERNELS = ("auto", "native", "torch")
 
 
 @dataclass
@@ -35,6 +36,10 @@ class RunConfig:
     # How gradients are computed: "manual" (hand-derived, fused SGD update;
     # faster), "autograd", or "auto" (manual where the model supports it).
     backward: str = "auto"
+    # The training step's kernels for binary images: "native" (C, vaelab/kernels.c;
+    # the hand-derived step with plain SGD on the CPU), "torch", or "auto" (native
+    # where it applies and a C compiler built it).
+    kernels: str = "auto"
     data_dir: str | None = None  # None: $VAELAB_DATA_DIR, then the cache
     train_size: int | None = None  # use only the first N training images
     test_size: int | None = None
@@ -61,6 +66,8 @@ class RunConfig:
             raise VaelabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.backward not in BACKWARDS:
             raise VaelabError(f"unknown backward {self.backward!r}; choose one of {', '.join(BACKWARDS)}")
+        if self.kernels not in KERNELS:
+            raise VaelabError(f"unknown kernels {self.kernels!r}; choose one of {', '.join(KERNELS)}")
         if self.device not in DEVICES:
             raise VaelabError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
 

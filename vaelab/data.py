@@ -437,19 +437,27 @@ class TrainingBatches:
     For a Bernoulli model the binarization thresholds of every image are
     computed once (4 bytes a pixel), so a batch costs one row gather, one
     random draw and one comparison: half the passes over the batch that
-    binarizing its uint8 rows takes.
+    binarizing its uint8 rows takes. With binary=True (CPU only) batches come
+    as native.BinaryBatch, their on-pixels, drawn by the C kernels.
     """
 
-    def __init__(self, images: torch.Tensor, likelihood: str):
+    def __init__(self, images: torch.Tensor, likelihood: str, binary: bool = False):
         """images: (N, D) uint8 on the device the batches should be on."""
-        self.likelihood = likelihood
-        self.rows = bernoulli_thresholds(images) if likelihood == "bernoulli" else images
+        self.likelihood, self.device = likelihood, images.device
+        if binary:
+            from .native import BinaryImages  # the C kernels are built only for runs that use them
+            self.rows = BinaryImages(images)
+        else:
+            self.rows = bernoulli_thresholds(images) if likelihood == "bernoulli" else images
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """idx: (B,) row indices -> (B, D) float32; the same pixels as observe(images[idx])."""
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None):
+        """idx: (B,) row indices -> (B, D) float32, the same pixels as observe(images[idx]);
+        or, with binary=True, a BinaryBatch drawn from the C kernels' own random bits."""
+        if not isinstance(self.rows, torch.Tensor):
+            return self.rows.batch(idx, generator)
         rows = self.rows.index_select(0, idx)  # whole rows; images[idx] goes pixel by pixel (17x slower)
         if self.likelihood == "bernoulli":
             return _binarize_against(rows, generator)

@@ -9,6 +9,10 @@ against autograd.
 
 Supports the activations in ACTIVATION_GRADS and both likelihoods; `supports`
 says whether a model qualifies, otherwise the trainer uses autograd.
+
+x may also be a `native.BinaryBatch` (binary images as their on-pixels): then
+the first layer and the Bernoulli term run in the C kernels of native.py, and
+the first layer's weight is kept input-major ((D, H) in memory) for them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import math
 import torch
 from torch import nn
 
+from . import native
 from .models import VAE
+from .native import BinaryBatch
 from .objectives import kl_normal, softplus_total
 
 # Backward through an activation, in place where possible: (d loss / d output,
@@ -39,11 +45,29 @@ def _linears(seq: nn.Sequential) -> list[nn.Linear]:
     return [m for m in seq if isinstance(m, nn.Linear)]
 
 
+def _weight_t(lin: nn.Linear) -> torch.Tensor:
+    """W^T as a contiguous (in, out) tensor sharing the weight's memory.
+
+    The first call lays the weight out input-major (same values, same shape,
+    transposed strides), so that a pixel's weights are one contiguous row."""
+    if not lin.weight.t().is_contiguous():
+        lin.weight.data = lin.weight.data.t().contiguous().t()
+    return lin.weight.detach().t()
+
+
+def contiguous_weights(model: VAE) -> None:
+    """Lays every weight out in the usual row-major way again (undoing _weight_t),
+    so that evaluation and saved runs compute with the layout a loaded model has."""
+    for lin in _linears(model.encoder):
+        if not lin.weight.is_contiguous():
+            lin.weight.data = lin.weight.data.contiguous()
+
+
 @torch.no_grad()
-def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
+def negative_elbo_backward(model: VAE, x: torch.Tensor | BinaryBatch, samples: int = 1,
                            generator: torch.Generator | None = None,
                            sgd_lr: float | None = None) -> torch.Tensor:
-    """Mean negative ELBO of the batch x: (N, D); returns it as a 0-d tensor.
+    """Mean negative ELBO of the batch x: (N, D) (or its on-pixels); returns it as a 0-d tensor.
 
     Without sgd_lr, writes d loss / d p into every parameter's .grad (for any
     optimizer to step). With sgd_lr, applies p -= sgd_lr * grad directly.
@@ -61,7 +85,10 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
         inputs = []
         for i, lin in enumerate(layers):
             inputs.append(h)
-            h = torch.addmm(lin.bias, h, lin.weight.t())
+            if isinstance(h, BinaryBatch):
+                h = native.binary_linear(h, _weight_t(lin), lin.bias.detach())
+            else:
+                h = torch.addmm(lin.bias, h, lin.weight.t())
             if i < len(layers) - 1:
                 h = act(h)
         return inputs, h
@@ -76,7 +103,12 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
 
     # Loss and d loss / d logits (the mean over L and N folded into `scale`).
     scale = 1.0 / (L * n)
-    if cfg.likelihood == "gaussian":
+    if isinstance(x, BinaryBatch):
+        if cfg.likelihood != "bernoulli":
+            raise ValueError("binary batches are for the Bernoulli likelihood")
+        nll = native.bernoulli_loss_grad_(logits, x, scale)  # logits become d loss / d logits
+        dlogits = logits
+    elif cfg.likelihood == "gaussian":
         mean = torch.sigmoid(logits)
         resid = (mean - x) / cfg.sigma                               # (L, N, D)
         nll = 0.5 * resid.square().sum() + L * n * x.shape[1] * (
@@ -95,6 +127,16 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor, samples: int = 1,
         """Back through layers; dy is d loss / d (last layer's output)."""
         for i in range(len(layers) - 1, -1, -1):
             lin, a = layers[i], inputs[i]
+            if isinstance(a, BinaryBatch):  # the first layer, on binary input: no input gradient
+                weight_t = _weight_t(lin)
+                if sgd_lr is None:
+                    grad_t = torch.zeros_like(weight_t)
+                    native.binary_linear_accumulate_(grad_t, a, dy, 1.0)
+                    lin.weight.grad, lin.bias.grad = grad_t.t(), dy.sum(0)
+                else:
+                    native.binary_linear_accumulate_(weight_t, a, dy, -sgd_lr)
+                    lin.bias.add_(dy.sum(0), alpha=-sgd_lr)
+                return None
             dinput = dy @ lin.weight if (i > 0 or need_input_grad) else None  # before the update
             if sgd_lr is None:
                 lin.weight.grad = torch.mm(dy.t(), a)

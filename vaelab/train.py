@@ -17,10 +17,11 @@ import torch
 from tqdm import tqdm
 
 from .config import RunConfig
+from . import native
 from .data import Dataset, TrainingBatches, load_data
 from .errors import VaelabError
 from .evaluate import mean_negative_elbo, mean_negative_iwae
-from .manual import negative_elbo_backward, supports
+from .manual import contiguous_weights, negative_elbo_backward, supports
 from .models import VAE, build_model
 from .objectives import negative_elbo, negative_iwae
 from .runs import load_checkpoint, new_run_dir, save_checkpoint, save_config
@@ -94,10 +95,33 @@ def make_optimizer(config: RunConfig, model: VAE):
     return PlainSGD(model.parameters(), lr=config.lr)
 
 
+def _manual(config: RunConfig, model: VAE) -> bool:
+    """Whether the step uses the hand-derived gradients (manual.py)."""
+    return config.backward == "manual" or (config.backward == "auto" and supports(model)
+                                           and config.objective != "iwae")
+
+
+def use_native_kernels(config: RunConfig, model: VAE, device: torch.device) -> bool:
+    """Whether training batches are binary on-pixel lists for the C kernels
+    (native.py): for the hand-derived step with plain SGD, Bernoulli, on the CPU."""
+    if config.kernels == "torch":
+        return False
+    fits = (device.type == "cpu" and config.model.likelihood == "bernoulli" and config.optimizer == "sgd"
+            and _manual(config, model) and config.objective == "elbo")
+    if config.kernels == "native":
+        if not fits:
+            raise VaelabError("--kernels native needs the default step: --likelihood bernoulli, --optimizer sgd, "
+                              "--objective elbo, a manual backward and the CPU; use --kernels torch")
+        if not native.available():
+            raise VaelabError(f"--kernels native: {native.unavailable_reason()}; use --kernels torch")
+        return True
+    return fits and native.available()
+
+
 def make_step(config: RunConfig, model: VAE, optimizer):
     """The function that does one optimizer step on a batch and returns its loss."""
     iwae = config.objective == "iwae"
-    manual = config.backward == "manual" or (config.backward == "auto" and supports(model) and not iwae)
+    manual = _manual(config, model)
     if manual and (iwae or not supports(model)):
         what = "the iwae objective" if iwae else f"the {model.config.activation} activation"
         raise VaelabError(f"--backward manual does not support {what}; use --backward autograd")
@@ -129,7 +153,7 @@ def train_epoch(train_step, batches: TrainingBatches, config: RunConfig, generat
     """One pass over the training images in a fresh random order, whole batches
     only (drop_last, as the tutorial). Returns the (steps,) batch losses, kept on
     the device: no per-step synchronisation."""
-    device = batches.rows.device
+    device = batches.device
     steps = len(batches) // config.batch_size
     order = torch.randperm(len(batches), generator=generator, device=device)
     losses = torch.empty(steps, device=device)
@@ -178,7 +202,8 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
     optimizer = make_optimizer(config, model)
     train_step = make_step(config, model, optimizer)
     generator = torch.Generator(device).manual_seed(config.seed)
-    train_batches = TrainingBatches(data.train_images.to(device), config.model.likelihood)
+    train_batches = TrainingBatches(data.train_images.to(device), config.model.likelihood,
+                                    binary=use_native_kernels(config, model, device))
     test_images = data.test_images.to(device)
     metrics: list[dict] = []
     if resume:
@@ -203,6 +228,7 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
             group["lr"] = config.lr_at(epoch)
         model.train()
         losses = train_epoch(train_step, train_batches, config, generator, epoch, progress)
+        contiguous_weights(model)  # the native step's layout: undone for evaluation and the checkpoint
         train_loss = losses.mean().item()
         if not math.isfinite(train_loss):
             bad = int((~torch.isfinite(losses)).nonzero()[0])

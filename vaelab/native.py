@@ -1,0 +1,234 @@
+"""C kernels for training on binary images on the CPU (kernels.c), compiled at first use.
+
+A binarized batch is kept as the list of its on-pixels, about 100 of 784 per
+MNIST digit (`BinaryBatch`). The training step then needs three kernels
+besides PyTorch's matrix products:
+
+- `binary_linear`: the first layer, x W^T + b, as a sum of rows of W^T;
+- `binary_linear_accumulate_`: its weight gradient (or SGD step), W^T += alpha X^T dy,
+  touching only those rows;
+- `bernoulli_loss_grad_`: the Bernoulli term and its gradient in one pass over the logits.
+
+`BinaryImages` stores the training set by its non-zero pixels and draws
+batches (dynamic binarization) from random bits seeded by the run's generator.
+
+The library is built with the system's C compiler ($CC, else cc) into
+~/.cache/vaelab/kernels (or $VAELAB_KERNEL_DIR) once per source, flags and
+CPU; `available()` says whether that worked, `unavailable_reason()` why not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# Not -ffast-math: reassociation (so that sums vectorise) and fused multiply-adds,
+# but infinities and NaNs keep their meaning.
+FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+         "-fno-signed-zeros", "-fassociative-math", "-ffp-contract=fast"]
+# Tried in turn: for this CPU and with OpenMP (libgomp, the runtime PyTorch's CPU
+# wheels load, so both share one pool of threads), then without either.
+VARIANTS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
+_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "binarize_batch": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_uint64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
+                       None),
+    "binary_linear": ([_ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int], None),
+    "binary_linear_accumulate": ([_ptr, _ptr, _i64, _ptr, _i64, _f32, _ptr, _int], None),
+    "bernoulli_loss_grad": ([_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _int], ctypes.c_double),
+}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VAELAB_KERNEL_DIR") or Path.home() / ".cache" / "vaelab" / "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, output: Path) -> str | None:
+    """Builds the library at output; returns None, or the compiler's complaint."""
+    complaint = ""
+    for extra in VARIANTS:
+        tmp = output.with_name(f"{output.name}.{os.getpid()}.tmp")
+        result = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(tmp, output)  # atomic: a concurrent build never sees half a file
+            return None
+        tmp.unlink(missing_ok=True)
+        complaint = (result.stderr.strip().splitlines() or ["failed"])[-1]
+    return complaint
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") or (None, why not)."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        return None, f"no C compiler ({compiler}) found"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"vaelab-kernels-{os.getuid()}"):
+        path = folder / f"kernels-{key}.so"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                complaint = _compile(compiler, path)
+                if complaint is not None:
+                    return None, f"{compiler} could not build {SOURCE.name}: {complaint}"
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue  # an unwritable cache: try the next folder
+        for name, (args, result) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, result
+        return lib, ""
+    return None, "no writable folder for the compiled kernels"
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them on first call)."""
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+def _lib() -> ctypes.CDLL:
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"the C kernels are unavailable: {why}")
+    return lib
+
+
+def _p(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    # ctypes passes raw pointers: a wrong layout would be read as garbage, so refuse it.
+    if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor, got {t.dtype} "
+                         f"{'contiguous' if t.is_contiguous() else 'strided'} on {t.device}")
+
+
+@dataclass
+class BinaryBatch:
+    """A batch of binary images as its on-pixels, by row and by pixel: row i's
+    are active[begin[i]:end[i]] (int32 pixel indices, ascending), pixel p's rows
+    are rows_of[pixel_start[p]:pixel_start[p+1]] (ascending); x_dim pixels a row."""
+
+    active: torch.Tensor       # (room,) int32; only the rows' ranges are meaningful
+    begin: torch.Tensor        # (rows,) int64
+    end: torch.Tensor          # (rows,) int64
+    pixel_start: torch.Tensor  # (x_dim + 1,) int64
+    rows_of: torch.Tensor      # (room,) int32
+    x_dim: int
+
+    def __len__(self) -> int:
+        return len(self.begin)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.x_dim
+
+    def dense(self) -> torch.Tensor:
+        """(rows, x_dim) float32 of 0s and 1s."""
+        x = torch.zeros(len(self), self.x_dim)
+        for i, (b, e) in enumerate(zip(self.begin.tolist(), self.end.tolist())):
+            x[i, self.active[b:e].long()] = 1.0
+        return x
+
+
+class BinaryImages:
+    """A set of grey-level images kept by its non-zero pixels, for drawing
+    binarized batches: each pixel on with probability (grey level) / 255."""
+
+    def __init__(self, images: torch.Tensor):
+        """images: (N, D) uint8 on the CPU."""
+        if images.dtype != torch.uint8 or images.dim() != 2 or images.shape[1] > 2 ** 15:
+            raise ValueError("BinaryImages needs (N, D) uint8 images with D <= 32768")
+        self.x_dim = images.shape[1]
+        nonzero = images != 0
+        self.start = torch.zeros(len(images) + 1, dtype=torch.int64)
+        torch.cumsum(nonzero.sum(1), 0, out=self.start[1:])
+        self.pixel = nonzero.nonzero()[:, 1].to(torch.int16)  # row-major: ascending within a row
+        self.level = images[nonzero].contiguous()
+        self.most = int(nonzero.sum(1).max()) if len(images) else 0  # non-zero pixels of the fullest image
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> BinaryBatch:
+        """idx: (B,) int64 row indices -> their binarization, from one 63-bit seed drawn from generator."""
+        idx = idx.contiguous()
+        _check(idx, torch.int64, "idx")
+        if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(self):
+            raise IndexError(f"row indices must lie in [0, {len(self)})")
+        seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+        room = len(idx) * self.most
+        x = BinaryBatch(torch.empty(room, dtype=torch.int32), torch.empty(len(idx), dtype=torch.int64),
+                        torch.empty(len(idx), dtype=torch.int64), torch.empty(self.x_dim + 1, dtype=torch.int64),
+                        torch.empty(room, dtype=torch.int32), self.x_dim)
+        _lib().binarize_batch(_p(self.start), _p(self.pixel), _p(self.level), _p(idx), len(idx), self.x_dim, seed,
+                              _p(x.active), _p(x.begin), _p(x.end), _p(x.pixel_start), _p(x.rows_of),
+                              torch.get_num_threads())
+        return x
+
+
+def binary_linear(x: BinaryBatch, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x W^T + b for binary x: weight_t: (D, H) = W^T, contiguous; bias: (H,) -> (rows, H)."""
+    _check(weight_t, torch.float32, "weight_t")
+    _check(bias, torch.float32, "bias")
+    if weight_t.shape[0] != x.x_dim or bias.shape != (weight_t.shape[1],):
+        raise ValueError(f"weight_t {tuple(weight_t.shape)} and bias {tuple(bias.shape)} do not fit "
+                         f"{x.x_dim} pixels")
+    out = torch.empty(len(x), weight_t.shape[1])
+    _lib().binary_linear(_p(x.pixel_start), _p(x.rows_of), x.x_dim, len(x), _p(weight_t), _p(bias),
+                         weight_t.shape[1], _p(out), torch.get_num_threads())
+    return out
+
+
+def binary_linear_accumulate_(weight_t: torch.Tensor, x: BinaryBatch, dy: torch.Tensor, alpha: float) -> None:
+    """weight_t += alpha * X^T dy, in place: weight_t: (D, H) contiguous; dy: (rows, H)."""
+    _check(weight_t, torch.float32, "weight_t")
+    dy = dy.contiguous()
+    _check(dy, torch.float32, "dy")
+    if weight_t.shape[0] != x.x_dim or dy.shape != (len(x), weight_t.shape[1]):
+        raise ValueError(f"dy {tuple(dy.shape)} and weight_t {tuple(weight_t.shape)} do not fit a batch of "
+                         f"{len(x)} rows of {x.x_dim} pixels")
+    _lib().binary_linear_accumulate(_p(x.pixel_start), _p(x.rows_of), x.x_dim, _p(dy), dy.shape[1], alpha,
+                                    _p(weight_t), torch.get_num_threads())
+
+
+def bernoulli_loss_grad_(logits: torch.Tensor, x: BinaryBatch, scale: float) -> float:
+    """Sum over logits: (L, rows, D) of softplus(l) - x l, in nats; overwrites
+    logits with scale * (sigmoid(l) - x), the gradient of scale times that sum."""
+    _check(logits, torch.float32, "logits")
+    samples, rows, d = logits.shape
+    if rows != len(x) or d != x.x_dim:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {len(x)} rows of {x.x_dim}")
+    row_totals = torch.empty(samples * rows, dtype=torch.float64)
+    return _lib().bernoulli_loss_grad(_p(logits), samples, _p(x.active), _p(x.begin), _p(x.end), rows, d, scale,
+                                      _p(row_totals), torch.get_num_threads())
