@@ -48,13 +48,17 @@ static inline uint64_t mix64(uint64_t z)
  * Row b's r come four to a word from mix64(seed + 2^32 b + w), w = 0, 1, ...
  * Writes row b's on-pixels to active[begin[b] .. end[b]), begin[b] being the
  * number of non-zero pixels of the rows before it, then the same by pixel:
- * pixel_start (d + 1) and rows_of. */
-void binarize_batch(const int64_t *restrict start, const int16_t *restrict pixel,
-                    const uint8_t *restrict level, const int64_t *restrict idx, int64_t rows,
-                    int64_t d, uint64_t seed, int32_t *restrict active, int64_t *restrict begin,
+ * pixel_start (d + 1) and rows_of. Returns 0, or -1 (writing nothing) if an
+ * index is not in [0, n). */
+int binarize_batch(const int64_t *restrict start, const int16_t *restrict pixel,
+                    const uint8_t *restrict level, int64_t n_images, const int64_t *restrict idx,
+                    int64_t rows, int64_t d, uint64_t seed, int32_t *restrict active, int64_t *restrict begin,
                     int64_t *restrict end, int64_t *restrict pixel_start, int32_t *restrict rows_of,
                     int threads)
 {
+    for (int64_t b = 0; b < rows; b++)
+        if (idx[b] < 0 || idx[b] >= n_images)
+            return -1;
     uint32_t threshold[256];
     for (uint32_t k = 0; k < 256; k++)
         threshold[k] = (65536u * k + 254u) / 255u;
@@ -87,6 +91,7 @@ void binarize_batch(const int64_t *restrict start, const int16_t *restrict pixel
     for (int64_t p = d; p > 0; p--)
         pixel_start[p] = pixel_start[p - 1];
     pixel_start[0] = 0;
+    return 0;
 }
 
 /* out[i, :] = bias + sum over row i's on-pixels p of weight_t[p, :].  out: (rows, h).
@@ -208,4 +213,43 @@ double bernoulli_loss_grad(float *restrict logits, int64_t samples, const int32_
     for (int64_t sr = 0; sr < samples * rows; sr++)
         total += row_totals[sr];
     return total;
+}
+
+/* The Gaussian latent layer, forward: from head = [mu | logvar] (rows, 2 zd) and
+ * eps (samples, rows, zd), writes std = exp(logvar / 2) (rows, zd) and
+ * z = mu + std * eps (samples, rows, zd); returns sum over rows of
+ * KL(N(mu, std^2) || N(0, I)) = 1/2 sum (mu^2 + std^2 - 1 - logvar). */
+double gaussian_latent(const float *restrict head, const float *restrict eps, int64_t samples, int64_t rows,
+                       int64_t zd, float *restrict std, float *restrict z)
+{
+    double kl = 0.0;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < zd; j++) {
+            float mu = head[i * 2 * zd + j], logvar = head[i * 2 * zd + zd + j];
+            float sd = expf(0.5f * logvar);
+            std[i * zd + j] = sd;
+            kl += 0.5 * ((double)mu * mu + (double)sd * sd - 1.0 - logvar);
+            for (int64_t s = 0; s < samples; s++)
+                z[(s * rows + i) * zd + j] = mu + sd * eps[(s * rows + i) * zd + j];
+        }
+    return kl;
+}
+
+/* ... and backward: from dz = d loss / d z (samples, rows, zd), writes
+ * dhead = d loss / d [mu | logvar] (rows, 2 zd), the loss being the
+ * reconstruction term's plus kl_weight times the summed KL. */
+void gaussian_latent_backward(const float *restrict dz, const float *restrict head, const float *restrict eps,
+                              const float *restrict std, int64_t samples, int64_t rows, int64_t zd,
+                              float kl_weight, float *restrict dhead)
+{
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < zd; j++) {
+            float dmu = 0.0f, dsd = 0.0f, sd = std[i * zd + j];
+            for (int64_t s = 0; s < samples; s++) {
+                dmu += dz[(s * rows + i) * zd + j];
+                dsd += dz[(s * rows + i) * zd + j] * eps[(s * rows + i) * zd + j];
+            }
+            dhead[i * 2 * zd + j] = dmu + kl_weight * head[i * 2 * zd + j];
+            dhead[i * 2 * zd + zd + j] = 0.5f * sd * dsd + kl_weight * 0.5f * (sd * sd - 1.0f);
+        }
 }

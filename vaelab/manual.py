@@ -93,17 +93,22 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor | BinaryBatch, samples: i
                 h = act(h)
         return inputs, h
 
-    enc_inputs, h = forward(encoder, x)
-    mu, logvar = h.chunk(2, dim=1)                                   # (N, z) each
+    binary = isinstance(x, BinaryBatch)  # then the C kernels throughout
+    enc_inputs, head = forward(encoder, x)
+    mu, logvar = head.chunk(2, dim=1)                                # (N, z) each
     eps = torch.randn((L, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-    std = torch.exp(0.5 * logvar)
-    z = torch.addcmul(mu, std, eps).reshape(L * n, -1)               # (L*N, z)
-    dec_inputs, h = forward(decoder, z)
+    if binary:
+        z, std, kl = native.gaussian_latent(head, eps)
+    else:
+        std = torch.exp(0.5 * logvar)
+        z = torch.addcmul(mu, std, eps)                              # (L, N, z)
+        kl = kl_normal(mu, logvar).sum()
+    dec_inputs, h = forward(decoder, z.view(L * n, -1))
     logits = h.view(L, n, -1)                                        # (L, N, D)
 
     # Loss and d loss / d logits (the mean over L and N folded into `scale`).
     scale = 1.0 / (L * n)
-    if isinstance(x, BinaryBatch):
+    if binary:
         if cfg.likelihood != "bernoulli":
             raise ValueError("binary batches are for the Bernoulli likelihood")
         nll = native.bernoulli_loss_grad_(logits, x, scale)  # logits become d loss / d logits
@@ -119,7 +124,6 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor | BinaryBatch, samples: i
         # sum of x * l as one matrix-vector product: no (L, N, D) temporary
         nll = softplus_total(logits, sig) - torch.mv(logits.view(L, -1), x.reshape(-1)).sum()
         dlogits = sig.sub_(x).mul_(scale)
-    kl = kl_normal(mu, logvar).sum()
     loss = nll * scale + kl / n
 
     def backward(layers: list[nn.Linear], inputs: list[torch.Tensor], dy: torch.Tensor,
@@ -151,7 +155,11 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor | BinaryBatch, samples: i
         return None
 
     dz = backward(decoder, dec_inputs, dlogits.view(L * n, -1), need_input_grad=True).view(L, n, -1)
-    dmu = dz.sum(0) + mu / n
-    dlogvar = (dz * eps).sum(0).mul_(0.5 * std).add_((std.square() - 1.0) / (2 * n))
-    backward(encoder, enc_inputs, torch.cat([dmu, dlogvar], dim=1), need_input_grad=False)
-    return loss
+    if binary:
+        dhead = native.gaussian_latent_backward(dz, head, eps, std, 1.0 / n)
+    else:
+        dmu = dz.sum(0) + mu / n
+        dlogvar = (dz * eps).sum(0).mul_(0.5 * std).add_((std.square() - 1.0) / (2 * n))
+        dhead = torch.cat([dmu, dlogvar], dim=1)
+    backward(encoder, enc_inputs, dhead, need_input_grad=False)
+    return torch.as_tensor(loss)

@@ -7,7 +7,9 @@ besides PyTorch's matrix products:
 - `binary_linear`: the first layer, x W^T + b, as a sum of rows of W^T;
 - `binary_linear_accumulate_`: its weight gradient (or SGD step), W^T += alpha X^T dy,
   touching only those rows;
-- `bernoulli_loss_grad_`: the Bernoulli term and its gradient in one pass over the logits.
+- `bernoulli_loss_grad_`: the Bernoulli term and its gradient in one pass over the logits;
+- `gaussian_latent` and `gaussian_latent_backward`: z = mu + std * eps with the KL, and back
+  (two calls instead of two dozen small tensor operations).
 
 `BinaryImages` stores the training set by its non-zero pixels and draws
 batches (dynamic binarization) from random bits seeded by the run's generator.
@@ -42,11 +44,13 @@ FLAGS = ["-O3", "-std=gnu99", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapp
 VARIANTS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "binarize_batch": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_uint64, _ptr, _ptr, _ptr, _ptr, _ptr, _int],
-                       None),
+    "binarize_batch": ([_ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, ctypes.c_uint64, _ptr, _ptr, _ptr, _ptr, _ptr,
+                        _int], _int),
     "binary_linear": ([_ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int], None),
     "binary_linear_accumulate": ([_ptr, _ptr, _i64, _ptr, _i64, _f32, _ptr, _int], None),
     "bernoulli_loss_grad": ([_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _int], ctypes.c_double),
+    "gaussian_latent": ([_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr], ctypes.c_double),
+    "gaussian_latent_backward": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _ptr], None),
 }
 
 
@@ -88,9 +92,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"vaelab-kernels-{os.getuid()}"):
-        path = folder / f"kernels-{key}.so"
+    for folder in (_cache_dir(), None):
         try:
+            if folder is None:  # no usable cache: a private folder for this process
+                folder = Path(tempfile.mkdtemp(prefix="vaelab-kernels-"))
+            path = folder / f"kernels-{key}.so"
             folder.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 complaint = _compile(compiler, path)
@@ -170,12 +176,19 @@ class BinaryImages:
         if images.dtype != torch.uint8 or images.dim() != 2 or images.shape[1] > 2 ** 15:
             raise ValueError("BinaryImages needs (N, D) uint8 images with D <= 32768")
         self.x_dim = images.shape[1]
-        nonzero = images != 0
+        counts = torch.zeros(len(images), dtype=torch.int64)
+        pixels, levels = [], []
+        for i in range(0, len(images), 4096):  # in slices: whole-set index temporaries would take 150 MB
+            block = images[i:i + 4096]
+            nonzero = block != 0
+            counts[i:i + 4096] = nonzero.sum(1)
+            pixels.append(nonzero.nonzero()[:, 1].to(torch.int16))  # row-major: ascending within a row
+            levels.append(block[nonzero])
         self.start = torch.zeros(len(images) + 1, dtype=torch.int64)
-        torch.cumsum(nonzero.sum(1), 0, out=self.start[1:])
-        self.pixel = nonzero.nonzero()[:, 1].to(torch.int16)  # row-major: ascending within a row
-        self.level = images[nonzero].contiguous()
-        self.most = int(nonzero.sum(1).max()) if len(images) else 0  # non-zero pixels of the fullest image
+        torch.cumsum(counts, 0, out=self.start[1:])
+        self.pixel = torch.cat(pixels) if pixels else torch.zeros(0, dtype=torch.int16)
+        self.level = torch.cat(levels) if levels else torch.zeros(0, dtype=torch.uint8)
+        self.most = int(counts.max()) if len(images) else 0  # non-zero pixels of the fullest image
 
     def __len__(self) -> int:
         return len(self.start) - 1
@@ -184,16 +197,15 @@ class BinaryImages:
         """idx: (B,) int64 row indices -> their binarization, from one 63-bit seed drawn from generator."""
         idx = idx.contiguous()
         _check(idx, torch.int64, "idx")
-        if len(idx) and not 0 <= int(idx.min()) <= int(idx.max()) < len(self):
-            raise IndexError(f"row indices must lie in [0, {len(self)})")
         seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
         room = len(idx) * self.most
         x = BinaryBatch(torch.empty(room, dtype=torch.int32), torch.empty(len(idx), dtype=torch.int64),
                         torch.empty(len(idx), dtype=torch.int64), torch.empty(self.x_dim + 1, dtype=torch.int64),
                         torch.empty(room, dtype=torch.int32), self.x_dim)
-        _lib().binarize_batch(_p(self.start), _p(self.pixel), _p(self.level), _p(idx), len(idx), self.x_dim, seed,
-                              _p(x.active), _p(x.begin), _p(x.end), _p(x.pixel_start), _p(x.rows_of),
-                              torch.get_num_threads())
+        if _lib().binarize_batch(_p(self.start), _p(self.pixel), _p(self.level), len(self), _p(idx), len(idx),
+                                 self.x_dim, seed, _p(x.active), _p(x.begin), _p(x.end), _p(x.pixel_start),
+                                 _p(x.rows_of), torch.get_num_threads()):
+            raise IndexError(f"row indices must lie in [0, {len(self)})")
         return x
 
 
@@ -232,3 +244,31 @@ def bernoulli_loss_grad_(logits: torch.Tensor, x: BinaryBatch, scale: float) -> 
     row_totals = torch.empty(samples * rows, dtype=torch.float64)
     return _lib().bernoulli_loss_grad(_p(logits), samples, _p(x.active), _p(x.begin), _p(x.end), rows, d, scale,
                                       _p(row_totals), torch.get_num_threads())
+
+
+def gaussian_latent(head: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """head: (N, 2 z) = [mu | logvar]; eps: (L, N, z) -> z: (L, N, z), std: (N, z),
+    and the KL to N(0, I) summed over the N rows."""
+    _check(head, torch.float32, "head")
+    _check(eps, torch.float32, "eps")
+    samples, rows, zd = eps.shape
+    if head.shape != (rows, 2 * zd):
+        raise ValueError(f"head {tuple(head.shape)} does not fit eps {tuple(eps.shape)}")
+    std, z = torch.empty(rows, zd), torch.empty(samples, rows, zd)
+    kl = _lib().gaussian_latent(_p(head), _p(eps), samples, rows, zd, _p(std), _p(z))
+    return z, std, kl
+
+
+def gaussian_latent_backward(dz: torch.Tensor, head: torch.Tensor, eps: torch.Tensor, std: torch.Tensor,
+                             kl_weight: float) -> torch.Tensor:
+    """d loss / d head: (N, 2 z), given dz = d loss / d z: (L, N, z), for a loss that adds
+    kl_weight times the summed KL."""
+    dz = dz.contiguous()
+    for t, name in ((dz, "dz"), (head, "head"), (eps, "eps"), (std, "std")):
+        _check(t, torch.float32, name)
+    samples, rows, zd = eps.shape
+    if dz.shape != eps.shape or head.shape != (rows, 2 * zd) or std.shape != (rows, zd):
+        raise ValueError("dz, head, eps and std do not fit together")
+    dhead = torch.empty(rows, 2 * zd)
+    _lib().gaussian_latent_backward(_p(dz), _p(head), _p(eps), _p(std), samples, rows, zd, kl_weight, _p(dhead))
+    return dhead
