@@ -127,3 +127,68 @@ def test_a_tensor_of_the_wrong_kind_is_refused_not_read_as_garbage():
         native.binary_linear(batch, torch.zeros(12, 24), torch.zeros(24))
     with pytest.raises(IndexError, match="row indices"):
         native.BinaryImages(grey_images()).batch(torch.tensor([40]))
+
+
+def test_the_evaluation_gives_the_same_estimates_with_either_kernels():
+    from vaelab.evaluate import importance_sampled
+
+    model = build_model(ModelConfig(x_dim=13, z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,)), seed=0)
+    runs = [importance_sampled(model, grey_images(), k=100, kernels=k, progress=False) for k in ("native", "torch")]
+    assert runs[0]["kernels"] == "native" and runs[1]["kernels"] == "torch"
+    assert runs[0]["nll"] == pytest.approx(runs[1]["nll"], abs=1e-4)
+    for j in runs[0]["iwae"]:
+        assert runs[0]["iwae"][j] == pytest.approx(runs[1]["iwae"][j], abs=1e-4)
+
+
+def test_from_dense_lists_the_on_pixels_both_ways():
+    x = draw(grey_images(), torch.arange(40)).dense()
+    batch = native.BinaryBatch.from_dense(x)
+    assert torch.equal(batch.dense(), x)
+    drawn = draw(grey_images(), torch.arange(40))
+    assert torch.equal(batch.pixel_start, drawn.pixel_start)
+    assert torch.equal(batch.rows_of[:len(x.nonzero())], drawn.rows_of[:len(x.nonzero())])
+
+
+def test_an_empty_batch_is_empty():
+    batch = native.BinaryImages(grey_images()).batch(torch.empty(0, dtype=torch.int64))
+    assert len(batch) == 0 and batch.dense().shape == (0, 13)
+
+
+def test_a_nan_logit_gives_a_nan_loss_and_gradient_as_in_torch():
+    batch = draw(torch.zeros(2, 13, dtype=torch.uint8), torch.arange(2))  # blank images: no on-pixels
+    logits = torch.zeros(1, 2, 13)
+    logits[0, 1, 5] = float("nan")
+    loss = native.bernoulli_loss_grad_(logits, batch, 1.0)
+    assert loss != loss and logits[0, 1, 5].isnan() and not logits[0, 0].isnan().any()
+
+
+def test_a_network_without_hidden_layers_gets_its_usual_weight_layout_back():
+    model = build_model(ModelConfig(x_dim=13, z_dim=2, encoder_hidden=(), decoder_hidden=(8,)), seed=0)
+    negative_elbo_backward(model, draw(grey_images(), torch.arange(40)), 1, torch.Generator().manual_seed(0),
+                           sgd_lr=0.01)
+    assert not model.head.weight.is_contiguous()  # input-major for the C kernels
+    contiguous_weights(model)
+    assert model.head.weight.is_contiguous()
+
+
+def test_a_run_saved_before_the_kernels_option_resumes_with_torch_kernels():
+    saved = RunConfig().to_dict()
+    del saved["kernels"]
+    assert RunConfig.from_dict(saved).kernels == "torch"
+
+
+def test_a_run_records_the_kernels_it_used(tmp_path):
+    config = RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,)), epochs=1, batch_size=50)
+    train(config, tmp_path / "run", synthetic_dataset(), progress=False)
+    from vaelab.runs import load_config
+
+    assert load_config(tmp_path / "run").kernels == "native"
+
+
+def test_an_unusable_cache_folder_falls_back_to_a_private_one(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("VAELAB_KERNEL_DIR", str(blocker / "kernels"))  # under a file: cannot be created
+    lib, why = native._load.__wrapped__()
+    assert lib is not None and why == ""
+    assert lib.bernoulli_loss_grad is not None

@@ -38,7 +38,7 @@ class RunConfig:
     backward: str = "auto"
     # The training step's kernels for binary images: "native" (C, vaelab/kernels.c;
     # the hand-derived step with plain SGD on the CPU), "torch", or "auto" (native
-    # where it applies and a C compiler built it).
+    # where it applies and a C compiler built it). train() records the one used.
     kernels: str = "auto"
     data_dir: str | None = None  # None: $VAELAB_DATA_DIR, then the cache
     train_size: int | None = None  # use only the first N training images
@@ -86,13 +86,15 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """The inverse of to_dict; missing keys take their defaults."""
+        """The inverse of to_dict; missing keys take their defaults, but a missing
+        kernels is "torch", what runs saved before the option existed used."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise VaelabError(f"config has unknown keys: {', '.join(sorted(unknown))}")
         model_known = {f.name for f in fields(ModelConfig)}
         model = d.get("model", {})
+        d = {"kernels": "torch", **d}  # runs saved before the C kernels existed trained without them
         if set(model) - model_known:
             raise VaelabError(f"model config has unknown keys: {', '.join(sorted(set(model) - model_known))}")
         return cls(**{**d, "model": ModelConfig(**model)})

@@ -62,7 +62,8 @@ int binarize_batch(const int64_t *restrict start, const int16_t *restrict pixel,
     uint32_t threshold[256];
     for (uint32_t k = 0; k < 256; k++)
         threshold[k] = (65536u * k + 254u) / 255u;
-    begin[0] = 0;
+    if (rows > 0)
+        begin[0] = 0;
     for (int64_t b = 1; b < rows; b++)
         begin[b] = begin[b - 1] + start[idx[b - 1] + 1] - start[idx[b - 1]];
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -107,7 +108,7 @@ void binary_linear(const int64_t *restrict pixel_start, const int32_t *restrict 
 #else
         int64_t parts = 1, me = 0;
 #endif
-        int32_t lo = (int32_t)(rows * me / parts), hi = (int32_t)(rows * (me + 1) / parts);
+        int64_t lo = rows * me / parts, hi = rows * (me + 1) / parts;
         for (int64_t i = lo; i < hi; i++)
             memcpy(out + i * h, bias, (size_t)h * sizeof(float));
         for (int64_t p = 0; p < d; p++)
@@ -145,7 +146,7 @@ static inline f8 select8(i8 mask, f8 yes, f8 no)
 static inline f8 exp_nonpositive(f8 t)
 {
     const f8 floor = {-87, -87, -87, -87, -87, -87, -87, -87}; /* exp(-87) ~ 1.6e-38: a normal float */
-    t = select8(t > floor, t, floor);
+    t = select8(t < floor, floor, t); /* so written, a NaN stays NaN */
     i8 n = __builtin_convertvector(t * 1.44269504f - 0.5f, i8); /* truncation = rounding, as t <= 0 */
     f8 nf = __builtin_convertvector(n, f8);
     f8 r = t - nf * 0.693145752f - nf * 1.42860677e-6f; /* ln 2 in two parts */
@@ -162,6 +163,53 @@ static inline f8 log1p_unit(f8 e)
                    + s2 * (0.111111112f + s2 * (0.0909090936f + s2 * 0.0769230798f))))));
 }
 
+/* sum over one row's pixels of softplus(l) - x l, the row's observations being
+ * its on-pixels active[0 .. n_on). With grad, also overwrites l with
+ * scale * (sigmoid(l) - x). (Inlined with grad constant: two loops, no branch.) */
+static inline double bernoulli_row(float *restrict l, int64_t d, const int32_t *restrict active, int64_t n_on,
+                                   int grad, float scale)
+{
+    const f8 zero = {0};
+    double on = 0.0;
+    for (int64_t a = 0; a < n_on; a++)
+        on += l[active[a]];
+    f8 softplus = zero;
+    for (int64_t p = 0; p < d; p += 8) {
+        f8 v = zero;
+        int full = d - p >= 8;
+        if (full)
+            memcpy(&v, l + p, sizeof v);
+        else /* a short last block, padded with zeros */
+            for (int64_t k = 0; k < d - p; k++)
+                v[k] = l[p + k];
+        f8 e = exp_nonpositive(select8(v < zero, v, -v)); /* exp(-|v|) */
+        f8 term = select8(v > zero, v, zero) + log1p_unit(e);
+        f8 g = zero;
+        if (grad) {
+            f8 q = 1.0f / (1.0f + e); /* sigmoid(|v|) */
+            g = scale * select8(v >= zero, q, e * q);
+        }
+        if (full) {
+            softplus += term;
+            if (grad)
+                memcpy(l + p, &g, sizeof g);
+        } else {
+            for (int64_t k = 0; k < d - p; k++) {
+                softplus[k] += term[k];
+                if (grad)
+                    l[p + k] = g[k];
+            }
+        }
+    }
+    if (grad)
+        for (int64_t a = 0; a < n_on; a++)
+            l[active[a]] -= scale;
+    double total = 0.0;
+    for (int k = 0; k < 8; k++)
+        total += softplus[k];
+    return total - on;
+}
+
 /* The Bernoulli term of the negative ELBO and its gradient, in one pass.
  * logits: (samples, rows, d), the decoder's output for each sample of each row;
  * the observations are the on-pixels of the batch (the same for every sample).
@@ -173,46 +221,26 @@ double bernoulli_loss_grad(float *restrict logits, int64_t samples, const int32_
 {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t sr = 0; sr < samples * rows; sr++) {
-        const f8 zero = {0};
         int64_t i = sr % rows;
-        float *restrict l = logits + sr * d;
-        double on = 0.0;
-        for (int64_t a = begin[i]; a < end[i]; a++)
-            on += l[active[a]];
-        f8 softplus = zero;
-        for (int64_t p = 0; p < d; p += 8) {
-            f8 v = zero;
-            int full = d - p >= 8;
-            if (full)
-                memcpy(&v, l + p, sizeof v);
-            else /* a short last block, padded with zeros */
-                for (int64_t k = 0; k < d - p; k++)
-                    v[k] = l[p + k];
-            f8 e = exp_nonpositive(select8(v < zero, v, -v)); /* exp(-|v|) */
-            f8 q = 1.0f / (1.0f + e); /* sigmoid(|v|) */
-            f8 term = select8(v > zero, v, zero) + log1p_unit(e);
-            f8 grad = scale * select8(v >= zero, q, e * q);
-            if (full) {
-                softplus += term;
-                memcpy(l + p, &grad, sizeof grad);
-            } else {
-                for (int64_t k = 0; k < d - p; k++) {
-                    softplus[k] += term[k];
-                    l[p + k] = grad[k];
-                }
-            }
-        }
-        for (int64_t a = begin[i]; a < end[i]; a++)
-            l[active[a]] -= scale;
-        double total = 0.0;
-        for (int k = 0; k < 8; k++)
-            total += softplus[k];
-        row_totals[sr] = total - on;
+        row_totals[sr] = bernoulli_row(logits + sr * d, d, active + begin[i], end[i] - begin[i], 1, scale);
     }
     double total = 0.0;
     for (int64_t sr = 0; sr < samples * rows; sr++)
         total += row_totals[sr];
     return total;
+}
+
+/* log p(x | l) = -(sum of softplus(l) - x l) for each row of logits (samples, rows, d),
+ * into out (samples, rows); logits are left as they are. */
+void bernoulli_log_likelihood(float *restrict logits, int64_t samples, const int32_t *restrict active,
+                              const int64_t *restrict begin, const int64_t *restrict end, int64_t rows,
+                              int64_t d, float *restrict out, int threads)
+{
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t sr = 0; sr < samples * rows; sr++) {
+        int64_t i = sr % rows;
+        out[sr] = (float)-bernoulli_row(logits + sr * d, d, active + begin[i], end[i] - begin[i], 0, 0.0f);
+    }
 }
 
 /* The Gaussian latent layer, forward: from head = [mu | logvar] (rows, 2 zd) and

@@ -45,20 +45,19 @@ def _linears(seq: nn.Sequential) -> list[nn.Linear]:
     return [m for m in seq if isinstance(m, nn.Linear)]
 
 
-def _weight_t(lin: nn.Linear) -> torch.Tensor:
-    """W^T as a contiguous (in, out) tensor sharing the weight's memory.
-
-    The first call lays the weight out input-major (same values, same shape,
-    transposed strides), so that a pixel's weights are one contiguous row."""
+def input_major_weight_t(lin: nn.Linear) -> torch.Tensor:
+    """Lays lin's weight out input-major, in place (same values, same shape,
+    transposed strides: a pixel's weights become one contiguous row), and
+    returns W^T, a contiguous (in, out) view of it. contiguous_weights undoes it."""
     if not lin.weight.t().is_contiguous():
         lin.weight.data = lin.weight.data.t().contiguous().t()
     return lin.weight.detach().t()
 
 
 def contiguous_weights(model: VAE) -> None:
-    """Lays every weight out in the usual row-major way again (undoing _weight_t),
+    """Lays every weight out in the usual row-major way again (undoing input_major_weight_t),
     so that evaluation and saved runs compute with the layout a loaded model has."""
-    for lin in _linears(model.encoder):
+    for lin in _linears(model.encoder) + [model.head]:  # the head is the first layer without hidden ones
         if not lin.weight.is_contiguous():
             lin.weight.data = lin.weight.data.contiguous()
 
@@ -86,7 +85,7 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor | BinaryBatch, samples: i
         for i, lin in enumerate(layers):
             inputs.append(h)
             if isinstance(h, BinaryBatch):
-                h = native.binary_linear(h, _weight_t(lin), lin.bias.detach())
+                h = native.binary_linear(h, input_major_weight_t(lin), lin.bias.detach())
             else:
                 h = torch.addmm(lin.bias, h, lin.weight.t())
             if i < len(layers) - 1:
@@ -132,7 +131,7 @@ def negative_elbo_backward(model: VAE, x: torch.Tensor | BinaryBatch, samples: i
         for i in range(len(layers) - 1, -1, -1):
             lin, a = layers[i], inputs[i]
             if isinstance(a, BinaryBatch):  # the first layer, on binary input: no input gradient
-                weight_t = _weight_t(lin)
+                weight_t = input_major_weight_t(lin)
                 if sgd_lr is None:
                     grad_t = torch.zeros_like(weight_t)
                     native.binary_linear_accumulate_(grad_t, a, dy, 1.0)

@@ -1,13 +1,14 @@
 """C kernels for training on binary images on the CPU (kernels.c), compiled at first use.
 
 A binarized batch is kept as the list of its on-pixels, about 100 of 784 per
-MNIST digit (`BinaryBatch`). The training step then needs three kernels
+MNIST digit (`BinaryBatch`). The training step then uses these kernels
 besides PyTorch's matrix products:
 
 - `binary_linear`: the first layer, x W^T + b, as a sum of rows of W^T;
 - `binary_linear_accumulate_`: its weight gradient (or SGD step), W^T += alpha X^T dy,
   touching only those rows;
-- `bernoulli_loss_grad_`: the Bernoulli term and its gradient in one pass over the logits;
+- `bernoulli_loss_grad_`: the Bernoulli term and its gradient in one pass over the logits
+  (and `bernoulli_log_likelihood`, the term alone per row, for evaluation);
 - `gaussian_latent` and `gaussian_latent_backward`: z = mu + std * eps with the KL, and back
   (two calls instead of two dozen small tensor operations).
 
@@ -26,6 +27,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -49,6 +51,7 @@ _SIGNATURES = {
     "binary_linear": ([_ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _int], None),
     "binary_linear_accumulate": ([_ptr, _ptr, _i64, _ptr, _i64, _f32, _ptr, _int], None),
     "bernoulli_loss_grad": ([_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _f32, _ptr, _int], ctypes.c_double),
+    "bernoulli_log_likelihood": ([_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _int], None),
     "gaussian_latent": ([_ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr], ctypes.c_double),
     "gaussian_latent_backward": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _ptr], None),
 }
@@ -68,12 +71,12 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _compile(compiler: str, output: Path) -> str | None:
+def _compile(compiler: list[str], output: Path) -> str | None:
     """Builds the library at output; returns None, or the compiler's complaint."""
     complaint = ""
     for extra in VARIANTS:
         tmp = output.with_name(f"{output.name}.{os.getpid()}.tmp")
-        result = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)],
+        result = subprocess.run([*compiler, *FLAGS, *extra, str(SOURCE), "-o", str(tmp)],
                                 capture_output=True, text=True)
         if result.returncode == 0:
             os.replace(tmp, output)  # atomic: a concurrent build never sees half a file
@@ -86,30 +89,41 @@ def _compile(compiler: str, output: Path) -> str | None:
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
     """(the library, "") or (None, why not)."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        return None, f"no C compiler ({compiler}) found"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
-                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    for folder in (_cache_dir(), None):
+    compiler = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
+    if not compiler or shutil.which(compiler[0]) is None:
+        return None, f"no C compiler ({' '.join(compiler)}) found"
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), repr((FLAGS, VARIANTS, compiler)).encode(),
+                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    why = ""
+    for cached in (True, False):  # the cache, else a private folder removed once the library is loaded
+        folder, private = _cache_dir(), None
         try:
-            if folder is None:  # no usable cache: a private folder for this process
-                folder = Path(tempfile.mkdtemp(prefix="vaelab-kernels-"))
+            if cached:
+                folder.mkdir(parents=True, exist_ok=True)
+            else:
+                folder = private = Path(tempfile.mkdtemp(prefix="vaelab-kernels-"))
             path = folder / f"kernels-{key}.so"
-            folder.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 complaint = _compile(compiler, path)
                 if complaint is not None:
-                    return None, f"{compiler} could not build {SOURCE.name}: {complaint}"
+                    why = f"{compiler[0]} could not build {SOURCE.name}: {complaint}"
+                    continue
+                for old in folder.glob("kernels-*.so"):  # builds of older sources (mapped ones stay usable)
+                    if old != path:
+                        old.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(path))
-        except OSError:
-            continue  # an unwritable cache: try the next folder
-        for name, (args, result) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, result
-        return lib, ""
-    return None, "no writable folder for the compiled kernels"
+            break
+        except OSError as e:
+            why = f"could not build or load the kernels in {folder}: {e}"
+        finally:
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)  # a loaded library stays mapped
+    else:
+        return None, why
+    for name, (args, result) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib, ""
 
 
 def available() -> bool:
@@ -130,6 +144,15 @@ def _lib() -> ctypes.CDLL:
 
 def _p(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+def _check_batch(x: "BinaryBatch") -> None:
+    _check(x.active, torch.int32, "active")
+    _check(x.rows_of, torch.int32, "rows_of")
+    for t, name in ((x.begin, "begin"), (x.end, "end"), (x.pixel_start, "pixel_start")):
+        _check(t, torch.int64, name)
+    if len(x.end) != len(x.begin) or len(x.pixel_start) != x.x_dim + 1:
+        raise ValueError("a BinaryBatch needs begin and end of one length and x_dim + 1 pixel starts")
 
 
 def _check(t: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -158,6 +181,18 @@ class BinaryBatch:
     @property
     def shape(self) -> tuple[int, int]:
         return len(self), self.x_dim
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor) -> "BinaryBatch":
+        """x: (N, D) of 0s and 1s (any dtype) -> its on-pixels."""
+        on = x != 0
+        counts = on.sum(1)
+        end = torch.cumsum(counts, 0)
+        by_pixel = on.t().nonzero()  # (pixel, row) pairs, pixel-major, rows ascending
+        pixel_start = torch.zeros(x.shape[1] + 1, dtype=torch.int64)
+        torch.cumsum(on.sum(0), 0, out=pixel_start[1:])
+        return cls(on.nonzero()[:, 1].to(torch.int32), end - counts, end, pixel_start,
+                   by_pixel[:, 1].to(torch.int32).contiguous(), x.shape[1])
 
     def dense(self) -> torch.Tensor:
         """(rows, x_dim) float32 of 0s and 1s."""
@@ -211,6 +246,7 @@ class BinaryImages:
 
 def binary_linear(x: BinaryBatch, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x W^T + b for binary x: weight_t: (D, H) = W^T, contiguous; bias: (H,) -> (rows, H)."""
+    _check_batch(x)
     _check(weight_t, torch.float32, "weight_t")
     _check(bias, torch.float32, "bias")
     if weight_t.shape[0] != x.x_dim or bias.shape != (weight_t.shape[1],):
@@ -224,6 +260,7 @@ def binary_linear(x: BinaryBatch, weight_t: torch.Tensor, bias: torch.Tensor) ->
 
 def binary_linear_accumulate_(weight_t: torch.Tensor, x: BinaryBatch, dy: torch.Tensor, alpha: float) -> None:
     """weight_t += alpha * X^T dy, in place: weight_t: (D, H) contiguous; dy: (rows, H)."""
+    _check_batch(x)
     _check(weight_t, torch.float32, "weight_t")
     dy = dy.contiguous()
     _check(dy, torch.float32, "dy")
@@ -237,6 +274,7 @@ def binary_linear_accumulate_(weight_t: torch.Tensor, x: BinaryBatch, dy: torch.
 def bernoulli_loss_grad_(logits: torch.Tensor, x: BinaryBatch, scale: float) -> float:
     """Sum over logits: (L, rows, D) of softplus(l) - x l, in nats; overwrites
     logits with scale * (sigmoid(l) - x), the gradient of scale times that sum."""
+    _check_batch(x)
     _check(logits, torch.float32, "logits")
     samples, rows, d = logits.shape
     if rows != len(x) or d != x.x_dim:
@@ -244,6 +282,20 @@ def bernoulli_loss_grad_(logits: torch.Tensor, x: BinaryBatch, scale: float) -> 
     row_totals = torch.empty(samples * rows, dtype=torch.float64)
     return _lib().bernoulli_loss_grad(_p(logits), samples, _p(x.active), _p(x.begin), _p(x.end), rows, d, scale,
                                       _p(row_totals), torch.get_num_threads())
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: BinaryBatch) -> torch.Tensor:
+    """log p(x | logits) per row: logits: (L, rows, D) -> (L, rows) nats, as
+    objectives.bernoulli_log_likelihood (for binary x)."""
+    _check_batch(x)
+    _check(logits, torch.float32, "logits")
+    samples, rows, d = logits.shape
+    if rows != len(x) or d != x.x_dim:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {len(x)} rows of {x.x_dim}")
+    out = torch.empty(samples, rows)
+    _lib().bernoulli_log_likelihood(_p(logits), samples, _p(x.active), _p(x.begin), _p(x.end), rows, d, _p(out),
+                                    torch.get_num_threads())
+    return out
 
 
 def gaussian_latent(head: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

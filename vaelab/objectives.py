@@ -138,17 +138,20 @@ def log_normal_from_eps(eps: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
 
 
 def log_importance_weights(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                           eps: torch.Tensor, decode=None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+                           eps: torch.Tensor, decode=None, scratch: torch.Tensor | None = None,
+                           likelihood=None) -> torch.Tensor:
     """log w = log p(x|z) + log p(z) - log q(z|x) for z = mu + sigma * eps.
 
     x: (N, D); mu, logvar: (N, z_dim) from model.encode(x); eps: (K, N, z_dim)
     -> (K, N) nats. The recognition model q(z|x) is the proposal. `decode`
     replaces model.decode (evaluation passes one that reuses its buffers);
-    scratch: see softplus_sum.
+    scratch: see softplus_sum; `likelihood`, logits -> log p(x|z), replaces
+    log_likelihood (evaluation passes the C kernel's).
     """
     z = reparametrize(mu, logvar, eps)
     logits = (decode or model.decode)(z)
-    return log_likelihood(model, x, logits, scratch) + log_standard_normal(z) - log_normal_from_eps(eps, logvar)
+    log_px_z = likelihood(logits) if likelihood else log_likelihood(model, x, logits, scratch)
+    return log_px_z + log_standard_normal(z) - log_normal_from_eps(eps, logvar)
 
 
 def negative_iwae(model: VAE, x: torch.Tensor, k: int = 5,

@@ -202,8 +202,11 @@ def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | 
     optimizer = make_optimizer(config, model)
     train_step = make_step(config, model, optimizer)
     generator = torch.Generator(device).manual_seed(config.seed)
-    train_batches = TrainingBatches(data.train_images.to(device), config.model.likelihood,
-                                    binary=use_native_kernels(config, model, device))
+    binary = use_native_kernels(config, model, device)
+    # Recorded as used, not as asked: the two kernels draw different random pixels,
+    # so a resumed run must keep to the same ones to repeat an uninterrupted run.
+    config.kernels = "native" if binary else "torch"
+    train_batches = TrainingBatches(data.train_images.to(device), config.model.likelihood, binary=binary)
     test_images = data.test_images.to(device)
     metrics: list[dict] = []
     if resume:
