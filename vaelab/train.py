@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import RunConfig
 from . import native
+from .config import RunConfig
 from .data import Dataset, TrainingBatches, load_data
 from .errors import VaelabError
 from .evaluate import mean_negative_elbo, mean_negative_iwae
