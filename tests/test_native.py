@@ -192,3 +192,14 @@ def test_an_unusable_cache_folder_falls_back_to_a_private_one(tmp_path, monkeypa
     lib, why = native._load.__wrapped__()
     assert lib is not None and why == ""
     assert lib.bernoulli_loss_grad is not None
+
+
+def test_without_a_compiler_auto_trains_with_torch_and_native_says_why(monkeypatch):
+    monkeypatch.setattr(native, "_load", lambda: (None, "no C compiler (cc) found"))
+    model = ModelConfig(z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,))
+    config = RunConfig(model=model, epochs=1, batch_size=50)
+    train(config, data=synthetic_dataset(), progress=False)
+    assert config.kernels == "torch"
+    with pytest.raises(VaelabError, match="--kernels native: no C compiler"):
+        train(RunConfig(model=model, epochs=1, batch_size=50, kernels="native"), data=synthetic_dataset(),
+              progress=False)
