@@ -237,7 +237,9 @@ def main(argv=None) -> int:
         "machine": machine(),
         "epoch_seconds": {k: summary(v) for k, v in times.items()},
         "images_per_second": {k: n_train / med[k] for k in ("baseline", "vaelab", "vaelab_torch")},
-        "kernels": "native" if vaelab.native.available() else f"torch ({vaelab.native.unavailable_reason()})",
+        # as train() recorded them: "native", or "torch" where the C kernels did not build
+        "kernels": configs["vaelab"].kernels + ("" if vaelab.native.available()
+                                                else f" ({vaelab.native.unavailable_reason()})"),
         "speedup_vs_baseline": med["baseline"] / med["vaelab"],
         "ratio_to_gemm_floor": med["vaelab"] / med["floor"],
         # each repetition's own ratio (the three measured back to back): slow drift of the VM cancels

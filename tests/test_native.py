@@ -70,7 +70,8 @@ def test_binary_linear_and_its_update_match_the_dense_products():
     batch = draw(grey_images(), torch.arange(40))
     x = batch.dense()
     g = torch.Generator().manual_seed(1)
-    weight_t, bias, dy = torch.randn(13, 24, generator=g), torch.randn(24, generator=g), torch.randn(40, 24, generator=g)
+    weight_t, bias = torch.randn(13, 24, generator=g), torch.randn(24, generator=g)
+    dy = torch.randn(40, 24, generator=g)
     torch.testing.assert_close(native.binary_linear(batch, weight_t, bias), x @ weight_t + bias)
     expected = weight_t - 0.1 * x.t() @ dy
     native.binary_linear_accumulate_(weight_t, batch, dy, -0.1)

@@ -160,7 +160,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      schedule=given("schedule", d.schedule), batch_size=given("batch_size", d.batch_size),
                      epochs=given("epochs", d.epochs), seed=given("seed", d.seed),
                      device=given("device", d.device), backward=given("backward", d.backward),
-                     kernels=given("kernels", d.kernels), data_dir=args.data_dir, train_size=args.train_size, test_size=args.test_size)
+                     kernels=given("kernels", d.kernels), data_dir=args.data_dir, train_size=args.train_size,
+                     test_size=args.test_size)
 
 
 def resumed_config(args: argparse.Namespace) -> RunConfig:

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import native
+from .config import KERNELS
 from .data import Dataset, observe
 from .models import VAE
 from .objectives import log_importance_weights, negative_elbo, negative_iwae
@@ -174,8 +175,8 @@ class _Accumulator:
 
 def _native_likelihood(model: VAE, kernels: str) -> bool:
     """Whether log p(x|z) comes from the C kernel (native.py): Bernoulli, on the CPU."""
-    if kernels not in ("auto", "native", "torch"):
-        raise ValueError(f"unknown kernels {kernels!r}; choose one of auto, native, torch")
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
     fits = model.config.likelihood == "bernoulli" and model.device.type == "cpu"
     if kernels == "native" and not (fits and native.available()):
         why = native.unavailable_reason() if fits else "it needs a Bernoulli model on the CPU"

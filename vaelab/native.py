@@ -244,6 +244,16 @@ class BinaryImages:
         return x
 
 
+def _check_logits(logits: torch.Tensor, x: BinaryBatch) -> tuple[int, int, int]:
+    """Checks logits: (L, rows, D) against the batch x; returns (L, rows, D)."""
+    _check_batch(x)
+    _check(logits, torch.float32, "logits")
+    samples, rows, d = logits.shape
+    if rows != len(x) or d != x.x_dim:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {len(x)} rows of {x.x_dim}")
+    return samples, rows, d
+
+
 def binary_linear(x: BinaryBatch, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x W^T + b for binary x: weight_t: (D, H) = W^T, contiguous; bias: (H,) -> (rows, H)."""
     _check_batch(x)
@@ -274,11 +284,7 @@ def binary_linear_accumulate_(weight_t: torch.Tensor, x: BinaryBatch, dy: torch.
 def bernoulli_loss_grad_(logits: torch.Tensor, x: BinaryBatch, scale: float) -> float:
     """Sum over logits: (L, rows, D) of softplus(l) - x l, in nats; overwrites
     logits with scale * (sigmoid(l) - x), the gradient of scale times that sum."""
-    _check_batch(x)
-    _check(logits, torch.float32, "logits")
-    samples, rows, d = logits.shape
-    if rows != len(x) or d != x.x_dim:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {len(x)} rows of {x.x_dim}")
+    samples, rows, d = _check_logits(logits, x)
     row_totals = torch.empty(samples * rows, dtype=torch.float64)
     return _lib().bernoulli_loss_grad(_p(logits), samples, _p(x.active), _p(x.begin), _p(x.end), rows, d, scale,
                                       _p(row_totals), torch.get_num_threads())
@@ -287,11 +293,7 @@ def bernoulli_loss_grad_(logits: torch.Tensor, x: BinaryBatch, scale: float) -> 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: BinaryBatch) -> torch.Tensor:
     """log p(x | logits) per row: logits: (L, rows, D) -> (L, rows) nats, as
     objectives.bernoulli_log_likelihood (for binary x)."""
-    _check_batch(x)
-    _check(logits, torch.float32, "logits")
-    samples, rows, d = logits.shape
-    if rows != len(x) or d != x.x_dim:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {len(x)} rows of {x.x_dim}")
+    samples, rows, d = _check_logits(logits, x)
     out = torch.empty(samples, rows)
     _lib().bernoulli_log_likelihood(_p(logits), samples, _p(x.active), _p(x.begin), _p(x.end), rows, d, _p(out),
                                     torch.get_num_threads())
