@@ -11,9 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import BACKWARDS, DEVICES, KERNELS, OBJECTIVES, OPTIMIZERS, SCHEDULES, RunConfig
+from .config import DEVICES, OBJECTIVES, OPTIMIZERS, SCHEDULES, RunConfig
 from .errors import VaelabError
-from .models import ACTIVATIONS, LIKELIHOODS, PRESETS, preset
+from .likelihoods import LIKELIHOODS
+from .models import PRESETS, preset
+from .nets import ACTIVATIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,13 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help=f"(default: {d.epochs}; with --resume, the run's own)")
     p.add_argument("--seed", type=int, help=f"seed for weights, batches and noise (default: {d.seed})")
     p.add_argument("--device", choices=DEVICES, help=f"(default: {d.device}; with --resume, the run's own)")
-    p.add_argument("--backward", choices=BACKWARDS,
-                   help="gradients by hand (manual, faster; relu and tanh) or by autograd; "
-                        f"auto picks manual where it applies (default: {d.backward})")
-    p.add_argument("--kernels", choices=KERNELS,
-                   help="the training step's kernels: native (C, built with the system's compiler at first use; "
-                        "plain SGD, Bernoulli, CPU) or torch; auto picks native where it applies and builds "
-                        f"(default: {d.kernels}; with --resume, the run's own)")
     p.add_argument("--data-dir", help="folder with the four IDX files (default: $VAELAB_DATA_DIR, then "
                                       "~/.cache/vaelab/mnist; with --resume, the run's own)")
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
@@ -88,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")
     p.add_argument("--resume", metavar="RUN",
                    help="continue RUN from its last finished epoch with its own config.json; only "
-                        "--epochs (to train longer), --device, --kernels and --data-dir may be given with it")
+                        "--epochs (to train longer), --device and --data-dir may be given with it")
     p.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -108,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "moved the NLL by under 0.001 nats; auto picks it there (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="paired difference of two evaluated runs' test NLL",
+                       description="The mean over test images of NLL(RUN_A) - NLL(RUN_B), from the per-image "
+                                   "values `vaelab evaluate` wrote, with its standard error. Both runs must be "
+                                   "evaluated with the same k, seed, precision and test set.")
+    p.add_argument("run_a", metavar="RUN_A", help="run directory")
+    p.add_argument("run_b", metavar="RUN_B", help="run directory")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="redraw the figures of a run", description="Redraw RUN/figures/*.png.")
     p.add_argument("run", help="run directory")
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What `vaelab train` options may accompany --resume (the rest is the run's config.json).
-RESUME_OPTIONS = ("epochs", "device", "kernels", "data_dir", "resume", "quiet", "no_plots", "debug", "command", "func")
+RESUME_OPTIONS = ("epochs", "device", "data_dir", "resume", "quiet", "no_plots", "debug", "command", "func")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -159,8 +162,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      optimizer=given("optimizer", d.optimizer), lr=given("lr", d.lr),
                      schedule=given("schedule", d.schedule), batch_size=given("batch_size", d.batch_size),
                      epochs=given("epochs", d.epochs), seed=given("seed", d.seed),
-                     device=given("device", d.device), backward=given("backward", d.backward),
-                     kernels=given("kernels", d.kernels), data_dir=args.data_dir, train_size=args.train_size,
+                     device=given("device", d.device), data_dir=args.data_dir, train_size=args.train_size,
                      test_size=args.test_size)
 
 
@@ -175,9 +177,9 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         raise VaelabError(f"{flags} cannot change when resuming: {args.resume}/config.json fixes the run; "
                           f"leave {'them' if len(fixed) > 1 else 'it'} out "
-                          "(only --epochs, --device, --kernels and --data-dir may be given)")
+                          "(only --epochs, --device and --data-dir may be given)")
     config = load_config(args.resume)
-    for name in ("epochs", "device", "kernels", "data_dir"):
+    for name in ("epochs", "device", "data_dir"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return config
@@ -221,7 +223,7 @@ def _load(run: str, data_dir: str | None, device: str = "cpu"):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run
+    from .evaluate import importance_sampled
     from .runs import check_writable, write_eval
 
     for name in ("k", "test_size"):
@@ -231,14 +233,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, data = _load(args.run, args.data_dir, args.device)
     data = data.subset(None, args.test_size)
     check_writable(Path(args.run), "eval.json goes there: make it writable")  # before minutes of work
-    r = evaluate_run(model, data, k=args.k, seed=args.seed, precision=args.precision, progress=not args.quiet)
+    r = importance_sampled(model, data.test_images, k=args.k, seed=args.seed, precision=args.precision,
+                           progress=not args.quiet)
     write_eval(args.run, r)
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image, "
           f"Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images "
           f"{'n/a' if r['nll_se_images'] is None else format(r['nll_se_images'], '.3f')}\n"
           f"negative ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\n"
-          f"written to {Path(args.run) / 'eval.json'}")
+          f"written to {Path(args.run) / 'eval.json'} (per image: log_px.npy)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluate import compare
+    from .runs import read_eval, read_log_px
+
+    records = []
+    for run in (args.run_a, args.run_b):
+        record, log_px = read_eval(run), read_log_px(run)
+        if record is None or log_px is None:
+            missing = "eval.json" if record is None else "log_px.npy"
+            raise VaelabError(f"{run} has no {missing}: run `vaelab evaluate {run}` first")
+        records.append((record, log_px))
+    (a, pa), (b, pb) = records
+    r = compare(a, pa, b, pb)
+    print(f"test NLL: {args.run_a} {r['nll_a']:.3f}, {args.run_b} {r['nll_b']:.3f} nats per image "
+          f"(K={a['k']}, {r['images']} images)\n"
+          f"paired difference (first minus second): {r['difference']:+.3f} nats per image, "
+          f"standard error {r['se']:.3f} over images (Monte-Carlo {r['mc_se']:.3f})")
     return 0
 
 

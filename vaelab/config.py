@@ -12,8 +12,9 @@ OPTIMIZERS = ("sgd", "adam")
 OBJECTIVES = ("elbo", "iwae")
 SCHEDULES = ("constant", "burda")
 DEVICES = ("auto", "cpu", "cuda")
-BACKWARDS = ("auto", "manual", "autograd")
-KERNELS = ("auto", "native", "torch")
+# Options of earlier versions that chose among training paths now gone; a saved
+# config.json that names them still loads, and they are ignored.
+RETIRED = ("backward", "kernels")
 
 
 @dataclass
@@ -33,13 +34,6 @@ class RunConfig:
     epochs: int = 20
     seed: int = 0
     device: str = "auto"
-    # How gradients are computed: "manual" (hand-derived, fused SGD update;
-    # faster), "autograd", or "auto" (manual where the model supports it).
-    backward: str = "auto"
-    # The training step's kernels for binary images: "native" (C, vaelab/kernels.c;
-    # the hand-derived step with plain SGD on the CPU), "torch", or "auto" (native
-    # where it applies and a C compiler built it). train() records the one used.
-    kernels: str = "auto"
     data_dir: str | None = None  # None: $VAELAB_DATA_DIR, then the cache
     train_size: int | None = None  # use only the first N training images
     test_size: int | None = None
@@ -64,10 +58,6 @@ class RunConfig:
             raise VaelabError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise VaelabError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.backward not in BACKWARDS:
-            raise VaelabError(f"unknown backward {self.backward!r}; choose one of {', '.join(BACKWARDS)}")
-        if self.kernels not in KERNELS:
-            raise VaelabError(f"unknown kernels {self.kernels!r}; choose one of {', '.join(KERNELS)}")
         if self.device not in DEVICES:
             raise VaelabError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
 
@@ -86,15 +76,14 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        """The inverse of to_dict; missing keys take their defaults, but a missing
-        kernels is "torch", what runs saved before the option existed used."""
+        """The inverse of to_dict; missing keys take their defaults, retired ones are ignored."""
+        d = {k: v for k, v in d.items() if k not in RETIRED}
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise VaelabError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        model_known = {f.name for f in fields(ModelConfig)}
         model = d.get("model", {})
-        d = {"kernels": "torch", **d}  # runs saved before the C kernels existed trained without them
+        model_known = {f.name for f in fields(ModelConfig)} | {"x_dim"}
         if set(model) - model_known:
             raise VaelabError(f"model config has unknown keys: {', '.join(sorted(set(model) - model_known))}")
-        return cls(**{**d, "model": ModelConfig(**model)})
+        return cls(**{**d, "model": ModelConfig.from_dict(model)})

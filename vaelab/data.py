@@ -1,12 +1,12 @@
-"""MNIST as four IDX files: find them, fetch them, verify them, read them, batch them.
+"""MNIST as four IDX files: find them, fetch them, verify them, read them.
 
 The four files (raw or gzipped) are the standard ones:
 
     train-images-idx3-ubyte  train-labels-idx1-ubyte
     t10k-images-idx3-ubyte   t10k-labels-idx1-ubyte
 
-Images are kept in memory as uint8 tensors of shape (N, H*W); a batch is
-binarized in bulk when it is drawn (dynamic binarization), never per image.
+Images are kept in memory as uint8 tensors of shape (N, C, H, W); what the model
+sees of them (binarized pixels, grey levels) is the likelihood's business.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ _IDX_UBYTE = 0x08
 class Dataset:
     """An image data set held in memory.
 
-    train_images: (N, H*W) uint8, train_labels: (N,) int64; likewise test_*.
+    train_images: (N, C, H, W) uint8, train_labels: (N,) int64; likewise test_*.
     `verified` is True when the files were checked against MNIST's SHA-256s.
     """
 
@@ -76,20 +76,25 @@ class Dataset:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    image_shape: tuple[int, int]
     directory: Path
     verified: bool
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(self.train_images.shape[1:])
+
+    @property
     def x_dim(self) -> int:
-        return self.image_shape[0] * self.image_shape[1]
+        c, h, w = self.image_shape
+        return c * h * w
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
         """The first n_train training and n_test test examples (None keeps all)."""
         return Dataset(
             self.train_images[:n_train], self.train_labels[:n_train],
             self.test_images[:n_test], self.test_labels[:n_test],
-            self.image_shape, self.directory, self.verified,
+            self.directory, self.verified,
         )
 
 
@@ -225,16 +230,15 @@ def _assemble(arrays: dict[str, np.ndarray], directory: Path, verified: bool) ->
             raise DataError(f"{directory}: train images are {shape} but test images are {images.shape[1:]}")
         shape = images.shape[1:]
 
-    def images(key: str) -> torch.Tensor:
+    def images(key: str) -> torch.Tensor:  # (N, 1, H, W): IDX images are single-channel
         a = arrays[key]
-        return torch.from_numpy(a.reshape(len(a), -1).copy())
+        return torch.from_numpy(a[:, None].copy())
 
     def labels(key: str) -> torch.Tensor:
         return torch.from_numpy(arrays[key].astype(np.int64))
 
     return Dataset(images("train_images"), labels("train_labels"),
-                   images("test_images"), labels("test_labels"),
-                   (int(shape[0]), int(shape[1])), directory, verified)
+                   images("test_images"), labels("test_labels"), directory, verified)
 
 
 # --- fetching -----------------------------------------------------------------
@@ -378,87 +382,3 @@ def load_numpy_pickle(data: bytes):
         raise
     except Exception as e:  # a malformed pickle can fail in many ways
         raise DataError(f"malformed pickle: {e}") from None
-
-
-# --- batches ------------------------------------------------------------------
-
-def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dynamic binarization: each pixel ~ Bernoulli(k / 255).
-
-    images: (N, D) uint8 grey levels -> (N, D) float32 of 0s and 1s.
-    Compares a uniform 16-bit integer r in [0, 65536) with 65536 k / 255:
-    exact for k = 0 and k = 255, within 1/65536 of k / 255 otherwise. Four
-    such integers come from one 64-bit draw, which makes this 1.5 times
-    faster than comparing uniform floats (and 4 times torch.bernoulli) on
-    the CPU, where the random-number generator is the cost.
-    """
-    return _binarize_against(bernoulli_thresholds(images), generator)
-
-
-def bernoulli_thresholds(images: torch.Tensor) -> torch.Tensor:
-    """images: (N, D) uint8 -> (N, D) int32 t with pixel on <=> r < t, r as in binarize.
-
-    ceil(65536 k / 255) = 257 k + [k > 0], shifted into int16's range like r.
-    The trainer computes these once for the whole training set.
-    """
-    out = torch.empty(images.shape, dtype=torch.int32, device=images.device)
-    for i in range(0, len(images), 4096):  # in slices: whole-set temporaries would be 188 MB each
-        k = images[i:i + 4096]
-        out[i:i + 4096] = k.to(torch.int32).mul_(257).add_(k.clamp(max=1)).sub_(32768)
-    return out
-
-
-def _binarize_against(thresholds: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(N, D) int32 thresholds -> (N, D) float32 of 0s and 1s."""
-    n = thresholds.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=thresholds.device)
-    r = words.random_(-2 ** 63, None, generator=generator).view(torch.int16)[:n].view(thresholds.shape)
-    # bool -> float32 is a slow scalar loop in PyTorch; as uint8 it is vectorised (7x faster).
-    return (r < thresholds).view(torch.uint8).to(torch.float32)
-
-
-def grey(images: torch.Tensor) -> torch.Tensor:
-    """images: (N, D) uint8 -> (N, D) float32 intensities in [0, 1]."""
-    return images.to(torch.float32).div_(255.0)
-
-
-def observe(images: torch.Tensor, likelihood: str,
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The model's view of a batch: binarized for a Bernoulli, grey levels for a Gaussian.
-
-    images: (N, D) uint8 -> (N, D) float32.
-    """
-    return binarize(images, generator) if likelihood == "bernoulli" else grey(images)
-
-
-class TrainingBatches:
-    """Batches of the training images as the model sees them, drawn by row index.
-
-    For a Bernoulli model the binarization thresholds of every image are
-    computed once (4 bytes a pixel), so a batch costs one row gather, one
-    random draw and one comparison: half the passes over the batch that
-    binarizing its uint8 rows takes. With binary=True (CPU only) batches come
-    as native.BinaryBatch, their on-pixels, drawn by the C kernels.
-    """
-
-    def __init__(self, images: torch.Tensor, likelihood: str, binary: bool = False):
-        """images: (N, D) uint8 on the device the batches should be on."""
-        self.likelihood, self.device = likelihood, images.device
-        if binary:
-            from .native import BinaryImages  # the C kernels are built only for runs that use them
-            self.rows = BinaryImages(images)
-        else:
-            self.rows = bernoulli_thresholds(images) if likelihood == "bernoulli" else images
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None):
-        """idx: (B,) row indices -> (B, D) float32, the same pixels as observe(images[idx]);
-        or, with binary=True, a BinaryBatch drawn from the C kernels' own random bits."""
-        if not isinstance(self.rows, torch.Tensor):
-            return self.rows.batch(idx, generator)
-        rows = self.rows.index_select(0, idx)  # whole rows; images[idx] goes pixel by pixel (17x slower)
-        if self.likelihood == "bernoulli":
-            return _binarize_against(rows, generator)
-        return grey(rows)

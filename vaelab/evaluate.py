@@ -1,31 +1,39 @@
 """Evaluating a trained model on the test set, in nats per image.
 
-- `mean_negative_elbo`: the negative ELBO (analytic KL, L samples), as in training.
-- `importance_sampled`: log p(x) by importance sampling with q(z|x) as proposal
-  (Burda et al. 2015): log p(x) ~ logsumexp_k log w_k - log K, and from the
-  same weights the IWAE bounds for smaller k. Memory is bounded for any K.
+- `TestSet` / `mean_loss`: the test set drawn once (pixels and noise) and an
+  objective's mean over it: the per-epoch test loss.
+- `importance_sampled`: log p(x) per image by importance sampling with q(z|x) as
+  proposal (Burda et al. 2015): log p(x) ~ logsumexp_k log w_k - log K, and from
+  the same weights the IWAE bounds for smaller k. Memory is bounded for any K.
+- `compare`: the paired difference of two evaluations over the same images.
 
-The test images are binarized once with a seeded generator, and the noise
-comes from the same generator, so two evaluations of one model agree exactly.
+What test image i draws (its pixels, and noise for sample j) is keyed by
+(seed, i) alone. Importance sampling runs in fixed tiles of TILE_IMAGES images
+x TILE_SAMPLES samples (the last padded), adding sample tiles in order, so on
+the CPU each image's estimate is bitwise the same whatever the test size or the
+launch size. On CUDA a launch stacks as many tiles as memory allows.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import native
-from .config import KERNELS
-from .data import Dataset, observe
+from . import rng
+from .errors import VaelabError
 from .models import VAE
-from .objectives import log_importance_weights, negative_elbo, negative_iwae
+from .nets import Workspace
+from .objectives import OBJECTIVES, log_weights
 
-# Noise is drawn in blocks of this many samples, whatever the chunk size, so
-# that chunking never changes the random numbers. Chunks are whole blocks.
-NOISE_BLOCK = 50
+TILE_IMAGES = 50
+TILE_SAMPLES = 50   # IWAE bounds need k that divides it or is a multiple of it
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -48,85 +56,53 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-# In-place versions of the activations, for the buffer-reusing decoder.
-_INPLACE = {torch.nn.ReLU: torch.relu_, torch.nn.Tanh: torch.tanh_, torch.nn.ELU: torch.nn.functional.elu_}
+def image_keys(seed: int, purpose: str, index: torch.Tensor) -> torch.Tensor:
+    """Keys of test images `index` for a purpose ("observe" or "noise"): (N,) int64."""
+    return rng.row_keys(rng.key(seed, purpose), index)
 
 
-def chunk_decoder(model: VAE, precision: str = "fp32"):
-    """model.decode for a hot loop: the same maths, written into buffers it keeps.
+def draw_noise(keys: torch.Tensor, z_dim: int, samples: int, first: int = 0) -> torch.Tensor:
+    """Samples first .. first+samples-1 of each image's noise: (N,) keys -> (samples, N, z_dim)."""
+    eps = rng.normal(keys, samples * z_dim, start=first * z_dim)
+    return eps.view(len(keys), samples, z_dim).transpose(0, 1)
 
-    Importance sampling decodes thousands of same-sized chunks. Fresh
-    multi-megabyte tensors for each made the allocator hand memory back to the
-    OS and fault it in again, which had cost half the evaluation time; here
-    every layer writes into a buffer kept per chunk size. The logits returned
-    are overwritten by the next call.
 
-    precision "bf16": weights and activations in bfloat16 (cast once, here),
-    float32 logits out; matrix products accumulate in float32. Measured on the
-    tutorial model, the K=1000 test NLL moved by under 0.001 nats.
+@dataclass
+class TestSet:
+    """Test images as the model sees them, with their noise, drawn once.
+
+    x: (N, C, H, W) float32; eps: (S, N, z_dim), sample j of image i being the
+    j-th of image i's importance-sampling noise (the same keys as `importance_sampled`).
     """
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    layers = [(m.weight.detach().to(dtype).t(), m.bias.detach().to(dtype)) if isinstance(m, torch.nn.Linear)
-              else m for m in model.decoder]
-    buffers: dict[tuple, torch.Tensor] = {}
 
-    def buffer(key: tuple, shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-        if key not in buffers:
-            buffers[key] = torch.empty(shape, dtype=dtype, device=like.device)
-        return buffers[key]
+    x: torch.Tensor
+    eps: torch.Tensor
 
-    def decode(z: torch.Tensor) -> torch.Tensor:
-        """z: (..., z_dim) -> logits (..., D), float32."""
-        rows = z.numel() // z.shape[-1]
-        h = z.reshape(rows, -1).to(dtype)
-        for i, layer in enumerate(layers):
-            if isinstance(layer, tuple):
-                weight_t, bias = layer
-                h = torch.addmm(bias, h, weight_t, out=buffer((i, rows), (rows, weight_t.shape[1]), dtype, h))
-            elif type(layer) in _INPLACE:
-                _INPLACE[type(layer)](h)
-            else:
-                h = h.copy_(layer(h))
-        if h.dtype != torch.float32:
-            h = buffer(("logits", rows), h.shape, torch.float32, h).copy_(h)
-        return h.view(*z.shape[:-1], -1)
-
-    return decode
+    @classmethod
+    def draw(cls, model: VAE, images: torch.Tensor, *, seed: int, samples: int) -> "TestSet":
+        index = torch.arange(len(images), device=images.device)
+        x = model.observe(images, image_keys(seed, "observe", index))
+        eps = draw_noise(image_keys(seed, "noise", index), model.config.z_dim, samples)
+        return cls(x, eps)
 
 
 @torch.no_grad()
-def _mean_loss(loss_fn, model: VAE, images: torch.Tensor, seed: int, batch_size: int) -> float:
-    """Mean of loss_fn(model, x, generator) over images: (N, D) uint8.
-
-    The binarization and the noise come from a generator seeded by `seed`,
-    so the same model always gets the same number.
-    """
-    was_training = model.training
-    model.eval()
-    device = model.device
-    generator = torch.Generator(device).manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(images), batch_size):
-        x = observe(images[start:start + batch_size].to(device), model.config.likelihood, generator)
-        total += loss_fn(model, x, generator).sum(dtype=torch.float64)
-    model.train(was_training)
-    return total.item() / len(images)
-
-
-def mean_negative_elbo(model: VAE, images: torch.Tensor, *, samples: int = 1, seed: int = 1234,
-                       batch_size: int = 1000) -> float:
-    """Mean negative ELBO (analytic KL, `samples` draws of z) over images, nats per image."""
-    return _mean_loss(lambda m, x, g: negative_elbo(m, x, samples, g), model, images, seed, batch_size)
-
-
-def mean_negative_iwae(model: VAE, images: torch.Tensor, *, k: int = 5, seed: int = 1234,
-                       batch_size: int = 200) -> float:
-    """Mean negative IWAE bound with k samples over images, nats per image."""
-    return _mean_loss(lambda m, x, g: negative_iwae(m, x, k, g), model, images, seed, batch_size)
+def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples: int = 1,
+              batch_size: int = 1000) -> float:
+    """Mean over the test set of the negative ELBO (analytic KL, `samples` draws of z) or the
+    negative IWAE bound (k = samples), nats per image."""
+    if samples > len(test_set.eps):
+        raise ValueError(f"the test set was drawn with {len(test_set.eps)} samples, not {samples}")
+    loss = OBJECTIVES[objective]
+    total = torch.zeros((), dtype=torch.float64, device=test_set.x.device)
+    for start in range(0, len(test_set.x), batch_size):
+        x, eps = test_set.x[start:start + batch_size], test_set.eps[:samples, start:start + batch_size]
+        total += loss(model(x, eps)).sum(dtype=torch.float64)
+    return total.item() / len(test_set.x)
 
 
 class _Accumulator:
-    """Streams (chunk, N) log-weights into what the estimates need, in float64.
+    """Streams (S, N) log-weights into what the estimates need, in float64.
 
     Keeps a running max m and the sums s1 = sum exp(log w - m), s2 = sum exp(2 (log w - m)),
     plus, for each k in iwae_ks, the sum over disjoint groups of k samples of
@@ -173,23 +149,28 @@ class _Accumulator:
         return self.iwae_sum[k] / self.iwae_groups[k]
 
 
-def _native_likelihood(model: VAE, kernels: str) -> bool:
-    """Whether log p(x|z) comes from the C kernel (native.py): Bernoulli, on the CPU."""
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; choose one of {', '.join(KERNELS)}")
-    fits = model.config.likelihood == "bernoulli" and model.device.type == "cpu"
-    if kernels == "native" and not (fits and native.available()):
-        why = native.unavailable_reason() if fits else "it needs a Bernoulli model on the CPU"
-        raise ValueError(f"kernels 'native' cannot be used: {why}")
-    return kernels != "torch" and fits and native.available()
+def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int) -> tuple[int, int]:
+    """(image tiles, sample tiles) per launch. The CPU runs one tile at a time: 2,500 decoded
+    rows keep the logits in cache, and fixed shapes keep every result bitwise.
+    On CUDA, as many as a quarter of the free memory holds."""
+    device = model.device
+    if device.type != "cuda":
+        return 1, 1
+    free, _ = torch.cuda.mem_get_info(device)
+    widths = [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)]
+    row_bytes = 4 * (4 * widths[-1] + 2 * sum(widths))  # logits and their temporaries, hidden layers
+    rows = max(1, free // 4 // row_bytes)
+    per_image_tile = TILE_IMAGES * tile_samples
+    s = max(1, min(sample_tiles, rows // per_image_tile))
+    i = max(1, min(n_tiles, rows // (per_image_tile * s)))
+    return i, s
 
 
 @torch.no_grad()
 def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
-                       iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int = 50,
-                       chunk: int = 50, precision: str = "fp32", kernels: str = "auto",
-                       progress: bool = True) -> dict:
-    """Importance-sampled test log-likelihood of images: (N, D) uint8.
+                       iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int | None = None,
+                       chunk: int | None = None, precision: str = "fp32", progress: bool = True) -> dict:
+    """Importance-sampled test log-likelihood of images: (N, C, H, W) uint8.
 
     Returns a dict (all in nats per image):
       nll           mean over images of -log p_hat(x), K = k samples each
@@ -197,69 +178,97 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
       nll_se_images the standard error of the mean over test images (their spread)
       neg_elbo      the negative ELBO, estimated from the same K samples (the IWAE bound with k=1)
       iwae          {k': negative IWAE bound for k'} for each k' in iwae_ks that is <= k
+      log_px        (N,) float64 numpy array, each image's log p(x) estimate
+    and what fixes the numbers: k, seed, precision, the test set's size and SHA-256.
 
-    batch_size images x chunk samples are decoded at a time: about 2,500 rows
-    keep the logits in cache, which makes this twice as fast as 25,000.
-    precision "bf16" decodes in bfloat16 ("auto": where the hardware has it).
-    kernels "native" takes log p(x|z) from the C kernel ("auto": where it applies
-    and builds; "torch": never).
+    batch_size images x chunk samples run per launch on CUDA (default: as many as
+    fit); the CPU runs tile by tile. precision "bf16" decodes in bfloat16
+    ("auto": where the hardware has it natively).
     """
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     model.eval()
     device = model.device
     iwae_ks = tuple(sorted({j for j in (*iwae_ks, 1) if j <= k}))
-    odd = [j for j in iwae_ks if NOISE_BLOCK % j and j % NOISE_BLOCK]
-    if odd:  # their groups would straddle chunks
-        raise ValueError(f"IWAE bounds need k that divides {NOISE_BLOCK} or is a multiple of it; got {odd}")
-    # Chunks hold whole noise blocks and whole IWAE groups.
-    step = math.lcm(NOISE_BLOCK, *iwae_ks)
-    chunk = max(step, chunk // step * step)
+    odd = [j for j in iwae_ks if TILE_SAMPLES % j and j % TILE_SAMPLES]
+    if odd:  # their groups would straddle tiles
+        raise ValueError(f"IWAE bounds need k that divides {TILE_SAMPLES} or is a multiple of it; got {odd}")
+    tile_samples = math.lcm(TILE_SAMPLES, *iwae_ks)
     precision = resolve_precision(precision, device)
-    use_native = _native_likelihood(model, kernels)
-    decode = chunk_decoder(model, precision)
-    scratch = torch.empty(batch_size * chunk * model.config.x_dim, device=device)
-    generator = torch.Generator(device).manual_seed(seed)
+    if precision == "bf16":
+        model = copy.deepcopy(model)
+        model.decoder.to(torch.bfloat16)
+
+    n = len(images)
+    n_tiles, sample_tiles = -(-n // TILE_IMAGES), -(-k // tile_samples)
+    tiles_i, tiles_s = _launch_size(model, n_tiles, sample_tiles, tile_samples)
+    if device.type == "cuda":
+        tiles_i = max(1, batch_size // TILE_IMAGES) if batch_size else tiles_i
+        tiles_s = max(1, chunk // tile_samples) if chunk else tiles_s
+    nb, ns = tiles_i * TILE_IMAGES, tiles_s * tile_samples
+    padded = torch.zeros((n_tiles * TILE_IMAGES, *images.shape[1:]), dtype=torch.uint8, device=device)
+    padded[:n] = images.to(device)
+    index = torch.arange(len(padded), device=device)
+    observe_keys, noise_keys = image_keys(seed, "observe", index), image_keys(seed, "noise", index)
+    z_dim = model.config.z_dim
+    workspace = Workspace()
     log_px, var, iwae = [], [], {j: [] for j in iwae_ks}
-    bar = tqdm(total=len(images) * k, desc=f"importance sampling, K={k}", unit="sample", unit_scale=True,
+    bar = tqdm(total=n * k, desc=f"importance sampling, K={k}", unit="sample", unit_scale=True,
                disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(images), batch_size):
-        x = observe(images[start:start + batch_size].to(device), model.config.likelihood, generator)
-        mu, logvar = model.encode(x)
-        x_on = native.BinaryBatch.from_dense(x) if use_native else None
+    for start in range(0, len(padded), nb):
+        rows = slice(start, min(start + nb, len(padded)))
+        x = model.observe(padded[rows], observe_keys[rows])
         acc = _Accumulator(len(x), iwae_ks, device)
-        for first in range(0, k, chunk):
-            size = min(chunk, k - first)
-            blocks = [torch.randn((min(NOISE_BLOCK, size - b), *mu.shape), generator=generator,
-                                  device=device, dtype=mu.dtype) for b in range(0, size, NOISE_BLOCK)]
-            work = scratch[:size * len(x) * x.shape[1]].view(size, *x.shape)
-            likelihood = (lambda logits: native.bernoulli_log_likelihood(logits, x_on)) if use_native else None
-            acc.add(log_importance_weights(model, x, mu, logvar, torch.cat(blocks), decode, work, likelihood))
-            bar.update(size * len(x))
+        for first in range(0, k, ns):
+            eps = draw_noise(noise_keys[rows], z_dim, ns, first)
+            log_w = log_weights(model(x, eps, workspace))
+            acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
+            bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
         log_px.append(acc.log_px())
         var.append(acc.log_px_variance())
         for j in iwae_ks:
             iwae[j].append(acc.iwae(j))
     bar.close()
-    log_px = torch.cat(log_px)
-    n = len(log_px)
+    log_px_all = torch.cat(log_px)[:n]
     return {
         "k": k,
-        "nll": -log_px.mean().item(),
-        "nll_se": (torch.cat(var).sum().sqrt() / n).item(),
-        "nll_se_images": (log_px.std() / math.sqrt(n)).item() if n > 1 else None,
-        "neg_elbo": -torch.cat(iwae[1]).mean().item(),
-        "iwae": {str(j): -torch.cat(iwae[j]).mean().item() for j in iwae_ks},
+        "nll": -log_px_all.mean().item(),
+        "nll_se": (torch.cat(var)[:n].sum().sqrt() / n).item(),
+        "nll_se_images": (log_px_all.std() / math.sqrt(n)).item() if n > 1 else None,
+        "neg_elbo": -torch.cat(iwae[1])[:n].mean().item(),
+        "iwae": {str(j): -torch.cat(iwae[j])[:n].mean().item() for j in iwae_ks},
         "test_images": n,
+        "test_set_sha256": fingerprint(images),
         "seed": seed,
         "unit": "nats per image",
         "estimator": f"importance sampling with q(z|x) as proposal, K={k} samples per image",
         "precision": precision,
-        "kernels": "native" if use_native else "torch",
+        "log_px": log_px_all.cpu().numpy(),
     }
 
 
-def evaluate_run(model: VAE, data: Dataset, *, k: int = 5000, seed: int = 1234, precision: str = "auto",
-                 progress: bool = True) -> dict:
-    """The evaluation record written to eval.json."""
-    return importance_sampled(model, data.test_images, k=k, seed=seed, precision=precision, progress=progress)
+def fingerprint(images: torch.Tensor) -> str:
+    """SHA-256 of the test images' bytes and shape: two evaluations pair only on the same images."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dict:
+    """The paired difference NLL(a) - NLL(b) over the same test images, with its standard error.
+
+    a, b: two eval.json records; log_px_*: their per-image estimates. Pairing removes the
+    spread between images, which is far larger than either estimate's Monte-Carlo error.
+    """
+    for key, what in (("k", "k"), ("seed", "seed"), ("precision", "precision"),
+                      ("test_set_sha256", "test set")):
+        if a.get(key) != b.get(key):
+            raise VaelabError(f"the two runs were evaluated with different {what} ({a.get(key)} and {b.get(key)}); "
+                              "evaluate both the same way to compare them")
+    if log_px_a.shape != log_px_b.shape:
+        raise VaelabError(f"the per-image values have different lengths ({len(log_px_a)} and {len(log_px_b)})")
+    d = -(log_px_a - log_px_b)  # per-image NLL(a) - NLL(b)
+    n = len(d)
+    return {"difference": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
+            "mc_se": math.sqrt(a["nll_se"] ** 2 + b["nll_se"] ** 2), "images": n,
+            "nll_a": a["nll"], "nll_b": b["nll"]}

@@ -16,7 +16,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .data import Dataset, observe
+from .data import Dataset
+from .evaluate import image_keys
 from .models import VAE
 
 LABEL_COLOURS = "tab10"
@@ -49,9 +50,9 @@ def save_image_grid(path: str | Path, images: np.ndarray) -> None:
     imsave(path, image_grid(images, nrow=square_nrow(len(images))), cmap="gray", vmin=0, vmax=1)
 
 
-def _as_images(x: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
-    """x: (N, D) in [0, 1] -> (N, H, W) numpy."""
-    return x.detach().float().cpu().reshape(-1, *shape).numpy()
+def _as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:
+    """x: (N, C, H, W) (or flat) in [0, 1], C = 1 -> (N, H, W) numpy."""
+    return x.detach().float().cpu().reshape(-1, *shape[1:]).numpy()
 
 
 def _grid_figure(grid: np.ndarray, title: str, inches: float = 6.0) -> Figure:
@@ -91,8 +92,8 @@ def data_figure(data: Dataset, n: int = 100) -> Figure:
 @torch.no_grad()
 def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0) -> Figure:
     """Test images (as the model sees them) above their reconstructions E[x | z = mu(x)]."""
-    generator = torch.Generator(model.device).manual_seed(seed)
-    x = observe(data.test_images[:n].to(model.device), model.config.likelihood, generator)
+    images = data.test_images[:n].to(model.device)
+    x = model.observe(images, image_keys(seed, "observe", torch.arange(len(images), device=model.device)))
     mu, _ = model.encode(x)
     recon = model.decode_mean(mu)
     shape = data.image_shape
@@ -147,9 +148,9 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
 @torch.no_grad()
 def latent_means(model: VAE, data: Dataset, n: int | None = None, seed: int = 0) -> np.ndarray:
     """(N, z_dim) posterior means mu(x) of the first n test images."""
-    generator = torch.Generator(model.device).manual_seed(seed)
     images = data.test_images[:n].to(model.device)
-    mus = [model.encode(observe(images[i:i + 1000], model.config.likelihood, generator))[0]
+    keys = image_keys(seed, "observe", torch.arange(len(images), device=model.device))
+    mus = [model.encode(model.observe(images[i:i + 1000], keys[i:i + 1000]))[0]
            for i in range(0, len(images), 1000)]
     return torch.cat(mus).cpu().numpy()
 

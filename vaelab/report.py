@@ -38,7 +38,7 @@ def decoder_spec(model: VAE) -> dict:
     layers = [m for m in model.decoder if isinstance(m, torch.nn.Linear)]
     return {
         "z_dim": model.config.z_dim,
-        "image_shape": list(model.config.image_shape),
+        "image_shape": list(model.config.image_shape[1:]),  # (H, W): one channel
         "activation": model.config.activation,
         "layers": [{"in": m.in_features, "out": m.out_features, "weight": _b64_float32(m.weight),
                     "bias": _b64_float32(m.bias)} for m in layers],

@@ -2,19 +2,22 @@
 
     RUN/config.json         the RunConfig (JSON only, never pickle)
     RUN/model.safetensors   the weights (safetensors only, never torch.load)
-    RUN/checkpoint.safetensors  weights, optimizer and random-number state, and the
-                            metrics so far, of the last finished epoch (for --resume)
+    RUN/checkpoint.safetensors  weights, optimizer state and the metrics so far, of
+                            the last finished epoch (for --resume)
     RUN/metrics.jsonl       one JSON object per finished epoch
     RUN/eval.json           written by `vaelab evaluate`
+    RUN/log_px.npy          its per-image log p(x) estimates (float64, test-set order)
     RUN/figures/*.png
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -30,6 +33,7 @@ WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
+LOG_PX = "log_px.npy"
 FIGURES = "figures"
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, METRICS)
 
@@ -141,12 +145,12 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         raise RunError(f"{path} is corrupt: {e}") from None
 
 
-def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator, metrics: list[dict]) -> None:
+def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, metrics: list[dict]) -> None:
     """Everything needed to continue after the epoch just finished, in one atomic file.
 
     Then model.safetensors and metrics.jsonl are rewritten from the same state:
-    a crash between the writes leaves the checkpoint as the truth.
+    a crash between the writes leaves the checkpoint as the truth. Learning
+    rates are stored as numbers, whatever the optimizer holds them in.
     """
     run_dir = Path(run_dir)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -158,20 +162,25 @@ def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
                 tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
-    tensors["rng"] = generator.get_state()
+    groups = [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]
     metadata = {"epoch": str(metrics[-1]["epoch"]), "metrics": json.dumps(metrics),
-                "optimizer": json.dumps({"param_groups": state["param_groups"], "scalars": scalars})}
+                "optimizer": json.dumps({"param_groups": groups, "scalars": scalars})}
     atomic_write_bytes(run_dir / CHECKPOINT, save_safetensors(tensors, metadata=metadata))
     save_weights(run_dir, model)
     write_metrics(run_dir, metrics)
 
 
-def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
-                    generator: torch.Generator) -> list[dict]:
-    """Restore model, optimizer and generator from RUN/checkpoint.safetensors.
+# The per-parameter state each optimizer keeps (plain SGD keeps none).
+OPTIMIZER_STATE = {"sgd": set(), "adam": {"step", "exp_avg", "exp_avg_sq"}}
+
+
+def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, kind: str) -> list[dict]:
+    """Restore model and optimizer (`kind`: "sgd" or "adam") from RUN/checkpoint.safetensors.
 
     Returns the metrics of the finished epochs (and rewrites metrics.jsonl and
-    model.safetensors to match them).
+    model.safetensors to match them). Checkpoints of earlier versions load too:
+    their random-number state is not needed any more, and their plain-SGD
+    optimizer groups become torch.optim.SGD's.
     """
     from safetensors import safe_open
 
@@ -187,7 +196,7 @@ def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path} is corrupt: {e}") from None
     try:
-        _restore(tensors, saved, model, optimizer, generator)
+        _restore(tensors, saved, model, optimizer, kind)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise RunError(f"{path} does not fit this run (corrupt, or written for another model, "
                        f"optimizer or device): {e}") from None
@@ -196,8 +205,8 @@ def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
     return metrics
 
 
-def _restore(tensors: dict, saved: dict, model: VAE, optimizer, generator: torch.Generator) -> None:
-    """Put a checkpoint's tensors back into model, optimizer and generator."""
+def _restore(tensors: dict, saved: dict, model: VAE, optimizer: torch.optim.Optimizer, kind: str) -> None:
+    """Put a checkpoint's tensors back into model and optimizer."""
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if {k: v.shape for k, v in weights.items()} != expected:
@@ -211,18 +220,44 @@ def _restore(tensors: dict, saved: dict, model: VAE, optimizer, generator: torch
     for key, value in saved["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    mine, theirs = [set(g) for g in optimizer.param_groups], [set(g) for g in saved["param_groups"]]
-    if mine != theirs:  # torch would load them and fail at the first step
-        raise ValueError("its optimizer settings are not those of the configured optimizer")
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-    generator.set_state(tensors["rng"])
+    if any(set(entries) != OPTIMIZER_STATE[kind] for entries in state.values()):
+        raise ValueError(f"its optimizer state is not {kind}'s")  # torch would load it and fail later
+    mine, theirs = optimizer.param_groups, saved["param_groups"]
+    if [len(g["params"]) for g in mine] != [len(g["params"]) for g in theirs]:
+        raise ValueError("its optimizer holds other parameters")
+    # Only the state and each group's learning rate come from the file; the other settings
+    # are the configured optimizer's (earlier plain-SGD checkpoints stored no others).
+    lrs = [g["lr"] for g in mine]
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "lr": float(s["lr"]), "params": s["params"]}
+              for g, s in zip(mine, theirs)]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for group, lr, s in zip(optimizer.param_groups, lrs, theirs):
+        if torch.is_tensor(lr):  # keep the tensor a captured step reads
+            group["lr"] = lr.fill_(float(s["lr"]))
 
 
 def write_eval(run_dir: str | Path, result: dict) -> None:
+    """RUN/eval.json, and with the result's "log_px" (per-image values) RUN/log_px.npy, atomically."""
+    record = {k: v for k, v in result.items() if k != "log_px"}
     try:
-        atomic_write_json(Path(run_dir) / EVAL, result)
+        if "log_px" in result:
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(result["log_px"], dtype=np.float64))
+            atomic_write_bytes(Path(run_dir) / LOG_PX, buffer.getvalue())
+        atomic_write_json(Path(run_dir) / EVAL, record)
     except OSError as e:
-        raise RunError(f"cannot write {Path(run_dir) / EVAL} ({e.strerror or e})") from None
+        raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e})") from None
+
+
+def read_log_px(run_dir: str | Path) -> np.ndarray | None:
+    """RUN/log_px.npy (float64, one value per test image), or None when it is not there."""
+    path = Path(run_dir) / LOG_PX
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab evaluate {run_dir}` again") from None
 
 
 def read_eval(run_dir: str | Path) -> dict | None:

@@ -1,0 +1,70 @@
+"""One optimizer step: the batch gather, observation, forward, objective, backward
+and update, as a function of tensors the epoch sets.
+
+The step reads the epoch's order, its keys and the step number from tensors
+that live on the device, so it needs no host value per step: the same function
+runs eagerly and, on CUDA, captured once and replayed as a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import rng
+from .models import VAE
+from .objectives import OBJECTIVES
+
+
+class TrainStep:
+    """Calling it trains on the next batch of the epoch set by `begin_epoch` and returns
+    that batch's mean loss (a 0-d tensor on the device; nothing is synchronised).
+
+    images: (N, C, H, W) uint8 on the model's device. samples: S draws of z per
+    image (L of the ELBO, or k of the IWAE bound).
+    """
+
+    def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
+                 objective: str, samples: int, batch_size: int):
+        device = images.device
+        self.model, self.optimizer, self.images = model, optimizer, images
+        self.objective = OBJECTIVES[objective]
+        self.samples, self.batch_size = samples, batch_size
+        self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
+        self.observe_key = torch.zeros((), dtype=torch.int64, device=device)
+        self.noise_key = torch.zeros((), dtype=torch.int64, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.rows = torch.arange(batch_size, device=device)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Whole batches only (the last partial batch is dropped, as in the tutorial)."""
+        return len(self.images) // self.batch_size
+
+    def begin_epoch(self, seed: int, epoch: int) -> None:
+        """Everything epoch draws is keyed by (seed, epoch): its order, pixels and noise."""
+        self.order.copy_(rng.permutation(rng.key(seed, "order", epoch), len(self.images), self.order.device))
+        self.observe_key.fill_(rng.key(seed, "observe", epoch))
+        self.noise_key.fill_(rng.key(seed, "noise", epoch))
+        self.step.zero_()
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current batch as the model sees it, x: (B, C, H, W), and its noise eps: (S, B, z_dim).
+
+        Keyed by each image's position in the epoch, so a slice of the batch draws
+        what the whole batch would.
+        """
+        positions = self.rows + self.step * self.batch_size
+        images = self.images.index_select(0, self.order.index_select(0, positions))
+        x = self.model.observe(images, rng.row_keys(self.observe_key, positions))
+        z_dim = self.model.config.z_dim
+        eps = rng.normal(rng.row_keys(self.noise_key, positions), self.samples * z_dim)
+        return x, eps.view(-1, self.samples, z_dim).transpose(0, 1)
+
+    def __call__(self) -> torch.Tensor:
+        x, eps = self.draw()
+        loss = self.objective(self.model(x, eps)).mean()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.optimizer.step()
+        self.step.add_(1)
+        return loss.detach()
