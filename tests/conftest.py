@@ -36,13 +36,22 @@ def mnist_dir(mnist) -> Path:
 
 
 def synthetic_dataset(n_train: int = 300, n_test: int = 100, shape=(8, 8), seed: int = 0) -> Dataset:
-    """Random grey-level images with random labels: tiny and fast."""
+    """Random grey-level images (N, 1, H, W) with random labels: tiny and fast."""
     g = torch.Generator().manual_seed(seed)
-    d = shape[0] * shape[1]
-    images = lambda n: torch.randint(0, 256, (n, d), generator=g, dtype=torch.uint8)
+    images = lambda n: torch.randint(0, 256, (n, 1, *shape), generator=g, dtype=torch.uint8)
     labels = lambda n: torch.randint(0, 10, (n,), generator=g)
-    return Dataset(images(n_train), labels(n_train), images(n_test), labels(n_test),
-                   tuple(shape), Path("."), verified=False)
+    return Dataset(images(n_train), labels(n_train), images(n_test), labels(n_test), Path("."), verified=False)
+
+
+def network_available(host: str = "pypi.org", port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host can be opened (the network tests need PyPI)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def write_idx_dir(directory: Path, data: Dataset, gz: bool = False) -> Path:
@@ -51,9 +60,9 @@ def write_idx_dir(directory: Path, data: Dataset, gz: bool = False) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {
-        "train_images": data.train_images.reshape(-1, *data.image_shape),
+        "train_images": data.train_images.reshape(-1, *data.image_shape[1:]),
         "train_labels": data.train_labels.to(torch.uint8),
-        "test_images": data.test_images.reshape(-1, *data.image_shape),
+        "test_images": data.test_images.reshape(-1, *data.image_shape[1:]),
         "test_labels": data.test_labels.to(torch.uint8),
     }
     for key, tensor in arrays.items():

@@ -192,7 +192,6 @@ def test_debug_shows_the_traceback(tmp_path):
 # --- mistakes only training can see: still one line, and no run directory left behind ----
 
 @pytest.mark.parametrize("args,message", [
-    (["--backward", "manual", "--activation", "elu"], "--backward manual does not support the elu activation"),
     (["--batch-size", "500"], "--batch-size 500 is larger than the 300 training images"),
     pytest.param(["--device", "cuda"], "no CUDA GPU is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
@@ -245,13 +244,13 @@ def test_a_relative_data_folder_is_recorded_absolute(tmp_path, capsys, monkeypat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(tmp_path / "data")
 
 
-def _checkpoint_without_rng(run: Path):
+def _checkpoint_without_a_weight(run: Path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = run / "checkpoint.safetensors"
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "rng"}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "model.head.bias"}
         metadata = f.metadata()
     save_file(tensors, str(path), metadata=metadata)
 
@@ -259,11 +258,10 @@ def _checkpoint_without_rng(run: Path):
 def _checkpoint_of_another_optimizer(run: Path):
     config = json.loads((run / "config.json").read_text())
     config["optimizer"] = "adam"
-    config["kernels"] = "torch"  # the C kernels would refuse adam first
     (run / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("damage", [_checkpoint_without_rng, _checkpoint_of_another_optimizer])
+@pytest.mark.parametrize("damage", [_checkpoint_without_a_weight, _checkpoint_of_another_optimizer])
 def test_a_checkpoint_that_does_not_fit_is_one_line(finished_run, capsys, damage):
     damage(finished_run)
     data = write_idx_dir(finished_run.parent / "data", synthetic_dataset())

@@ -5,18 +5,26 @@ import math
 import pytest
 import torch
 
-from vaelab.data import binarize
-from vaelab.evaluate import importance_sampled, mean_negative_elbo
+import numpy as np
+
+from vaelab.errors import VaelabError
+from vaelab.evaluate import TestSet, compare, importance_sampled, mean_loss
+from vaelab.likelihoods import Bernoulli
 from vaelab.models import ModelConfig, build_model
-from vaelab.objectives import (bernoulli_log_likelihood, kl_normal, log_normal_from_eps, log_standard_normal,
-                               negative_elbo, negative_iwae, reparametrize)
+from vaelab.objectives import (kl_normal, log_normal_from_eps, log_standard_normal, negative_elbo, negative_iwae,
+                               reparametrize)
 
 D = 8
+SHAPE = (1, 2, 4)
+
+
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return Bernoulli().log_prob(logits, x)
 
 
 def small_model(z_dim: int = 1, seed: int = 0):
-    config = ModelConfig(x_dim=D, z_dim=z_dim, encoder_hidden=(16,), decoder_hidden=(16,),
-                         activation="tanh", image_shape=(2, 4))
+    config = ModelConfig(image_shape=SHAPE, z_dim=z_dim, encoder_hidden=(16,), decoder_hidden=(16,),
+                         activation="tanh")
     model = build_model(config, seed=seed).double()
     with torch.no_grad():  # a sharper decoder than at initialisation: a posterior worth finding
         model.decoder[-1].weight.mul_(4)
@@ -26,7 +34,7 @@ def small_model(z_dim: int = 1, seed: int = 0):
 def binary_images(n: int = 20, seed: int = 0) -> torch.Tensor:
     """Pixels of 0 or 255, so that binarization is deterministic."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, D, generator=g) < 0.5).to(torch.uint8) * 255
+    return (torch.rand(n, *SHAPE, generator=g) < 0.5).to(torch.uint8) * 255
 
 
 def exact_log_px(model, x: torch.Tensor) -> torch.Tensor:
@@ -72,19 +80,56 @@ def test_chunked_evaluation_gives_the_same_estimate_as_unchunked():
     assert a["iwae"] == pytest.approx(b["iwae"], rel=1e-9)
 
 
+def test_per_image_values_of_a_shorter_test_set_are_bitwise_those_of_the_whole():
+    model = small_model(z_dim=2).float()
+    images = torch.randint(0, 256, (130, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    whole = importance_sampled(model, images, k=120, progress=False)  # 3 image tiles, the last padded
+    first = importance_sampled(model, images[:57], k=120, chunk=100, batch_size=100, progress=False)
+    assert whole["log_px"].dtype == np.float64 and whole["log_px"].shape == (130,)
+    assert np.array_equal(first["log_px"], whole["log_px"][:57])
+    again = importance_sampled(model, images, k=120, chunk=250, batch_size=150, progress=False)
+    assert np.array_equal(again["log_px"], whole["log_px"])
+
+
+def test_the_fingerprint_tells_test_sets_apart():
+    model, images = small_model().float(), binary_images(20)
+    a = importance_sampled(model, images, k=50, progress=False)
+    b = importance_sampled(model, images[:19], k=50, progress=False)
+    c = importance_sampled(model, 255 - images, k=50, progress=False)
+    assert len({a["test_set_sha256"], b["test_set_sha256"], c["test_set_sha256"]}) == 3
+
+
+def test_compare_pairs_the_per_image_values():
+    record = {"k": 10, "seed": 1, "precision": "fp32", "test_set_sha256": "x", "nll": 5.0, "nll_se": 0.01}
+    a = np.array([-1.0, -2.0, -3.0, -4.0])
+    b = a - np.array([0.1, 0.3, 0.2, 0.2])  # b's NLL is higher by 0.2 on average
+    r = compare(record, a, {**record, "nll": 5.2}, b)
+    assert r["difference"] == pytest.approx(-0.2)
+    assert r["se"] == pytest.approx(np.std([0.1, 0.3, 0.2, 0.2], ddof=1) / 2)
+    assert r["images"] == 4
+
+
+@pytest.mark.parametrize("key", ["k", "seed", "precision", "test_set_sha256"])
+def test_compare_refuses_evaluations_that_differ_in_what_fixes_them(key):
+    record = {"k": 10, "seed": 1, "precision": "fp32", "test_set_sha256": "x", "nll": 5.0, "nll_se": 0.01}
+    with pytest.raises(VaelabError, match="evaluated with different"):
+        compare(record, np.zeros(3), {**record, key: "other"}, np.zeros(3))
+
+
 def test_two_evaluations_of_one_model_agree_exactly():
     model = small_model().float()
-    images = torch.randint(0, 256, (25, D), dtype=torch.uint8)  # grey levels: binarization is random
-    assert importance_sampled(model, images, k=200, progress=False) == \
-        importance_sampled(model, images, k=200, progress=False)
+    images = torch.randint(0, 256, (25, *SHAPE), dtype=torch.uint8)  # grey levels: binarization is random
+    a, b = importance_sampled(model, images, k=200, progress=False), importance_sampled(model, images, k=200,
+                                                                                         progress=False)
+    assert np.array_equal(a.pop("log_px"), b.pop("log_px")) and a == b
 
 
 def test_iwae_with_k1_is_the_single_sample_elbo_with_the_same_random_numbers():
     model = small_model(z_dim=3, seed=2)
     x = binary_images(10).double() / 255
-    loss = negative_iwae(model, x, 1, torch.Generator().manual_seed(4))
-
     eps = torch.randn(1, 10, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    loss = negative_iwae(model(x, eps))
+
     mu, logvar = model.encode(x)
     z = reparametrize(mu, logvar, eps)[0]
     log_q = torch.distributions.Normal(mu, torch.exp(logvar / 2)).log_prob(z).sum(-1)
@@ -96,28 +141,31 @@ def test_iwae_with_k1_is_the_single_sample_elbo_with_the_same_random_numbers():
 def test_iwae_with_k1_and_the_elbo_agree_in_expectation():
     model = small_model(z_dim=3, seed=2)
     x = binary_images(10).double() / 255
-    x_many = x.repeat(20000, 1)
-    iwae = negative_iwae(model, x_many, 1, torch.Generator().manual_seed(0)).view(20000, 10).mean(0)
-    elbo = negative_elbo(model, x_many, 1, torch.Generator().manual_seed(1)).view(20000, 10).mean(0)
+    x_many = x.repeat(20000, 1, 1, 1)
+    noise = lambda seed: torch.randn(1, len(x_many), 3, generator=torch.Generator().manual_seed(seed),
+                                     dtype=torch.float64)
+    iwae = negative_iwae(model(x_many, noise(0))).view(20000, 10).mean(0)
+    elbo = negative_elbo(model(x_many, noise(1))).view(20000, 10).mean(0)
     torch.testing.assert_close(iwae, elbo, atol=0.05, rtol=0)
 
 
 def test_iwae_objective_is_tighter_than_the_elbo_on_average():
     model = small_model(z_dim=2, seed=3)
-    x = binary_images(10).double().repeat(500, 1) / 255
+    x = binary_images(10).double().repeat(500, 1, 1, 1) / 255
     g = torch.Generator().manual_seed(0)
-    assert negative_iwae(model, x, 10, g).mean() < negative_iwae(model, x, 1, g).mean()
+    eps = lambda k: torch.randn(k, len(x), 2, generator=g, dtype=torch.float64)
+    assert negative_iwae(model(x, eps(10))).mean() < negative_iwae(model(x, eps(1))).mean()
 
 
 def test_mean_negative_elbo_uses_the_analytic_kl():
     model = small_model(z_dim=2).float()
-    images = torch.randint(0, 256, (5, D), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    value = mean_negative_elbo(model, images, samples=1, seed=0)
+    images = torch.randint(0, 256, (5, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    test_set = TestSet.draw(model, images, seed=0, samples=1)
+    value = mean_loss(model, test_set, "elbo", samples=1)
 
-    g = torch.Generator().manual_seed(0)  # the same draws, in the same order
-    x = binarize(images, g)
+    x = test_set.x  # the same draws
     mu, logvar = model.encode(x)
-    z = reparametrize(mu, logvar, torch.randn((1, *mu.shape), generator=g))[0]
+    z = reparametrize(mu, logvar, test_set.eps)[0]
     log_lik = bernoulli_log_likelihood(x, model.decode(z))
     analytic = (kl_normal(mu, logvar) - log_lik).mean().item()
     sampled = (log_normal_from_eps((z - mu) / torch.exp(logvar / 2), logvar) - log_standard_normal(z)
@@ -133,7 +181,7 @@ def test_iwae_bounds_must_fit_the_noise_blocks():
 
 def test_bf16_decoding_moves_the_estimate_by_far_less_than_its_error():
     model = small_model(z_dim=2).float()
-    images = torch.randint(0, 256, (40, D), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    images = torch.randint(0, 256, (40, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     fp32 = importance_sampled(model, images, k=500, precision="fp32", progress=False)
     bf16 = importance_sampled(model, images, k=500, precision="bf16", progress=False)
     assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"

@@ -13,11 +13,37 @@ def test_tutorial_preset_is_the_notebooks_network():
 
 def test_encode_and_decode_have_the_documented_shapes():
     model = build_model(ModelConfig(z_dim=5))
-    mu, logvar = model.encode(torch.rand(7, 784))
+    mu, logvar = model.encode(torch.rand(7, 1, 28, 28))
     assert mu.shape == logvar.shape == (7, 5)
-    assert model.decode(torch.randn(7, 5)).shape == (7, 784)
+    assert model.decode(torch.randn(7, 5)).shape == (7, 1, 28, 28)
     mean = model.decode_mean(torch.randn(3, 7, 5))
-    assert mean.shape == (3, 7, 784) and mean.min() >= 0 and mean.max() <= 1
+    assert mean.shape == (3, 7, 1, 28, 28) and mean.min() >= 0 and mean.max() <= 1
+
+
+def test_an_mlp_encodes_flat_images_as_well():
+    model = build_model(ModelConfig(z_dim=3), seed=0)
+    x = torch.rand(4, 1, 28, 28)
+    for a, b in zip(model.encode(x), model.encode(x.view(4, 784))):
+        assert torch.equal(a, b)
+
+
+def test_configs_saved_with_flat_images_load_with_a_channel():
+    old = {"x_dim": 784, "z_dim": 2, "encoder_hidden": [256, 128], "decoder_hidden": [128, 256],
+           "activation": "relu", "likelihood": "bernoulli", "sigma": 0.1, "image_shape": [28, 28]}
+    config = ModelConfig.from_dict(old)
+    assert config.image_shape == (1, 28, 28) and config.x_dim == 784
+
+
+def test_the_decoder_writes_into_a_workspace_with_the_same_result():
+    from vaelab.nets import Workspace
+
+    model = build_model(ModelConfig(z_dim=3, activation="tanh"), seed=0)
+    z, workspace = torch.randn(2, 5, 3), Workspace()
+    with torch.no_grad():
+        plain = model.decode(z)
+        kept = model.decode(z, workspace)
+        torch.testing.assert_close(kept, plain)
+        assert model.decode(z, workspace).data_ptr() == kept.data_ptr()  # the same buffer again
 
 
 def test_a_seed_gives_the_same_weights_and_leaves_the_global_rng_alone():

@@ -1,11 +1,18 @@
+import json
+
 import pytest
 import torch
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import synthetic_dataset
 from test_train import tiny_config
 from vaelab import load_run, train
 from vaelab.errors import RunError
-from vaelab.runs import load_config, new_run_dir
+from vaelab.runs import load_config, new_run_dir, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +25,7 @@ def trained_run(tmp_path_factory):
 def test_load_run_gives_the_same_outputs_as_the_trained_model(trained_run):
     run_dir, result = trained_run
     loaded = load_run(run_dir)
-    x = torch.rand(5, 64)
+    x = torch.rand(5, 1, 8, 8)
     z = torch.randn(5, 2)
     for a, b in zip(loaded.encode(x), result.model.encode(x)):
         assert torch.equal(a, b)
@@ -29,9 +36,8 @@ def test_load_run_gives_the_same_outputs_as_the_trained_model(trained_run):
 def test_config_round_trips_through_json(trained_run):
     run_dir, _ = trained_run
     saved = load_config(run_dir)
-    assert saved == tiny_config(model=saved.model, kernels=saved.kernels)
-    assert saved.kernels in ("native", "torch")  # the kernels used, not "auto"
-    assert load_config(run_dir).model.x_dim == 64
+    assert saved == tiny_config(model=saved.model)
+    assert saved.model.image_shape == (1, 8, 8) and saved.model.x_dim == 64
 
 
 def test_a_directory_holding_a_run_is_never_reused(trained_run):
@@ -75,3 +81,46 @@ def test_weights_of_another_model_are_refused(trained_run, tmp_path):
 def test_missing_run_directory_is_a_clear_error(tmp_path):
     with pytest.raises(RunError, match="does not exist"):
         load_run(tmp_path / "nope")
+
+
+# Runs written by vaelab before the single training path (hand-derived step, C kernels,
+# its own plain-SGD class): config.json names --backward and --kernels, the image
+# shape is (H, W), the checkpoint holds a generator state and plain-SGD's param groups.
+OLD_RUNS = Path(__file__).parent / "data"
+
+
+def vaelab(*args):
+    return subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", ["old_run_sgd", "old_run_adam"])
+def test_a_run_of_the_earlier_version_loads_evaluates_and_resumes(tmp_path, name, mnist_dir):
+    run = tmp_path / name
+    shutil.copytree(OLD_RUNS / name, run)
+    config = load_config(run)
+    assert config.model.image_shape == (1, 28, 28) and not hasattr(config, "kernels")
+    model = load_run(run)
+    assert model.decode(torch.zeros(1, 2)).shape == (1, 1, 28, 28)
+
+    evaluated = vaelab("evaluate", run, "--k", 50, "--quiet")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert (run / "log_px.npy").is_file()
+
+    resumed = vaelab("train", "--resume", run, "--epochs", 2, "--quiet", "--no-plots")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    saved = json.loads((run / "config.json").read_text())
+    assert "kernels" not in saved and "backward" not in saved and saved["model"]["image_shape"] == [1, 28, 28]
+
+
+def test_an_old_plain_sgd_checkpoint_becomes_torch_sgds_state(tmp_path):
+    from vaelab.runs import load_checkpoint
+    from vaelab.train import build
+
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUNS / "old_run_sgd", run)
+    training = build(load_config(run), data=synthetic_dataset(shape=(28, 28)), progress=False)
+    load_checkpoint(run, training.model, training.optimizer, "sgd")
+    group = training.optimizer.param_groups[0]
+    assert group["lr"] is training.lr and training.lr.item() == pytest.approx(5e-3)
+    assert group["momentum"] == 0 and training.optimizer.state_dict()["state"] == {}

@@ -4,15 +4,17 @@ import pytest
 import torch
 
 from conftest import synthetic_dataset
+import json
+
 from vaelab import RunConfig, train
-from vaelab.evaluate import mean_negative_elbo
+from vaelab.evaluate import TestSet, mean_loss
 from vaelab.models import ModelConfig, build_model
 from vaelab.runs import read_metrics
-from vaelab.train import PlainSGD, TrainingDiverged
+from vaelab.train import TrainingDiverged, build
 
 
 def tiny_config(**overrides) -> RunConfig:
-    model = ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,))
+    model = ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), image_shape=(1, 8, 8))
     return RunConfig(**{"model": model, "epochs": 2, "batch_size": 50, **overrides})
 
 
@@ -20,8 +22,8 @@ def tiny_config(**overrides) -> RunConfig:
 def test_short_training_on_real_mnist_lowers_the_test_negative_elbo(mnist):
     config = RunConfig(epochs=3, train_size=6000, test_size=1000)
     data = mnist.subset(6000, 1000)
-    untrained = mean_negative_elbo(build_model(config.model, seed=config.seed), data.test_images,
-                                   seed=config.eval_seed)
+    model = build_model(config.model, seed=config.seed)
+    untrained = mean_loss(model, TestSet.draw(model, data.test_images, seed=config.eval_seed, samples=1))
     result = train(config, data=mnist, progress=False)
     losses = [m["test_loss"] for m in result.metrics]
     assert losses[-1] < losses[0] < untrained
@@ -48,7 +50,9 @@ def test_a_cpu_run_is_repeatable_for_a_seed():
 
 @pytest.mark.parametrize("overrides", [dict(optimizer="adam", lr=1e-3), dict(samples=3),
                                        dict(model=ModelConfig(z_dim=3, encoder_hidden=(16,), decoder_hidden=(16,),
-                                                              likelihood="gaussian", sigma=0.3))])
+                                                              likelihood="gaussian", sigma=0.3)),
+                                       dict(model=ModelConfig(z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,),
+                                                              activation="elu"))])
 def test_the_other_recipes_train(overrides):
     result = train(tiny_config(**overrides), data=synthetic_dataset(), progress=False)
     assert all(math.isfinite(m["test_loss"]) for m in result.metrics)
@@ -64,33 +68,10 @@ def test_batch_larger_than_the_training_set_is_refused():
         train(tiny_config(batch_size=500), data=synthetic_dataset(), progress=False)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_manual_and_autograd_backward_train_the_same_model(optimizer):
-    lr = 5e-3 if optimizer == "sgd" else 1e-3
-    # torch kernels: the native ones draw other random pixels (tests/test_native.py compares those)
-    runs = [train(tiny_config(backward=b, optimizer=optimizer, lr=lr, kernels="torch"), data=synthetic_dataset(),
-                  progress=False) for b in ("manual", "autograd")]
-    for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
-    assert runs[0].metrics[-1]["test_loss"] == pytest.approx(runs[1].metrics[-1]["test_loss"], rel=1e-5)
-
-
-def test_manual_backward_refuses_an_activation_it_cannot_differentiate():
-    config = tiny_config(backward="manual", model=ModelConfig(z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,),
-                                                              activation="elu"))
-    with pytest.raises(Exception, match="--backward manual does not support the elu"):
-        train(config, data=synthetic_dataset(), progress=False)
-
-
 def test_iwae_objective_trains_and_reports_its_test_bound():
     result = train(tiny_config(objective="iwae", k=5), data=synthetic_dataset(), progress=False)
     for m in result.metrics:
         assert math.isfinite(m["test_iwae"]) and m["test_iwae"] < m["test_loss"]
-
-
-def test_manual_backward_refuses_the_iwae_objective():
-    with pytest.raises(Exception, match="does not support the iwae objective"):
-        train(tiny_config(objective="iwae", backward="manual"), data=synthetic_dataset(), progress=False)
 
 
 def test_burda_schedule_lowers_the_rate_by_10_to_the_minus_1_over_7_after_3_to_the_i_epochs():
@@ -101,26 +82,64 @@ def test_burda_schedule_lowers_the_rate_by_10_to_the_minus_1_over_7_after_3_to_t
     assert RunConfig(lr=0.1).lr_at(500) == 0.1
 
 
-def test_the_schedule_reaches_the_fused_sgd_step():
+def test_the_schedule_reaches_the_step():
     a = train(tiny_config(epochs=2, schedule="burda"), data=synthetic_dataset(), progress=False)
     b = train(tiny_config(epochs=2), data=synthetic_dataset(), progress=False)
     assert a.metrics[0]["test_loss"] == b.metrics[0]["test_loss"]  # the same first epoch
     assert a.metrics[1]["test_loss"] != b.metrics[1]["test_loss"]   # a lower rate in the second
 
 
-def test_plain_sgd_steps_like_torch_sgd_and_restores_its_learning_rate():
-    a, b = build_model(ModelConfig(), seed=0), build_model(ModelConfig(), seed=0)
-    ours, theirs = PlainSGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
-    x = torch.rand(8, 784)
-    for model, opt in ((a, ours), (b, theirs)):
-        opt.zero_grad()
-        model.encode(x)[0].square().sum().backward()
-        opt.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
-    saved = ours.state_dict()
-    fresh = PlainSGD(a.parameters(), lr=0.5)
-    fresh.load_state_dict(saved)
-    assert fresh.param_groups[0]["lr"] == 0.1
-    with pytest.raises(ValueError):
-        fresh.load_state_dict(theirs.state_dict() | {"state": {0: {"momentum_buffer": None}}})
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_step_is_torch_optim_with_a_tensor_learning_rate(optimizer):
+    training = build(tiny_config(optimizer=optimizer), data=synthetic_dataset(), progress=False)
+    kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+    assert type(training.optimizer) is kind
+    assert training.optimizer.param_groups[0]["lr"] is training.lr
+    if optimizer == "sgd":
+        assert training.optimizer.param_groups[0]["momentum"] == 0  # the tutorial's update
+
+
+def test_plain_sgd_steps_param_minus_lr_times_grad():
+    training = build(tiny_config(lr=0.1), data=synthetic_dataset(), progress=False)
+    model, step = training.model, training.step
+    step.begin_epoch(0, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, eps = step.draw()
+    from vaelab.objectives import negative_elbo
+    grads = torch.autograd.grad(negative_elbo(model(x, eps)).mean(), list(model.parameters()))
+    step()
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g)
+
+
+def test_build_leaves_the_callers_config_alone_and_resolves_a_copy():
+    config = tiny_config(device="auto")
+    before = json.dumps(config.to_dict())
+    training = build(config, data=synthetic_dataset(shape=(6, 5)), progress=False)
+    assert json.dumps(config.to_dict()) == before
+    assert training.config.model.image_shape == (1, 6, 5)
+
+
+def test_an_epochs_draws_depend_only_on_the_seed_and_the_epoch():
+    one = build(tiny_config(), data=synthetic_dataset(), progress=False).step
+    other = build(tiny_config(), data=synthetic_dataset(), progress=False).step
+    one.begin_epoch(0, 1)
+    for _ in range(3):
+        one()  # training changes the weights, never the draws
+    one.begin_epoch(0, 3)
+    other.begin_epoch(0, 3)
+    for a, b in zip(one.draw(), other.draw()):
+        assert torch.equal(a, b)
+    other.begin_epoch(0, 2)
+    assert not torch.equal(one.draw()[0], other.draw()[0])
+
+
+def test_a_slice_of_the_batch_draws_what_the_whole_batch_draws():
+    whole = build(tiny_config(batch_size=50), data=synthetic_dataset(), progress=False).step
+    half = build(tiny_config(batch_size=25), data=synthetic_dataset(), progress=False).step
+    whole.begin_epoch(0, 1)
+    half.begin_epoch(0, 1)
+    x, eps = whole.draw()
+    half.step.fill_(1)  # the second half of the first 50 images
+    x_half, eps_half = half.draw()
+    assert torch.equal(x[25:], x_half) and torch.equal(eps[:, 25:], eps_half)

@@ -12,6 +12,7 @@ sees of them (binarized pixels, grey levels) is the likelihood's business.
 from __future__ import annotations
 
 import codecs
+import math
 import gzip
 import hashlib
 import io
@@ -114,13 +115,16 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{name}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(shape, dtype=np.int64))
+    expected = header + math.prod(shape)  # Python ints: a product of huge dimensions must not wrap
     if len(data) != expected:
         raise DataError(
             f"{name}: IDX header declares shape {shape} ({expected} bytes) "
             f"but the file has {len(data)} bytes; it is truncated or corrupt"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    except ValueError:  # an empty array whose other dimensions numpy cannot represent
+        raise DataError(f"{name}: IDX header declares an impossible shape {shape}") from None
 
 
 def encode_idx(array: np.ndarray) -> bytes:

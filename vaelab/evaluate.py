@@ -75,6 +75,8 @@ class TestSet:
     j-th of image i's importance-sampling noise (the same keys as `importance_sampled`).
     """
 
+    __test__ = False  # not a pytest class, whatever its name
+
     x: torch.Tensor
     eps: torch.Tensor
 

@@ -220,11 +220,13 @@ def _restore(tensors: dict, saved: dict, model: VAE, optimizer: torch.optim.Opti
     for key, value in saved["scalars"].items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    if any(set(entries) != OPTIMIZER_STATE[kind] for entries in state.values()):
-        raise ValueError(f"its optimizer state is not {kind}'s")  # torch would load it and fail later
     mine, theirs = optimizer.param_groups, saved["param_groups"]
     if [len(g["params"]) for g in mine] != [len(g["params"]) for g in theirs]:
         raise ValueError("its optimizer holds other parameters")
+    n_params = sum(len(g["params"]) for g in theirs)
+    expected = {i: OPTIMIZER_STATE[kind] for i in range(n_params)} if OPTIMIZER_STATE[kind] else {}
+    if {i: set(entries) for i, entries in state.items()} != expected:
+        raise ValueError(f"its optimizer state is not {kind}'s")  # torch would load it and fail later
     # Only the state and each group's learning rate come from the file; the other settings
     # are the configured optimizer's (earlier plain-SGD checkpoints stored no others).
     lrs = [g["lr"] for g in mine]

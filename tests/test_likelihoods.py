@@ -1,0 +1,90 @@
+"""The likelihood objects: what the model sees of an image, and log p(x|z)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vaelab import rng
+from vaelab.likelihoods import Bernoulli, Gaussian, make, softplus_sum
+
+
+def keys(n: int, seed: int = 0) -> torch.Tensor:
+    return rng.row_keys(rng.key(seed, "test"), torch.arange(n))
+
+
+def test_binarization_draws_each_pixel_from_bernoulli_of_its_intensity():
+    n = 40_000
+    levels = torch.arange(256, dtype=torch.uint8).repeat(n, 1).view(n, 1, 16, 16)
+    x = Bernoulli().observe(levels, keys(n)).view(n, 256)
+    assert x.dtype == torch.float32 and set(x.unique().tolist()) <= {0.0, 1.0}
+    p = torch.arange(256, dtype=torch.float64) / 255
+    se = (p * (1 - p) / n).sqrt()
+    z = (x.double().mean(0) - p)[1:-1] / se[1:-1]
+    assert z.abs().max() < 5, f"a grey level's frequency is {z.abs().max():.1f} standard errors off"
+    assert x[:, 0].max() == 0 and x[:, 255].min() == 1  # exact at both ends
+
+
+def test_binarization_handles_any_number_of_pixels():
+    images = torch.full((3, 1, 1, 7), 255, dtype=torch.uint8)  # 7 pixels: not a whole number of draws
+    assert torch.equal(Bernoulli().observe(images, keys(3)), torch.ones(3, 1, 1, 7))
+
+
+def test_binarization_is_a_function_of_the_keys():
+    images = torch.randint(0, 256, (10, 1, 5, 6), dtype=torch.uint8)
+    a, b = Bernoulli().observe(images, keys(10)), Bernoulli().observe(images, keys(10))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, Bernoulli().observe(images, keys(10, seed=1)))
+    assert torch.equal(a[4:7], Bernoulli().observe(images[4:7], keys(10)[4:7]))  # by slice
+
+
+def test_binarization_needs_keys():
+    with pytest.raises(ValueError, match="needs one key per image"):
+        Bernoulli().observe(torch.zeros(2, 1, 2, 2, dtype=torch.uint8))
+
+
+def test_gaussian_observes_grey_levels_in_the_unit_interval():
+    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3)
+    torch.testing.assert_close(Gaussian(0.1).observe(images), torch.tensor([0.0, 0.2, 1.0]).view(1, 1, 1, 3))
+
+
+def test_bernoulli_log_prob_matches_bce_with_logits():
+    logits = torch.randn(3, 4, 1, 2, 5, dtype=torch.float64) * 5
+    x = (torch.rand(4, 1, 2, 5) < 0.5).double()
+    expected = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum((-1, -2, -3))
+    torch.testing.assert_close(Bernoulli().log_prob(logits, x), expected)
+
+
+def test_bernoulli_log_prob_is_stable_for_large_logits():
+    logits = torch.tensor([[200.0, -200.0]]).view(1, 1, 1, 2)
+    x = torch.tensor([[1.0, 0.0]]).view(1, 1, 1, 2)
+    assert Bernoulli().log_prob(logits, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_fast_softplus_sum_agrees_with_softplus():
+    logits = torch.randn(7, 784) * 6
+    torch.testing.assert_close(softplus_sum(logits), F.softplus(logits.double()).sum(-1).float(), rtol=1e-6, atol=1e-3)
+
+
+def test_gaussian_log_prob_is_the_normal_density_around_the_sigmoid_mean():
+    out = torch.randn(2, 3, 1, 2, 2, dtype=torch.float64)
+    x = torch.rand(3, 1, 2, 2, dtype=torch.float64)
+    expected = torch.distributions.Normal(torch.sigmoid(out), 0.3).log_prob(x).sum((-1, -2, -3))
+    torch.testing.assert_close(Gaussian(0.3).log_prob(out, x), expected)
+
+
+def test_mean_is_the_sigmoid_of_the_output():
+    out = torch.randn(2, 1, 3, 3)
+    for likelihood in (Bernoulli(), Gaussian(0.1)):
+        torch.testing.assert_close(likelihood.mean(out), torch.sigmoid(out))
+
+
+def test_an_unknown_likelihood_or_sigma_is_refused_in_one_line():
+    from vaelab.errors import VaelabError
+
+    with pytest.raises(VaelabError, match="unknown likelihood 'poisson'"):
+        make("poisson")
+    with pytest.raises(VaelabError, match="--sigma must be a positive number"):
+        make("gaussian", sigma=-1.0)
+    assert make("gaussian", 0.5).sigma == 0.5 and math.isclose(make("gaussian").sigma, 0.1)
