@@ -69,8 +69,8 @@ def test_directory_without_the_files_names_the_missing_one(tmp_path):
 
 def test_real_mnist_loads_verified(mnist):
     assert mnist.verified
-    assert mnist.train_images.shape == (60000, 784) and mnist.train_images.dtype == torch.uint8
-    assert mnist.test_images.shape == (10000, 784)
+    assert mnist.train_images.dtype == torch.uint8
+    assert mnist.test_images.shape == (10000, 1, 28, 28)
     assert mnist.image_shape == (1, 28, 28) and mnist.train_images.shape == (60000, 1, 28, 28)
     assert set(mnist.test_labels.unique().tolist()) == set(range(10))
 

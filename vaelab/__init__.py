@@ -1,12 +1,14 @@
 """vaelab: variational autoencoders on binarized MNIST, trained, evaluated and shown."""
 
+from . import rng
+
 from .config import RunConfig
 from .data import Dataset, load_data
 from .errors import DataError, RunError, VaelabError
 from .models import VAE, ModelConfig, build_model, preset
 from .runs import load_run
-from .train import train
+from .train import build, fit, train
 
 __all__ = ["RunConfig", "Dataset", "load_data", "DataError", "RunError", "VaelabError",
-           "VAE", "ModelConfig", "build_model", "preset", "load_run", "train"]
+           "VAE", "ModelConfig", "build_model", "preset", "load_run", "build", "fit", "train", "rng"]
 __version__ = "0.1.0"
