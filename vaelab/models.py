@@ -138,7 +138,7 @@ class VAE(nn.Module):
         """
         mu, logvar = self.encode(x)
         z = reparametrize(mu, logvar, eps)
-        return Terms(log_px_z=self.likelihood.log_prob(self.decode(z, workspace), x),
+        return Terms(log_px_z=self.likelihood.log_prob(self.decode(z, workspace), x, workspace),
                      log_pz=log_standard_normal(z),
                      log_qz=log_normal_from_eps(eps, logvar),
                      kl=kl_normal(mu, logvar))
