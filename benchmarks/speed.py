@@ -120,11 +120,11 @@ def tutorial_loss(recon, x, mu, logvar):
     return (bce + kl) / len(x)
 
 
-def baseline_epoch(model, train_loader, test_loader) -> float:
+def baseline_epoch(model, train_loader, test_loader, device: str = "cpu") -> float:
     """One epoch of the tutorial's loop; returns the mean test loss."""
     model.train()
     for data, _ in train_loader:
-        x = torch.bernoulli(data).view(len(data), -1)
+        x = torch.bernoulli(data.to(device)).view(len(data), -1)
         recon, mu, logvar = model(x)
         loss = tutorial_loss(recon, x, mu, logvar)
         model.zero_grad()
@@ -136,7 +136,7 @@ def baseline_epoch(model, train_loader, test_loader) -> float:
     total = 0.0
     with torch.no_grad():
         for data, _ in test_loader:
-            x = torch.bernoulli(data).view(len(data), -1)
+            x = torch.bernoulli(data.to(device)).view(len(data), -1)
             recon, mu, logvar = model(x)
             total += tutorial_loss(recon, x, mu, logvar).item() * len(x)
     return total / len(test_loader.dataset)

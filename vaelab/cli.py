@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from .config import DEVICES, OBJECTIVES, OPTIMIZERS, SCHEDULES, RunConfig
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help=f"(default: {d.epochs}; with --resume, the run's own)")
     p.add_argument("--seed", type=int, help=f"seed for weights, batches and noise (default: {d.seed})")
     p.add_argument("--device", choices=DEVICES, help=f"(default: {d.device}; with --resume, the run's own)")
+    p.add_argument("--cuda-graph", choices=("on", "off"),
+                   help="on CUDA, capture the training step as a graph and replay it (default: on; "
+                        "with --resume, the run's own)")
+    p.add_argument("--deterministic", action="store_const", const=True,
+                   help="on CUDA, deterministic cuBLAS and kernels: a resumed run repeats an uninterrupted "
+                        "one bit for bit on the same card (a little slower)")
     p.add_argument("--data-dir", help="folder with the four IDX files (default: $VAELAB_DATA_DIR, then "
                                       "~/.cache/vaelab/mnist; with --resume, the run's own)")
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")
     p.add_argument("--resume", metavar="RUN",
                    help="continue RUN from its last finished epoch with its own config.json; only "
-                        "--epochs (to train longer), --device and --data-dir may be given with it")
+                        "--epochs (to train longer), --device, --cuda-graph and --data-dir may be given with it")
     p.add_argument("--no-plots", action="store_true", help="skip drawing the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -142,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What `vaelab train` options may accompany --resume (the rest is the run's config.json).
-RESUME_OPTIONS = ("epochs", "device", "data_dir", "resume", "quiet", "no_plots", "debug", "command", "func")
+RESUME_OPTIONS = ("epochs", "device", "cuda_graph", "data_dir", "resume", "quiet", "no_plots", "debug", "command", "func")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -162,7 +169,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      optimizer=given("optimizer", d.optimizer), lr=given("lr", d.lr),
                      schedule=given("schedule", d.schedule), batch_size=given("batch_size", d.batch_size),
                      epochs=given("epochs", d.epochs), seed=given("seed", d.seed),
-                     device=given("device", d.device), data_dir=args.data_dir, train_size=args.train_size,
+                     device=given("device", d.device), cuda_graph=given("cuda_graph", "on") == "on",
+                     deterministic=given("deterministic", d.deterministic), data_dir=args.data_dir,
+                     train_size=args.train_size,
                      test_size=args.test_size)
 
 
@@ -177,11 +186,13 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
         flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         raise VaelabError(f"{flags} cannot change when resuming: {args.resume}/config.json fixes the run; "
                           f"leave {'them' if len(fixed) > 1 else 'it'} out "
-                          "(only --epochs, --device and --data-dir may be given)")
+                          "(only --epochs, --device, --cuda-graph and --data-dir may be given)")
     config = load_config(args.resume)
     for name in ("epochs", "device", "data_dir"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
+    if args.cuda_graph is not None:
+        config.cuda_graph = args.cuda_graph == "on"
     return config
 
 
@@ -233,8 +244,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, data = _load(args.run, args.data_dir, args.device)
     data = data.subset(None, args.test_size)
     check_writable(Path(args.run), "eval.json goes there: make it writable")  # before minutes of work
+    start = time.perf_counter()
     r = importance_sampled(model, data.test_images, k=args.k, seed=args.seed, precision=args.precision,
                            progress=not args.quiet)
+    r["seconds"], r["device"] = time.perf_counter() - start, str(model.device)
     write_eval(args.run, r)
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image, "

@@ -34,6 +34,11 @@ class RunConfig:
     epochs: int = 20
     seed: int = 0
     device: str = "auto"
+    # On CUDA, capture the training step once as a graph and replay it (off: every op launched).
+    cuda_graph: bool = True
+    # On CUDA, deterministic cuBLAS and kernels (set before CUDA starts): a resumed run is then
+    # bitwise the uninterrupted one on the same card. The CPU is deterministic anyway.
+    deterministic: bool = False
     data_dir: str | None = None  # None: $VAELAB_DATA_DIR, then the cache
     train_size: int | None = None  # use only the first N training images
     test_size: int | None = None

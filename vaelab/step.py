@@ -3,10 +3,14 @@ and update, as a function of tensors the epoch sets.
 
 The step reads the epoch's order, its keys and the step number from tensors
 that live on the device, so it needs no host value per step: the same function
-runs eagerly and, on CUDA, captured once and replayed as a graph.
+runs eagerly and, on CUDA, captured once and replayed as a graph. At these
+sizes a step is bound by kernel launches, not arithmetic, and a replay launches
+the whole step at once.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -23,8 +27,11 @@ class TrainStep:
     image (L of the ELBO, or k of the IWAE bound).
     """
 
+    # Eager steps before capture: the optimizer creates its state, the allocator settles.
+    WARMUP = 3
+
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
-                 objective: str, samples: int, batch_size: int):
+                 objective: str, samples: int, batch_size: int, cuda_graph: bool = True):
         device = images.device
         self.model, self.optimizer, self.images = model, optimizer, images
         self.objective = OBJECTIVES[objective]
@@ -34,6 +41,10 @@ class TrainStep:
         self.noise_key = torch.zeros((), dtype=torch.int64, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.rows = torch.arange(batch_size, device=device)
+        self.capture = cuda_graph and device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._loss: torch.Tensor | None = None  # the captured step's output
+        self._eager_steps = 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -60,7 +71,8 @@ class TrainStep:
         eps = rng.normal(rng.row_keys(self.noise_key, positions), self.samples * z_dim)
         return x, eps.view(-1, self.samples, z_dim).transpose(0, 1)
 
-    def __call__(self) -> torch.Tensor:
+    def eager(self) -> torch.Tensor:
+        """The step itself, run op by op."""
         x, eps = self.draw()
         loss = self.objective(self.model(x, eps)).mean()
         self.optimizer.zero_grad(set_to_none=False)
@@ -68,3 +80,36 @@ class TrainStep:
         self.optimizer.step()
         self.step.add_(1)
         return loss.detach()
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is not None:
+            self.graph.replay()
+            return self._loss
+        if not self.capture:
+            return self.eager()
+        if self._eager_steps < self.WARMUP:
+            # Warm-up on a side stream, as capture wants; these are real steps of the epoch.
+            side = torch.cuda.Stream(device=self.step.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self.eager()
+            torch.cuda.current_stream().wait_stream(side)
+            self._eager_steps += 1
+            return loss
+        self._capture()
+        return self() if self.graph is not None else self.eager()
+
+    def _capture(self) -> None:
+        """Record the step as a CUDA graph (nothing runs while recording); on failure, say why
+        in one line and stay eager."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._loss = self.eager()
+        except RuntimeError as e:
+            self.capture, self._loss = False, None
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"vaelab: this step cannot be captured as a CUDA graph ({reason}); training eagerly",
+                  file=sys.stderr)
+            return
+        self.graph = graph

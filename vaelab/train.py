@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -68,8 +69,17 @@ def make_optimizer(config: RunConfig, model: VAE, lr: torch.Tensor) -> torch.opt
     under a captured step, without a new graph).
     """
     if config.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        # capturable: its step count stays on the GPU, so a CUDA graph can hold the update
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=lr.device.type == "cuda")
     return torch.optim.SGD(model.parameters(), lr=lr, fused=True)
+
+
+def set_deterministic(device: torch.device) -> None:
+    """Deterministic CUDA arithmetic: cuBLAS with a fixed workspace (read when its first
+    handle is made, so before any matrix product) and no nondeterministic kernels."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 def build(config: RunConfig, data: Dataset | None = None, progress: bool = True) -> Training:
@@ -77,6 +87,8 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True)
     config = copy.deepcopy(config)
     config.validate()
     device = pick_device(config.device)
+    if config.deterministic:
+        set_deterministic(device)
     if data is None:
         data = load_data(config.data_dir, progress=progress)
     data = data.subset(config.train_size, config.test_size)
@@ -89,7 +101,7 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True)
     optimizer = make_optimizer(config, model, lr)
     samples = config.k if config.objective == "iwae" else config.samples
     step = TrainStep(model, optimizer, data.train_images.to(device), objective=config.objective,
-                     samples=samples, batch_size=config.batch_size)
+                     samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph)
     test_set = TestSet.draw(model, data.test_images.to(device), seed=config.eval_seed, samples=samples)
     return Training(config, data, model, optimizer, lr, step, test_set)
 
