@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,7 +56,44 @@ def test_evaluate_prints_and_writes_eval_json(cli_run):
     (run / "eval.json").unlink()
     again = vaelab("evaluate", run, "--k", 100, "--test-size", 300, "--quiet")  # a fixed seed: the same numbers
     assert again.returncode == 0, again.stderr
-    assert json.loads((run / "eval.json").read_text()) == record
+    timeless = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert timeless(json.loads((run / "eval.json").read_text())) == timeless(record)
+    assert np.load(run / "log_px.npy").shape == (300,)
+
+
+def test_compare_prints_the_paired_difference_of_two_evaluated_runs(cli_run, tmp_path):
+    import shutil
+
+    run, _ = cli_run
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    for r in (run, other):
+        assert vaelab("evaluate", r, "--k", 50, "--test-size", 200, "--quiet").returncode == 0
+    result = vaelab("compare", run, other)
+    assert result.returncode == 0, result.stderr
+    assert "paired difference (first minus second): +0.000 nats per image" in result.stdout
+
+
+def test_compare_refuses_runs_evaluated_differently_or_not_at_all(cli_run, tmp_path):
+    import shutil
+
+    run, _ = cli_run
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    assert vaelab("evaluate", run, "--k", 50, "--test-size", 200, "--quiet").returncode == 0
+    assert vaelab("evaluate", other, "--k", 100, "--test-size", 200, "--quiet").returncode == 0
+    result = vaelab("compare", run, other)
+    assert result.returncode == 2 and "evaluated with different k (50 and 100)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    (other / "log_px.npy").unlink()
+    result = vaelab("compare", run, other)
+    assert result.returncode == 2 and "has no log_px.npy: run `vaelab evaluate" in result.stderr
+
+
+def test_train_help_lists_no_retired_options():
+    result = vaelab("train", "--help")
+    assert "--backward" not in result.stdout and "--kernels" not in result.stdout
+    assert "--cuda-graph" in result.stdout
 
 
 def test_plot_redraws_the_figures(cli_run):

@@ -104,11 +104,12 @@ def vaelab(*args):
 
 
 @pytest.mark.slow
-def test_a_deterministic_cuda_run_killed_mid_epoch_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("graph", ["on", "off"])
+def test_a_deterministic_cuda_run_killed_mid_epoch_resumes_bitwise(tmp_path, graph):
     from safetensors.torch import load_file
 
-    args = ["--train-size", "6000", "--test-size", "1000", "--quiet", "--no-plots", "--seed", "3", "--epochs", 4,
-            "--device", "cuda", "--deterministic", "--optimizer", "adam", "--lr", 1e-3]
+    args = ["--train-size", "30000", "--test-size", "1000", "--quiet", "--no-plots", "--seed", "3", "--epochs", 4,
+            "--device", "cuda", "--deterministic", "--cuda-graph", graph, "--optimizer", "adam", "--lr", 1e-3]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = vaelab("train", *args, "--out", whole)
     assert done.returncode == 0, done.stderr
@@ -120,7 +121,7 @@ def test_a_deterministic_cuda_run_killed_mid_epoch_resumes_bitwise(tmp_path):
         metrics = killed / "metrics.jsonl"
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
-        time.sleep(0.005)
+        time.sleep(0.002)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 2 <= len((killed / "metrics.jsonl").read_text().splitlines()) < 4, "the kill did not land mid-run"
