@@ -37,8 +37,11 @@ class TrainStep:
         self.objective = OBJECTIVES[objective]
         self.samples, self.batch_size = samples, batch_size
         self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
-        self.observe_key = torch.zeros((), dtype=torch.int64, device=device)
-        self.noise_key = torch.zeros((), dtype=torch.int64, device=device)
+        # The epoch's draws, made by begin_epoch: row p is the image at position p of the
+        # epoch's order as the model sees it, and its noise.
+        n, z_dim = self.steps_per_epoch * batch_size, model.config.z_dim
+        self.x = torch.empty((n, *images.shape[1:]), dtype=torch.float32, device=device)
+        self.eps = torch.empty((n, samples * z_dim), dtype=torch.float32, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.rows = torch.arange(batch_size, device=device)
         self.capture = cuda_graph and device.type == "cuda"
@@ -51,11 +54,22 @@ class TrainStep:
         """Whole batches only (the last partial batch is dropped, as in the tutorial)."""
         return len(self.images) // self.batch_size
 
+    # Rows drawn at a time by begin_epoch: bounds its temporaries.
+    DRAW_ROWS = 4096
+
     def begin_epoch(self, seed: int, epoch: int) -> None:
-        """Everything epoch draws is keyed by (seed, epoch): its order, pixels and noise."""
-        self.order.copy_(rng.permutation(rng.key(seed, "order", epoch), len(self.images), self.order.device))
-        self.observe_key.fill_(rng.key(seed, "observe", epoch))
-        self.noise_key.fill_(rng.key(seed, "noise", epoch))
+        """Draw everything the epoch needs, keyed by (seed, epoch): its order, and for each
+        position its image's pixels and its noise. Drawn here in bulk rather than in the
+        step, a batch is two row gathers: the step then launches a third of the kernels."""
+        device = self.order.device
+        self.order.copy_(rng.permutation(rng.key(seed, "order", epoch), len(self.images), device))
+        observe_key, noise_key = rng.key(seed, "observe", epoch), rng.key(seed, "noise", epoch)
+        for start in range(0, len(self.x), self.DRAW_ROWS):
+            rows = slice(start, min(start + self.DRAW_ROWS, len(self.x)))
+            positions = torch.arange(rows.start, rows.stop, device=device)
+            images = self.images.index_select(0, self.order[rows])
+            self.x[rows] = self.model.observe(images, rng.row_keys(observe_key, positions))
+            self.eps[rows] = rng.normal(rng.row_keys(noise_key, positions), self.eps.shape[1])
         self.step.zero_()
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +79,8 @@ class TrainStep:
         what the whole batch would.
         """
         positions = self.rows + self.step * self.batch_size
-        images = self.images.index_select(0, self.order.index_select(0, positions))
-        x = self.model.observe(images, rng.row_keys(self.observe_key, positions))
-        z_dim = self.model.config.z_dim
-        eps = rng.normal(rng.row_keys(self.noise_key, positions), self.samples * z_dim)
-        return x, eps.view(-1, self.samples, z_dim).transpose(0, 1)
+        eps = self.eps.index_select(0, positions).view(-1, self.samples, self.model.config.z_dim)
+        return self.x.index_select(0, positions), eps.transpose(0, 1)
 
     def eager(self) -> torch.Tensor:
         """The step itself, run op by op."""
