@@ -18,7 +18,7 @@ from test_train import tiny_config
 from vaelab import load_run, train
 from vaelab.train import TrainingDiverged
 
-TRAIN = ["--train-size", "6000", "--test-size", "1000", "--quiet", "--no-plots", "--seed", "3"]
+TRAIN = ["--train-size", "6000", "--test-size", "1000", "--quiet", "--no-plots", "--seed", "3", "--device", "cpu"]
 
 
 def vaelab(*args):

@@ -15,7 +15,7 @@ from vaelab.train import TrainingDiverged, build
 
 def tiny_config(**overrides) -> RunConfig:
     model = ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), image_shape=(1, 8, 8))
-    return RunConfig(**{"model": model, "epochs": 2, "batch_size": 50, **overrides})
+    return RunConfig(**{"model": model, "epochs": 2, "batch_size": 50, "device": "cpu", **overrides})
 
 
 @pytest.mark.slow
