@@ -71,7 +71,7 @@ def test_compare_prints_the_paired_difference_of_two_evaluated_runs(cli_run, tmp
         assert vaelab("evaluate", r, "--k", 50, "--test-size", 200, "--quiet").returncode == 0
     result = vaelab("compare", run, other)
     assert result.returncode == 0, result.stderr
-    assert "paired difference (first minus second): +0.000 nats per image" in result.stdout
+    assert "paired difference (first minus second): +0.0000 nats per image" in result.stdout
 
 
 def test_compare_refuses_runs_evaluated_differently_or_not_at_all(cli_run, tmp_path):

@@ -273,8 +273,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     r = compare(a, pa, b, pb)
     print(f"test NLL: {args.run_a} {r['nll_a']:.3f}, {args.run_b} {r['nll_b']:.3f} nats per image "
           f"(K={a['k']}, {r['images']} images)\n"
-          f"paired difference (first minus second): {r['difference']:+.3f} nats per image, "
-          f"standard error {r['se']:.3f} over images (Monte-Carlo {r['mc_se']:.3f})")
+          f"paired difference (first minus second): {r['difference']:+.4f} nats per image, "
+          f"standard error {r['se']:.4f} over images (Monte-Carlo {r['mc_se']:.4f})")
     return 0
 
 
