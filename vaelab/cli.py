@@ -196,37 +196,84 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _same_run(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two configs describe the same run (what a run resolves when it starts aside)."""
+    def essentials(c: RunConfig) -> dict:
+        d = c.to_dict()
+        d.pop("data_dir")
+        d["model"].pop("image_shape")
+        return d
+    return essentials(a) == essentials(b)
+
+
+def _plan(args: argparse.Namespace, world) -> tuple[RunConfig, Path, bool]:
+    """The run's config, its folder and whether it resumes (decided by rank 0, which holds the folder).
+
+    After torchrun restarted the group (same command line), the run resumes from its folder's
+    checkpoint, or starts afresh there if none was written yet.
+    """
+    from .runs import CHECKPOINT, CONFIG, fresh_run_path, load_config
+
+    if args.resume:
+        return resumed_config(args), Path(args.resume), True
+    config = config_from_args(args)
+    run_dir = Path(args.out or fresh_run_path())
+    if world.restarts and (run_dir / CONFIG).is_file():
+        saved = load_config(run_dir)
+        if not _same_run(saved, config):
+            raise VaelabError(f"torchrun restarted this job, but {run_dir / CONFIG} describes another run; "
+                              "choose another --out")
+        if (run_dir / CHECKPOINT).is_file():
+            return saved, run_dir, True
+        (run_dir / CONFIG).unlink()  # no epoch finished: start afresh in the same folder
+    return config, run_dir, False
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .data import load_data
     from .plots import draw_figures
-    from .runs import fresh_run_path
     from .train import train
 
-    config = resumed_config(args) if args.resume else config_from_args(args)
+    world = distributed.from_environment()
+    if world.distributed and not (args.out or args.resume):
+        raise VaelabError("under torchrun, give --out DIR: every rank, and every restart, must name the same run")
+    distributed.start(world)
+    config, run_dir, resume = distributed.share_result(lambda: _plan(args, world), world)
     config.validate()  # before anything is fetched or written
-    data = load_data(config.data_dir, progress=not args.quiet)
+    data = load_data(config.data_dir, progress=not args.quiet and world.main)
     if config.data_dir is not None or not data.verified:
         # Recorded absolute, so that later commands find it from any folder.
         config.data_dir = str(data.directory.resolve())
-    run_dir = Path(args.resume or args.out or fresh_run_path())
-    result = train(config, run_dir, data, progress=not args.quiet, resume=bool(args.resume))
-    if not args.no_plots:
-        draw_figures(run_dir, result.model, result.data, result.metrics)
-    last = result.metrics[-1]
-    print(f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per image; "
-          f"run saved in {run_dir}")
+    result = train(config, run_dir, data, progress=not args.quiet, resume=resume, world=world)
+    if world.main:
+        if not args.no_plots:
+            draw_figures(run_dir, result.model, result.data, result.metrics)
+        last = result.metrics[-1]
+        print(f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per image; "
+              f"run saved in {run_dir}")
     return 0
 
 
-def _load(run: str, data_dir: str | None, device: str = "cpu"):
-    """A run's model and data (the run's own data folder unless given)."""
+def _load(run: str, data_dir: str | None, device: str = "cpu", world=None):
+    """A run's model and data (the run's own data folder unless given). Under torchrun rank 0
+    reads the run and passes the weights on; every rank reads its own data."""
+    from . import distributed
     from .data import load_data
+    from .models import VAE
     from .runs import load_config, load_run
-    from .train import pick_device
 
-    config = load_config(run)
-    model = load_run(run, pick_device(device))
-    data = load_data(data_dir or config.data_dir)
+    world = world or distributed.SINGLE
+
+    def read():
+        model = load_run(run)
+        return load_config(run), {k: v.cpu() for k, v in model.state_dict().items()}
+
+    config, state = distributed.share_result(read, world)
+    model = VAE(config.model)
+    model.load_state_dict(state)
+    model = model.to(distributed.pick_device(device, world)).eval()
+    data = load_data(data_dir or config.data_dir, progress=world.main)
     if data.x_dim != model.config.x_dim:
         raise VaelabError(f"the data in {data.directory} has {data.x_dim} pixels per image "
                           f"but the model in {run} expects {model.config.x_dim}")
@@ -234,6 +281,7 @@ def _load(run: str, data_dir: str | None, device: str = "cpu"):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import distributed
     from .evaluate import importance_sampled
     from .runs import check_writable, write_eval
 
@@ -241,13 +289,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    model, data = _load(args.run, args.data_dir, args.device)
+    world = distributed.from_environment()
+    distributed.start(world)
+    model, data = _load(args.run, args.data_dir, args.device, world)
     data = data.subset(None, args.test_size)
-    check_writable(Path(args.run), "eval.json goes there: make it writable")  # before minutes of work
+    # before minutes of work
+    distributed.share_result(lambda: check_writable(Path(args.run), "eval.json goes there: make it writable"), world)
     start = time.perf_counter()
     r = importance_sampled(model, data.test_images, k=args.k, seed=args.seed, precision=args.precision,
-                           progress=not args.quiet)
-    r["seconds"], r["device"] = time.perf_counter() - start, str(model.device)
+                           progress=not args.quiet, world=world)
+    r["seconds"], r["device"], r["processes"] = time.perf_counter() - start, str(model.device), world.size
+    if not world.main:
+        return 0
     write_eval(args.run, r)
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image, "
@@ -334,18 +387,30 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# The commands that run under torchrun; the others work in one process.
+DISTRIBUTED_COMMANDS = ("train", "evaluate")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
+
     args = build_parser().parse_args(argv)
+    world = distributed.from_environment()
     try:
+        if world.distributed and args.command not in DISTRIBUTED_COMMANDS:
+            raise VaelabError(f"vaelab {args.command} runs in one process: start it without torchrun")
         return args.func(args)
     except VaelabError as e:
         if args.debug:
             raise
-        print(f"vaelab: error: {e}", file=sys.stderr)
+        where = f" (rank {world.rank})" if world.distributed else ""
+        print(f"vaelab: error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vaelab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

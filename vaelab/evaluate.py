@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from . import rng
+from . import distributed, progress as show, rng
+from .distributed import SINGLE, World
 from .errors import VaelabError
 from .models import VAE
 from .nets import Workspace
@@ -90,17 +90,18 @@ class TestSet:
 
 @torch.no_grad()
 def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples: int = 1,
-              batch_size: int = 1000) -> float:
+              batch_size: int = 1000, world: World = SINGLE) -> float:
     """Mean over the test set of the negative ELBO (analytic KL, `samples` draws of z) or the
-    negative IWAE bound (k = samples), nats per image."""
+    negative IWAE bound (k = samples), nats per image. Under torchrun the ranks share the
+    batches and add their sums."""
     if samples > len(test_set.eps):
         raise ValueError(f"the test set was drawn with {len(test_set.eps)} samples, not {samples}")
     loss = OBJECTIVES[objective]
     total = torch.zeros((), dtype=torch.float64, device=test_set.x.device)
-    for start in range(0, len(test_set.x), batch_size):
+    for start in range(world.rank * batch_size, len(test_set.x), world.size * batch_size):
         x, eps = test_set.x[start:start + batch_size], test_set.eps[:samples, start:start + batch_size]
         total += loss(model(x, eps)).sum(dtype=torch.float64)
-    return total.item() / len(test_set.x)
+    return distributed.all_sum(total, world).item() / len(test_set.x)
 
 
 class _Accumulator:
@@ -171,7 +172,8 @@ def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int)
 @torch.no_grad()
 def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
                        iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int | None = None,
-                       chunk: int | None = None, precision: str = "fp32", progress: bool = True) -> dict:
+                       chunk: int | None = None, precision: str = "fp32", progress: bool = True,
+                       world: World = SINGLE) -> dict:
     """Importance-sampled test log-likelihood of images: (N, C, H, W) uint8.
 
     Returns a dict (all in nats per image):
@@ -185,7 +187,9 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
 
     batch_size images x chunk samples run per launch on CUDA (default: as many as
     fit); the CPU runs tile by tile. precision "bf16" decodes in bfloat16
-    ("auto": where the hardware has it natively).
+    ("auto": where the hardware has it natively). Under torchrun the ranks share the
+    launches and every rank gets every image's values: each is computed as one process
+    would compute it, so the result is the same.
     """
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
@@ -214,10 +218,13 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     observe_keys, noise_keys = image_keys(seed, "observe", index), image_keys(seed, "noise", index)
     z_dim = model.config.z_dim
     workspace = Workspace()
-    log_px, var, iwae = [], [], {j: [] for j in iwae_ks}
-    bar = tqdm(total=n * k, desc=f"importance sampling, K={k}", unit="sample", unit_scale=True,
-               disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(padded), nb):
+    # Per image: log p(x), its variance, and each IWAE bound; rows this rank does not compute stay 0.
+    values = torch.zeros((2 + len(iwae_ks), len(padded)), dtype=torch.float64, device=device)
+    launches = range(0, len(padded), nb)
+    mine = launches[world.rank::world.size]
+    bar = show.bar(sum(min(nb, n - s) for s in mine if s < n) * k, f"importance sampling, K={k}",
+                   progress and world.main, report=True, unit="sample", unit_scale=True)
+    for start in mine:
         rows = slice(start, min(start + nb, len(padded)))
         x = model.observe(padded[rows], observe_keys[rows])
         acc = _Accumulator(len(x), iwae_ks, device)
@@ -226,19 +233,17 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
             log_w = log_weights(model(x, eps, workspace))
             acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
             bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
-        log_px.append(acc.log_px())
-        var.append(acc.log_px_variance())
-        for j in iwae_ks:
-            iwae[j].append(acc.iwae(j))
+        values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
     bar.close()
-    log_px_all = torch.cat(log_px)[:n]
+    values = distributed.all_sum(values, world)[:, :n]  # adding zeros is exact: one value per image
+    log_px_all, var, iwae = values[0], values[1], dict(zip(iwae_ks, values[2:]))
     return {
         "k": k,
         "nll": -log_px_all.mean().item(),
-        "nll_se": (torch.cat(var)[:n].sum().sqrt() / n).item(),
+        "nll_se": (var.sum().sqrt() / n).item(),
         "nll_se_images": (log_px_all.std() / math.sqrt(n)).item() if n > 1 else None,
-        "neg_elbo": -torch.cat(iwae[1])[:n].mean().item(),
-        "iwae": {str(j): -torch.cat(iwae[j])[:n].mean().item() for j in iwae_ks},
+        "neg_elbo": -iwae[1].mean().item(),
+        "iwae": {str(j): -iwae[j].mean().item() for j in iwae_ks},
         "test_images": n,
         "test_set_sha256": fingerprint(images),
         "seed": seed,

@@ -5,6 +5,7 @@
     RUN/checkpoint.safetensors  weights, optimizer state and the metrics so far, of
                             the last finished epoch (for --resume)
     RUN/metrics.jsonl       one JSON object per finished epoch
+    RUN/batch_losses.npy    (epochs, steps) float32: each global batch's mean training loss
     RUN/eval.json           written by `vaelab evaluate`
     RUN/log_px.npy          its per-image log p(x) estimates (float64, test-set order)
     RUN/figures/*.png
@@ -34,6 +35,7 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 LOG_PX = "log_px.npy"
+BATCH_LOSSES = "batch_losses.npy"
 FIGURES = "figures"
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, METRICS)
 
@@ -135,6 +137,17 @@ def write_metrics(run_dir: Path, records: list[dict]) -> None:
     atomic_write_bytes(Path(run_dir) / METRICS, text.encode())
 
 
+def write_batch_losses(run_dir: Path, epoch: int, losses: np.ndarray) -> None:
+    """Put epoch's (steps,) batch losses in row epoch - 1 of RUN/batch_losses.npy, atomically."""
+    path = Path(run_dir) / BATCH_LOSSES
+    rows = np.load(path, allow_pickle=False)[:epoch - 1] if path.is_file() else np.zeros((0, len(losses)))
+    if len(rows) != epoch - 1 or rows.shape[1] != len(losses):  # missing or from another recipe: start again
+        rows = np.full((epoch - 1, len(losses)), np.nan, dtype=np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, np.concatenate([rows, losses[None]]).astype(np.float32))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
@@ -174,32 +187,48 @@ def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
 OPTIMIZER_STATE = {"sgd": set(), "adam": {"step", "exp_avg", "exp_avg_sq"}}
 
 
-def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, kind: str) -> list[dict]:
-    """Restore model and optimizer (`kind`: "sgd" or "adam") from RUN/checkpoint.safetensors.
-
-    Returns the metrics of the finished epochs (and rewrites metrics.jsonl and
-    model.safetensors to match them). Checkpoints of earlier versions load too:
-    their random-number state is not needed any more, and their plain-SGD
-    optimizer groups become torch.optim.SGD's.
-    """
-    from safetensors import safe_open
-
+def read_checkpoint(run_dir: Path) -> bytes:
+    """The bytes of RUN/checkpoint.safetensors (rank 0 reads them and shares them)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise RunError(f"{run_dir} has no {CHECKPOINT} to resume from: no epoch of it has finished")
     try:
-        tensors = load_safetensors(path.read_bytes())
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
+        return path.read_bytes()
+    except OSError as e:
+        raise RunError(f"{path} cannot be read ({e.strerror or e})") from None
+
+
+def _metadata(data: bytes) -> dict:
+    """The __metadata__ of safetensors bytes: an 8-byte little-endian length, then a JSON header."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n])["__metadata__"]
+
+
+def restore_checkpoint(data: bytes, run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
+                       kind: str) -> list[dict]:
+    """Put checkpoint bytes back into model and optimizer (`kind`: "sgd" or "adam"); returns the
+    metrics of the finished epochs. Checkpoints of earlier versions load too: their random-number
+    state is not needed any more, and their plain-SGD optimizer groups become torch.optim.SGD's."""
+    path = Path(run_dir) / CHECKPOINT
+    try:
+        tensors = load_safetensors(data)
+        metadata = _metadata(data)
         metrics = json.loads(metadata["metrics"])
         saved = json.loads(metadata["optimizer"])
-    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path} is corrupt: {e}") from None
     try:
         _restore(tensors, saved, model, optimizer, kind)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise RunError(f"{path} does not fit this run (corrupt, or written for another model, "
                        f"optimizer or device): {e}") from None
+    return metrics
+
+
+def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, kind: str) -> list[dict]:
+    """Restore model and optimizer from RUN/checkpoint.safetensors and rewrite metrics.jsonl and
+    model.safetensors to match it. Returns the metrics of the finished epochs."""
+    metrics = restore_checkpoint(read_checkpoint(run_dir), run_dir, model, optimizer, kind)
     save_weights(run_dir, model)
     write_metrics(run_dir, metrics)
     return metrics

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from . import rng
+from .distributed import SINGLE, World
 from .models import VAE
 from .objectives import OBJECTIVES
 
@@ -24,16 +25,21 @@ class TrainStep:
     that batch's mean loss (a 0-d tensor on the device; nothing is synchronised).
 
     images: (N, C, H, W) uint8 on the model's device. samples: S draws of z per
-    image (L of the ELBO, or k of the IWAE bound).
+    image (L of the ELBO, or k of the IWAE bound). batch_size is the global batch: under
+    torchrun rank r trains on its r-th share, drawn as a single process would draw it, through
+    `forward` (the model wrapped in DistributedDataParallel, which averages the gradients).
     """
 
-    # Eager steps before capture: the optimizer creates its state, the allocator settles.
-    WARMUP = 3
+    # Eager steps before capture: the optimizer creates its state, the allocator settles
+    # (DistributedDataParallel wants 11, after which it has built its buckets).
+    WARMUP, WARMUP_DDP = 3, 11
 
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
-                 objective: str, samples: int, batch_size: int, cuda_graph: bool = True):
+                 objective: str, samples: int, batch_size: int, cuda_graph: bool = True,
+                 world: World = SINGLE, forward: torch.nn.Module | None = None):
         device = images.device
         self.model, self.optimizer, self.images = model, optimizer, images
+        self.forward = forward or model
         self.objective = OBJECTIVES[objective]
         self.samples, self.batch_size = samples, batch_size
         self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
@@ -43,11 +49,13 @@ class TrainStep:
         self.x = torch.empty((n, *images.shape[1:]), dtype=torch.float32, device=device)
         self.eps = torch.empty((n, samples * z_dim), dtype=torch.float32, device=device)
         self.step = torch.zeros((), dtype=torch.int64, device=device)
-        self.rows = torch.arange(batch_size, device=device)
+        share = batch_size // world.size
+        self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
         self.capture = cuda_graph and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self._loss: torch.Tensor | None = None  # the captured step's output
         self._eager_steps = 0
+        self._warmup = self.WARMUP_DDP if world.distributed else self.WARMUP
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,7 +93,7 @@ class TrainStep:
     def eager(self) -> torch.Tensor:
         """The step itself, run op by op."""
         x, eps = self.draw()
-        loss = self.objective(self.model(x, eps)).mean()
+        loss = self.objective(self.forward(x, eps)).mean()
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self.optimizer.step()
@@ -98,7 +106,7 @@ class TrainStep:
             return self._loss
         if not self.capture:
             return self.eager()
-        if self._eager_steps < self.WARMUP:
+        if self._eager_steps < self._warmup:
             # Warm-up on a side stream, as capture wants; these are real steps of the epoch.
             side = torch.cuda.Stream(device=self.step.device)
             side.wait_stream(torch.cuda.current_stream())

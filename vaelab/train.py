@@ -16,15 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from tqdm import tqdm
 
+from . import distributed, progress as show
 from .config import RunConfig
 from .data import Dataset, load_data
+from .distributed import SINGLE, World
 from .errors import VaelabError
 from .evaluate import TestSet, mean_loss
 from .models import VAE, build_model
-from .runs import load_checkpoint, new_run_dir, save_checkpoint, save_config
+from .runs import (new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config, save_weights,
+                   write_batch_losses, write_metrics)
 from .step import TrainStep
 
 
@@ -38,6 +41,7 @@ class TrainResult:
     metrics: list[dict]
     data: Dataset
     run_dir: Path | None
+    batch_losses: list[np.ndarray]  # per epoch trained here, each (steps,): the global batches' mean losses
 
 
 @dataclass
@@ -51,15 +55,12 @@ class Training:
     lr: torch.Tensor          # the optimizer's learning rate, a tensor the schedule fills
     step: TrainStep
     test_set: TestSet         # the test images drawn once: the same pixels and noise every epoch
+    world: World = SINGLE
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' means CUDA when there is a GPU, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise VaelabError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
+def pick_device(name: str, world: World = SINGLE) -> torch.device:
+    """'auto' means CUDA when there is a GPU, else the CPU (under torchrun, cuda:LOCAL_RANK)."""
+    return distributed.pick_device(name, world)
 
 
 def make_optimizer(config: RunConfig, model: VAE, lr: torch.Tensor) -> torch.optim.Optimizer:
@@ -82,11 +83,19 @@ def set_deterministic(device: torch.device) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def build(config: RunConfig, data: Dataset | None = None, progress: bool = True) -> Training:
-    """Everything a run needs, from its config; `config` itself is left as it was."""
+def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
+          world: World = SINGLE) -> Training:
+    """Everything a run needs, from its config; `config` itself is left as it was.
+
+    Under torchrun (world of several ranks) the model is wrapped in DistributedDataParallel
+    and each rank trains on its share of every (global) batch.
+    """
     config = copy.deepcopy(config)
     config.validate()
-    device = pick_device(config.device)
+    if config.batch_size % world.size:
+        raise VaelabError(f"--batch-size {config.batch_size} does not divide among {world.size} processes; "
+                          f"give a multiple of {world.size}")
+    device = pick_device(config.device, world)
     if config.deterministic:
         set_deterministic(device)
     if data is None:
@@ -100,24 +109,32 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True)
     lr = torch.tensor(config.lr_at(1), dtype=torch.float32, device=device)
     optimizer = make_optimizer(config, model, lr)
     samples = config.k if config.objective == "iwae" else config.samples
+    forward = model
+    if world.distributed:  # averages the gradients over the ranks during backward
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                            else None)
     step = TrainStep(model, optimizer, data.train_images.to(device), objective=config.objective,
-                     samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph)
+                     samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph,
+                     world=world, forward=forward)
     test_set = TestSet.draw(model, data.test_images.to(device), seed=config.eval_seed, samples=samples)
-    return Training(config, data, model, optimizer, lr, step, test_set)
+    return Training(config, data, model, optimizer, lr, step, test_set, world)
 
 
 def train_epoch(training: Training, epoch: int, progress: bool) -> torch.Tensor:
-    """One pass over the training images in the epoch's order. Returns the (steps,) batch
-    losses, kept on the device: no per-step synchronisation."""
+    """One pass over the training images in the epoch's order. Returns the (steps,) losses of
+    the global batches (averaged over the ranks), kept on the device until the epoch ends: no
+    per-step synchronisation."""
     step, config = training.step, training.config
     step.begin_epoch(config.seed, epoch)
     losses = torch.empty(step.steps_per_epoch, device=step.images.device)
-    bar = tqdm(range(len(losses)), desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
-    for i in bar:
+    bar = show.bar(len(losses), f"epoch {epoch}", progress, leave=False)
+    for i in range(len(losses)):
         losses[i] = step()
-        if progress and i % 50 == 49:
+        bar.update()
+        if i % 50 == 49:
             bar.set_postfix(loss=f"{losses[i].item():.2f}")
-    return losses
+    bar.close()
+    return distributed.all_sum(losses, training.world).div_(training.world.size)
 
 
 def _advice(config: RunConfig, epoch: int, run_dir: Path | None) -> str:
@@ -141,53 +158,63 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     set, its pixels and noise drawn once per run), seconds; with --objective iwae
     also test_iwae.
     """
-    config, model = training.config, training.model
+    config, model, world = training.config, training.model, training.world
+    progress = progress and world.main  # rank 0 writes and shows; the others only compute
     metrics: list[dict] = []
     if resume:
         if run_dir is None:
             raise VaelabError("resuming needs the run directory")
-        metrics = load_checkpoint(Path(run_dir), model, training.optimizer, config.optimizer)
+        # Rank 0 holds the run folder; the others get its checkpoint from it (no shared disk needed).
+        data = distributed.share_result(lambda: read_checkpoint(Path(run_dir)), world)
+        metrics = restore_checkpoint(data, Path(run_dir), model, training.optimizer, config.optimizer)
         if len(metrics) > config.epochs:
             raise VaelabError(f"{run_dir} has finished {len(metrics)} epochs already; --epochs {config.epochs} "
                               f"would undo some: give at least {len(metrics)}")
-        save_config(Path(run_dir), config)  # records a longer --epochs, another device or data folder
+        if world.main:
+            save_weights(Path(run_dir), model)
+            write_metrics(Path(run_dir), metrics)
+            save_config(Path(run_dir), config)  # records a longer --epochs, another device or data folder
     elif run_dir is not None:
-        run_dir = new_run_dir(run_dir)  # created if need be; one holding a run is refused
-        save_config(run_dir, config)
-    if progress and run_dir is not None:
-        tqdm.write(f"run directory: {run_dir}", file=sys.stderr)
+        # created if need be; one holding a run is refused
+        run_dir = distributed.share_result(lambda: new_run_dir(run_dir), world)
+        if world.main:
+            save_config(run_dir, config)
+    show.write(f"run directory: {run_dir}", progress and run_dir is not None, file=sys.stderr)
 
-    epochs = tqdm(range(len(metrics) + 1, config.epochs + 1), desc="epochs", disable=not progress,
-                  dynamic_ncols=True)
-    for epoch in epochs:
+    batch_losses: list[np.ndarray] = []
+    epochs = show.bar(config.epochs - len(metrics), "epochs", progress)
+    for epoch in range(len(metrics) + 1, config.epochs + 1):
         start = time.perf_counter()
         training.lr.fill_(config.lr_at(epoch))
         model.train()
         losses = train_epoch(training, epoch, progress)
-        train_loss = losses.mean().item()
+        train_loss = losses.mean().item()  # the same on every rank: they stop together
         if not math.isfinite(train_loss):
             bad = int((~torch.isfinite(losses)).nonzero()[0])
             raise TrainingDiverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1} "
                                    f"of {len(losses)}: training diverged; {_advice(config, epoch, run_dir)}")
         model.eval()
-        test_loss = mean_loss(model, training.test_set, "elbo", samples=config.samples)
+        test_loss = mean_loss(model, training.test_set, "elbo", samples=config.samples, world=world)
         if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
                                    f"{_advice(config, epoch, run_dir)}")
         record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss}
         if config.objective == "iwae":
-            record["test_iwae"] = mean_loss(model, training.test_set, "iwae", samples=config.k)
+            record["test_iwae"] = mean_loss(model, training.test_set, "iwae", samples=config.k, world=world)
         record["seconds"] = time.perf_counter() - start
         metrics.append(record)
-        if run_dir is not None:
+        batch_losses.append(losses.cpu().numpy())
+        if run_dir is not None and world.main:
             save_checkpoint(Path(run_dir), model, training.optimizer, metrics)
-        if progress:
-            epochs.write(f"epoch {epoch:3d}  train {train_loss:8.3f}  test {test_loss:8.3f} "
-                         f"nats  ({record['seconds']:.1f} s)")
-    return TrainResult(model.eval(), metrics, training.data, run_dir)
+            write_batch_losses(Path(run_dir), epoch, batch_losses[-1])
+        epochs.update()
+        show.write(f"epoch {epoch:3d}  train {train_loss:8.3f}  test {test_loss:8.3f} "
+                   f"nats  ({record['seconds']:.1f} s)", progress)
+    epochs.close()
+    return TrainResult(model.eval(), metrics, training.data, run_dir, batch_losses)
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
-          progress: bool = True, resume: bool = False) -> TrainResult:
+          progress: bool = True, resume: bool = False, world: World = SINGLE) -> TrainResult:
     """build, then fit: train a VAE as `config` says; with run_dir, save everything there."""
-    return fit(build(config, data, progress), run_dir, progress, resume)
+    return fit(build(config, data, progress, world), run_dir, progress, resume)
