@@ -240,6 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise VaelabError("under torchrun, give --out DIR: every rank, and every restart, must name the same run")
     distributed.start(world)
     config, run_dir, resume = distributed.share_result(lambda: _plan(args, world), world)
+    if args.data_dir is not None or not args.resume:  # each machine may keep the data in its own folder
+        config.data_dir = args.data_dir
     config.validate()  # before anything is fetched or written
     data = load_data(config.data_dir, progress=not args.quiet and world.main)
     if config.data_dir is not None or not data.verified:
