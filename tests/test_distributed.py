@@ -164,7 +164,8 @@ def test_the_global_batch_must_divide_among_the_processes():
 
 def test_the_world_comes_from_torchruns_environment():
     world = from_environment({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "TORCHELASTIC_RESTART_COUNT": "2"})
-    assert world == World(rank=1, size=4, local_rank=1, restarts=2) and not world.main and world.distributed
+    assert world == World(rank=1, size=4, local_rank=1, restarts=2, torchrun=True)
+    assert not world.main and world.distributed
     assert from_environment({}) == World() and World().main
 
 

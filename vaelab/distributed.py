@@ -29,6 +29,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     restarts: int = 0
+    torchrun: bool = False  # launched by torchrun (then even a world of one joins a process group)
 
     @property
     def main(self) -> bool:
@@ -37,7 +38,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        return self.torchrun or self.size > 1
 
 
 SINGLE = World()
@@ -48,7 +49,7 @@ def from_environment(env=os.environ) -> World:
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return SINGLE
     return World(rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
-                 restarts=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+                 restarts=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), torchrun=True)
 
 
 def pick_device(name: str, world: World = SINGLE) -> torch.device:

@@ -30,9 +30,8 @@ class TrainStep:
     `forward` (the model wrapped in DistributedDataParallel, which averages the gradients).
     """
 
-    # Eager steps before capture: the optimizer creates its state, the allocator settles
-    # (DistributedDataParallel wants 11, after which it has built its buckets).
-    WARMUP, WARMUP_DDP = 3, 11
+    # Eager steps before capture: the optimizer creates its state, the allocator settles.
+    WARMUP = 3
 
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
                  objective: str, samples: int, batch_size: int, cuda_graph: bool = True,
@@ -51,11 +50,11 @@ class TrainStep:
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         share = batch_size // world.size
         self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
-        self.capture = cuda_graph and device.type == "cuda"
+        # Not under DistributedDataParallel: its all-reduce inside a graph is untested here.
+        self.capture = cuda_graph and device.type == "cuda" and not world.distributed
         self.graph: torch.cuda.CUDAGraph | None = None
         self._loss: torch.Tensor | None = None  # the captured step's output
         self._eager_steps = 0
-        self._warmup = self.WARMUP_DDP if world.distributed else self.WARMUP
 
     @property
     def steps_per_epoch(self) -> int:
@@ -106,7 +105,7 @@ class TrainStep:
             return self._loss
         if not self.capture:
             return self.eager()
-        if self._eager_steps < self._warmup:
+        if self._eager_steps < self.WARMUP:
             # Warm-up on a side stream, as capture wants; these are real steps of the epoch.
             side = torch.cuda.Stream(device=self.step.device)
             side.wait_stream(torch.cuda.current_stream())

@@ -110,6 +110,9 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     optimizer = make_optimizer(config, model, lr)
     samples = config.k if config.objective == "iwae" else config.samples
     forward = model
+    if world.distributed and device.type == "cuda" and config.cuda_graph and world.main:
+        print("vaelab: under torchrun the step is not captured as a CUDA graph (not yet tested with "
+              "DistributedDataParallel); training eagerly", file=sys.stderr)
     if world.distributed:  # averages the gradients over the ranks during backward
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
