@@ -35,7 +35,10 @@ def vaelab(*args, timeout=120):
                           env=environment(), timeout=timeout)
 
 
-def torchrun(*args, launcher=("--standalone", "--nproc-per-node", "2"), timeout=120):
+STANDALONE = ("--standalone", "--nproc-per-node", "2")
+
+
+def torchrun(*args, launcher=STANDALONE, timeout=120):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "vaelab",
                            *map(str, args)], capture_output=True, text=True, env=environment(), timeout=timeout)
 

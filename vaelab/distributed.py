@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -69,11 +70,22 @@ def pick_device(name: str, world: World = SINGLE) -> torch.device:
     return torch.device("cuda")
 
 
+def _store(world: World, env=os.environ) -> dist.Store:
+    """The key-value store the ranks meet in: torchrun's (its agent's, or one rank 0 hosts), seen
+    under a prefix of this attempt. After torchrun restarted the group, the store still holds the
+    keys of the attempt before, such as the killed ranks' addresses; read under the same prefix,
+    they made gloo connect to ports nobody listened on any more."""
+    agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.size,
+                          is_master=not agent and world.main, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"vaelab/attempt-{world.restarts}", store)
+
+
 def start(world: World) -> None:
     """Join the process group (gloo for CPU tensors, NCCL for CUDA ones); nothing for one process."""
     if world.distributed and not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, store=_store(world), rank=world.rank, world_size=world.size)
 
 
 def stop() -> None:
