@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 import vaelab
 
+from machine import write_results  # benchmarks/machine.py, beside this script
 from speed import PerImageDataset, TutorialVAE, baseline_epoch  # benchmarks/speed.py, beside this script
 
 HERE = Path(__file__).resolve().parent
@@ -108,10 +109,7 @@ def main(argv=None) -> int:
                      "nll_se": record["nll_se"], "precision": record["precision"], "k": record["k"],
                      "printed": evaluated.stdout},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "gpu.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "gpu", report, markdown(report))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -25,3 +26,11 @@ def cpu_description() -> str:
         vector += " with bf16"
     family = f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
     return f"{fields.get('model name', 'unknown CPU')} ({', '.join(x for x in (family, vector) if x)})"
+
+
+def write_results(out: Path, name: str, report: dict, table: str) -> None:
+    """Write out/name.json (the figures) and out/name.md (the table), and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(table)
+    print(table)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import cpu_description  # benchmarks/machine.py, beside this script
+from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -77,11 +77,7 @@ def main(argv=None) -> int:
         "evaluate_precision": evaluation[1]["precision"], "k": args.k,
         "per_image_values_identical": identical, "nll": evaluation[1]["nll"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = markdown(report)
-    (args.out / "scaling.md").write_text(md)
-    print(md)
+    write_results(args.out, "scaling", report, markdown(report))
     return 0
 
 

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset as TorchDataset
 import vaelab
 from vaelab.evaluate import importance_sampled, resolve_precision
 
-from machine import cpu_description  # benchmarks/machine.py, beside this script
+from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 BATCH, LR, Z = 100, 5e-3, 2
@@ -276,11 +276,7 @@ def main(argv=None) -> int:
             report["default_train_test_loss"] = json.loads(
                 Path(f"{tmp}/run0/metrics.jsonl").read_text().splitlines()[-1])["test_loss"]
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (args.out / "speed.md").write_text(table)
-    print(table)
+    write_results(args.out, "speed", report, markdown(report))
     return 0
 
 

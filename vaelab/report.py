@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data import Dataset
