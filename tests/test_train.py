@@ -143,3 +143,48 @@ def test_a_slice_of_the_batch_draws_what_the_whole_batch_draws():
     half.step.fill_(1)  # the second half of the first 50 images
     x_half, eps_half = half.draw()
     assert torch.equal(x[25:], x_half) and torch.equal(eps[:, 25:], eps_half)
+
+
+def test_a_kl_weight_trains_while_test_loss_stays_the_true_negative_elbo():
+    from torch.distributions import Bernoulli, Normal, kl_divergence
+
+    result = train(tiny_config(beta=4.0, kl_warmup=5, epochs=2), data=synthetic_dataset(), progress=False)
+    model, data = result.model, result.data
+    test_set = TestSet.draw(model, data.test_images, seed=tiny_config().eval_seed, samples=1)
+    with torch.no_grad():  # by hand, weight 1, from the same pixels and noise
+        x = test_set.x.flatten(1)
+        h = model.head(model.encoder(x))
+        mu, logvar = h.chunk(2, dim=-1)
+        q = Normal(mu, torch.exp(logvar / 2))
+        z = mu + torch.exp(logvar / 2) * test_set.eps[0]
+        log_px = Bernoulli(logits=model.decoder(z)).log_prob(x).sum(-1)
+        expected = (kl_divergence(q, Normal(0.0, 1.0)).sum(-1) - log_px).mean().item()
+    assert result.metrics[-1]["test_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_kl_weight_rises_step_by_step_over_the_warm_up():
+    result = train(tiny_config(beta=2.0, kl_warmup=2, epochs=3), data=synthetic_dataset(), progress=False)
+    steps = 300 // 50  # per epoch
+    expected = [2.0 * (steps - 1) / (2 * steps), 2.0 * (2 * steps - 1) / (2 * steps), 2.0]
+    assert [m["kl_weight"] for m in result.metrics] == pytest.approx(expected)
+    assert "kl_weight" not in train(tiny_config(epochs=1), data=synthetic_dataset(), progress=False).metrics[0]
+
+
+def test_the_training_loss_is_the_weighted_objective():
+    from vaelab.objectives import negative_elbo
+
+    training = build(tiny_config(beta=0.0), data=synthetic_dataset(), progress=False)
+    training.step.begin_epoch(0, 1)
+    x, eps = training.step.draw()
+    with torch.no_grad():
+        terms = training.model(x, eps)
+    reconstruction = -terms.log_px_z.mean(0).mean()  # beta 0: no KL at all
+    torch.testing.assert_close(training.step(), reconstruction)
+    assert negative_elbo(terms).mean() > reconstruction
+
+
+def test_a_kl_weight_with_the_iwae_bound_is_refused_in_one_line():
+    with pytest.raises(Exception, match="--beta and --kl-warmup weight the ELBO's KL term"):
+        tiny_config(objective="iwae", beta=2.0).validate()
+    with pytest.raises(Exception, match="--beta must be a number >= 0"):
+        tiny_config(beta=-1.0).validate()

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"standard deviation of the gaussian likelihood (default: {d.model.sigma})")
     p.add_argument("--objective", choices=OBJECTIVES,
                    help=f"elbo, or iwae: the importance-weighted bound of Burda et al. (default: {d.objective})")
+    p.add_argument("--beta", type=float,
+                   help="weight of the KL term in the training objective (beta-VAE; default: 1, the ELBO); "
+                        "test_loss and evaluate stay the true negative ELBO and NLL")
+    p.add_argument("--kl-warmup", type=int, metavar="E",
+                   help="raise the KL weight linearly, step by step, from 0 to --beta over the first E epochs "
+                        "(default: 0, no warm-up)")
     p.add_argument("--samples", type=int, metavar="L",
                    help=f"Monte-Carlo samples of z per image in the ELBO (default: {d.samples})")
     p.add_argument("--k", type=int, help=f"importance samples per image for --objective iwae (default: {d.k})")
@@ -165,7 +171,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                    decoder_hidden=args.decoder_hidden, activation=args.activation,
                    likelihood=given("likelihood", d.model.likelihood), sigma=given("sigma", d.model.sigma))
     return RunConfig(model=model, preset=name, objective=given("objective", d.objective),
-                     samples=given("samples", d.samples), k=given("k", d.k),
+                     samples=given("samples", d.samples), k=given("k", d.k), beta=given("beta", d.beta),
+                     kl_warmup=given("kl_warmup", d.kl_warmup),
                      optimizer=given("optimizer", d.optimizer), lr=given("lr", d.lr),
                      schedule=given("schedule", d.schedule), batch_size=given("batch_size", d.batch_size),
                      epochs=given("epochs", d.epochs), seed=given("seed", d.seed),

@@ -30,6 +30,10 @@ class RunConfig:
     lr: float = 5e-3
     # "burda": the schedule of Burda et al. (2015): lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...
     schedule: str = "constant"
+    # KL weight of the training objective (beta-VAE), reached linearly step by step over the
+    # first kl_warmup epochs (0: from the start). The test loss always uses weight 1.
+    beta: float = 1.0
+    kl_warmup: int = 0
     batch_size: int = 100
     epochs: int = 20
     seed: int = 0
@@ -55,6 +59,13 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+            raise VaelabError(f"--beta must be a number >= 0, got {self.beta}")
+        if not isinstance(self.kl_warmup, int) or self.kl_warmup < 0:
+            raise VaelabError(f"--kl-warmup must be a whole number of epochs >= 0, got {self.kl_warmup}")
+        if self.objective == "iwae" and (self.beta != 1 or self.kl_warmup):
+            raise VaelabError("--beta and --kl-warmup weight the ELBO's KL term, which the iwae bound does not "
+                              "have; leave them out with --objective iwae")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise VaelabError(f"--lr must be a positive number, got {self.lr}")
         if self.objective not in OBJECTIVES:
@@ -68,6 +79,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether training optimizes another objective than the plain ELBO or IWAE bound."""
+        return self.beta != 1 or self.kl_warmup > 0
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of epoch (1-based) under the schedule."""

@@ -55,9 +55,13 @@ def log_weights(terms: Terms) -> torch.Tensor:
     return terms.log_px_z + terms.log_pz - terms.log_qz
 
 
-def negative_elbo(terms: Terms) -> torch.Tensor:
-    """-ELBO = -(1/S) sum_s log p(x|z_s) + KL(q(z|x) || p(z)), KL analytic: (N,) nats."""
-    return terms.kl - terms.log_px_z.mean(0)
+def negative_elbo(terms: Terms, kl_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """-ELBO = -(1/S) sum_s log p(x|z_s) + KL(q(z|x) || p(z)), KL analytic: (N,) nats.
+
+    kl_weight (beta) weights the KL term: 1 is the ELBO itself; other weights give the
+    beta-VAE objective, which is not a bound on log p(x).
+    """
+    return kl_weight * terms.kl - terms.log_px_z.mean(0)
 
 
 def negative_iwae(terms: Terms) -> torch.Tensor:

@@ -71,7 +71,10 @@ def elbo_figure(metrics: list[dict]) -> Figure:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     epochs = [m["epoch"] for m in metrics]
-    ax.plot(epochs, [-m["train_loss"] for m in metrics], "o-", label="train (mean over the epoch's batches)")
+    weighted = any("kl_weight" in m for m in metrics)  # then train_loss is the beta-weighted objective
+    train_label = ("train: the objective with the KL weighted (not an ELBO)" if weighted
+                   else "train (mean over the epoch's batches)")
+    ax.plot(epochs, [-m["train_loss"] for m in metrics], "o-", label=train_label)
     ax.plot(epochs, [-m["test_loss"] for m in metrics], "s-", label="test")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")

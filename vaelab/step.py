@@ -17,7 +17,7 @@ import torch
 from . import rng
 from .distributed import SINGLE, World
 from .models import VAE
-from .objectives import OBJECTIVES
+from .objectives import negative_elbo, negative_iwae
 
 
 class TrainStep:
@@ -35,11 +35,17 @@ class TrainStep:
 
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
                  objective: str, samples: int, batch_size: int, cuda_graph: bool = True,
-                 world: World = SINGLE, forward: torch.nn.Module | None = None):
+                 world: World = SINGLE, forward: torch.nn.Module | None = None,
+                 beta: float = 1.0, kl_warmup_epochs: int = 0):
         device = images.device
         self.model, self.optimizer, self.images = model, optimizer, images
         self.forward = forward or model
-        self.objective = OBJECTIVES[objective]
+        self.iwae = objective == "iwae"
+        # The ELBO's KL weight: beta, reached linearly over the first kl_warmup_epochs (counted in
+        # steps). It lives in a tensor the step itself updates, so a captured step follows it too.
+        self.beta, self.warmup_steps = beta, kl_warmup_epochs * (len(images) // batch_size)
+        self.kl_weight = torch.full((), beta, dtype=torch.float32, device=device)
+        self.first_step = torch.zeros((), dtype=torch.int64, device=device)  # the epoch's, counted from the run's start
         self.samples, self.batch_size = samples, batch_size
         self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
         # The epoch's draws, made by begin_epoch: row p is the image at position p of the
@@ -78,6 +84,7 @@ class TrainStep:
             self.x[rows] = self.model.observe(images, rng.row_keys(observe_key, positions))
             self.eps[rows] = rng.normal(rng.row_keys(noise_key, positions), self.eps.shape[1])
         self.step.zero_()
+        self.first_step.fill_((epoch - 1) * self.steps_per_epoch)
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current batch as the model sees it, x: (B, C, H, W), and its noise eps: (S, B, z_dim).
@@ -92,7 +99,14 @@ class TrainStep:
     def eager(self) -> torch.Tensor:
         """The step itself, run op by op."""
         x, eps = self.draw()
-        loss = self.objective(self.forward(x, eps)).mean()
+        terms = self.forward(x, eps)
+        if self.iwae:
+            loss = negative_iwae(terms).mean()
+        else:
+            if self.warmup_steps:
+                ramp = (self.first_step + self.step).to(torch.float32).div_(self.warmup_steps).clamp_(max=1.0)
+                self.kl_weight.copy_(ramp.mul_(self.beta))
+            loss = negative_elbo(terms, self.kl_weight).mean()
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self.optimizer.step()

@@ -118,7 +118,7 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
                                                             else None)
     step = TrainStep(model, optimizer, data.train_images.to(device), objective=config.objective,
                      samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph,
-                     world=world, forward=forward)
+                     world=world, forward=forward, beta=config.beta, kl_warmup_epochs=config.kl_warmup)
     test_set = TestSet.draw(model, data.test_images.to(device), seed=config.eval_seed, samples=samples)
     return Training(config, data, model, optimizer, lr, step, test_set, world)
 
@@ -157,9 +157,11 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
 
     Returns the trained model (in eval mode) and one metrics record per epoch:
     epoch, train_loss (the training objective's mean over the epoch's batches:
-    negative ELBO, or negative IWAE bound), test_loss (negative ELBO of the test
-    set, its pixels and noise drawn once per run), seconds; with --objective iwae
-    also test_iwae.
+    negative ELBO, negative IWAE bound, or with --beta / --kl-warmup the negative
+    ELBO with its KL weighted), test_loss (the true negative ELBO of the test set,
+    KL weight 1, its pixels and noise drawn once per run), seconds; with
+    --objective iwae also test_iwae; with a KL weight also kl_weight (at the
+    epoch's last step).
     """
     config, model, world = training.config, training.model, training.world
     progress = progress and world.main  # rank 0 writes and shows; the others only compute
@@ -202,6 +204,8 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
                                    f"{_advice(config, epoch, run_dir)}")
         record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss}
+        if config.weighted:  # train_loss is then the weighted objective, not the negative ELBO
+            record["kl_weight"] = training.step.kl_weight.item()  # at the epoch's last step
         if config.objective == "iwae":
             record["test_iwae"] = mean_loss(model, training.test_set, "iwae", samples=config.k, world=world)
         record["seconds"] = time.perf_counter() - start
