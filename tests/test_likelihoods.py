@@ -88,3 +88,29 @@ def test_an_unknown_likelihood_or_sigma_is_refused_in_one_line():
     with pytest.raises(VaelabError, match="--sigma must be a positive number"):
         make("gaussian", sigma=-1.0)
     assert make("gaussian", 0.5).sigma == 0.5 and math.isclose(make("gaussian").sigma, 0.1)
+
+
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -2.0), (3.0, -5.0), (-4.0, -7.0), (0.5, 1.0), (8.0, -9.0)])
+def test_the_discretized_logistic_gives_the_256_levels_probabilities_that_sum_to_one(mean, log_scale):
+    from vaelab.likelihoods import DiscretizedLogistic
+
+    out = torch.tensor([mean, log_scale]).view(2, 1, 1).expand(256, 2, 1, 1)
+    levels = torch.arange(256, dtype=torch.uint8).view(256, 1, 1, 1)
+    log_p = DiscretizedLogistic().log_prob(out, DiscretizedLogistic().observe(levels))
+    assert torch.isfinite(log_p).all()
+    assert log_p.double().exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_discretized_logistic_is_the_logistic_cdf_over_each_bin():
+    from vaelab.likelihoods import DiscretizedLogistic
+
+    mu, s = 0.3, 0.05
+    out = torch.tensor([math.log(mu / (1 - mu)), math.log(s)], dtype=torch.float64).view(2, 1, 1)
+    cdf = lambda v: 1 / (1 + math.exp(-(v - mu) / s))
+    for k in (0, 1, 77, 254, 255):
+        x = torch.full((1, 1, 1, 1), k / 255, dtype=torch.float64)
+        upper = 1.0 if k == 255 else cdf((k + 0.5) / 255)
+        lower = 0.0 if k == 0 else cdf((k - 0.5) / 255)
+        assert DiscretizedLogistic().log_prob(out.unsqueeze(0), x).item() == pytest.approx(math.log(upper - lower))
+    mean = DiscretizedLogistic().mean(out.unsqueeze(0))
+    assert mean.shape == (1, 1, 1, 1) and mean.item() == pytest.approx(mu)

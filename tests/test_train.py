@@ -188,3 +188,16 @@ def test_a_kl_weight_with_the_iwae_bound_is_refused_in_one_line():
         tiny_config(objective="iwae", beta=2.0).validate()
     with pytest.raises(Exception, match="--beta must be a number >= 0"):
         tiny_config(beta=-1.0).validate()
+
+
+def test_the_logistic_likelihood_trains_and_evaluates_in_bits_per_dimension():
+    from vaelab.evaluate import importance_sampled
+
+    config = tiny_config(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), likelihood="logistic"),
+                         optimizer="adam", lr=1e-3)
+    result = train(config, data=synthetic_dataset(), progress=False)
+    assert result.model.decode(torch.zeros(1, 2)).shape == (1, 2, 8, 8)  # a mean and a scale per pixel
+    r = importance_sampled(result.model, result.data.test_images, k=100, progress=False)
+    assert r["bits_per_dim"] == pytest.approx(r["nll"] / (64 * math.log(2)))
+    # uniformly random grey levels carry 8 bits each: no model of them can do better on average
+    assert 7.5 < r["bits_per_dim"] < 16

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder hidden sizes (default: the preset's)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default: the preset's)")
     p.add_argument("--likelihood", choices=LIKELIHOODS,
-                   help="observation model: bernoulli on binarized pixels, or gaussian on grey levels "
-                        f"with fixed standard deviation --sigma (default: {d.model.likelihood})")
+                   help="observation model: bernoulli on binarized pixels, gaussian on grey levels "
+                        "with fixed standard deviation --sigma, or logistic: a discretized logistic over the "
+                        f"256 grey levels (default: {d.model.likelihood})")
     p.add_argument("--sigma", type=float,
                    help=f"standard deviation of the gaussian likelihood (default: {d.model.sigma})")
     p.add_argument("--objective", choices=OBJECTIVES,
@@ -312,7 +313,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     write_eval(args.run, r)
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
-    print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image, "
+    bits = f" ({r['bits_per_dim']:.4f} bits per dimension)" if "bits_per_dim" in r else ""
+    print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image{bits}, "
           f"Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images "
           f"{'n/a' if r['nll_se_images'] is None else format(r['nll_se_images'], '.3f')}\n"
           f"negative ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\n"

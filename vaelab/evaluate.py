@@ -183,6 +183,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
       neg_elbo      the negative ELBO, estimated from the same K samples (the IWAE bound with k=1)
       iwae          {k': negative IWAE bound for k'} for each k' in iwae_ks that is <= k
       log_px        (N,) float64 numpy array, each image's log p(x) estimate
+      bits_per_dim  nll in bits per pixel and channel, for the discrete likelihoods
     and what fixes the numbers: k, seed, precision, the test set's size and SHA-256.
 
     batch_size images x chunk samples run per launch on CUDA (default: as many as
@@ -244,6 +245,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "nll_se_images": (log_px_all.std() / math.sqrt(n)).item() if n > 1 else None,
         "neg_elbo": -iwae[1].mean().item(),
         "iwae": {str(j): -iwae[j].mean().item() for j in iwae_ks},
+        **({"bits_per_dim": -log_px_all.mean().item() / (images[0].numel() * math.log(2))}
+           if model.likelihood.discrete else {}),
         "test_images": n,
         "test_set_sha256": fingerprint(images),
         "seed": seed,

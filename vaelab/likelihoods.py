@@ -45,6 +45,7 @@ class Likelihood:
     name: str = ""
     channels: int = 1
     random: bool = False  # whether observe() draws random numbers
+    discrete: bool = False  # a probability of the data's values (nats convert to bits per dimension)
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -65,6 +66,7 @@ class Bernoulli(Likelihood):
 
     name = "bernoulli"
     random = True
+    discrete = True
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Each pixel on with probability k / 255 (k its grey level): (N, ...) uint8 -> float32 0/1.
@@ -112,7 +114,47 @@ class Gaussian(Likelihood):
         return f"gaussian (sigma {self.sigma})"
 
 
-LIKELIHOODS = ("bernoulli", "gaussian")
+class DiscretizedLogistic(Likelihood):
+    """Each channel's 256 grey levels as bins of a logistic distribution (as in PixelCNN++, one
+    component): the decoder gives, per pixel and channel, the mean logit m (mean sigmoid(m) in
+    [0, 1]) and the log-scale log_s. Level k has the logistic's mass over [k - 1/2, k + 1/2] / 255,
+    levels 0 and 255 the tails beyond. A probability, so nats convert to bits per dimension.
+
+    Decoder output (..., N, 2C, H, W): the C mean channels first, then the C log-scales.
+    """
+
+    name = "logistic"
+    channels = 2
+    discrete = True
+    MIN_LOG_SCALE = -7.0  # keeps 1 / s finite; a bin is 1/255 wide, e^-7 is a quarter of it
+
+    def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        return images.to(torch.float32).div_(255.0)
+
+    def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
+        c = x.shape[-3]
+        mean, log_s = torch.sigmoid(out[..., :c, :, :]), out[..., c:, :, :].clamp(min=self.MIN_LOG_SCALE)
+        inv_s = torch.exp(-log_s)
+        centred = x - mean
+        upper, lower = (centred + 0.5 / 255) * inv_s, (centred - 0.5 / 255) * inv_s
+        log_sigmoid = lambda v: -F.softplus(-v)         # log of the mass below v
+        log_survival = lambda v: -F.softplus(v)         # log of the mass above v
+        # log(1 - e^d) for d <= 0; float32 cannot tell 1 - e^d from 0 beyond 1e-7
+        log1mexp = lambda d: torch.log1p(-torch.exp(d).clamp(max=1 - 1e-7))
+        # A bin's mass, from whichever side of the mean it lies on: the difference of two
+        # tail masses, each far from 1, stays exact where that of two CDF values would not.
+        below = log_sigmoid(upper) + log1mexp(log_sigmoid(lower) - log_sigmoid(upper))
+        above = log_survival(lower) + log1mexp(log_survival(upper) - log_survival(lower))
+        inside = torch.where(centred > 0, above, below)
+        log_p = torch.where(x < 0.5 / 255, log_sigmoid(upper), torch.where(x > 1 - 0.5 / 255, log_survival(lower),
+                                                                           inside))
+        return log_p.flatten(-3).sum(-1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
+
+
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 
 
 def check(name: str, sigma: float) -> None:
@@ -126,4 +168,4 @@ def check(name: str, sigma: float) -> None:
 def make(name: str, sigma: float = 0.1) -> Likelihood:
     """The likelihood object named `name` (sigma: the Gaussian's standard deviation)."""
     check(name, sigma)
-    return Bernoulli() if name == "bernoulli" else Gaussian(sigma)
+    return {"bernoulli": Bernoulli, "logistic": DiscretizedLogistic}[name]() if name != "gaussian" else Gaussian(sigma)
