@@ -77,8 +77,8 @@ def test_rank_zero_alone_writes_and_logs_are_lines(one_and_two):
     _, two, result = one_and_two
     assert result.stdout.count("run saved in") == 1  # rank 0's summary only
     assert "\r" not in result.stderr  # no progress bar redrawn into a log
-    assert sorted(p.name for p in two.iterdir()) == ["batch_losses.npy", "checkpoint.safetensors", "config.json",
-                                                     "metrics.jsonl", "model.safetensors"]
+    assert sorted(p.name for p in two.iterdir()) == [".torchrun-id", "batch_losses.npy", "checkpoint.safetensors",
+                                                     "config.json", "metrics.jsonl", "model.safetensors"]
 
 
 def test_sharded_evaluation_is_identical_to_one_process(one_and_two, tmp_path):
@@ -189,17 +189,32 @@ def test_under_torchrun_a_run_needs_out():
 
 def test_a_restart_before_the_first_checkpoint_starts_afresh_in_the_same_folder(tmp_path):
     from vaelab.cli import _plan, build_parser
-    from vaelab.runs import save_config
+    from vaelab.runs import claim, save_config
 
     args = build_parser().parse_args(["train", "--device", "cpu", "--out", str(tmp_path / "run"), "--epochs", "3"])
     config, run_dir, resume = _plan(args, World())
     run_dir.mkdir()
     save_config(run_dir, config)
-    again, same_dir, resume = _plan(args, World(rank=0, size=2, restarts=1))
+    claim(run_dir, "job-1")
+    restarted = World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-1")
+    again, same_dir, resume = _plan(args, restarted)
     assert again == config and same_dir == run_dir and not resume
     assert not (run_dir / "config.json").exists()  # fit writes it anew
 
     save_config(run_dir, config)
     other = build_parser().parse_args(["train", "--device", "cpu", "--out", str(run_dir), "--epochs", "4"])
     with pytest.raises(VaelabError, match="describes another run"):
-        _plan(other, World(rank=0, size=2, restarts=1))
+        _plan(other, restarted)
+
+
+def test_a_restart_never_takes_over_a_folder_another_job_created(tmp_path):
+    from vaelab.cli import _plan, build_parser
+    from vaelab.runs import claim, save_config
+
+    args = build_parser().parse_args(["train", "--device", "cpu", "--out", str(tmp_path / "run")])
+    config, run_dir, _ = _plan(args, World())
+    run_dir.mkdir()
+    save_config(run_dir, config)
+    claim(run_dir, "someone-else")
+    _, _, resume = _plan(args, World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-2"))
+    assert not resume and (run_dir / "config.json").exists()  # left alone: the fresh start refuses it

@@ -124,3 +124,16 @@ def test_an_old_plain_sgd_checkpoint_becomes_torch_sgds_state(tmp_path):
     group = training.optimizer.param_groups[0]
     assert group["lr"] is training.lr and training.lr.item() == pytest.approx(5e-3)
     assert group["momentum"] == 0 and training.optimizer.state_dict()["state"] == {}
+
+
+def test_batch_losses_keep_the_rows_of_earlier_epochs_when_one_is_missing(tmp_path):
+    import numpy as np
+
+    from vaelab.runs import write_batch_losses
+
+    write_batch_losses(tmp_path, 1, np.array([1.0, 2.0], dtype=np.float32))
+    write_batch_losses(tmp_path, 2, np.array([3.0, 4.0], dtype=np.float32))
+    write_batch_losses(tmp_path, 4, np.array([7.0, 8.0], dtype=np.float32))  # epoch 3's row never written
+    rows = np.load(tmp_path / "batch_losses.npy")
+    np.testing.assert_array_equal(rows[[0, 1, 3]], [[1, 2], [3, 4], [7, 8]])
+    assert np.isnan(rows[2]).all()

@@ -220,13 +220,14 @@ def _plan(args: argparse.Namespace, world) -> tuple[RunConfig, Path, bool]:
     After torchrun restarted the group (same command line), the run resumes from its folder's
     checkpoint, or starts afresh there if none was written yet.
     """
-    from .runs import CHECKPOINT, CONFIG, fresh_run_path, load_config
+    from .runs import CHECKPOINT, CONFIG, claimed_by, fresh_run_path, load_config
 
     if args.resume:
         return resumed_config(args), Path(args.resume), True
     config = config_from_args(args)
     run_dir = Path(args.out or fresh_run_path())
-    if world.restarts and (run_dir / CONFIG).is_file():
+    # Only a folder this torchrun job created: another's is refused as at a first start.
+    if world.restarts and (run_dir / CONFIG).is_file() and claimed_by(run_dir, world.run_id):
         saved = load_config(run_dir)
         if not _same_run(saved, config):
             raise VaelabError(f"torchrun restarted this job, but {run_dir / CONFIG} describes another run; "

@@ -31,6 +31,7 @@ class World:
     local_rank: int = 0
     restarts: int = 0
     torchrun: bool = False  # launched by torchrun (then even a world of one joins a process group)
+    run_id: str = ""        # torchrun's id of the job, the same across its restarts
 
     @property
     def main(self) -> bool:
@@ -50,7 +51,8 @@ def from_environment(env=os.environ) -> World:
     if "RANK" not in env or "WORLD_SIZE" not in env:
         return SINGLE
     return World(rank=int(env["RANK"]), size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
-                 restarts=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), torchrun=True)
+                 restarts=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), torchrun=True,
+                 run_id=env.get("TORCHELASTIC_RUN_ID", ""))
 
 
 def pick_device(name: str, world: World = SINGLE) -> torch.device:
@@ -66,6 +68,7 @@ def pick_device(name: str, world: World = SINGLE) -> torch.device:
         if world.local_rank >= count:
             raise VaelabError(f"this node has {count} GPU{'s' if count != 1 else ''} but torchrun started local "
                               f"rank {world.local_rank}: use --nproc-per-node {count} at most, or --device cpu")
+        torch.cuda.set_device(world.local_rank)  # so that nothing of this rank lands on GPU 0
         return torch.device("cuda", world.local_rank)
     return torch.device("cuda")
 
@@ -91,6 +94,13 @@ def start(world: World) -> None:
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_min(t: torch.Tensor, world: World) -> torch.Tensor:
+    """The least of t over the ranks, in place (t itself for one process)."""
+    if world.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
 
 
 def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:

@@ -212,6 +212,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     if device.type == "cuda":
         tiles_i = max(1, batch_size // TILE_IMAGES) if batch_size else tiles_i
         tiles_s = max(1, chunk // tile_samples) if chunk else tiles_s
+    # The ranks share launches by index, so they must cut the images alike: the least of their sizes.
+    tiles_i, tiles_s = distributed.all_min(torch.tensor([tiles_i, tiles_s], device=device), world).tolist()
     nb, ns = tiles_i * TILE_IMAGES, tiles_s * tile_samples
     padded = torch.zeros((n_tiles * TILE_IMAGES, *images.shape[1:]), dtype=torch.uint8, device=device)
     padded[:n] = images.to(device)

@@ -34,6 +34,7 @@ WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
+TORCHRUN_ID = ".torchrun-id"  # the torchrun job that created the run: its restarts may continue it
 LOG_PX = "log_px.npy"
 BATCH_LOSSES = "batch_losses.npy"
 FIGURES = "figures"
@@ -80,6 +81,20 @@ def new_run_dir(out: str | Path | None = None, root: str | Path = "runs") -> Pat
             raise RunError(f"{path} already holds a run ({', '.join(taken)}); choose another --out")
     check_writable(path, "choose another --out")
     return path
+
+
+def claim(run_dir: Path, run_id: str) -> None:
+    """Mark run_dir as created by torchrun job run_id."""
+    atomic_write_bytes(Path(run_dir) / TORCHRUN_ID, run_id.encode())
+
+
+def claimed_by(run_dir: Path, run_id: str) -> bool:
+    """Whether torchrun job run_id created run_dir (so that its restart may continue it)."""
+    path = Path(run_dir) / TORCHRUN_ID
+    try:
+        return bool(run_id) and path.read_text() == run_id
+    except OSError:
+        return False
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
@@ -140,9 +155,14 @@ def write_metrics(run_dir: Path, records: list[dict]) -> None:
 def write_batch_losses(run_dir: Path, epoch: int, losses: np.ndarray) -> None:
     """Put epoch's (steps,) batch losses in row epoch - 1 of RUN/batch_losses.npy, atomically."""
     path = Path(run_dir) / BATCH_LOSSES
-    rows = np.load(path, allow_pickle=False)[:epoch - 1] if path.is_file() else np.zeros((0, len(losses)))
-    if len(rows) != epoch - 1 or rows.shape[1] != len(losses):  # missing or from another recipe: start again
-        rows = np.full((epoch - 1, len(losses)), np.nan, dtype=np.float32)
+    rows = np.full((epoch - 1, len(losses)), np.nan, dtype=np.float32)  # NaN: an epoch whose row is missing
+    if path.is_file():
+        try:
+            saved = np.load(path, allow_pickle=False)[:epoch - 1]
+        except (OSError, ValueError):
+            saved = None  # unreadable: rows of NaN (the checkpoint, not this file, is the truth)
+        if saved is not None and saved.ndim == 2 and saved.shape[1] == len(losses):
+            rows[:len(saved)] = saved
     buffer = io.BytesIO()
     np.save(buffer, np.concatenate([rows, losses[None]]).astype(np.float32))
     atomic_write_bytes(path, buffer.getvalue())

@@ -131,6 +131,10 @@ class TrainStep:
         self._capture()
         return self() if self.graph is not None else self.eager()
 
+    def forget_graph(self) -> None:
+        """Drop a captured graph (the next steps warm up and capture again)."""
+        self.graph, self._loss, self._eager_steps = None, None, 0
+
     def _capture(self) -> None:
         """Record the step as a CUDA graph (nothing runs while recording); on failure, say why
         in one line and stay eager."""

@@ -26,8 +26,8 @@ from .distributed import SINGLE, World
 from .errors import VaelabError
 from .evaluate import TestSet, mean_loss
 from .models import VAE, build_model
-from .runs import (new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config, save_weights,
-                   write_batch_losses, write_metrics)
+from .runs import (claim, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
+                   save_weights, write_batch_losses, write_metrics)
 from .step import TrainStep
 
 
@@ -131,10 +131,11 @@ def train_epoch(training: Training, epoch: int, progress: bool) -> torch.Tensor:
     step.begin_epoch(config.seed, epoch)
     losses = torch.empty(step.steps_per_epoch, device=step.images.device)
     bar = show.bar(len(losses), f"epoch {epoch}", progress, leave=False)
+    live = progress and show.interactive()  # reading a loss waits for the device: only for a bar on screen
     for i in range(len(losses)):
         losses[i] = step()
         bar.update()
-        if i % 50 == 49:
+        if live and i % 50 == 49:
             bar.set_postfix(loss=f"{losses[i].item():.2f}")
     bar.close()
     return distributed.all_sum(losses, training.world).div_(training.world.size)
@@ -172,6 +173,7 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
         # Rank 0 holds the run folder; the others get its checkpoint from it (no shared disk needed).
         data = distributed.share_result(lambda: read_checkpoint(Path(run_dir)), world)
         metrics = restore_checkpoint(data, Path(run_dir), model, training.optimizer, config.optimizer)
+        training.step.forget_graph()  # a graph captured before would update the optimizer state replaced here
         if len(metrics) > config.epochs:
             raise VaelabError(f"{run_dir} has finished {len(metrics)} epochs already; --epochs {config.epochs} "
                               f"would undo some: give at least {len(metrics)}")
@@ -184,6 +186,8 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
         run_dir = distributed.share_result(lambda: new_run_dir(run_dir), world)
         if world.main:
             save_config(run_dir, config)
+            if world.torchrun:
+                claim(run_dir, world.run_id)
     show.write(f"run directory: {run_dir}", progress and run_dir is not None, file=sys.stderr)
 
     batch_losses: list[np.ndarray] = []
