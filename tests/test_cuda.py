@@ -29,6 +29,10 @@ def gpu_config(**overrides) -> RunConfig:
 RECIPES = {
     "sgd-elbo-bernoulli": {},
     "sgd-beta4-kl-warmup": dict(beta=4.0, kl_warmup=1),
+    "adam-logistic": dict(optimizer="adam", lr=1e-3, model=ModelConfig(
+        z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), likelihood="logistic")),
+    "adam-gaussian-learned": dict(optimizer="adam", lr=1e-3, model=ModelConfig(
+        z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), likelihood="gaussian-learned")),
     "adam-iwae5": dict(optimizer="adam", lr=1e-3, objective="iwae", k=5),
     "adam-elbo-L3-gaussian": dict(optimizer="adam", lr=1e-3, samples=3,
                                   model=ModelConfig(z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,),

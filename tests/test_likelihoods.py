@@ -114,3 +114,24 @@ def test_the_discretized_logistic_is_the_logistic_cdf_over_each_bin():
         assert DiscretizedLogistic().log_prob(out.unsqueeze(0), x).item() == pytest.approx(math.log(upper - lower))
     mean = DiscretizedLogistic().mean(out.unsqueeze(0))
     assert mean.shape == (1, 1, 1, 1) and mean.item() == pytest.approx(mu)
+
+
+def test_the_learned_gaussian_is_the_normal_density_with_the_decoders_sigma():
+    from vaelab.likelihoods import GaussianLearned
+
+    out = torch.randn(3, 4, 2, 2, 2, dtype=torch.float64)  # (S, N, 2C, H, W), C = 1
+    x = torch.rand(4, 1, 2, 2, dtype=torch.float64)
+    expected = torch.distributions.Normal(torch.sigmoid(out[:, :, :1]), out[:, :, 1:].exp()).log_prob(x)
+    torch.testing.assert_close(GaussianLearned().log_prob(out, x), expected.sum((-1, -2, -3)))
+    assert GaussianLearned().mean(out).shape == (3, 4, 1, 2, 2)
+
+
+def test_the_learned_gaussian_sees_dequantized_grey_levels_inside_their_bins():
+    from vaelab.likelihoods import GaussianLearned
+
+    levels = torch.arange(256, dtype=torch.uint8).repeat(50, 1).view(50, 1, 16, 16)
+    x = GaussianLearned().observe(levels, keys(50)).view(50, 256)
+    k = torch.arange(256, dtype=torch.float32)
+    assert ((x >= k / 256) & (x < (k + 1) / 256)).all()
+    assert x.std(0).min() > 0  # noise, not the level itself
+    assert torch.equal(x.view(50, 1, 16, 16), GaussianLearned().observe(levels, keys(50)))  # keyed

@@ -201,3 +201,11 @@ def test_the_logistic_likelihood_trains_and_evaluates_in_bits_per_dimension():
     assert r["bits_per_dim"] == pytest.approx(r["nll"] / (64 * math.log(2)))
     # uniformly random grey levels carry 8 bits each: no model of them can do better on average
     assert 7.5 < r["bits_per_dim"] < 16
+
+
+def test_the_learned_gaussian_trains():
+    config = tiny_config(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,),
+                                           likelihood="gaussian-learned"), optimizer="adam", lr=1e-3)
+    result = train(config, data=synthetic_dataset(), progress=False)
+    assert all(math.isfinite(m["test_loss"]) for m in result.metrics)
+    assert result.metrics[-1]["test_loss"] < result.metrics[0]["test_loss"]

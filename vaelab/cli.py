@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default: the preset's)")
     p.add_argument("--likelihood", choices=LIKELIHOODS,
                    help="observation model: bernoulli on binarized pixels, gaussian on grey levels "
-                        "with fixed standard deviation --sigma, or logistic: a discretized logistic over the "
-                        f"256 grey levels (default: {d.model.likelihood})")
+                        "with fixed standard deviation --sigma, gaussian-learned with a standard deviation per "
+                        "pixel from the decoder (on dequantized grey levels), or logistic: a discretized "
+                        f"logistic over the 256 grey levels (default: {d.model.likelihood})")
     p.add_argument("--sigma", type=float,
                    help=f"standard deviation of the gaussian likelihood (default: {d.model.sigma})")
     p.add_argument("--objective", choices=OBJECTIVES,

@@ -114,6 +114,38 @@ class Gaussian(Likelihood):
         return f"gaussian (sigma {self.sigma})"
 
 
+class GaussianLearned(Likelihood):
+    """Grey levels ~ N(sigmoid(m), sigma^2) with a standard deviation per pixel that the decoder
+    learns (log sigma, floored at -7). The grey levels are dequantized first, x = (k + u) / 256 with
+    u ~ U(0, 1) keyed like any draw: on the 256 exact levels a learned sigma could shrink to 0 and
+    the density grow without bound. A density, not comparable with the discrete likelihoods' nats.
+
+    Decoder output (..., N, 2C, H, W): the C mean channels first, then the C log-sigmas.
+    """
+
+    name = "gaussian-learned"
+    channels = 2
+    random = True
+    MIN_LOG_SIGMA = -7.0
+
+    def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        if keys is None:
+            raise ValueError("GaussianLearned.observe dequantizes with random noise: it needs one key per image")
+        # 15 bits of u: k + u then fits float32's 24-bit mantissa exactly and stays inside k's bin
+        r = rng.uniform16(keys, images[0].numel()).view(images.shape).bitwise_right_shift_(1)
+        u = r.to(torch.float32).add_(0.5).div_(32768)
+        return images.to(torch.float32).add_(u).div_(256.0)
+
+    def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
+        c = x.shape[-3]
+        log_sigma = out[..., c:, :, :].clamp(min=self.MIN_LOG_SIGMA)
+        z = (x - torch.sigmoid(out[..., :c, :, :])) * torch.exp(-log_sigma)
+        return (-0.5 * z.square() - log_sigma - 0.5 * math.log(2 * math.pi)).flatten(-3).sum(-1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
+
+
 class DiscretizedLogistic(Likelihood):
     """Each channel's 256 grey levels as bins of a logistic distribution (as in PixelCNN++, one
     component): the decoder gives, per pixel and channel, the mean logit m (mean sigmoid(m) in
@@ -154,7 +186,7 @@ class DiscretizedLogistic(Likelihood):
         return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
 
 
-LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "logistic")
 
 
 def check(name: str, sigma: float) -> None:
@@ -168,4 +200,6 @@ def check(name: str, sigma: float) -> None:
 def make(name: str, sigma: float = 0.1) -> Likelihood:
     """The likelihood object named `name` (sigma: the Gaussian's standard deviation)."""
     check(name, sigma)
-    return {"bernoulli": Bernoulli, "logistic": DiscretizedLogistic}[name]() if name != "gaussian" else Gaussian(sigma)
+    if name == "gaussian":
+        return Gaussian(sigma)
+    return {"bernoulli": Bernoulli, "gaussian-learned": GaussianLearned, "logistic": DiscretizedLogistic}[name]()
