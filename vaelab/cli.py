@@ -8,6 +8,7 @@ the traceback instead).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -264,6 +265,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = result.metrics[-1]
         print(f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per image; "
               f"run saved in {run_dir}")
+    distributed.finish(world)
     return 0
 
 
@@ -311,9 +313,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     r = importance_sampled(model, data.test_images, k=args.k, seed=args.seed, precision=args.precision,
                            progress=not args.quiet, world=world)
     r["seconds"], r["device"], r["processes"] = time.perf_counter() - start, str(model.device), world.size
+    if world.main:
+        write_eval(args.run, r)
+    distributed.finish(world)
     if not world.main:
         return 0
-    write_eval(args.run, r)
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     bits = f" ({r['bits_per_dim']:.4f} bits per dimension)" if "bits_per_dim" in r else ""
     print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image{bits}, "
@@ -409,6 +413,20 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     world = distributed.from_environment()
+    code = _run(args, world)
+    if world.torchrun and args.command in DISTRIBUTED_COMMANDS:
+        # Leave without the interpreter's teardown: under gloo a rank's exit was seen to abort
+        # ("terminate called without an active exception") after all its work was written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace, world) -> int:
+    """Run the command; a user mistake becomes one line and status 2."""
+    from . import distributed
+
     try:
         if world.distributed and args.command not in DISTRIBUTED_COMMANDS:
             raise VaelabError(f"vaelab {args.command} runs in one process: start it without torchrun")

@@ -91,6 +91,13 @@ def start(world: World) -> None:
         dist.init_process_group(backend, store=_store(world), rank=world.rank, world_size=world.size)
 
 
+def finish(world: World) -> None:
+    """Wait until every rank is done: a rank that left the group while another still wrote its
+    files was seen to abort in gloo's threads at exit."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def stop() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
