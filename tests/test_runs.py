@@ -114,13 +114,13 @@ def test_a_run_of_the_earlier_version_loads_evaluates_and_resumes(tmp_path, name
 
 
 def test_an_old_plain_sgd_checkpoint_becomes_torch_sgds_state(tmp_path):
-    from vaelab.runs import load_checkpoint
+    from vaelab.runs import read_checkpoint, restore_checkpoint
     from vaelab.train import build
 
     run = tmp_path / "run"
     shutil.copytree(OLD_RUNS / "old_run_sgd", run)
     training = build(load_config(run), data=synthetic_dataset(shape=(28, 28)), progress=False)
-    load_checkpoint(run, training.model, training.optimizer, "sgd")
+    restore_checkpoint(read_checkpoint(run), run, training.model, training.optimizer, "sgd")
     group = training.optimizer.param_groups[0]
     assert group["lr"] is training.lr and training.lr.item() == pytest.approx(5e-3)
     assert group["momentum"] == 0 and training.optimizer.state_dict()["state"] == {}

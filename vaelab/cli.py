@@ -274,19 +274,11 @@ def _load(run: str, data_dir: str | None, device: str = "cpu", world=None):
     reads the run and passes the weights on; every rank reads its own data."""
     from . import distributed
     from .data import load_data
-    from .models import VAE
     from .runs import load_config, load_run
 
     world = world or distributed.SINGLE
-
-    def read():
-        model = load_run(run)
-        return load_config(run), {k: v.cpu() for k, v in model.state_dict().items()}
-
-    config, state = distributed.share_result(read, world)
-    model = VAE(config.model)
-    model.load_state_dict(state)
-    model = model.to(distributed.pick_device(device, world)).eval()
+    config, model = distributed.share_result(lambda: (load_config(run), load_run(run)), world)
+    model = model.to(distributed.pick_device(device, world))
     data = load_data(data_dir or config.data_dir, progress=world.main)
     if data.x_dim != model.config.x_dim:
         raise VaelabError(f"the data in {data.directory} has {data.x_dim} pixels per image "

@@ -128,7 +128,7 @@ def share(obj, world: World):
 
 def share_result(make, world: World):
     """Run make() on rank 0 and give its result to every rank. If it raised, rank 0 raises
-    it and the other ranks raise a RuntimeError, so no rank is left waiting."""
+    it and the other ranks raise PeerFailed, so no rank is left waiting."""
     if not world.distributed:
         return make()
     result, error = None, None

@@ -41,6 +41,12 @@ def softplus_sum(logits: torch.Tensor, scratch: torch.Tensor | None = None) -> t
     return positive - p.view(*p.shape[:-1], -1, group).prod(-1).log_().sum(-1)
 
 
+def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, log_sigma: float | torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, sigma^2) summed over each image's values: (..., N, C, H, W) -> (..., N) nats."""
+    z = (x - mean) * torch.exp(-torch.as_tensor(log_sigma, dtype=x.dtype))
+    return (-0.5 * z.square() - log_sigma - 0.5 * math.log(2 * math.pi)).flatten(-3).sum(-1)
+
+
 class Likelihood:
     name: str = ""
     channels: int = 1
@@ -103,9 +109,7 @@ class Gaussian(Likelihood):
         return images.to(torch.float32).div_(255.0)
 
     def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
-        d = x[0].numel()
-        z = (x - torch.sigmoid(out)).flatten(-3) / self.sigma
-        return -0.5 * z.square().sum(-1) - d * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
+        return normal_log_prob(x, torch.sigmoid(out), math.log(self.sigma))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out)
@@ -138,9 +142,7 @@ class GaussianLearned(Likelihood):
 
     def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
         c = x.shape[-3]
-        log_sigma = out[..., c:, :, :].clamp(min=self.MIN_LOG_SIGMA)
-        z = (x - torch.sigmoid(out[..., :c, :, :])) * torch.exp(-log_sigma)
-        return (-0.5 * z.square() - log_sigma - 0.5 * math.log(2 * math.pi)).flatten(-3).sum(-1)
+        return normal_log_prob(x, torch.sigmoid(out[..., :c, :, :]), out[..., c:, :, :].clamp(min=self.MIN_LOG_SIGMA))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])

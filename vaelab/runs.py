@@ -245,15 +245,6 @@ def restore_checkpoint(data: bytes, run_dir: Path, model: VAE, optimizer: torch.
     return metrics
 
 
-def load_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, kind: str) -> list[dict]:
-    """Restore model and optimizer from RUN/checkpoint.safetensors and rewrite metrics.jsonl and
-    model.safetensors to match it. Returns the metrics of the finished epochs."""
-    metrics = restore_checkpoint(read_checkpoint(run_dir), run_dir, model, optimizer, kind)
-    save_weights(run_dir, model)
-    write_metrics(run_dir, metrics)
-    return metrics
-
-
 def _restore(tensors: dict, saved: dict, model: VAE, optimizer: torch.optim.Optimizer, kind: str) -> None:
     """Put a checkpoint's tensors back into model and optimizer."""
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

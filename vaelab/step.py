@@ -56,8 +56,12 @@ class TrainStep:
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         share = batch_size // world.size
         self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
-        # Not under DistributedDataParallel: its all-reduce inside a graph is untested here.
-        self.capture = cuda_graph and device.type == "cuda" and not world.distributed
+        self.capture = cuda_graph and device.type == "cuda"
+        if self.capture and world.distributed:  # DDP's all-reduce inside a graph is untested here
+            self.capture = False
+            if world.main:
+                print("vaelab: under torchrun the step is not captured as a CUDA graph (not yet tested with "
+                      "DistributedDataParallel); training eagerly", file=sys.stderr)
         self.graph: torch.cuda.CUDAGraph | None = None
         self._loss: torch.Tensor | None = None  # the captured step's output
         self._eager_steps = 0

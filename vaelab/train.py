@@ -22,7 +22,7 @@ import torch
 from . import distributed, progress as show
 from .config import RunConfig
 from .data import Dataset, load_data
-from .distributed import SINGLE, World
+from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
 from .evaluate import TestSet, mean_loss
 from .models import VAE, build_model
@@ -56,11 +56,6 @@ class Training:
     step: TrainStep
     test_set: TestSet         # the test images drawn once: the same pixels and noise every epoch
     world: World = SINGLE
-
-
-def pick_device(name: str, world: World = SINGLE) -> torch.device:
-    """'auto' means CUDA when there is a GPU, else the CPU (under torchrun, cuda:LOCAL_RANK)."""
-    return distributed.pick_device(name, world)
 
 
 def make_optimizer(config: RunConfig, model: VAE, lr: torch.Tensor) -> torch.optim.Optimizer:
@@ -110,9 +105,6 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     optimizer = make_optimizer(config, model, lr)
     samples = config.k if config.objective == "iwae" else config.samples
     forward = model
-    if world.distributed and device.type == "cuda" and config.cuda_graph and world.main:
-        print("vaelab: under torchrun the step is not captured as a CUDA graph (not yet tested with "
-              "DistributedDataParallel); training eagerly", file=sys.stderr)
     if world.distributed:  # averages the gradients over the ranks during backward
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
