@@ -72,3 +72,33 @@ def write_idx_dir(directory: Path, data: Dataset, gz: bool = False) -> Path:
         else:
             (directory / FILES[key]).write_bytes(content)
     return directory
+
+
+def write_png_dir(directory: Path, data: Dataset, split: bool = True) -> Path:
+    """Write a Dataset's images as PNG files, greyscale or RGB by its channels.
+
+    split=True: train/<label>/<i>.png and test/<label>/<i>.png, i counting
+    within each split; split=False: <label>/<i>.png for all images, the
+    training images first (a folder for load_data to split at random). Label
+    folders are named by label_names, else by the label's number; without
+    labels the files sit directly in train/ and test/ (or in directory). i is
+    zero-padded so that the reader's order (by path) is the order written.
+    """
+    from PIL import Image
+
+    width = len(str(len(data.train_images) + len(data.test_images)))
+    index = 0
+    for name, images, labels in (("train", data.train_images, data.train_labels),
+                                 ("test", data.test_images, data.test_labels)):
+        if split:
+            index = 0
+        for j, image in enumerate(images.numpy()):  # image: (C, H, W)
+            folder = directory / name if split else directory
+            if labels is not None:
+                label = int(labels[j])
+                folder = folder / (data.label_names[label] if data.label_names else str(label))
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)  # (H, W) or (H, W, 3)
+            Image.fromarray(pixels).save(folder / f"{index:0{width}d}.png")
+            index += 1
+    return directory

@@ -37,6 +37,12 @@ RECIPES = {
     "adam-elbo-L3-gaussian": dict(optimizer="adam", lr=1e-3, samples=3,
                                   model=ModelConfig(z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,),
                                                     image_shape=(1, 8, 8), likelihood="gaussian", sigma=0.2)),
+    "conv-adam-logistic": dict(model=preset("conv", conv_channels=(8, 16), encoder_hidden=(32,), decoder_hidden=(32,),
+                                            z_dim=3, image_shape=(1, 8, 8), likelihood="logistic"),
+                               preset="conv", optimizer="adam", lr=1e-3),
+    "conv-sgd-bernoulli-iwae5": dict(model=preset("conv", conv_channels=(8, 16), encoder_hidden=(32,),
+                                                  decoder_hidden=(32,), z_dim=3, image_shape=(1, 8, 8)),
+                                     preset="conv", objective="iwae", k=5),
     "burda1-adam-iwae50": dict(model=preset("burda1", image_shape=(1, 8, 8)), preset="burda1", optimizer="adam",
                                lr=1e-3, objective="iwae", k=50),
 }
@@ -83,6 +89,15 @@ def small_model():
     config = ModelConfig(image_shape=(1, 2, 4), z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,),
                          activation="tanh")
     return build_model(config, seed=0)
+
+
+def test_conv_cuda_evaluation_agrees_with_the_cpu_per_image():
+    config = preset("conv", conv_channels=(8, 16), encoder_hidden=(32,), decoder_hidden=(32,), z_dim=3,
+                    image_shape=(3, 8, 8), likelihood="logistic")
+    images = torch.randint(0, 256, (60, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    cpu = importance_sampled(build_model(config, seed=0), images, k=200, precision="fp32", progress=False)
+    gpu = importance_sampled(build_model(config, seed=0).cuda(), images, k=200, precision="fp32", progress=False)
+    np.testing.assert_allclose(gpu["log_px"], cpu["log_px"], rtol=1e-5)
 
 
 def test_cuda_evaluation_agrees_with_the_cpu_within_monte_carlo_error():

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import http.server
 import pickle
@@ -107,6 +108,27 @@ def test_data_dir_argument_wins_over_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("VAELAB_DATA_DIR", str(tmp_path / "nowhere"))
     directory = write_idx_dir(tmp_path / "mine", synthetic_dataset())
     assert load_data(directory).directory == directory
+
+
+def test_mnist_labels_are_named_by_their_digits_and_other_idx_labels_by_nothing(tmp_path, mnist):
+    assert mnist.source == "idx" and mnist.label_names == tuple("0123456789")
+    other = load_data(write_idx_dir(tmp_path, synthetic_dataset()))
+    assert other.source == "idx" and other.label_names is None
+
+
+def test_subset_keeps_what_the_data_is_and_allows_missing_labels():
+    data = dataclasses.replace(synthetic_dataset(), label_names=("a",) * 10, source="npz")
+    part = data.subset(5, 3)
+    assert len(part.train_images) == 5 and len(part.test_labels) == 3
+    assert part.label_names == data.label_names and part.source == "npz"
+    unlabelled = dataclasses.replace(data, train_labels=None, test_labels=None).subset(5, 3)
+    assert unlabelled.train_labels is None and unlabelled.test_labels is None and len(unlabelled.test_images) == 3
+
+
+def test_a_file_that_is_not_an_npz_is_refused_as_data_dir(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="is a file, not a folder or an .npz file"):
+        load_data(tmp_path / "notes.txt")
 
 
 # --- the restricted unpickler and the wheel's pickle ----------------------------------

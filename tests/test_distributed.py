@@ -73,6 +73,23 @@ def test_two_processes_train_as_one_up_to_the_order_of_sums(one_and_two):
         assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("recipe", [
+    ["--preset", "conv", "--conv-channels", "8,16", "--likelihood", "logistic", "--optimizer", "adam", "--lr", "1e-3"],
+    ["--likelihood", "gaussian-learned", "--beta", "2", "--kl-warmup", "1", "--optimizer", "adam", "--lr", "1e-3"],
+], ids=["conv-logistic", "mlp-gaussian-learned-beta"])
+def test_the_conv_preset_and_new_likelihoods_train_as_one_in_two_processes(tmp_path, recipe):
+    common = [*TRAIN, *recipe, "--train-size", 600, "--epochs", 1]
+    one = vaelab("train", *common, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = torchrun("train", *common, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr
+    a, b = np.load(tmp_path / "one" / "batch_losses.npy"), np.load(tmp_path / "two" / "batch_losses.npy")
+    assert a.shape == b.shape == (1, 6)
+    np.testing.assert_allclose(b, a, rtol=1e-4)
+    assert metrics(tmp_path / "one")[0]["test_loss"] == pytest.approx(metrics(tmp_path / "two")[0]["test_loss"],
+                                                                       rel=1e-4)
+
+
 def test_rank_zero_alone_writes_and_logs_are_lines(one_and_two):
     _, two, result = one_and_two
     assert result.stdout.count("run saved in") == 1  # rank 0's summary only

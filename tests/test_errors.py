@@ -39,6 +39,24 @@ def assert_user_error(code: int, err: str, message: str):
 
 # --- bad data ---------------------------------------------------------------------
 
+def _bad_folder_cases():
+    from test_folders import BAD_FOLDERS
+
+    return [pytest.param(build, says, id=build.__name__.strip("_")) for build, says in BAD_FOLDERS]
+
+
+@pytest.mark.parametrize("build,says", _bad_folder_cases())
+def test_the_bad_image_corpus_at_the_command_line(tmp_path, capsys, monkeypatch, build, says):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    culprit = build(tmp_path / "data")
+    before = snapshot(tmp_path / "data")
+    code, err = run_cli(capsys, "train", "--data-dir", tmp_path / "data", "--out", tmp_path / "run", "--quiet")
+    assert_user_error(code, err, says)
+    assert str(culprit) in err
+    assert snapshot(tmp_path / "data") == before
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 def _truncate_gz(d: Path):
     p = d / f"{FILES['train_images']}.gz"
     p.write_bytes(p.read_bytes()[:50])

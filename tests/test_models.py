@@ -78,3 +78,54 @@ def test_nonsensical_model_options_are_refused(field, value, message):
 def test_unknown_preset_is_refused():
     with pytest.raises(VaelabError, match="unknown preset 'huge'"):
         preset("huge")
+
+
+# --- the conv networks ----------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,likelihood", [((1, 28, 28), "bernoulli"), ((3, 32, 32), "logistic"),
+                                              ((3, 28, 28), "gaussian-learned")])
+def test_conv_preset_takes_28_and_32_pixel_images_with_one_or_three_channels(shape, likelihood):
+    model = build_model(preset("conv", image_shape=shape, likelihood=likelihood), seed=0)
+    mu, logvar = model.encode(torch.rand(5, *shape))
+    assert mu.shape == logvar.shape == (5, 16)
+    channels = shape[0] * model.likelihood.channels
+    assert model.decode(torch.randn(2, 5, 16)).shape == (2, 5, channels, *shape[1:])
+    assert model.decode_mean(torch.randn(4, 16)).shape == (4, *shape)
+
+
+def test_conv_preset_layers_are_the_documented_ones():
+    model = build_model(preset("conv"))
+    convs = [(type(m).__name__, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding)
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert convs == [("Conv2d", 1, 32, (4, 4), (2, 2), (1, 1)), ("Conv2d", 32, 64, (4, 4), (2, 2), (1, 1)),
+                     ("ConvTranspose2d", 64, 32, (4, 4), (2, 2), (1, 1)),
+                     ("ConvTranspose2d", 32, 1, (4, 4), (2, 2), (1, 1))]
+    linear = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear == [(64 * 7 * 7, 256), (256, 32), (16, 256), (256, 64 * 7 * 7)]
+
+
+def test_a_conv_encoder_takes_flat_images_as_well():
+    model = build_model(preset("conv", image_shape=(3, 32, 32)), seed=0)
+    x = torch.rand(4, 3, 32, 32)
+    for a, b in zip(model.encode(x), model.encode(x.flatten(1))):
+        assert torch.equal(a, b)
+
+
+def test_conv_decoder_gives_the_same_with_a_workspace():
+    from vaelab.nets import Workspace
+
+    model = build_model(preset("conv", conv_channels=(4, 8), decoder_hidden=(16,)), seed=0)
+    z = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(z, Workspace()), model.decode(z))
+
+
+def test_conv_refuses_sides_it_cannot_halve_naming_the_fix():
+    with pytest.raises(VaelabError, match="multiples of 4; these images are 30x30.*--image-size"):
+        preset("conv", image_shape=(1, 30, 30)).validate()
+
+
+def test_the_architecture_round_trips_through_the_saved_config():
+    config = preset("conv", conv_channels=(8, 16), image_shape=(3, 32, 32))
+    again = ModelConfig.from_dict(config.to_dict())
+    assert again == config and again.architecture == "conv" and again.conv_channels == (8, 16)

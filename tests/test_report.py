@@ -107,3 +107,52 @@ def test_sliders_drive_the_explorer_for_a_larger_latent(tmp_path):
         assert (shown - expected).abs().max() <= 1 / 255 + 1e-4
     finally:
         driver.quit()
+
+
+def test_the_explorer_names_each_colour_of_the_latent_plane(report, tmp_path):
+    path, _ = report
+    driver = _browser(tmp_path)
+    try:
+        driver.get(path.as_uri())
+        keys = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#legend .key'), k => "
+            "[k.textContent, getComputedStyle(k.querySelector('.swatch')).backgroundColor]);")
+    finally:
+        driver.quit()
+    assert [name for name, _ in keys] == [str(d) for d in range(10)]
+    import matplotlib
+
+    r, g, b, _ = matplotlib.colormaps["tab10"](3)  # the digit 3's colour in latent.png
+    assert keys[3][1] == f"rgb({round(255 * r)}, {round(255 * g)}, {round(255 * b)})"
+
+
+def test_the_explorer_decodes_a_conv_decoder_in_colour_as_python_does(tmp_path):
+    from conftest import synthetic_dataset
+    from test_train import tiny_config
+    from vaelab.data import Dataset
+    from vaelab.models import preset
+
+    grey = synthetic_dataset(shape=(8, 8))
+    rgb = Dataset(grey.train_images.repeat(1, 3, 1, 1).flip(2), grey.train_labels,
+                  grey.test_images.repeat(1, 3, 1, 1).flip(3), grey.test_labels, grey.directory, False)
+    model = preset("conv", conv_channels=(4, 8), encoder_hidden=(16,), decoder_hidden=(16,), z_dim=3,
+                   likelihood="logistic", activation="elu")
+    run = tmp_path / "run"
+    result = train(tiny_config(model=model, epochs=1, optimizer="adam", lr=1e-2), run, rgb, progress=False)
+    path = write_report(run, result.model, result.data)
+    driver = _browser(tmp_path)
+    try:
+        driver.get(path.as_uri())
+        driver.execute_script("for (const [id, v] of [['z0', 2.5], ['z1', -1.5], ['z2', 0.7]]) {"
+                              "  const s = document.getElementById(id); s.value = v;"
+                              "  s.dispatchEvent(new Event('input')); }")
+        rgba = driver.execute_script(
+            "const c = window.vaelab.pixels;"
+            "return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data);")
+    finally:
+        driver.quit()
+    with torch.no_grad():
+        expected = result.model.decode_mean(torch.tensor([[2.5, -1.5, 0.7]]))[0].double()  # (3, 8, 8)
+    shown = torch.tensor(rgba, dtype=torch.float64).view(8, 8, 4)[..., :3].permute(2, 0, 1) / 255
+    assert (shown - expected).abs().max() <= 1 / 255 + 1e-4
+    assert (expected[0] - expected[1]).abs().max() > 0.01  # the channels differ: colour, not grey

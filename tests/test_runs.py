@@ -33,6 +33,19 @@ def test_load_run_gives_the_same_outputs_as_the_trained_model(trained_run):
     assert isinstance(loaded, torch.nn.Module) and not loaded.training
 
 
+def test_a_conv_run_rebuilds_its_architecture_from_config_json(tmp_path):
+    from vaelab.models import preset
+
+    model = preset("conv", conv_channels=(4, 8), encoder_hidden=(16,), decoder_hidden=(16,), z_dim=3,
+                   likelihood="logistic")
+    data = synthetic_dataset(shape=(8, 8))
+    result = train(tiny_config(model=model, epochs=1), tmp_path / "run", data, progress=False)
+    loaded = load_run(tmp_path / "run")
+    assert loaded.config.architecture == "conv" and loaded.config.conv_channels == (4, 8)
+    z = torch.randn(5, 3)
+    assert torch.equal(loaded.decode(z), result.model.decode(z))
+
+
 def test_config_round_trips_through_json(trained_run):
     run_dir, _ = trained_run
     saved = load_config(run_dir)

@@ -39,13 +39,14 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vaelab", description="Variational autoencoders on binarized MNIST.")
+    parser = _Parser(prog="vaelab", description="Variational autoencoders: MNIST, your own images, MLP or conv.")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    data_help = "folder with the four IDX files (default: $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)"
-    run_data_help = ("folder with the four IDX files (default: the one the run was trained on when it "
-                     "named one, else $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)")
+    data_help = ("the four IDX files' folder, a folder of images or a .npz file (default: $VAELAB_DATA_DIR, "
+                 "then ~/.cache/vaelab/mnist)")
+    run_data_help = ("the four IDX files' folder, a folder of images or a .npz file (default: the one the run "
+                     "was trained on when it named one, else $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)")
     d = RunConfig()
 
     p = sub.add_parser("train", help="train a VAE and write a run directory",
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder hidden sizes (default: the preset's)")
     p.add_argument("--decoder-hidden", type=_sizes, metavar="H1,H2",
                    help="decoder hidden sizes (default: the preset's)")
+    p.add_argument("--conv-channels", type=_sizes, metavar="C1,C2",
+                   help="with --preset conv: channels of the convolutions, each halving height and width "
+                        "(default: the preset's, 32,64)")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="hidden activation (default: the preset's)")
     p.add_argument("--likelihood", choices=LIKELIHOODS,
                    help="observation model: bernoulli on binarized pixels, gaussian on grey levels "
@@ -92,8 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_const", const=True,
                    help="on CUDA, deterministic cuBLAS and kernels: a resumed run repeats an uninterrupted "
                         "one bit for bit on the same card (a little slower)")
-    p.add_argument("--data-dir", help="folder with the four IDX files (default: $VAELAB_DATA_DIR, then "
-                                      "~/.cache/vaelab/mnist; with --resume, the run's own)")
+    p.add_argument("--data-dir", help="the four IDX files' folder, a folder of PNG or JPEG images (classes in "
+                                      "subfolders, optionally below train/ and test/) or a .npz file with "
+                                      "x_train and x_test (default: $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist; "
+                                      "with --resume, the run's own)")
+    p.add_argument("--image-size", type=int, metavar="S",
+                   help="image folders: resize every image to S x S pixels (default: keep the size; all must agree)")
+    p.add_argument("--test-fraction", type=float, metavar="F",
+                   help=f"image folders without train/ and test/: hold out this fraction as the test set "
+                        f"(default: {d.test_fraction})")
+    p.add_argument("--split-seed", type=int,
+                   help=f"image folders without train/ and test/: seed of the train/test split, apart from "
+                        f"--seed so that runs with different seeds share one test set (default: {d.split_seed})")
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--test-size", type=int, metavar="N", help="report the loss of the first N test images only")
     p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")
@@ -153,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="fetch and verify MNIST, and say where it is",
                        description="Find (or fetch) the four IDX files, verify them and print where they are.")
     p.add_argument("--data-dir", help=data_help)
+    p.add_argument("--image-size", type=int, metavar="S", help="image folders: resize every image to S x S")
+    p.add_argument("--test-fraction", type=float, default=d.test_fraction, metavar="F",
+                   help="image folders without train/ and test/: the fraction held out (default: %(default)s)")
+    p.add_argument("--split-seed", type=int, default=d.split_seed,
+                   help="image folders without train/ and test/: the split's seed (default: %(default)s)")
     p.set_defaults(func=cmd_data)
     return parser
 
@@ -171,8 +190,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
     name = given("preset", d.preset)
     model = preset(name, z_dim=args.z_dim, encoder_hidden=args.encoder_hidden,
-                   decoder_hidden=args.decoder_hidden, activation=args.activation,
+                   decoder_hidden=args.decoder_hidden, conv_channels=args.conv_channels, activation=args.activation,
                    likelihood=given("likelihood", d.model.likelihood), sigma=given("sigma", d.model.sigma))
+    if args.conv_channels is not None and model.architecture != "conv":
+        raise VaelabError(f"--conv-channels sets the convolutions of --preset conv; preset {name} has none")
     return RunConfig(model=model, preset=name, objective=given("objective", d.objective),
                      samples=given("samples", d.samples), k=given("k", d.k), beta=given("beta", d.beta),
                      kl_warmup=given("kl_warmup", d.kl_warmup),
@@ -181,6 +202,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      epochs=given("epochs", d.epochs), seed=given("seed", d.seed),
                      device=given("device", d.device), cuda_graph=given("cuda_graph", "on") == "on",
                      deterministic=given("deterministic", d.deterministic), data_dir=args.data_dir,
+                     image_size=args.image_size, test_fraction=given("test_fraction", d.test_fraction),
+                     split_seed=given("split_seed", d.split_seed),
                      train_size=args.train_size,
                      test_size=args.test_size)
 
@@ -243,7 +266,6 @@ def _plan(args: argparse.Namespace, world) -> tuple[RunConfig, Path, bool]:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import load_data
-    from .plots import draw_figures
     from .train import train
 
     world = distributed.from_environment()
@@ -254,13 +276,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data_dir is not None or not args.resume:  # each machine may keep the data in its own folder
         config.data_dir = args.data_dir
     config.validate()  # before anything is fetched or written
-    data = load_data(config.data_dir, progress=not args.quiet and world.main)
+    data = load_data(config.data_dir, progress=not args.quiet and world.main, **config.data_options())
     if config.data_dir is not None or not data.verified:
         # Recorded absolute, so that later commands find it from any folder.
         config.data_dir = str(data.directory.resolve())
     result = train(config, run_dir, data, progress=not args.quiet, resume=resume, world=world)
     if world.main:
         if not args.no_plots:
+            from .plots import draw_figures  # matplotlib: only once there is something to draw
+
             draw_figures(run_dir, result.model, result.data, result.metrics)
         last = result.metrics[-1]
         print(f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per image; "
@@ -279,10 +303,11 @@ def _load(run: str, data_dir: str | None, device: str = "cpu", world=None):
     world = world or distributed.SINGLE
     config, model = distributed.share_result(lambda: (load_config(run), load_run(run)), world)
     model = model.to(distributed.pick_device(device, world))
-    data = load_data(data_dir or config.data_dir, progress=world.main)
-    if data.x_dim != model.config.x_dim:
-        raise VaelabError(f"the data in {data.directory} has {data.x_dim} pixels per image "
-                          f"but the model in {run} expects {model.config.x_dim}")
+    data = load_data(data_dir or config.data_dir, progress=world.main, **config.data_options())
+    if data.image_shape != model.config.image_shape:
+        shape = lambda s: "x".join(map(str, s))
+        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x height x "
+                          f"width) but the model in {run} expects {shape(model.config.image_shape)}")
     return model, data
 
 
@@ -389,10 +414,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_data
 
-    data = load_data(args.data_dir)
-    kind = "MNIST, verified by SHA-256" if data.verified else "not MNIST (files read unverified)"
+    data = load_data(args.data_dir, image_size=args.image_size, test_fraction=args.test_fraction,
+                     split_seed=args.split_seed)
+    kind = ("MNIST, verified by SHA-256" if data.verified else
+            {"idx": "IDX files, not MNIST", "folder": "a folder of images", "npz": "arrays from a .npz file"}[data.source])
+    c, h, w = data.image_shape
+    labels = ("no labels" if data.train_labels is None else
+              f"{len(data.label_names)} classes" if data.label_names else "labelled")
     print(f"{data.directory}: {kind}; {len(data.train_images)} training and {len(data.test_images)} "
-          f"test images of {data.image_shape[0]}x{data.image_shape[1]} pixels")
+          f"test images of {w}x{h} pixels, {'greyscale' if c == 1 else f'{c} channels'}, {labels}")
     return 0
 
 

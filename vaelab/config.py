@@ -44,6 +44,12 @@ class RunConfig:
     # bitwise the uninterrupted one on the same card. The CPU is deterministic anyway.
     deterministic: bool = False
     data_dir: str | None = None  # None: $VAELAB_DATA_DIR, then the cache
+    # Image folders only: resize every image to image_size x image_size; without train/ and test/
+    # subfolders, hold out test_fraction of the images, chosen by split_seed (not --seed, so that
+    # runs with different seeds share one test set).
+    image_size: int | None = None
+    test_fraction: float = 0.1
+    split_seed: int = 0
     train_size: int | None = None  # use only the first N training images
     test_size: int | None = None
     eval_seed: int = 1234        # fixes the test set's binarization and noise
@@ -59,6 +65,10 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise VaelabError(f"--image-size must be a positive integer, got {self.image_size}")
+        if not (isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1):
+            raise VaelabError(f"--test-fraction must be a number between 0 and 1, got {self.test_fraction}")
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
             raise VaelabError(f"--beta must be a number >= 0, got {self.beta}")
         if not isinstance(self.kl_warmup, int) or self.kl_warmup < 0:
@@ -79,6 +89,10 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def data_options(self) -> dict:
+        """What load_data needs besides the folder."""
+        return dict(image_size=self.image_size, test_fraction=self.test_fraction, split_seed=self.split_seed)
 
     @property
     def weighted(self) -> bool:

@@ -160,8 +160,8 @@ def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int)
     if device.type != "cuda":
         return 1, 1
     free, _ = torch.cuda.mem_get_info(device)
-    widths = [m.out_features for m in model.decoder if isinstance(m, torch.nn.Linear)]
-    row_bytes = 4 * (4 * widths[-1] + 2 * sum(widths))  # logits and their temporaries, hidden layers
+    out = math.prod(model.out_shape)
+    row_bytes = 4 * (4 * out + 2 * model.decoder.row_floats)  # logits and their temporaries, hidden layers
     rows = max(1, free // 4 // row_bytes)
     per_image_tile = TILE_IMAGES * tile_samples
     s = max(1, min(sample_tiles, rows // per_image_tile))
@@ -227,16 +227,17 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     mine = launches[world.rank::world.size]
     bar = show.bar(sum(min(nb, n - s) for s in mine if s < n) * k, f"importance sampling, K={k}",
                    progress and world.main, report=True, unit="sample", unit_scale=True)
-    for start in mine:
-        rows = slice(start, min(start + nb, len(padded)))
-        x = model.observe(padded[rows], observe_keys[rows])
-        acc = _Accumulator(len(x), iwae_ks, device)
-        for first in range(0, k, ns):
-            eps = draw_noise(noise_keys[rows], z_dim, ns, first)
-            log_w = log_weights(model(x, eps, workspace))
-            acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
-            bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
-        values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
+    with _exact_convolutions(precision == "fp32"):
+        for start in mine:
+            rows = slice(start, min(start + nb, len(padded)))
+            x = model.observe(padded[rows], observe_keys[rows])
+            acc = _Accumulator(len(x), iwae_ks, device)
+            for first in range(0, k, ns):
+                eps = draw_noise(noise_keys[rows], z_dim, ns, first)
+                log_w = log_weights(model(x, eps, workspace))
+                acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
+                bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
+            values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
     bar.close()
     values = distributed.all_sum(values, world)[:, :n]  # adding zeros is exact: one value per image
     log_px_all, var, iwae = values[0], values[1], dict(zip(iwae_ks, values[2:]))
@@ -257,6 +258,13 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "precision": precision,
         "log_px": log_px_all.cpu().numpy(),
     }
+
+
+def _exact_convolutions(exact: bool):
+    """cuDNN convolutions run in TF32 by default (on Ampere and later): with exact, in float32."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=cudnn.allow_tf32 and not exact)
 
 
 def fingerprint(images: torch.Tensor) -> str:

@@ -1,8 +1,11 @@
 """The VAE: a Gaussian recognition model q(z|x), a standard normal prior p(z) and a
 decoder whose output a likelihood object (likelihoods.py) turns into p(x|z).
 
-    encoder: x (N, C, H, W), flattened -> hidden layers -> one linear head -> mu, logvar (N, z_dim)
-    decoder: z (..., z_dim) -> hidden layers -> output (..., C * channels, H, W)
+    encoder: x (N, C, H, W) -> network -> one linear head -> mu, logvar (N, z_dim)
+    decoder: z (..., z_dim) -> network -> output (..., C * channels, H, W)
+
+The networks are MLPs on the flattened image (architecture "mlp") or convolutional
+(architecture "conv"; nets.ConvEncoder and nets.ConvDecoder).
 
 `VAE.forward(x, eps)` returns the per-example terms every objective needs
 (objectives.Terms), so whatever wraps the module (DDP, graph capture) wraps the loss.
@@ -17,7 +20,7 @@ from torch import nn
 
 from . import likelihoods
 from .errors import VaelabError
-from .nets import ACTIVATIONS, MLP, Workspace
+from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder, Workspace, conv_check
 from .objectives import Terms, kl_normal, log_normal_from_eps, log_standard_normal, reparametrize
 
 # Architecture presets by name: hidden sizes, activation and latent size.
@@ -26,7 +29,12 @@ PRESETS = {
     "tutorial": dict(encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2),
     # Burda, Grosse & Salakhutdinov (2015), one stochastic layer.
     "burda1": dict(encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50),
+    # Two stride-2 4x4 convolutions (32 and 64 channels) and a dense layer of 256 each way, for
+    # images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels.
+    "conv": dict(architecture="conv", conv_channels=(32, 64), encoder_hidden=(256,), decoder_hidden=(256,),
+                 activation="relu", z_dim=16),
 }
+ARCHITECTURES = ("mlp", "conv")
 
 
 @dataclass
@@ -42,8 +50,13 @@ class ModelConfig:
     # x ~ N(sigmoid(out), sigma^2 I) on grey levels in [0, 1].
     sigma: float = 0.1
     image_shape: tuple[int, int, int] = field(default=(1, 28, 28))  # (C, H, W)
+    # "mlp": encoder_hidden and decoder_hidden are the layers on the flattened image. "conv": the
+    # convolutions' channels (each halves H and W), then encoder_hidden / decoder_hidden dense layers.
+    architecture: str = "mlp"
+    conv_channels: tuple[int, ...] = (32, 64)
 
     def __post_init__(self) -> None:
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
         self.encoder_hidden = tuple(int(h) for h in self.encoder_hidden)
         self.decoder_hidden = tuple(int(h) for h in self.decoder_hidden)
         shape = tuple(int(s) for s in self.image_shape)
@@ -63,6 +76,14 @@ class ModelConfig:
             raise VaelabError(f"image_shape must be three positive sizes (C, H, W), got {self.image_shape}")
         if any(h < 1 for h in (*self.encoder_hidden, *self.decoder_hidden)):
             raise VaelabError("hidden layer sizes must be positive integers")
+        if self.architecture not in ARCHITECTURES:
+            raise VaelabError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.architecture == "conv":
+            if not self.conv_channels or min(self.conv_channels) < 1:
+                raise VaelabError(f"--conv-channels must be positive integers, got {self.conv_channels}")
+            problem = conv_check(self.image_shape, self.conv_channels)
+            if problem:
+                raise VaelabError(problem)
         if self.activation not in ACTIVATIONS:
             raise VaelabError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         likelihoods.check(self.likelihood, self.sigma)
@@ -87,7 +108,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 class VAE(nn.Module):
-    """A Gaussian-latent VAE with MLP encoder and decoder."""
+    """A Gaussian-latent VAE with MLP or conv encoder and decoder."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -96,12 +117,17 @@ class VAE(nn.Module):
         self.likelihood = likelihoods.make(config.likelihood, config.sigma)
         c, h, w = config.image_shape
         self.out_shape = (c * self.likelihood.channels, h, w)
-        enc = [config.x_dim, *config.encoder_hidden]
-        self.encoder = MLP(enc, config.activation, final_activation=True)
+        # Registered in this order (encoder, head, decoder): optimizer checkpoints list parameters by position.
+        conv = config.architecture == "conv"
+        self.encoder = (ConvEncoder(config.image_shape, config.conv_channels, config.encoder_hidden, config.activation)
+                        if conv else MLP([config.x_dim, *config.encoder_hidden], config.activation,
+                                         final_activation=True))
         # mu and logvar come from one linear layer: one GEMM instead of two.
-        self.head = nn.Linear(enc[-1], 2 * config.z_dim)
-        self.decoder = MLP([config.z_dim, *config.decoder_hidden, c * h * w * self.likelihood.channels],
-                           config.activation)
+        self.head = nn.Linear(config.encoder_hidden[-1], 2 * config.z_dim)
+        self.decoder = (ConvDecoder(config.z_dim, config.image_shape, config.conv_channels, config.decoder_hidden,
+                                    config.activation, self.out_shape[0])
+                        if conv else MLP([config.z_dim, *config.decoder_hidden, c * h * w * self.likelihood.channels],
+                                         config.activation))
 
     @property
     def device(self) -> torch.device:
@@ -114,14 +140,14 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W) or flat (N, D), float -> mu, logvar: (N, z_dim) each."""
-        mu, logvar = self.head(self.encoder(x.reshape(len(x), -1))).chunk(2, dim=-1)
+        mu, logvar = self.head(self.encoder(x.reshape(len(x), -1))).chunk(2, dim=-1)  # conv: reshaped back
         return mu, logvar
 
     def decode(self, z: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """z: (..., z_dim) -> decoder output (..., C * channels, H, W), float32 (logits for a
         Bernoulli). The decoder may hold lower-precision weights (evaluation's bf16);
         z is cast to them and the output back to float32."""
-        dtype = self.decoder[0].weight.dtype
+        dtype = next(self.decoder.parameters()).dtype
         out = self.decoder(z.to(dtype), workspace)
         if dtype != torch.float32:
             out = out.float() if workspace is None else workspace.get("out32", out.shape, z).copy_(out)

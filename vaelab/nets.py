@@ -4,9 +4,21 @@ An MLP is a list of linear layers with an activation between them. Its forward
 can write every layer's output into buffers kept by a `Workspace`: evaluation
 decodes thousands of same-shaped tiles, and fresh multi-megabyte tensors for
 each made the allocator return memory to the OS and fault it back in.
+
+The conv networks halve (encoder) or double (decoder) the image's height and width
+at every layer with 4x4 kernels, stride 2 and padding 1, so H and W must be
+multiples of 2^layers (28 and 32 with two layers):
+
+    ConvEncoder: (N, C, H, W) -> conv c1 -> ... -> conv cL -> flatten -> dense hidden -> (N, hidden[-1])
+    ConvDecoder: (M, z_dim) -> dense hidden -> dense cL * (H/2^L) * (W/2^L) -> reshape
+                 -> transposed conv c(L-1) -> ... -> transposed conv out_channels -> (M, out_channels, H, W)
+
+with the activation after every layer but the decoder's last.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +59,11 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.activation = activation
 
+    @property
+    def row_floats(self) -> int:
+        """Values one row creates across the layers (to size evaluation's launches)."""
+        return sum(m.out_features for m in self if isinstance(m, nn.Linear))
+
     def forward(self, h: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         if workspace is None:
             return super().forward(h)
@@ -58,3 +75,60 @@ class MLP(nn.Sequential):
             else:
                 ACTIVATIONS[self.activation][1](h)
         return h.view(*lead, -1)
+
+
+def conv_check(image_shape: tuple[int, int, int], channels: tuple[int, ...]) -> str | None:
+    """Why the conv networks cannot take images of image_shape (C, H, W), or None if they can."""
+    _, h, w = image_shape
+    scale = 2 ** len(channels)
+    if h % scale or w % scale:
+        return (f"the conv networks halve the image {len(channels)} times, so its height and width must be "
+                f"multiples of {scale}; these images are {h}x{w} (resize them with --image-size, e.g. 28 or 32)")
+    return None
+
+
+def _conv_out(channels: tuple[int, ...], h: int, w: int) -> tuple[int, int, int]:
+    """(channels, height, width) after the encoder's convolutions."""
+    scale = 2 ** len(channels)
+    return channels[-1], h // scale, w // scale
+
+
+class ConvEncoder(nn.Module):
+    """(N, C, H, W) or flat (N, C*H*W) images -> (N, hidden[-1]) features."""
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: tuple[int, ...], hidden: tuple[int, ...],
+                 activation: str):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip((image_shape[0], *channels[:-1]), channels):
+            layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), ACTIVATIONS[activation][0]()]
+        self.convs = nn.Sequential(*layers)
+        self.dense = MLP([math.prod(_conv_out(channels, *image_shape[1:])), *hidden], activation,
+                         final_activation=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.convs(x.reshape(len(x), *self.image_shape)).flatten(1))
+
+
+class ConvDecoder(nn.Module):
+    """(..., z_dim) -> (M, out_channels, H, W), M the product of the leading dimensions."""
+
+    def __init__(self, z_dim: int, image_shape: tuple[int, int, int], channels: tuple[int, ...],
+                 hidden: tuple[int, ...], activation: str, out_channels: int):
+        super().__init__()
+        self.start = _conv_out(channels, *image_shape[1:])
+        self.dense = MLP([z_dim, *hidden, math.prod(self.start)], activation, final_activation=True)
+        widths = (*channels[::-1][1:], out_channels)
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(channels[::-1], widths)):
+            layers.append(nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1))
+            if i < len(widths) - 1:
+                layers.append(ACTIVATIONS[activation][0]())
+        self.convs = nn.Sequential(*layers)
+        side = lambda i: (image_shape[1] * 2 ** i // 2 ** len(channels)) * (image_shape[2] * 2 ** i // 2 ** len(channels))
+        self.row_floats = self.dense.row_floats + sum(n * side(i + 1) for i, n in enumerate(widths))
+
+    def forward(self, z: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        h = self.dense(z.reshape(-1, z.shape[-1]), workspace)
+        return self.convs(h.view(len(h), *self.start))

@@ -26,11 +26,13 @@ LABEL_COLOURS = "tab10"
 def image_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
     """Tile images into one picture.
 
-    images: (N, H, W) in [0, 1] -> (rows * (H + pad) + pad, nrow * (W + pad) + pad).
+    images: (N, H, W) grey or (N, H, W, 3) RGB in [0, 1]
+    -> (rows * (H + pad) + pad, nrow * (W + pad) + pad[, 3]).
     """
-    n, h, w = images.shape
+    n, h, w = images.shape[:3]
     rows = -(-n // nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=np.float32)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, *images.shape[3:]), pad_value,
+                   dtype=np.float32)
     for i, image in enumerate(images):
         r, c = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + c * (w + pad)
@@ -44,22 +46,29 @@ def square_nrow(n: int) -> int:
 
 
 def save_image_grid(path: str | Path, images: np.ndarray) -> None:
-    """Save (N, H, W) images in [0, 1] as one near-square greyscale PNG."""
+    """Save (N, H, W) grey or (N, H, W, 3) RGB images in [0, 1] as one near-square PNG."""
     from matplotlib.image import imsave
 
-    imsave(path, image_grid(images, nrow=square_nrow(len(images))), cmap="gray", vmin=0, vmax=1)
+    imsave(path, image_grid(images, nrow=square_nrow(len(images))).clip(0, 1), cmap="gray", vmin=0, vmax=1)
 
 
 def _as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:
-    """x: (N, C, H, W) (or flat) in [0, 1], C = 1 -> (N, H, W) numpy."""
-    return x.detach().float().cpu().reshape(-1, *shape[1:]).numpy()
+    """x: (N, C, H, W) (or flat) in [0, 1] -> (N, H, W) numpy for C = 1, (N, H, W, C) otherwise."""
+    c, h, w = shape
+    images = x.detach().float().cpu().reshape(-1, c, h, w).numpy()
+    return images[:, 0] if c == 1 else images.transpose(0, 2, 3, 1)
+
+
+def _show(ax, grid: np.ndarray, **kwargs) -> None:
+    """imshow a grey (H, W) or RGB (H, W, 3) picture in [0, 1], pixels unsmoothed."""
+    ax.imshow(grid.clip(0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest", **kwargs)
 
 
 def _grid_figure(grid: np.ndarray, title: str, inches: float = 6.0) -> Figure:
     aspect = grid.shape[0] / grid.shape[1]
     fig = Figure(figsize=(inches, inches * aspect + 0.5))
     ax = fig.subplots()
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    _show(ax, grid)
     ax.set_title(title)
     ax.axis("off")
     fig.tight_layout()
@@ -103,7 +112,7 @@ def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0)
     grid = image_grid(np.concatenate([_as_images(x, shape), _as_images(recon, shape)]), nrow=n)
     fig = Figure(figsize=(n * 0.6, 1.8))
     ax = fig.subplots()
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    _show(ax, grid)
     ax.set_xticks([])
     half = grid.shape[0] / 2
     ax.set_yticks([half / 2, half + half / 2], ["data", "reconstruction"])
@@ -121,7 +130,7 @@ def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
 
 @torch.no_grad()
 def sample_images(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
-    """(n, H, W) decoder means for n draws z ~ N(0, I)."""
+    """(n, H, W) or (n, H, W, 3) decoder means for n draws z ~ N(0, I)."""
     generator = torch.Generator(model.device).manual_seed(seed)
     z = torch.randn(n, model.config.z_dim, generator=generator, device=model.device)
     return _as_images(model.decode_mean(z), model.config.image_shape)
@@ -139,8 +148,7 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
     grid = image_grid(images, nrow=n, pad=0)
     fig = Figure(figsize=(8, 8))
     ax = fig.subplots()
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, extent=(-limit, limit, -limit, limit),
-              interpolation="nearest")
+    _show(ax, grid, extent=(-limit, limit, -limit, limit))
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
     ax.set_title(f"Latent manifold: decoder means on a {n} x {n} grid")
@@ -158,16 +166,21 @@ def latent_means(model: VAE, data: Dataset, n: int | None = None, seed: int = 0)
     return torch.cat(mus).cpu().numpy()
 
 
-def _scatter_by_label(points: np.ndarray, labels: np.ndarray, title: str,
-                      xlabel: str, ylabel: str, legend: str) -> Figure:
+def _scatter_by_label(points: np.ndarray, labels: torch.Tensor | None, data: Dataset, title: str,
+                      xlabel: str, ylabel: str) -> Figure:
+    """points: (N, 2); labels: (N,) or None (one colour, no legend); their names and legend from data."""
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
-    cmap = matplotlib.colormaps[LABEL_COLOURS]
-    for label in np.unique(labels):
-        sel = labels == label
-        ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=cmap(int(label) % 10),
-                   label=str(label))
-    ax.legend(title=legend, markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if labels is None:
+        ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.6)
+    else:
+        legend, names = label_legend(data)
+        labels = labels.numpy()
+        for label in np.unique(labels):
+            sel = labels == label
+            ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=label_colour(int(label)),
+                       label=names[label] if names else str(label))
+        ax.legend(title=legend, markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -175,17 +188,24 @@ def _scatter_by_label(points: np.ndarray, labels: np.ndarray, title: str,
     return fig
 
 
-def _legend(data: Dataset) -> str:
-    return "digit" if data.verified else "label"  # MNIST's labels are digits; others, classes
+def label_colour(label: int) -> tuple[float, float, float, float]:
+    """The colour of a label in every scatter (and the report's explorer): tab10, cycling after 10."""
+    return matplotlib.colormaps[LABEL_COLOURS](label % 10)
+
+
+def label_legend(data: Dataset) -> tuple[str, list[str] | None]:
+    """The legend's title and each label's name."""
+    names = list(data.label_names) if data.label_names else None
+    return ("digit" if data.verified else "class" if data.source == "folder" else "label"), names
 
 
 def latent_figure(model: VAE, data: Dataset) -> Figure:
-    """For z_dim = 2: the test set's posterior means, coloured by digit."""
+    """For z_dim = 2: the test set's posterior means, coloured by label where there are labels."""
     if model.config.z_dim != 2:
         raise ValueError("the latent scatter needs z_dim = 2; use tsne_figure")
     mu = latent_means(model, data)
-    return _scatter_by_label(mu, data.test_labels.numpy(), f"Posterior means of {len(mu)} test images",
-                             "mu_1", "mu_2", _legend(data))
+    return _scatter_by_label(mu, data.test_labels, data, f"Posterior means of {len(mu)} test images",
+                             "mu_1", "mu_2")
 
 
 def tsne_figure(model: VAE, data: Dataset, n: int = 3000, seed: int = 0) -> Figure:
@@ -193,10 +213,11 @@ def tsne_figure(model: VAE, data: Dataset, n: int = 3000, seed: int = 0) -> Figu
     from sklearn.manifold import TSNE
 
     mu = latent_means(model, data, n)
-    points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(mu)
-    return _scatter_by_label(points, data.test_labels[:n].numpy(),
+    points = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(mu) - 1)).fit_transform(mu)
+    labels = None if data.test_labels is None else data.test_labels[:n]
+    return _scatter_by_label(points, labels, data,
                              f"t-SNE of the posterior means of {len(mu)} test images (z_dim={model.config.z_dim})",
-                             "t-SNE 1", "t-SNE 2", _legend(data))
+                             "t-SNE 1", "t-SNE 2")
 
 
 def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[dict]) -> list[Path]:

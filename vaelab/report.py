@@ -2,8 +2,10 @@
 figures, and a latent explorer that decodes in the browser.
 
 The page needs no network: figures are embedded as PNG data, and the decoder's
-weights as base64 float32 arrays, run by a few lines of plain JavaScript. For
-z_dim = 2 the pointer on the latent plane picks z; for larger z_dim, sliders
+weights as base64 float32 arrays, run by a few lines of plain JavaScript (dense
+layers, and the conv decoder's transposed convolutions). It shows the likelihood's
+mean, sigmoid of the first C output channels for every likelihood, in grey or RGB.
+For z_dim = 2 the pointer on the latent plane picks z; for larger z_dim, sliders
 set the first latent dimensions (the rest stay at 0, the prior's mean).
 """
 
@@ -19,7 +21,8 @@ import torch
 from .data import Dataset
 from .fileio import atomic_write_bytes
 from .models import VAE
-from .plots import latent_means
+from .nets import ConvDecoder
+from .plots import label_colour, label_legend, latent_means
 from .runs import FIGURES, load_config, read_eval, read_metrics
 
 PLANE_LIMIT = 4.0      # the explorer's latent plane is [-4, 4]^2, like the manifold figure
@@ -32,15 +35,36 @@ def _b64_float32(t: torch.Tensor) -> str:
 
 
 def decoder_spec(model: VAE) -> dict:
-    """The decoder as JSON: layers of row-major (out, in) weights and biases."""
-    layers = [m for m in model.decoder if isinstance(m, torch.nn.Linear)]
+    """The decoder as JSON, the activation after every layer but the last:
+    dense layers with row-major (out, in) weights; for a conv decoder then the shape (C, H, W)
+    their output takes, and 4x4 stride-2 transposed convolutions with (in, out, 4, 4) weights."""
+    decoder = model.decoder
+    dense = decoder.dense if isinstance(decoder, ConvDecoder) else decoder
+    layers = [{"type": "dense", "in": m.in_features, "out": m.out_features, "weight": _b64_float32(m.weight),
+               "bias": _b64_float32(m.bias)} for m in dense if isinstance(m, torch.nn.Linear)]
+    if isinstance(decoder, ConvDecoder):
+        layers += [{"type": "deconv", "in": m.in_channels, "out": m.out_channels, "weight": _b64_float32(m.weight),
+                    "bias": _b64_float32(m.bias)} for m in decoder.convs if isinstance(m, torch.nn.ConvTranspose2d)]
     return {
         "z_dim": model.config.z_dim,
-        "image_shape": list(model.config.image_shape[1:]),  # (H, W): one channel
+        "image_shape": list(model.config.image_shape),  # (C, H, W)
+        "start": list(decoder.start) if isinstance(decoder, ConvDecoder) else None,
         "activation": model.config.activation,
-        "layers": [{"in": m.in_features, "out": m.out_features, "weight": _b64_float32(m.weight),
-                    "bias": _b64_float32(m.bias)} for m in layers],
+        "layers": layers,
     }
+
+
+def _hex(colour: tuple[float, ...]) -> str:
+    return "#" + "".join(f"{round(255 * v):02x}" for v in colour[:3])
+
+
+def legend_spec(data: Dataset | None) -> dict | None:
+    """The explorer's legend: its title and each label's name and colour (those of the scatter figures)."""
+    if data is None or data.test_labels is None:
+        return None
+    title, names = label_legend(data)
+    labels = sorted(set(data.test_labels.tolist()))
+    return {"title": title, "entries": [[names[i] if names else str(i), _hex(label_colour(i))] for i in labels]}
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -84,15 +108,17 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
     points = []
     if data is not None and model.config.z_dim == 2:
         mu = latent_means(model, data, SCATTER_POINTS)
-        labels = data.test_labels[:len(mu)].tolist()
+        labels = [-1] * len(mu) if data.test_labels is None else data.test_labels[:len(mu)].tolist()
         points = [[round(float(a), 3), round(float(b), 3), int(c)] for (a, b), c in zip(mu, labels)]
 
     eval_html = _table(_flatten(evaluation)) if evaluation else \
         "<p>Not evaluated yet: run <code>vaelab evaluate RUN</code>, then the report again.</p>"
     figures_html = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_png(p)}'>"
                            f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures)
+    colours = [_hex(label_colour(i)) for i in range(10)]
     payload = json.dumps({"decoder": decoder_spec(model), "points": points, "limit": PLANE_LIMIT,
-                          "sliders": min(model.config.z_dim, MAX_SLIDERS)})
+                          "sliders": min(model.config.z_dim, MAX_SLIDERS), "colours": colours,
+                          "legend": legend_spec(data)})
     return (_PAGE.replace("%TITLE%", html.escape(f"vaelab report: {run_dir.name}"))
             .replace("%CONFIG%", _table(_flatten(config.to_dict())))
             .replace("%METRICS%", _metrics_table(metrics))
@@ -124,6 +150,8 @@ canvas { border: 1px solid #999; image-rendering: pixelated; }
 figure { display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }
 figure img { max-width: 520px; }
 .slider { display: flex; align-items: center; gap: .5em; margin: .3em 0; }
+.key { white-space: nowrap; margin-right: .6em; }
+.swatch { display: inline-block; width: .8em; height: .8em; margin-right: .25em; vertical-align: middle; }
 </style></head>
 <body>
 <h1>%TITLE%</h1>
@@ -154,37 +182,71 @@ function floats(b64) {
   const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
   return new Float32Array(bytes.buffer);
 }
-const layers = DATA.decoder.layers.map(l => ({n_in: l.in, n_out: l.out, w: floats(l.weight), b: floats(l.bias)}));
+const layers = DATA.decoder.layers.map(l => ({type: l.type, n_in: l.in, n_out: l.out, w: floats(l.weight), b: floats(l.bias)}));
 const act = {relu: v => Math.max(v, 0), tanh: Math.tanh, elu: v => v > 0 ? v : Math.expm1(v),
              softplus: v => v > 20 ? v : Math.log1p(Math.exp(v))}[DATA.decoder.activation];
+const [C, H, W] = DATA.decoder.image_shape;
 
-// The decoder's forward pass: z -> mean image sigmoid(logits), as in vaelab.
-function decode(z) {
-  let h = Float64Array.from(z);
-  layers.forEach((l, k) => {
-    const out = new Float64Array(l.n_out);
-    for (let j = 0; j < l.n_out; j++) {
-      let s = l.b[j];
-      const row = j * l.n_in;
-      for (let i = 0; i < l.n_in; i++) s += l.w[row + i] * h[i];
-      out[j] = k < layers.length - 1 ? act(s) : 1 / (1 + Math.exp(-s));
-    }
-    h = out;
-  });
-  return h;
+// y = W h + b, h: (n_in), W: (n_out, n_in) row-major.
+function dense(l, h) {
+  const out = new Float64Array(l.n_out);
+  for (let j = 0; j < l.n_out; j++) {
+    let s = l.b[j];
+    const row = j * l.n_in;
+    for (let i = 0; i < l.n_in; i++) s += l.w[row + i] * h[i];
+    out[j] = s;
+  }
+  return out;
 }
 
-const [H, W] = DATA.decoder.image_shape;
+// A 4x4 transposed convolution, stride 2, padding 1: h (n_in, side, side') -> (n_out, 2 side, 2 side').
+// Each input value adds its weighted kernel into the output, at 2 * position - 1 + kernel offset.
+function deconv(l, h, hh, ww) {
+  const oh = 2 * hh, ow = 2 * ww, out = new Float64Array(l.n_out * oh * ow);
+  for (let o = 0; o < l.n_out; o++) out.fill(l.b[o], o * oh * ow, (o + 1) * oh * ow);
+  for (let i = 0; i < l.n_in; i++)
+    for (let y = 0; y < hh; y++)
+      for (let x = 0; x < ww; x++) {
+        const v = h[(i * hh + y) * ww + x];
+        if (v === 0) continue;
+        for (let o = 0; o < l.n_out; o++) {
+          const k = (i * l.n_out + o) * 16;
+          for (let ky = 0; ky < 4; ky++) {
+            const oy = 2 * y - 1 + ky;
+            if (oy < 0 || oy >= oh) continue;
+            for (let kx = 0; kx < 4; kx++) {
+              const ox = 2 * x - 1 + kx;
+              if (ox >= 0 && ox < ow) out[(o * oh + oy) * ow + ox] += v * l.w[k + 4 * ky + kx];
+            }
+          }
+        }
+      }
+  return out;
+}
+
+// The decoder's forward pass, then the likelihood's mean: sigmoid of the first C channels,
+// (C, H, W) values in [0, 1], as vaelab computes it.
+function decode(z) {
+  let h = Float64Array.from(z), side = DATA.decoder.start ? DATA.decoder.start.slice(1) : null;
+  layers.forEach((l, k) => {
+    if (l.type === "dense") h = dense(l, h);
+    else { h = deconv(l, h, side[0], side[1]); side = [2 * side[0], 2 * side[1]]; }
+    if (k < layers.length - 1) h = h.map(act);
+  });
+  return h.slice(0, C * H * W).map(v => 1 / (1 + Math.exp(-v)));
+}
+
 const small = document.createElement("canvas");
 small.width = W; small.height = H;
 const digit = document.getElementById("digit");
+digit.height = Math.round(digit.width * H / W);
 
 function show(z) {
   const image = decode(z);
   const pixels = small.getContext("2d").createImageData(W, H);
   for (let p = 0; p < H * W; p++) {
-    const v = Math.round(255 * image[p]);
-    pixels.data.set([v, v, v, 255], 4 * p);
+    const channel = c => Math.round(255 * image[(C === 1 ? 0 : c) * H * W + p]);
+    pixels.data.set([channel(0), channel(1), channel(2), 255], 4 * p);
   }
   small.getContext("2d").putImageData(pixels, 0, 0);
   const ctx = digit.getContext("2d");
@@ -202,16 +264,24 @@ if (DATA.decoder.z_dim === 2) {
   plane.id = "plane"; plane.width = size; plane.height = size;
   controls.appendChild(plane);
   const note = document.createElement("p");
-  note.textContent = "Move the pointer over the latent plane [-" + lim + ", " + lim + "]^2; dots are test images' posterior means, coloured by digit.";
+  note.textContent = "Move the pointer over the latent plane [-" + lim + ", " + lim + "]^2; dots are test images' posterior means" +
+    (DATA.legend ? ", coloured by " + DATA.legend.title + "." : ".");
   controls.appendChild(note);
+  if (DATA.legend) {
+    const legend = document.createElement("div");
+    legend.id = "legend";
+    legend.innerHTML = DATA.legend.title + ": " + DATA.legend.entries.map(([name, colour]) =>
+      "<span class='key'><span class='swatch' style='background:" + colour + "'></span>" +
+      name.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]) + "</span>").join(" ");
+    controls.appendChild(legend);
+  }
   const ctx = plane.getContext("2d");
-  const colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
   const toPx = v => (v + lim) / (2 * lim) * size;
   ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, size, size);
   ctx.strokeStyle = "#ddd"; ctx.beginPath();
   ctx.moveTo(size / 2, 0); ctx.lineTo(size / 2, size); ctx.moveTo(0, size / 2); ctx.lineTo(size, size / 2); ctx.stroke();
   for (const [a, b, label] of DATA.points) {
-    ctx.fillStyle = colours[label % 10];
+    ctx.fillStyle = label < 0 ? "#555" : DATA.colours[label % 10];
     ctx.fillRect(toPx(a) - 1, size - toPx(b) - 1, 2, 2);
   }
   plane.addEventListener("pointermove", e => {

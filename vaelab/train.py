@@ -94,7 +94,7 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     if config.deterministic:
         set_deterministic(device)
     if data is None:
-        data = load_data(config.data_dir, progress=progress)
+        data = load_data(config.data_dir, progress=progress, **config.data_options())
     data = data.subset(config.train_size, config.test_size)
     if len(data.train_images) < config.batch_size:
         raise VaelabError(f"--batch-size {config.batch_size} is larger than the "
@@ -138,7 +138,9 @@ def _advice(config: RunConfig, epoch: int, run_dir: Path | None) -> str:
     rate = f"--lr {config.lr}" if config.schedule == "constant" else \
         f"--lr {config.lr}, which the schedule had brought to {config.lr_at(epoch):.3g}"
     kept = f"; the checkpoint of epoch {epoch - 1} in {run_dir} is intact" if run_dir and epoch > 1 else ""
-    return f"lower the learning rate ({rate}){kept}"
+    # plain SGD's steps grow with the gradient, which the continuous likelihoods' sums over pixels make large
+    adam = " or train with --optimizer adam --lr 1e-3" if config.optimizer == "sgd" else ""
+    return f"lower the learning rate ({rate}){adam}{kept}"
 
 
 def fit(training: Training, run_dir: str | Path | None = None, progress: bool = True,

