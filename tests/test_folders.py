@@ -499,3 +499,18 @@ def test_image_size_with_an_npz_is_refused(tmp_path):
 def test_a_missing_npz_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_data(tmp_path / "nowhere.npz")
+
+
+def test_a_jpeg_with_an_exif_rotation_is_turned_upright(tmp_path):
+    upright = np.zeros((8, 16), np.uint8)
+    upright[:, :8] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored rotated, to be turned 90 degrees clockwise
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.rot90(upright)).save(folder / f"{i}.jpg", exif=exif, quality=100)
+    got = load_data(folder, test_fraction=0.34, progress=False)
+    assert got.image_shape == (1, 8, 16)
+    image = got.train_images[0, 0].float()
+    assert image[:, :8].mean() > 200 and image[:, 8:].mean() < 50

@@ -121,8 +121,13 @@ def test_conv_decoder_gives_the_same_with_a_workspace():
 
 
 def test_conv_refuses_sides_it_cannot_halve_naming_the_fix():
-    with pytest.raises(VaelabError, match="multiples of 4; these images are 30x30.*--image-size"):
-        preset("conv", image_shape=(1, 30, 30)).validate()
+    with pytest.raises(VaelabError, match=r"multiples of 4, but they are 32x30; .*--image-size \(e.g. 32\)"):
+        build_model(preset("conv", image_shape=(1, 30, 32)))
+
+
+def test_three_conv_layers_take_16_pixel_images():
+    model = build_model(preset("conv", conv_channels=(4, 8, 8), image_shape=(3, 16, 16)))
+    assert model.decode(torch.randn(2, 16)).shape == (2, 3, 16, 16)
 
 
 def test_the_architecture_round_trips_through_the_saved_config():

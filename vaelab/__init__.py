@@ -1,4 +1,4 @@
-"""vaelab: variational autoencoders on binarized MNIST, trained, evaluated and shown."""
+"""vaelab: variational autoencoders on MNIST or your own images, trained, evaluated and shown."""
 
 from . import rng
 

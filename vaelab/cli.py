@@ -38,6 +38,18 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _folder_options(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    """The options of image folders; None when not given (--resume tells given ones apart)."""
+    p.add_argument("--image-size", type=int, metavar="S",
+                   help="image folders: resize every image to S x S pixels (default: keep the size; all must agree)")
+    p.add_argument("--test-fraction", type=float, metavar="F",
+                   help=f"image folders without train/ and test/: hold out this fraction as the test set "
+                        f"(default: {d.test_fraction})")
+    p.add_argument("--split-seed", type=int,
+                   help=f"image folders without train/ and test/: seed of the train/test split, apart from "
+                        f"--seed so that runs with different seeds share one test set (default: {d.split_seed})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vaelab", description="Variational autoencoders: MNIST, your own images, MLP or conv.")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
@@ -100,14 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "subfolders, optionally below train/ and test/) or a .npz file with "
                                       "x_train and x_test (default: $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist; "
                                       "with --resume, the run's own)")
-    p.add_argument("--image-size", type=int, metavar="S",
-                   help="image folders: resize every image to S x S pixels (default: keep the size; all must agree)")
-    p.add_argument("--test-fraction", type=float, metavar="F",
-                   help=f"image folders without train/ and test/: hold out this fraction as the test set "
-                        f"(default: {d.test_fraction})")
-    p.add_argument("--split-seed", type=int,
-                   help=f"image folders without train/ and test/: seed of the train/test split, apart from "
-                        f"--seed so that runs with different seeds share one test set (default: {d.split_seed})")
+    _folder_options(p, d)
     p.add_argument("--train-size", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--test-size", type=int, metavar="N", help="report the loss of the first N test images only")
     p.add_argument("--out", help="run directory (default: runs/<timestamp>); must not hold a run already")
@@ -164,14 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help=run_data_help)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("data", help="fetch and verify MNIST, and say where it is",
-                       description="Find (or fetch) the four IDX files, verify them and print where they are.")
+    p = sub.add_parser("data", help="fetch and verify MNIST, or read your images, and say what was found",
+                       description="Find (or fetch) the four IDX files and verify them, or read a folder of "
+                                   "images or an .npz file, and print what it holds.")
     p.add_argument("--data-dir", help=data_help)
-    p.add_argument("--image-size", type=int, metavar="S", help="image folders: resize every image to S x S")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction, metavar="F",
-                   help="image folders without train/ and test/: the fraction held out (default: %(default)s)")
-    p.add_argument("--split-seed", type=int, default=d.split_seed,
-                   help="image folders without train/ and test/: the split's seed (default: %(default)s)")
+    _folder_options(p, d)
     p.set_defaults(func=cmd_data)
     return parser
 
@@ -303,6 +305,9 @@ def _load(run: str, data_dir: str | None, device: str = "cpu", world=None):
     world = world or distributed.SINGLE
     config, model = distributed.share_result(lambda: (load_config(run), load_run(run)), world)
     model = model.to(distributed.pick_device(device, world))
+    if data_dir and config.image_size and not Path(data_dir).is_dir():
+        raise VaelabError(f"{run} was trained on an image folder resized to {config.image_size} pixels "
+                          f"(config.json); --data-dir {data_dir} is not a folder of images")
     data = load_data(data_dir or config.data_dir, progress=world.main, **config.data_options())
     if data.image_shape != model.config.image_shape:
         shape = lambda s: "x".join(map(str, s))
@@ -414,8 +419,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_data
 
-    data = load_data(args.data_dir, image_size=args.image_size, test_fraction=args.test_fraction,
-                     split_seed=args.split_seed)
+    d = RunConfig()
+    data = load_data(args.data_dir, image_size=args.image_size,
+                     test_fraction=d.test_fraction if args.test_fraction is None else args.test_fraction,
+                     split_seed=d.split_seed if args.split_seed is None else args.split_seed)
     kind = ("MNIST, verified by SHA-256" if data.verified else
             {"idx": "IDX files, not MNIST", "folder": "a folder of images", "npz": "arrays from a .npz file"}[data.source])
     c, h, w = data.image_shape

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+from .data import check_folder_options
 from .errors import VaelabError
 from .models import ModelConfig
 
@@ -65,10 +66,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VaelabError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
-            raise VaelabError(f"--image-size must be a positive integer, got {self.image_size}")
-        if not (isinstance(self.test_fraction, (int, float)) and 0 < self.test_fraction < 1):
-            raise VaelabError(f"--test-fraction must be a number between 0 and 1, got {self.test_fraction}")
+        check_folder_options(**self.data_options())
         if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
             raise VaelabError(f"--beta must be a number >= 0, got {self.beta}")
         if not isinstance(self.kl_warmup, int) or self.kl_warmup < 0:

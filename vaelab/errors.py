@@ -16,3 +16,8 @@ class DataError(VaelabError):
 
 class RunError(VaelabError):
     """A run directory is missing, incomplete or cannot be written."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (a library's may span several), or its type's name."""
+    return " ".join(str(e).split()) or type(e).__name__

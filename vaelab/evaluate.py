@@ -153,8 +153,8 @@ class _Accumulator:
 
 
 def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int) -> tuple[int, int]:
-    """(image tiles, sample tiles) per launch. The CPU runs one tile at a time: 2,500 decoded
-    rows keep the logits in cache, and fixed shapes keep every result bitwise.
+    """(image tiles, sample tiles) per launch. The CPU runs one tile at a time: for the MLPs 2,500
+    decoded rows keep the logits in cache, and fixed shapes keep every result bitwise.
     On CUDA, as many as a quarter of the free memory holds."""
     device = model.device
     if device.type != "cuda":

@@ -53,7 +53,7 @@ class ModelConfig:
     # "mlp": encoder_hidden and decoder_hidden are the layers on the flattened image. "conv": the
     # convolutions' channels (each halves H and W), then encoder_hidden / decoder_hidden dense layers.
     architecture: str = "mlp"
-    conv_channels: tuple[int, ...] = (32, 64)
+    conv_channels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.conv_channels = tuple(int(c) for c in self.conv_channels)
@@ -78,12 +78,10 @@ class ModelConfig:
             raise VaelabError("hidden layer sizes must be positive integers")
         if self.architecture not in ARCHITECTURES:
             raise VaelabError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
-        if self.architecture == "conv":
-            if not self.conv_channels or min(self.conv_channels) < 1:
-                raise VaelabError(f"--conv-channels must be positive integers, got {self.conv_channels}")
-            problem = conv_check(self.image_shape, self.conv_channels)
-            if problem:
-                raise VaelabError(problem)
+        if self.architecture == "conv" and (not self.conv_channels or min(self.conv_channels) < 1):
+            raise VaelabError(f"--conv-channels must be positive integers, got {self.conv_channels}")
+        if self.architecture != "conv" and self.conv_channels:
+            raise VaelabError("conv_channels sets the convolutions of the conv architecture; an MLP has none")
         if self.activation not in ACTIVATIONS:
             raise VaelabError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         likelihoods.check(self.likelihood, self.sigma)
@@ -113,6 +111,10 @@ class VAE(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
+        # The image shape is known once the data is (a config is validated before that).
+        problem = conv_check(config.image_shape, config.conv_channels) if config.architecture == "conv" else None
+        if problem:
+            raise VaelabError(problem)
         self.config = config
         self.likelihood = likelihoods.make(config.likelihood, config.sigma)
         c, h, w = config.image_shape

@@ -3,7 +3,8 @@
 An MLP is a list of linear layers with an activation between them. Its forward
 can write every layer's output into buffers kept by a `Workspace`: evaluation
 decodes thousands of same-shaped tiles, and fresh multi-megabyte tensors for
-each made the allocator return memory to the OS and fault it back in.
+each made the allocator return memory to the OS and fault it back in. (The conv
+decoder passes the workspace to its dense layers only; its convolutions allocate.)
 
 The conv networks halve (encoder) or double (decoder) the image's height and width
 at every layer with 4x4 kernels, stride 2 and padding 1, so H and W must be
@@ -82,8 +83,10 @@ def conv_check(image_shape: tuple[int, int, int], channels: tuple[int, ...]) -> 
     _, h, w = image_shape
     scale = 2 ** len(channels)
     if h % scale or w % scale:
-        return (f"the conv networks halve the image {len(channels)} times, so its height and width must be "
-                f"multiples of {scale}; these images are {h}x{w} (resize them with --image-size, e.g. 28 or 32)")
+        near = max(scale, round(max(h, w) / scale) * scale)
+        return (f"--preset conv halves the images {len(channels)} times, so their width and height must be "
+                f"multiples of {scale}, but they are {w}x{h}; resize an image folder with --image-size "
+                f"(e.g. {near}) or choose fewer --conv-channels")
     return None
 
 

@@ -21,6 +21,7 @@ from .evaluate import image_keys
 from .models import VAE
 
 LABEL_COLOURS = "tab10"
+TSNE_MIN_IMAGES = 10  # fewer test images than this draw no t-SNE: there is nothing to see
 
 
 def image_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: float = 1.0) -> np.ndarray:
@@ -96,7 +97,7 @@ def elbo_figure(metrics: list[dict]) -> Figure:
 
 
 def data_figure(data: Dataset, n: int = 100) -> Figure:
-    """A grid of training images (grey levels, before binarization)."""
+    """A grid of training images as stored (grey levels or colours, before binarization)."""
     images = _as_images(data.train_images[:n].float() / 255, data.image_shape)
     return _grid_figure(image_grid(images, nrow=10), f"{len(images)} training images")
 
@@ -109,8 +110,8 @@ def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0)
     mu, _ = model.encode(x)
     recon = model.decode_mean(mu)
     shape = data.image_shape
-    grid = image_grid(np.concatenate([_as_images(x, shape), _as_images(recon, shape)]), nrow=n)
-    fig = Figure(figsize=(n * 0.6, 1.8))
+    grid = image_grid(np.concatenate([_as_images(x, shape), _as_images(recon, shape)]), nrow=len(images))
+    fig = Figure(figsize=(max(len(images), 4) * 0.6, 1.8))
     ax = fig.subplots()
     _show(ax, grid)
     ax.set_xticks([])
@@ -148,7 +149,7 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
     grid = image_grid(images, nrow=n, pad=0)
     fig = Figure(figsize=(8, 8))
     ax = fig.subplots()
-    _show(ax, grid, extent=(-limit, limit, -limit, limit))
+    _show(ax, grid, extent=(-limit, limit, -limit, limit), aspect=grid.shape[0] / grid.shape[1])  # images unstretched
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
     ax.set_title(f"Latent manifold: decoder means on a {n} x {n} grid")
@@ -178,8 +179,9 @@ def _scatter_by_label(points: np.ndarray, labels: torch.Tensor | None, data: Dat
         labels = labels.numpy()
         for label in np.unique(labels):
             sel = labels == label
+            name = names[label] if names else str(label)
             ax.scatter(points[sel, 0], points[sel, 1], s=3, alpha=0.6, color=label_colour(int(label)),
-                       label=names[label] if names else str(label))
+                       label=name.replace("$", r"\$"))  # a folder's name, not mathtext
         ax.legend(title=legend, markerscale=4, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -233,7 +235,7 @@ def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[d
     if model.config.z_dim == 2:
         figures["manifold.png"] = lambda: manifold_figure(model)
         figures["latent.png"] = lambda: latent_figure(model, data)
-    else:
+    elif len(data.test_images) >= TSNE_MIN_IMAGES:
         figures["tsne.png"] = lambda: tsne_figure(model, data)
     paths = []
     for name, make in figures.items():

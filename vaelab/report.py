@@ -124,7 +124,7 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
             .replace("%METRICS%", _metrics_table(metrics))
             .replace("%EVAL%", eval_html)
             .replace("%FIGURES%", figures_html or "<p>No figures: run <code>vaelab plot RUN</code>.</p>")
-            .replace("%PAYLOAD%", payload.replace("</", "<\\/")))
+            .replace("%PAYLOAD%", payload.replace("<", "\\u003c")))  # no "</script>" or "<!--" in the script
 
 
 def write_report(run_dir: str | Path, model: VAE, data: Dataset | None = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from . import Dataset
 
 _LAYOUT = ("an .npz for vaelab holds uint8 x_train and x_test of shape (N, H, W) or (N, H, W, C) "
@@ -71,7 +71,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     except DataError:
         raise
     except Exception as e:  # zipfile, zlib and numpy each raise their own kinds for a damaged file
-        raise DataError(f"{path}: cannot be read as an .npz file ({_one_line(e)}); {_LAYOUT}") from None
+        raise DataError(f"{path}: cannot be read as an .npz file ({one_line(e)}); {_LAYOUT}") from None
     return arrays
 
 
@@ -109,7 +109,3 @@ def _labels(path: Path, key: str, y: np.ndarray, n: int) -> torch.Tensor:
 
 def _shape_text(x: np.ndarray) -> str:
     return "x".join(str(d) for d in x.shape[1:])
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from . import Dataset
 from .fetch import cache_root
 from .idx import FILES
@@ -60,7 +60,7 @@ REDUCING_GAP = 3.0
 SMALL_FILE_BYTES = 2048
 
 # Bump when what is cached or how images are decoded changes: old entries then miss.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _CONVERT = {"L": "L", "1": "L", "RGB": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
@@ -254,6 +254,8 @@ def decode_image(path: Path, image_size: int | None = None) -> np.ndarray:
             if image_size is not None:
                 im.draft(None, (image_size, image_size))  # JPEG only: decode at 1/2..1/8 scale, still >= S
             im.load()  # the pixels are in memory now; leaving `with` closes only the file
+            if im.format == "JPEG":  # a camera's JPEG may be stored sideways, with an EXIF note to turn it
+                im = ImageOps.exif_transpose(im)
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, ... for damaged files
         raise DataError(f"{path}: cannot be read as an image ({_reason(e)})") from None
     return np.asarray(_resize(_to_grey_or_rgb(im, path), image_size))
@@ -287,7 +289,7 @@ def _reason(e: Exception) -> str:
     """Why Pillow failed, on one line."""
     if isinstance(e, UnidentifiedImageError):
         return "not a PNG or JPEG file"
-    return " ".join(str(e).split()) or type(e).__name__
+    return one_line(e)
 
 
 def _decode_all(directory: Path, layout: Layout, image_size: int | None, progress: bool) -> np.ndarray:
