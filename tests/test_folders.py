@@ -514,3 +514,11 @@ def test_a_jpeg_with_an_exif_rotation_is_turned_upright(tmp_path):
     assert got.image_shape == (1, 8, 16)
     image = got.train_images[0, 0].float()
     assert image[:, :8].mean() > 200 and image[:, 8:].mean() < 50
+
+
+def test_other_splits_of_one_folder_share_one_cache_entry(tmp_path, cache):
+    save_all(tmp_path / "flat", pixels(20, (8, 8)))
+    a = load_data(tmp_path / "flat", split_seed=0, progress=False)
+    b = load_data(tmp_path / "flat", split_seed=1, test_fraction=0.3, progress=False)
+    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(b.test_images) == 6 and not torch.equal(a.test_images[:2], b.test_images[:2])

@@ -60,7 +60,7 @@ REDUCING_GAP = 3.0
 SMALL_FILE_BYTES = 2048
 
 # Bump when what is cached or how images are decoded changes: old entries then miss.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _CONVERT = {"L": "L", "1": "L", "RGB": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
@@ -113,15 +113,18 @@ def load_folder(directory: Path, *, image_size: int | None = None, test_fraction
     """
     check_folder_options(image_size, test_fraction, split_seed)
     layout = _layout(directory, _scan(directory), test_fraction, split_seed)
-    # Plain Python numbers: a numpy int must key the same cache entry as an int.
-    params = (None if image_size is None else int(image_size), float(test_fraction), int(split_seed))
+    # The cache holds the files in path order: the split only orders rows, so every split shares it.
+    # A plain Python number: a numpy int must key the same cache entry as an int.
+    params = (None if image_size is None else int(image_size),)
     cache_path = _cache_path(directory, params)
     fingerprint = _fingerprint(directory, layout.files, params)
 
-    images = _read_cache(cache_path, fingerprint, len(layout.files))
-    if images is None:
-        images = _decode_all(directory, layout, image_size, progress)
-        _write_cache(cache_path, fingerprint, images)
+    decoded = _read_cache(cache_path, fingerprint, len(layout.files))
+    if decoded is None:
+        decoded = _decode_all(directory, layout.files, image_size, progress)
+        _write_cache(cache_path, fingerprint, decoded)
+    images = np.empty_like(decoded)
+    images[layout.rows] = decoded  # file i goes to row rows[i]: training rows first
 
     n = layout.n_train
     all_images = torch.from_numpy(images)  # (N, C, H, W); train and test are views of it
@@ -292,8 +295,8 @@ def _reason(e: Exception) -> str:
     return one_line(e)
 
 
-def _decode_all(directory: Path, layout: Layout, image_size: int | None, progress: bool) -> np.ndarray:
-    """Every file of layout decoded into its row of one (N, C, H, W) uint8 array.
+def _decode_all(directory: Path, files: list[ImageFile], image_size: int | None, progress: bool) -> np.ndarray:
+    """Every file decoded, in order, into one (N, C, H, W) uint8 array.
 
     The first file sets the shape every other must have. Decoding runs in a
     thread pool (Pillow releases the GIL while it decodes and resizes), except
@@ -301,7 +304,7 @@ def _decode_all(directory: Path, layout: Layout, image_size: int | None, progres
     """
     from tqdm.auto import tqdm
 
-    paths = [directory / Path(*f.rel) for f in layout.files]
+    paths = [directory / Path(*f.rel) for f in files]
     first = decode_image(paths[0], image_size)
     c = 1 if first.ndim == 2 else first.shape[2]
     out = np.empty((len(paths), c, *first.shape[:2]), dtype=np.uint8)
@@ -315,7 +318,7 @@ def _decode_all(directory: Path, layout: Layout, image_size: int | None, progres
             (h, w), (h0, w0) = image.shape[:2], first.shape[:2]
             raise DataError(f"{paths[i]} is {w}x{h} but {paths[0]} is {w0}x{h0}; "
                             "pass --image-size S to resize all to SxS")
-        out[layout.rows[i]] = image[None] if ci == 1 else image.transpose(2, 0, 1)
+        out[i] = image[None] if ci == 1 else image.transpose(2, 0, 1)
 
     def decode_range(start: int, stop: int) -> tuple[int, DataError | None]:
         """Decode files [start, stop); the number done and the error that stopped it, if any."""
@@ -328,7 +331,7 @@ def _decode_all(directory: Path, layout: Layout, image_size: int | None, progres
 
     fit(0, first)
     # Chunks amortise the per-task cost over many tiny images yet keep the bar moving.
-    workers = _workers(layout.files)
+    workers = _workers(files)
     chunk = max(1, min(256, len(paths) // (4 * workers)))
     starts = range(1, len(paths), chunk)
     errors: list[tuple[int, DataError]] = []
@@ -383,7 +386,7 @@ def _workers(files: list[ImageFile]) -> int:
 # --- the cache ----------------------------------------------------------------------------
 
 def _cache_path(directory: Path, params: tuple) -> Path:
-    """The cache file for this folder read with these options.
+    """The cache file for this folder read with these options (params: (image_size,)).
 
     One file per folder and options, so a folder that changes overwrites its
     entry instead of piling up new ones; the fingerprint inside says whether
@@ -395,7 +398,7 @@ def _cache_path(directory: Path, params: tuple) -> Path:
 
 def _fingerprint(directory: Path, files: list[ImageFile], params: tuple) -> str:
     """SHA-256 over the format version, the folder, every file's relative path,
-    size and mtime_ns, and the options (image_size, test_fraction, split_seed)."""
+    size and mtime_ns, and the options (image_size; the split does not change what is cached)."""
     h = hashlib.sha256(f"vaelab folders v{CACHE_VERSION}\0{directory.resolve()}\0{params!r}\0".encode())
     for f in files:
         h.update(f"{'/'.join(f.rel)}\0{f.size}\0{f.mtime_ns}\0".encode("utf-8", "surrogateescape"))
