@@ -134,6 +134,7 @@ def test_mnist_file_with_the_wrong_sha256(tmp_path, capsys, mnist_dir):
     (["--preset", "huge"], "argument --preset: invalid choice"),
     (["--epochs", "ten"], "argument --epochs: invalid int value"),
     (["--encoder-hidden", "256,x"], "expected comma-separated integers"),
+    (["--conv-channels", "8,16"], "--conv-channels sets the convolutions of --preset conv; an MLP has none"),
 ])
 def test_nonsensical_options(tmp_path, capsys, args, message):
     code, err = run_cli(capsys, "train", *args, "--out", tmp_path / "run")

@@ -194,8 +194,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     model = preset(name, z_dim=args.z_dim, encoder_hidden=args.encoder_hidden,
                    decoder_hidden=args.decoder_hidden, conv_channels=args.conv_channels, activation=args.activation,
                    likelihood=given("likelihood", d.model.likelihood), sigma=given("sigma", d.model.sigma))
-    if args.conv_channels is not None and model.architecture != "conv":
-        raise VaelabError(f"--conv-channels sets the convolutions of --preset conv; preset {name} has none")
     return RunConfig(model=model, preset=name, objective=given("objective", d.objective),
                      samples=given("samples", d.samples), k=given("k", d.k), beta=given("beta", d.beta),
                      kl_warmup=given("kl_warmup", d.kl_warmup),

@@ -13,6 +13,7 @@ The networks are MLPs on the flattened image (architecture "mlp") or convolution
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -81,7 +82,7 @@ class ModelConfig:
         if self.architecture == "conv" and (not self.conv_channels or min(self.conv_channels) < 1):
             raise VaelabError(f"--conv-channels must be positive integers, got {self.conv_channels}")
         if self.architecture != "conv" and self.conv_channels:
-            raise VaelabError("conv_channels sets the convolutions of the conv architecture; an MLP has none")
+            raise VaelabError("--conv-channels sets the convolutions of --preset conv; an MLP has none")
         if self.activation not in ACTIVATIONS:
             raise VaelabError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
         likelihoods.check(self.likelihood, self.sigma)
@@ -128,7 +129,7 @@ class VAE(nn.Module):
         self.head = nn.Linear(config.encoder_hidden[-1], 2 * config.z_dim)
         self.decoder = (ConvDecoder(config.z_dim, config.image_shape, config.conv_channels, config.decoder_hidden,
                                     config.activation, self.out_shape[0])
-                        if conv else MLP([config.z_dim, *config.decoder_hidden, c * h * w * self.likelihood.channels],
+                        if conv else MLP([config.z_dim, *config.decoder_hidden, math.prod(self.out_shape)],
                                          config.activation))
 
     @property

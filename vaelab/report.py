@@ -59,12 +59,13 @@ def _hex(colour: tuple[float, ...]) -> str:
 
 
 def legend_spec(data: Dataset | None) -> dict | None:
-    """The explorer's legend: its title and each label's name and colour (those of the scatter figures)."""
+    """The explorer's legend: its title and each label's (number, name); the page colours them as the
+    plane's points, from the payload's colours (those of the scatter figures)."""
     if data is None or data.test_labels is None:
         return None
     title, names = label_legend(data)
     labels = sorted(set(data.test_labels.tolist()))
-    return {"title": title, "entries": [[names[i] if names else str(i), _hex(label_colour(i))] for i in labels]}
+    return {"title": title, "entries": [[i, names[i] if names else str(i)] for i in labels]}
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -270,8 +271,8 @@ if (DATA.decoder.z_dim === 2) {
   if (DATA.legend) {
     const legend = document.createElement("div");
     legend.id = "legend";
-    legend.innerHTML = DATA.legend.title + ": " + DATA.legend.entries.map(([name, colour]) =>
-      "<span class='key'><span class='swatch' style='background:" + colour + "'></span>" +
+    legend.innerHTML = DATA.legend.title + ": " + DATA.legend.entries.map(([label, name]) =>
+      "<span class='key'><span class='swatch' style='background:" + DATA.colours[label % 10] + "'></span>" +
       name.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]) + "</span>").join(" ");
     controls.appendChild(legend);
   }

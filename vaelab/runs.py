@@ -152,6 +152,13 @@ def write_metrics(run_dir: Path, records: list[dict]) -> None:
     atomic_write_bytes(Path(run_dir) / METRICS, text.encode())
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """One array as a .npy file, atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_batch_losses(run_dir: Path, epoch: int, losses: np.ndarray) -> None:
     """Put epoch's (steps,) batch losses in row epoch - 1 of RUN/batch_losses.npy, atomically."""
     path = Path(run_dir) / BATCH_LOSSES
@@ -163,9 +170,7 @@ def write_batch_losses(run_dir: Path, epoch: int, losses: np.ndarray) -> None:
             saved = None  # unreadable: rows of NaN (the checkpoint, not this file, is the truth)
         if saved is not None and saved.ndim == 2 and saved.shape[1] == len(losses):
             rows[:len(saved)] = saved
-    buffer = io.BytesIO()
-    np.save(buffer, np.concatenate([rows, losses[None]]).astype(np.float32))
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_npy(path, np.concatenate([rows, losses[None]]).astype(np.float32))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -283,9 +288,7 @@ def write_eval(run_dir: str | Path, result: dict) -> None:
     record = {k: v for k, v in result.items() if k != "log_px"}
     try:
         if "log_px" in result:
-            buffer = io.BytesIO()
-            np.save(buffer, np.asarray(result["log_px"], dtype=np.float64))
-            atomic_write_bytes(Path(run_dir) / LOG_PX, buffer.getvalue())
+            _save_npy(Path(run_dir) / LOG_PX, np.asarray(result["log_px"], dtype=np.float64))
         atomic_write_json(Path(run_dir) / EVAL, record)
     except OSError as e:
         raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e})") from None

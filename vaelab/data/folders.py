@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import numbers
+import io
 import os
-import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, one_line
+from ..fileio import atomic_write_bytes
 from . import Dataset
 from .fetch import cache_root
 from .idx import FILES
@@ -423,15 +424,10 @@ def _read_cache(path: Path, fingerprint: str, n: int) -> np.ndarray | None:
 
 def _write_cache(path: Path, fingerprint: str, images: np.ndarray) -> None:
     """Store the images atomically; a cache that cannot be written is skipped, not an error."""
-    tmp = None
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, fingerprint=np.array(fingerprint))  # uncompressed: loads fast
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=images, fingerprint=np.array(fingerprint))  # uncompressed: loads fast
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        pass
