@@ -128,7 +128,8 @@ def test_negative_elbo_uses_the_gaussian_likelihood_when_configured():
 
 def test_objectives_are_functions_of_the_terms_alone():
     log_px_z = torch.tensor([[-3.0, -1.0], [-5.0, -2.0]])
-    terms = Terms(log_px_z=log_px_z, log_pz=torch.zeros(2, 2), log_qz=torch.zeros(2, 2), kl=torch.tensor([0.5, 1.0]))
+    z = torch.randn(2, 2, 3)  # drawn from the prior itself (mu 0, logvar 0): log p(z) = log q(z|x)
+    terms = Terms(log_px_z=log_px_z, kl=torch.tensor([0.5, 1.0]), z=z, eps=z, logvar=torch.zeros(2, 3))
     torch.testing.assert_close(negative_elbo(terms), torch.tensor([4.5, 2.5]))
     expected = math.log(2) - torch.logsumexp(log_px_z, 0)
     torch.testing.assert_close(negative_iwae(terms), expected)
@@ -137,4 +138,4 @@ def test_objectives_are_functions_of_the_terms_alone():
 def test_the_model_returns_its_terms_for_each_sample_and_example():
     model = build_model(ModelConfig(image_shape=(1, 2, 2), z_dim=3, encoder_hidden=(5,), decoder_hidden=(5,)), seed=0)
     terms = model(torch.rand(4, 1, 2, 2).round(), torch.randn(6, 4, 3))
-    assert [t.shape for t in terms] == [(6, 4), (6, 4), (6, 4), (4,)]
+    assert [t.shape for t in (terms.log_px_z, terms.log_pz, terms.log_qz, terms.kl)] == [(6, 4), (6, 4), (6, 4), (4,)]

@@ -22,7 +22,7 @@ from torch import nn
 from . import likelihoods
 from .errors import VaelabError
 from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder, Workspace, conv_check
-from .objectives import Terms, kl_normal, log_normal_from_eps, log_standard_normal, reparametrize
+from .objectives import Terms, kl_normal, reparametrize
 
 # Architecture presets by name: hidden sizes, activation and latent size.
 PRESETS = {
@@ -168,9 +168,7 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         z = reparametrize(mu, logvar, eps)
         return Terms(log_px_z=self.likelihood.log_prob(self.decode(z, workspace), x, workspace),
-                     log_pz=log_standard_normal(z),
-                     log_qz=log_normal_from_eps(eps, logvar),
-                     kl=kl_normal(mu, logvar))
+                     kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar)
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:

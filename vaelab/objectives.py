@@ -15,12 +15,27 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 class Terms(NamedTuple):
-    """Per-example terms for S draws z_s ~ q(z|x) of N examples."""
+    """Per-example terms for S draws z_s = mu + sigma * eps_s ~ q(z|x) of N examples.
+
+    log p(z_s) and log q(z_s|x) are computed when asked: the ELBO with its analytic
+    KL never asks, so training on it launches none of their kernels.
+    """
 
     log_px_z: torch.Tensor  # (S, N) log p(x | z_s)
-    log_pz: torch.Tensor    # (S, N) log p(z_s), standard normal prior
-    log_qz: torch.Tensor    # (S, N) log q(z_s | x)
     kl: torch.Tensor        # (N,) KL(q(z|x) || p(z)), analytic
+    z: torch.Tensor         # (S, N, z_dim) the draws
+    eps: torch.Tensor       # (S, N, z_dim) their standard normal noise
+    logvar: torch.Tensor    # (N, z_dim) of q(z|x)
+
+    @property
+    def log_pz(self) -> torch.Tensor:
+        """(S, N) log p(z_s), standard normal prior."""
+        return log_standard_normal(self.z)
+
+    @property
+    def log_qz(self) -> torch.Tensor:
+        """(S, N) log q(z_s | x)."""
+        return log_normal_from_eps(self.eps, self.logvar)
 
 
 def reparametrize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

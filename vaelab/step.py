@@ -111,7 +111,7 @@ class TrainStep:
                 ramp = (self.first_step + self.step).to(torch.float32).div_(self.warmup_steps).clamp_(max=1.0)
                 self.kl_weight.copy_(ramp.mul_(self.beta))
             loss = negative_elbo(terms, self.kl_weight).mean()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=True)  # backward then writes the gradients, not adds to zeros
         loss.backward()
         self.optimizer.step()
         self.step.add_(1)
