@@ -2,7 +2,7 @@
 # The GPU checks, as one call of a lent GPU machine (no network; torch, numpy, pytest preinstalled):
 #   cp ../shared/mnist/*.gz .mnist/   # here, once; .mnist is git-ignored and carried
 #   device run: bash benchmarks/device_check.sh   (carry: .mnist)
-# torchrun on the card, where a default run's start-up goes, then the whole suite (CUDA tests
+# torchrun on the card, where a default run's wall time goes (benchmarks/startup.py), then the whole suite (CUDA tests
 # included); `bash benchmarks/device_check.sh bench` runs the GPU benchmark instead of the suite.
 # Results go to $OUT.
 set -uo pipefail
@@ -15,24 +15,16 @@ mkdir -p "$OUT"
 timeout 90 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m vaelab train --device cuda \
   --preset conv --likelihood logistic --optimizer adam --lr 1e-3 --epochs 2 --out /tmp/nccl_run --no-plots \
   2>&1 | tail -5 | tee "$OUT/nccl.log"
-# start-up of a default run: the imports, CUDA's first touch, the data
-timeout 60 python3 - <<'PY' 2>&1 | tee "$OUT/startup.log"
-import time
-t0 = time.perf_counter()
-import torch, vaelab.cli, vaelab.train, vaelab.plots  # noqa: E401
-t1 = time.perf_counter()
-torch.zeros(1, device="cuda"); torch.cuda.synchronize()
-t2 = time.perf_counter()
-vaelab.load_data(progress=False)
-t3 = time.perf_counter()
-print(f"imports {t1 - t0:.2f} s, CUDA context {t2 - t1:.2f} s, MNIST read {t3 - t2:.2f} s")
-PY
+# where a whole default run's wall time goes: imports, CUDA's first touch, data, build, epochs, figures
+timeout 90 python3 benchmarks/startup.py --device cuda 2>&1 | tee "$OUT/startup.json"
 if [ "${1:-}" = bench ]; then
   timeout 240 python3 benchmarks/gpu.py --out "$OUT" --run-dir /tmp/gpu_run 2>&1 | tee "$OUT/gpu.log"
 else
   # Each vaelab subprocess there pays ~4 s of imports and CUDA start-up, and the suite starts about a
   # hundred: spread the tests over the card machine's cores where pytest-xdist is installed.
+  # Two threads per worker: 8 workers of torch's default 16 threads each would oversubscribe the cores.
   parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadfile")
+  [ -n "$parallel" ] && export OMP_NUM_THREADS=2
   timeout 420 python3 -m pytest -q -p no:cacheprovider $parallel -rs --durations=15 2>&1 | tee "$OUT/pytest_all.log" \
     | tail -60
 fi

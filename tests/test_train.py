@@ -140,7 +140,7 @@ def test_a_slice_of_the_batch_draws_what_the_whole_batch_draws():
     whole.begin_epoch(0, 1)
     half.begin_epoch(0, 1)
     x, eps = whole.draw()
-    half.step.fill_(1)  # the second half of the first 50 images
+    half.positions.add_(half.batch_size)  # its second batch: the second half of the first 50 images
     x_half, eps_half = half.draw()
     assert torch.equal(x[25:], x_half) and torch.equal(eps[:, 25:], eps_half)
 

@@ -70,13 +70,14 @@ def log_weights(terms: Terms) -> torch.Tensor:
     return terms.log_px_z + terms.log_pz - terms.log_qz
 
 
-def negative_elbo(terms: Terms, kl_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
+def negative_elbo(terms: Terms, kl_weight: float | torch.Tensor | None = None) -> torch.Tensor:
     """-ELBO = -(1/S) sum_s log p(x|z_s) + KL(q(z|x) || p(z)), KL analytic: (N,) nats.
 
-    kl_weight (beta) weights the KL term: 1 is the ELBO itself; other weights give the
-    beta-VAE objective, which is not a bound on log p(x).
+    kl_weight (beta, a float or a 0-d tensor) weights the KL term, giving the beta-VAE
+    objective, which is not a bound on log p(x) unless beta is 1; None is the ELBO itself.
     """
-    return kl_weight * terms.kl - terms.log_px_z.mean(0)
+    kl = terms.kl if kl_weight is None else kl_weight * terms.kl
+    return kl - terms.log_px_z.mean(0)
 
 
 def negative_iwae(terms: Terms) -> torch.Tensor:

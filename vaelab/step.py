@@ -1,7 +1,7 @@
 """One optimizer step: the batch gather, observation, forward, objective, backward
 and update, as a function of tensors the epoch sets.
 
-The step reads the epoch's order, its keys and the step number from tensors
+The step reads the epoch's draws and the current batch's positions from tensors
 that live on the device, so it needs no host value per step: the same function
 runs eagerly and, on CUDA, captured once and replayed as a graph. At these
 sizes a step is bound by kernel launches, not arithmetic, and a replay launches
@@ -44,8 +44,9 @@ class TrainStep:
         # The ELBO's KL weight: beta, reached linearly over the first kl_warmup_epochs (counted in
         # steps). It lives in a tensor the step itself updates, so a captured step follows it too.
         self.beta, self.warmup_steps = beta, kl_warmup_epochs * (len(images) // batch_size)
+        self.weighted = beta != 1.0 or kl_warmup_epochs > 0  # else the plain ELBO, with no multiply
         self.kl_weight = torch.full((), beta, dtype=torch.float32, device=device)
-        self.first_step = torch.zeros((), dtype=torch.int64, device=device)  # the epoch's, counted from the run's start
+        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)  # from the run's start, for the warm-up
         self.samples, self.batch_size = samples, batch_size
         self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
         # The epoch's draws, made by begin_epoch: row p is the image at position p of the
@@ -53,9 +54,9 @@ class TrainStep:
         n, z_dim = self.steps_per_epoch * batch_size, model.config.z_dim
         self.x = torch.empty((n, *images.shape[1:]), dtype=torch.float32, device=device)
         self.eps = torch.empty((n, samples * z_dim), dtype=torch.float32, device=device)
-        self.step = torch.zeros((), dtype=torch.int64, device=device)
         share = batch_size // world.size
         self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
+        self.positions = self.rows.clone()  # the current batch's rows of x and eps, advanced by each step
         self.capture = cuda_graph and device.type == "cuda"
         if self.capture and world.distributed:  # DDP's all-reduce inside a graph is untested here
             self.capture = False
@@ -87,8 +88,8 @@ class TrainStep:
             images = self.images.index_select(0, self.order[rows])
             self.x[rows] = self.model.observe(images, rng.row_keys(observe_key, positions))
             self.eps[rows] = rng.normal(rng.row_keys(noise_key, positions), self.eps.shape[1])
-        self.step.zero_()
-        self.first_step.fill_((epoch - 1) * self.steps_per_epoch)
+        self.positions.copy_(self.rows)
+        self.steps_done.fill_((epoch - 1) * self.steps_per_epoch)
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current batch as the model sees it, x: (B, C, H, W), and its noise eps: (S, B, z_dim).
@@ -96,9 +97,8 @@ class TrainStep:
         Keyed by each image's position in the epoch, so a slice of the batch draws
         what the whole batch would.
         """
-        positions = self.rows + self.step * self.batch_size
-        eps = self.eps.index_select(0, positions).view(-1, self.samples, self.model.config.z_dim)
-        return self.x.index_select(0, positions), eps.transpose(0, 1)
+        eps = self.eps.index_select(0, self.positions).view(-1, self.samples, self.model.config.z_dim)
+        return self.x.index_select(0, self.positions), eps.transpose(0, 1)
 
     def eager(self) -> torch.Tensor:
         """The step itself, run op by op."""
@@ -108,13 +108,14 @@ class TrainStep:
             loss = negative_iwae(terms).mean()
         else:
             if self.warmup_steps:
-                ramp = (self.first_step + self.step).to(torch.float32).div_(self.warmup_steps).clamp_(max=1.0)
+                ramp = self.steps_done.to(torch.float32).div_(self.warmup_steps).clamp_(max=1.0)
                 self.kl_weight.copy_(ramp.mul_(self.beta))
-            loss = negative_elbo(terms, self.kl_weight).mean()
+                self.steps_done.add_(1)
+            loss = negative_elbo(terms, self.kl_weight if self.weighted else None).mean()
         self.optimizer.zero_grad(set_to_none=True)  # backward then writes the gradients, not adds to zeros
         loss.backward()
         self.optimizer.step()
-        self.step.add_(1)
+        self.positions.add_(self.batch_size)
         return loss.detach()
 
     def __call__(self) -> torch.Tensor:
@@ -125,7 +126,7 @@ class TrainStep:
             return self.eager()
         if self._eager_steps < self.WARMUP:
             # Warm-up on a side stream, as capture wants; these are real steps of the epoch.
-            side = torch.cuda.Stream(device=self.step.device)
+            side = torch.cuda.Stream(device=self.positions.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 loss = self.eager()

@@ -1,0 +1,84 @@
+"""Where the wall time of a whole default `vaelab train` goes, phase by phase.
+
+    PYTHONPATH=. python benchmarks/startup.py [--device cuda] [--epochs 20]
+
+Runs itself again in a fresh interpreter (so that the imports are cold, as on the command
+line), which does what `vaelab train` does, in the same order, with a clock between the
+phases: the imports, the device's first touch, reading MNIST, build (model, optimizer, data on
+the device, the test set's draws), fit (the epochs as metrics.jsonl records them, and the rest:
+checkpoints, the first epoch's capture), the figures (matplotlib's import included). The outer
+process times the whole child, so interpreter start and exit appear too. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def phases(device: str, epochs: int, run_dir: Path) -> dict:
+    """The default run, phase by phase, in this process: seconds per phase."""
+    clock = [time.perf_counter()]
+    out: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        clock.append(time.perf_counter())
+        out[name] = clock[-1] - clock[-2]
+
+    import torch
+    import vaelab.cli  # noqa: F401  (what `python -m vaelab` imports before parsing)
+    from vaelab.config import RunConfig
+    from vaelab.data import load_data
+    from vaelab.distributed import pick_device
+    from vaelab.train import build, fit
+    lap("imports")
+    config = RunConfig(epochs=epochs, device=device)
+    resolved = pick_device(config.device)
+    torch.zeros(1, device=resolved)
+    if resolved.type == "cuda":
+        torch.cuda.synchronize()
+    lap("device")
+    data = load_data(config.data_dir, progress=False, **config.data_options())
+    lap("data")
+    training = build(config, data, progress=False)
+    lap("build")
+    result = fit(training, run_dir, progress=False)
+    lap("fit")
+    out["epochs"] = sum(m["seconds"] for m in result.metrics)
+    out["fit_besides_epochs"] = out["fit"] - out["epochs"]
+    from vaelab.plots import draw_figures
+    draw_figures(run_dir, result.model, result.data, result.metrics)
+    lap("figures")
+    out["in_process"] = clock[-1] - clock[0]
+    out["test_loss"] = result.metrics[-1]["test_loss"]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # the timed run's folder
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(phases(args.device, args.epochs, args.child)))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        child = subprocess.run([sys.executable, __file__, "--device", args.device, "--epochs", str(args.epochs),
+                                "--child", str(Path(tmp) / "run")], check=True, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result["wall"] = wall
+    result["interpreter_start_and_exit"] = wall - result["in_process"]
+    print(json.dumps({k: round(v, 3) for k, v in result.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
