@@ -16,7 +16,7 @@ timeout 90 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m v
   --preset conv --likelihood logistic --optimizer adam --lr 1e-3 --epochs 2 --out /tmp/nccl_run --no-plots \
   2>&1 | tail -5 | tee "$OUT/nccl.log"
 # where a whole default run's wall time goes: imports, CUDA's first touch, data, build, epochs, figures
-timeout 90 python3 benchmarks/startup.py --device cuda 2>&1 | tee "$OUT/startup.json"
+timeout 90 python3 benchmarks/startup.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/startup.log"
 if [ "${1:-}" = bench ]; then
   timeout 240 python3 benchmarks/gpu.py --out "$OUT" --run-dir /tmp/gpu_run 2>&1 | tee "$OUT/gpu.log"
 else

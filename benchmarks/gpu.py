@@ -7,7 +7,9 @@ Measures, alternating over repetitions (each pair in the same process, on the sa
              the notebook's model, manual SGD (benchmarks/speed.py has it)
   eager      vaelab's trainer, tutorial recipe, --cuda-graph off
   captured   the same with the step captured as a CUDA graph (the default)
-then, once each: the burda1 VAE (Adam, batch 20) and IWAE k=50 epochs, a whole default
+then, once each: an experiment (the captured step with the model under torch.compile, which
+fuses the step's elementwise kernels; not a vaelab option, measured to see whether one would
+pay), the burda1 VAE (Adam, batch 20) and IWAE k=50 epochs, a whole default
 `vaelab train --device cuda` (wall time) and `vaelab evaluate` of that run with K=5000.
 vaelab's s/epoch is what metrics.jsonl records (training pass plus test loss); the first
 epoch of a run, which holds the capture, is reported apart.
@@ -40,6 +42,18 @@ BURDA_EPOCHS = 3280
 def run_epochs(config: vaelab.RunConfig, data) -> list[float]:
     """Seconds of each epoch, as metrics.jsonl records them."""
     return [m["seconds"] for m in vaelab.train(config, data=data, progress=False).metrics]
+
+
+def compiled_epochs(config: vaelab.RunConfig, data) -> dict:
+    """The experiment: build, put the model under torch.compile as the step's forward (the
+    step wraps whatever computes the terms), then fit. Its first epoch holds the compilation."""
+    try:
+        training = vaelab.build(config, data, progress=False)
+        training.step.forward = torch.compile(training.model)
+        seconds = [m["seconds"] for m in vaelab.fit(training, progress=False).metrics]
+    except Exception as e:  # an experiment: report why, measure the rest
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    return {"first_epoch": seconds[0], "epoch": statistics.median(seconds[1:])}
 
 
 def main(argv=None) -> int:
@@ -76,6 +90,9 @@ def main(argv=None) -> int:
         print(f"rep {rep + 1}: baseline {times['baseline'][-1]:.3f} s, eager {times['eager'][-1]:.3f} s, "
               f"captured {times['captured'][-1]:.3f} s per epoch", file=sys.stderr)
 
+    compiled = compiled_epochs(vaelab.RunConfig(epochs=args.epochs, device="cuda"), data)
+    print(f"captured + torch.compile: {compiled}", file=sys.stderr)
+
     burda = {}
     for name, objective, k in (("burda1 VAE", "elbo", 1), ("burda1 IWAE k=50", "iwae", 50)):
         config = vaelab.RunConfig(model=vaelab.preset("burda1"), preset="burda1", objective=objective, k=k,
@@ -102,6 +119,7 @@ def main(argv=None) -> int:
         "epoch_seconds": times, "first_epoch_seconds": first,
         "median": {k: statistics.median(v) for k, v in times.items()},
         "captured_vs_baseline_paired": paired,
+        "captured_compiled": compiled,
         "burda": burda,
         "default_train": {"wall_seconds": train_wall,
                           "metrics": [json.loads(x) for x in (args.run_dir / "metrics.jsonl").read_text().splitlines()]},
@@ -126,6 +144,9 @@ def markdown(r: dict) -> str:
             f"| tutorial's own loop on the GPU (DataLoader, 8 workers) | {m['baseline']:.3f} | |",
             f"| vaelab, tutorial recipe, eager (`--cuda-graph off`) | {m['eager']:.3f} | {statistics.median(f['eager']):.2f} |",
             f"| vaelab, tutorial recipe, captured step (default) | {m['captured']:.3f} | {statistics.median(f['captured']):.2f} |"]
+    c = r["captured_compiled"]
+    rows.append(f"| experiment: captured step, model under torch.compile | {c['epoch']:.3f} | {c['first_epoch']:.2f} |"
+                if "epoch" in c else f"| experiment: captured step, model under torch.compile | failed: {c['error']} | |")
     for name, b in r["burda"].items():
         rows.append(f"| {name} (Adam, batch 20) | {b['epoch']:.3f} | {b['first_epoch']:.2f} |")
     rows += ["", f"Captured vs the tutorial's loop: {r['captured_vs_baseline_paired']:.1f}x (median of each "

@@ -1,19 +1,21 @@
 """Where the wall time of a whole default `vaelab train` goes, phase by phase.
 
-    PYTHONPATH=. python benchmarks/startup.py [--device cuda] [--epochs 20]
+    PYTHONPATH=. python benchmarks/startup.py [--device cuda] [--epochs 20] [--reps 3] [--out DIR]
 
 Runs itself again in a fresh interpreter (so that the imports are cold, as on the command
 line), which does what `vaelab train` does, in the same order, with a clock between the
 phases: the imports, the device's first touch, reading MNIST, build (model, optimizer, data on
 the device, the test set's draws), fit (the epochs as metrics.jsonl records them, and the rest:
 checkpoints, the first epoch's capture), the figures (matplotlib's import included). The outer
-process times the whole child, so interpreter start and exit appear too. Prints one JSON line.
+process times the whole child, so interpreter start and exit appear too. Medians over --reps
+runs; with --out, writes startup_<device>.json and .md there, naming the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,24 +61,52 @@ def phases(device: str, epochs: int, run_dir: Path) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # the timed run's folder
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(phases(args.device, args.epochs, args.child)))
-        return 0
+def timed_child(device: str, epochs: int) -> dict:
+    """One default run in a fresh interpreter: its phases, and the wall time around it."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        child = subprocess.run([sys.executable, __file__, "--device", args.device, "--epochs", str(args.epochs),
+        child = subprocess.run([sys.executable, __file__, "--device", device, "--epochs", str(epochs),
                                 "--child", str(Path(tmp) / "run")], check=True, capture_output=True, text=True)
         wall = time.perf_counter() - start
     result = json.loads(child.stdout.strip().splitlines()[-1])
     result["wall"] = wall
     result["interpreter_start_and_exit"] = wall - result["in_process"]
-    print(json.dumps({k: round(v, 3) for k, v in result.items()}))
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write startup_<device>.json and .md here")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # the timed run's folder
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(phases(args.device, args.epochs, args.child)))
+        return 0
+    runs = [timed_child(args.device, args.epochs) for _ in range(args.reps)]
+    median = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
+    print(json.dumps(median))
+    if args.out:
+        import torch
+        from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+
+        cuda = args.device != "cpu" and torch.cuda.is_available()
+        host = (f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}" if cuda
+                else f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch {torch.__version__}")
+        rows = [("imports (torch, vaelab)", "imports"), ("device's first touch", "device"), ("reading MNIST", "data"),
+                ("build (includes TorchDynamo's import by torch.optim)", "build"),
+                (f"{args.epochs} epochs (metrics.jsonl's seconds)", "epochs"),
+                ("fit besides the epochs (checkpoints, capture)", "fit_besides_epochs"),
+                ("figures (matplotlib's import included)", "figures"),
+                ("interpreter start and exit", "interpreter_start_and_exit"), ("whole run, wall", "wall")]
+        table = (f"Host: {host}. A default `vaelab train` ({args.epochs} epochs, figures included), phase by "
+                 f"phase; medians of {args.reps} runs.\n\n| phase | s |\n| --- | --- |\n"
+                 + "".join(f"| {label} | {median[key]:.2f} |\n" for label, key in rows)
+                 + f"\nTest negative ELBO: {median['test_loss']:.2f} nats.\n")
+        name = "startup_cuda" if cuda else "startup_cpu"
+        write_results(args.out, name, {"host": host, "runs": runs, "median": median}, table)
     return 0
 
 

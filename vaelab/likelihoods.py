@@ -171,17 +171,17 @@ class DiscretizedLogistic(Likelihood):
         inv_s = torch.exp(-log_s)
         centred = x - mean
         upper, lower = (centred + 0.5 / 255) * inv_s, (centred - 0.5 / 255) * inv_s
-        log_sigmoid = lambda v: -F.softplus(-v)         # log of the mass below v
-        log_survival = lambda v: -F.softplus(v)         # log of the mass above v
+        # log of the mass below each edge, and above it: log(1 - sigmoid(v)) = log sigmoid(v) - v
+        below_upper, below_lower = F.logsigmoid(upper), F.logsigmoid(lower)
+        above_upper, above_lower = below_upper - upper, below_lower - lower
         # log(1 - e^d) for d <= 0; float32 cannot tell 1 - e^d from 0 beyond 1e-7
         log1mexp = lambda d: torch.log1p(-torch.exp(d).clamp(max=1 - 1e-7))
         # A bin's mass, from whichever side of the mean it lies on: the difference of two
         # tail masses, each far from 1, stays exact where that of two CDF values would not.
-        below = log_sigmoid(upper) + log1mexp(log_sigmoid(lower) - log_sigmoid(upper))
-        above = log_survival(lower) + log1mexp(log_survival(upper) - log_survival(lower))
+        below = below_upper + log1mexp(below_lower - below_upper)
+        above = above_lower + log1mexp(above_upper - above_lower)
         inside = torch.where(centred > 0, above, below)
-        log_p = torch.where(x < 0.5 / 255, log_sigmoid(upper), torch.where(x > 1 - 0.5 / 255, log_survival(lower),
-                                                                           inside))
+        log_p = torch.where(x < 0.5 / 255, below_upper, torch.where(x > 1 - 0.5 / 255, above_lower, inside))
         return log_p.flatten(-3).sum(-1)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
