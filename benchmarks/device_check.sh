@@ -25,6 +25,6 @@ else
   # Two threads per worker: 8 workers of torch's default 16 threads each would oversubscribe the cores.
   parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadfile")
   [ -n "$parallel" ] && export OMP_NUM_THREADS=2
-  timeout 420 python3 -m pytest -q -p no:cacheprovider $parallel -rs --durations=15 2>&1 | tee "$OUT/pytest_all.log" \
+  timeout 380 python3 -m pytest -q -p no:cacheprovider $parallel -rs --durations=15 2>&1 | tee "$OUT/pytest_all.log" \
     | tail -60
 fi

@@ -5,8 +5,9 @@
 Runs itself again in a fresh interpreter (so that the imports are cold, as on the command
 line), which does what `vaelab train` does, in the same order, with a clock between the
 phases: the imports, the device's first touch, reading MNIST, build (model, optimizer, data on
-the device, the test set's draws), fit (the epochs as metrics.jsonl records them, and the rest:
-checkpoints, the first epoch's capture), the figures (matplotlib's import included). The outer
+the device, the test set's draws), fit (the epochs as metrics.jsonl records them, the first
+one's warm-up and capture included, and the rest: checkpoints and the run folder's files), the
+figures (matplotlib's import included). The outer
 process times the whole child, so interpreter start and exit appear too. Medians over --reps
 runs; with --out, writes startup_<device>.json and .md there, naming the machine.
 """
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
         rows = [("imports (torch, vaelab)", "imports"), ("device's first touch", "device"), ("reading MNIST", "data"),
                 ("build (includes TorchDynamo's import by torch.optim)", "build"),
                 (f"{args.epochs} epochs (metrics.jsonl's seconds)", "epochs"),
-                ("fit besides the epochs (checkpoints, capture)", "fit_besides_epochs"),
+                ("fit besides the epochs (checkpoints, run folder)", "fit_besides_epochs"),
                 ("figures (matplotlib's import included)", "figures"),
                 ("interpreter start and exit", "interpreter_start_and_exit"), ("whole run, wall", "wall")]
         table = (f"Host: {host}. A default `vaelab train` ({args.epochs} epochs, figures included), phase by "

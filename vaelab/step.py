@@ -46,7 +46,7 @@ class TrainStep:
         self.beta, self.warmup_steps = beta, kl_warmup_epochs * (len(images) // batch_size)
         self.weighted = beta != 1.0 or kl_warmup_epochs > 0  # else the plain ELBO, with no multiply
         self.kl_weight = torch.full((), beta, dtype=torch.float32, device=device)
-        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)  # from the run's start, for the warm-up
+        self.steps_done = torch.zeros((), dtype=torch.int64, device=device)  # counted from the run's start while a warm-up runs
         self.samples, self.batch_size = samples, batch_size
         self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
         # The epoch's draws, made by begin_epoch: row p is the image at position p of the
