@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import rng
 from .errors import VaelabError
+from .objectives import LOG_2PI
 
 
 def _tracked(t: torch.Tensor) -> bool:
@@ -44,7 +45,7 @@ def softplus_sum(logits: torch.Tensor, scratch: torch.Tensor | None = None) -> t
 def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, log_sigma: float | torch.Tensor) -> torch.Tensor:
     """log N(x; mean, sigma^2) summed over each image's values: (..., N, C, H, W) -> (..., N) nats."""
     z = (x - mean) * torch.exp(-torch.as_tensor(log_sigma, dtype=x.dtype))
-    return (-0.5 * z.square() - log_sigma - 0.5 * math.log(2 * math.pi)).flatten(-3).sum(-1)
+    return (-0.5 * z.square() - log_sigma - 0.5 * LOG_2PI).flatten(-3).sum(-1)
 
 
 class Likelihood:
