@@ -1,30 +1,50 @@
 #!/usr/bin/env bash
 # The GPU checks, as one call of a lent GPU machine (no network; torch, numpy, pytest preinstalled):
 #   cp ../shared/mnist/*.gz .mnist/   # here, once; .mnist is git-ignored and carried
-#   device run: bash benchmarks/device_check.sh   (carry: .mnist)
-# torchrun on the card, where a default run's wall time goes (benchmarks/startup.py), then the whole suite (CUDA tests
-# included); `bash benchmarks/device_check.sh bench` runs the GPU benchmark instead of the suite.
-# Results go to $OUT.
+#   device run: bash benchmarks/device_check.sh [cuda|bench|suite]   (carry: .mnist)
+# With no argument, everything, most telling first, inside one call's 600 s: the CUDA tests (the
+# captured step against eager, resume, evaluation), the GPU benchmark (benchmarks/gpu.py), where a
+# default run's wall time goes (benchmarks/startup.py), torchrun on the card, then the rest of the
+# suite in the time left. An argument runs that part alone. Results go to $OUT.
 set -uo pipefail
 export PYTHONPATH=. VAELAB_DATA_DIR="${VAELAB_DATA_DIR:-$PWD/.mnist}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/vaelab-device}"
 mkdir -p "$OUT"
+part="${1:-all}"
+deadline=560  # seconds: the call's limit is 600, and $OUT still has to come back
+want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
   | tee "$OUT/card.txt"
-# torchrun's path on the one lent card: a process group (NCCL for CUDA tensors) and DDP, world of one
-timeout 90 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m vaelab train --device cuda \
-  --preset conv --likelihood logistic --optimizer adam --lr 1e-3 --epochs 2 --out /tmp/nccl_run --no-plots \
-  2>&1 | tail -5 | tee "$OUT/nccl.log"
-# where a whole default run's wall time goes: imports, CUDA's first touch, data, build, epochs, figures
-timeout 90 python3 benchmarks/startup.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/startup.log"
-if [ "${1:-}" = bench ]; then
-  timeout 240 python3 benchmarks/gpu.py --out "$OUT" --run-dir /tmp/gpu_run 2>&1 | tee "$OUT/gpu.log"
-else
+
+if want cuda; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -rs --durations=10 tests/test_cuda.py 2>&1 \
+    | tee "$OUT/pytest_cuda.log" | tail -15
+fi
+
+if want bench; then
+  timeout 200 python3 benchmarks/gpu.py --out "$OUT" --run-dir /tmp/gpu_run 2>&1 | tee "$OUT/gpu.log" | tail -30
+  # where a whole default run's wall time goes: imports, CUDA's first touch, data, build, epochs, figures
+  timeout 60 python3 benchmarks/startup.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/startup.log" | tail -14
+fi
+
+if [ "$part" = all ]; then
+  # torchrun's path on the one lent card: a process group (NCCL for CUDA tensors) and DDP, world of one
+  timeout 60 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m vaelab train --device cuda \
+    --preset conv --likelihood logistic --optimizer adam --lr 1e-3 --epochs 2 --out /tmp/nccl_run --no-plots \
+    2>&1 | tail -5 | tee "$OUT/nccl.log"
+fi
+
+if want suite; then
   # Each vaelab subprocess there pays ~4 s of imports and CUDA start-up, and the suite starts about a
-  # hundred: spread the tests over the card machine's cores where pytest-xdist is installed.
-  # Two threads per worker: 8 workers of torch's default 16 threads each would oversubscribe the cores.
+  # hundred: spread the tests over the card machine's cores where pytest-xdist is installed, two
+  # threads per worker (8 workers of torch's default 16 threads each would oversubscribe the cores).
   parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8 --dist loadfile")
   [ -n "$parallel" ] && export OMP_NUM_THREADS=2
-  timeout 380 python3 -m pytest -q -p no:cacheprovider $parallel -rs --durations=15 2>&1 | tee "$OUT/pytest_all.log" \
-    | tail -60
+  skip=$([ "$part" = all ] && echo "--ignore=tests/test_cuda.py")  # run above already
+  left=$((deadline - SECONDS))
+  [ "$part" = suite ] && left=$((left < 540 ? left : 540))
+  echo "suite: ${left} s left" | tee "$OUT/pytest_all.log"
+  [ "$left" -ge 30 ] && timeout "$left" python3 -m pytest -q -p no:cacheprovider $parallel $skip -rs --durations=15 2>&1 \
+    | tee -a "$OUT/pytest_all.log" | tail -40
 fi
