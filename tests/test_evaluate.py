@@ -187,3 +187,19 @@ def test_bf16_decoding_moves_the_estimate_by_far_less_than_its_error():
     assert bf16["precision"] == "bf16" and fp32["precision"] == "fp32"
     assert abs(bf16["nll"] - fp32["nll"]) < 0.02
     assert bf16["nll"] != fp32["nll"]  # it really did run in another precision
+
+
+def test_a_large_decoder_takes_a_tiles_samples_in_several_cpu_calls_with_the_same_values(monkeypatch):
+    import vaelab.evaluate as evaluate
+    from vaelab.evaluate import _samples_per_call
+    from vaelab.models import preset
+
+    assert _samples_per_call(build_model(preset("tutorial")), 50) == 50  # the MLPs decode a tile at once
+    assert _samples_per_call(build_model(preset("conv")), 50) < 50       # the conv preset's layers are wider
+    model = build_model(preset("conv", image_shape=(1, 8, 8), z_dim=3), seed=0)
+    images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    whole = importance_sampled(model, images, k=100, progress=False)
+    monkeypatch.setattr(evaluate, "CPU_CALL_BYTES", 7 * evaluate.TILE_IMAGES * model.decoder.row_floats * 4)
+    assert _samples_per_call(model, 50) == 7
+    split = importance_sampled(model, images, k=100, progress=False)["log_px"]
+    np.testing.assert_allclose(split, whole["log_px"], rtol=1e-6)  # bitwise here; row counts may steer a BLAS

@@ -34,6 +34,11 @@ from .objectives import OBJECTIVES, log_weights
 
 TILE_IMAGES = 50
 TILE_SAMPLES = 50   # IWAE bounds need k that divides it or is a multiple of it
+# Bytes of layer outputs a CPU call may decode (about what a tile of the tutorial's MLP makes in
+# float32): a larger decoder, such as the conv preset's, takes a tile's samples in several calls.
+# Its outputs are then reused from the heap, where larger ones were mapped and page-faulted afresh
+# for every tile (a third of the CPU time went to the kernel).
+CPU_CALL_BYTES = 12 * 2**20
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -152,6 +157,16 @@ class _Accumulator:
         return self.iwae_sum[k] / self.iwae_groups[k]
 
 
+def _samples_per_call(model: VAE, samples: int) -> int:
+    """How many of a launch's samples (for all its images) one call of the model decodes: on the
+    CPU at most CPU_CALL_BYTES of layer outputs, always the same for a given model and precision
+    (so the results stay bitwise); on CUDA the whole launch."""
+    if model.device.type == "cuda":
+        return samples
+    row_bytes = model.decoder.row_floats * next(model.decoder.parameters()).dtype.itemsize
+    return max(1, min(samples, CPU_CALL_BYTES // (TILE_IMAGES * row_bytes)))
+
+
 def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int) -> tuple[int, int]:
     """(image tiles, sample tiles) per launch. The CPU runs one tile at a time: for the MLPs 2,500
     decoded rows keep the logits in cache, and fixed shapes keep every result bitwise.
@@ -215,6 +230,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     # The ranks share launches by index, so they must cut the images alike: the least of their sizes.
     tiles_i, tiles_s = distributed.all_min(torch.tensor([tiles_i, tiles_s], device=device), world).tolist()
     nb, ns = tiles_i * TILE_IMAGES, tiles_s * tile_samples
+    per_call = _samples_per_call(model, ns)
     padded = torch.zeros((n_tiles * TILE_IMAGES, *images.shape[1:]), dtype=torch.uint8, device=device)
     padded[:n] = images.to(device)
     index = torch.arange(len(padded), device=device)
@@ -234,7 +250,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
             acc = _Accumulator(len(x), iwae_ks, device)
             for first in range(0, k, ns):
                 eps = draw_noise(noise_keys[rows], z_dim, ns, first)
-                log_w = log_weights(model(x, eps, workspace))
+                log_w = torch.cat([log_weights(model(x, eps[s:s + per_call], workspace))
+                                   for s in range(0, ns, per_call)])
                 acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
                 bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
             values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
