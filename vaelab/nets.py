@@ -4,7 +4,8 @@ An MLP is a list of linear layers with an activation between them. Its forward
 can write every layer's output into buffers kept by a `Workspace`: evaluation
 decodes thousands of same-shaped tiles, and fresh multi-megabyte tensors for
 each made the allocator return memory to the OS and fault it back in. (The conv
-decoder passes the workspace to its dense layers only; its convolutions allocate.)
+decoder passes the workspace to its dense layers only; its convolutions allocate,
+and evaluation keeps them small by decoding a tile's samples in several calls.)
 
 The conv networks halve (encoder) or double (decoder) the image's height and width
 at every layer with 4x4 kernels, stride 2 and padding 1, so H and W must be
