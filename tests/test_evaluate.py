@@ -189,13 +189,15 @@ def test_bf16_decoding_moves_the_estimate_by_far_less_than_its_error():
     assert bf16["nll"] != fp32["nll"]  # it really did run in another precision
 
 
-def test_a_large_decoder_takes_a_tiles_samples_in_several_cpu_calls_with_the_same_values(monkeypatch):
+def test_a_wide_decoder_or_likelihood_takes_a_tiles_samples_in_several_cpu_calls_with_the_same_values(
+        monkeypatch):
     import vaelab.evaluate as evaluate
     from vaelab.evaluate import _samples_per_call
     from vaelab.models import preset
 
     assert _samples_per_call(build_model(preset("tutorial")), 50) == 50  # the MLPs decode a tile at once
     assert _samples_per_call(build_model(preset("conv")), 50) < 50       # the conv preset's layers are wider
+    assert _samples_per_call(build_model(preset("tutorial", likelihood="logistic")), 50) < 50  # its temporaries
     model = build_model(preset("conv", image_shape=(1, 8, 8), z_dim=3), seed=0)
     images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     whole = importance_sampled(model, images, k=100, progress=False)

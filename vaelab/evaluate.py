@@ -34,10 +34,11 @@ from .objectives import OBJECTIVES, log_weights
 
 TILE_IMAGES = 50
 TILE_SAMPLES = 50   # IWAE bounds need k that divides it or is a multiple of it
-# Bytes of layer outputs a CPU call may decode (about what a tile of the tutorial's MLP makes in
-# float32): a larger decoder, such as the conv preset's, takes a tile's samples in several calls.
-# Its outputs are then reused from the heap, where larger ones were mapped and page-faulted afresh
-# for every tile (a third of the CPU time went to the kernel).
+# Bytes a CPU call may create, in layer outputs and the likelihood's temporaries (about what a tile
+# of the tutorial's MLP makes in float32): a wider decoder, such as the conv preset's, or a
+# likelihood with more temporaries takes a tile's samples in several calls. Its tensors are then
+# reused from the heap, where larger ones were mapped and page-faulted afresh for every tile (a
+# third of the CPU time went to the kernel).
 CPU_CALL_BYTES = 12 * 2**20
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -159,11 +160,12 @@ class _Accumulator:
 
 def _samples_per_call(model: VAE, samples: int) -> int:
     """How many of a launch's samples (for all its images) one call of the model decodes: on the
-    CPU at most CPU_CALL_BYTES of layer outputs, always the same for a given model and precision
-    (so the results stay bitwise); on CUDA the whole launch."""
+    CPU at most CPU_CALL_BYTES, always the same for a given model and precision (so the results
+    stay bitwise); on CUDA the whole launch."""
     if model.device.type == "cuda":
         return samples
-    row_bytes = model.decoder.row_floats * next(model.decoder.parameters()).dtype.itemsize
+    row_bytes = (model.decoder.row_floats * next(model.decoder.parameters()).dtype.itemsize
+                 + model.likelihood.temporaries * math.prod(model.config.image_shape) * 4)
     return max(1, min(samples, CPU_CALL_BYTES // (TILE_IMAGES * row_bytes)))
 
 

@@ -53,6 +53,9 @@ class Likelihood:
     channels: int = 1
     random: bool = False  # whether observe() draws random numbers
     discrete: bool = False  # a probability of the data's values (nats convert to bits per dimension)
+    # Image-sized tensors that log_prob keeps alive at once outside a workspace, roughly: evaluation
+    # sizes its CPU calls by them (evaluate.CPU_CALL_BYTES).
+    temporaries: int = 0
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -102,6 +105,7 @@ class Gaussian(Likelihood):
     Bernoulli nats."""
 
     name = "gaussian"
+    temporaries = 2
 
     def __init__(self, sigma: float):
         self.sigma = sigma
@@ -130,6 +134,7 @@ class GaussianLearned(Likelihood):
 
     name = "gaussian-learned"
     channels = 2
+    temporaries = 3
     random = True
     MIN_LOG_SIGMA = -7.0
 
@@ -160,6 +165,7 @@ class DiscretizedLogistic(Likelihood):
 
     name = "logistic"
     channels = 2
+    temporaries = 6
     discrete = True
     MIN_LOG_SCALE = -7.0  # keeps 1 / s finite; a bin is 1/255 wide, e^-7 is a quarter of it
 
