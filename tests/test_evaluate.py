@@ -202,6 +202,6 @@ def test_a_wide_decoder_or_likelihood_takes_a_tiles_samples_in_several_cpu_calls
     images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     whole = importance_sampled(model, images, k=100, progress=False)
     monkeypatch.setattr(evaluate, "CPU_CALL_BYTES", 7 * evaluate.TILE_IMAGES * model.decoder.row_floats * 4)
-    assert _samples_per_call(model, 50) == 7
+    assert _samples_per_call(model, 50) == 5  # the largest divisor of the tile's samples that fits
     split = importance_sampled(model, images, k=100, progress=False)["log_px"]
     np.testing.assert_allclose(split, whole["log_px"], rtol=1e-6)  # bitwise here; row counts may steer a BLAS
