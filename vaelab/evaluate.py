@@ -250,10 +250,11 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         for start in mine:
             rows = slice(start, min(start + nb, len(padded)))
             x = model.observe(padded[rows], observe_keys[rows])
+            posterior = model.encode(x)
             acc = _Accumulator(len(x), iwae_ks, device)
             for first in range(0, k, ns):
                 eps = draw_noise(noise_keys[rows], z_dim, ns, first)
-                log_w = torch.cat([log_weights(model(x, eps[s:s + per_call], workspace))
+                log_w = torch.cat([log_weights(model(x, eps[s:s + per_call], workspace, posterior))
                                    for s in range(0, ns, per_call)])
                 acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
                 bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))

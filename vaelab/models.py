@@ -160,12 +160,15 @@ class VAE(nn.Module):
         """z: (..., z_dim) -> E[x|z]: (..., C, H, W) in [0, 1]."""
         return self.likelihood.mean(self.decode(z))
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor, workspace: Workspace | None = None) -> Terms:
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, workspace: Workspace | None = None,
+                posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> Terms:
         """x: (N, C, H, W) observed images; eps: (S, N, z_dim) standard normal noise.
 
         Returns the per-example terms for z_s = mu + sigma * eps_s (objectives.Terms).
+        posterior: encode(x)'s (mu, logvar), when the caller has them already (evaluation
+        decodes one tile's samples in several calls).
         """
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x) if posterior is None else posterior
         z = reparametrize(mu, logvar, eps)
         return Terms(log_px_z=self.likelihood.log_prob(self.decode(z, workspace), x, workspace),
                      kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar)
