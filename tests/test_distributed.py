@@ -205,33 +205,30 @@ def test_under_torchrun_a_run_needs_out():
 
 
 def test_a_restart_before_the_first_checkpoint_starts_afresh_in_the_same_folder(tmp_path):
-    from vaelab.cli import _plan, build_parser
-    from vaelab.runs import claim, save_config
+    from vaelab.runs import claim, plan, save_config
 
-    args = build_parser().parse_args(["train", "--device", "cpu", "--out", str(tmp_path / "run"), "--epochs", "3"])
-    config, run_dir, resume = _plan(args, World())
+    options, out = dict(device="cpu", epochs=3), tmp_path / "run"
+    config, run_dir, resume = plan(options, out, world=World())
     run_dir.mkdir()
     save_config(run_dir, config)
     claim(run_dir, "job-1")
     restarted = World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-1")
-    again, same_dir, resume = _plan(args, restarted)
+    again, same_dir, resume = plan(options, out, world=restarted)
     assert again == config and same_dir == run_dir and not resume
     assert not (run_dir / "config.json").exists()  # fit writes it anew
 
     save_config(run_dir, config)
-    other = build_parser().parse_args(["train", "--device", "cpu", "--out", str(run_dir), "--epochs", "4"])
     with pytest.raises(VaelabError, match="describes another run"):
-        _plan(other, restarted)
+        plan(dict(device="cpu", epochs=4), run_dir, world=restarted)
 
 
 def test_a_restart_never_takes_over_a_folder_another_job_created(tmp_path):
-    from vaelab.cli import _plan, build_parser
-    from vaelab.runs import claim, save_config
+    from vaelab.runs import claim, plan, save_config
 
-    args = build_parser().parse_args(["train", "--device", "cpu", "--out", str(tmp_path / "run")])
-    config, run_dir, _ = _plan(args, World())
+    options, out = dict(device="cpu"), tmp_path / "run"
+    config, run_dir, _ = plan(options, out, world=World())
     run_dir.mkdir()
     save_config(run_dir, config)
     claim(run_dir, "someone-else")
-    _, _, resume = _plan(args, World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-2"))
+    _, _, resume = plan(options, out, world=World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-2"))
     assert not resume and (run_dir / "config.json").exists()  # left alone: the fresh start refuses it

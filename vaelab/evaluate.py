@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show, rng
+from .config import PRECISIONS, EvaluateOptions, check
 from .distributed import SINGLE, World
 from .errors import VaelabError
 from .models import VAE
 from .nets import Workspace
 from .objectives import OBJECTIVES, log_weights
+from .runs import check_writable, load_run_and_data, read_eval, read_log_px, write_eval
 
 TILE_IMAGES = 50
 TILE_SAMPLES = 50   # IWAE bounds need k that divides it or is a multiple of it
@@ -40,7 +43,6 @@ TILE_SAMPLES = 50   # IWAE bounds need k that divides it or is a multiple of it
 # reused from the heap, where larger ones were mapped and page-faulted afresh for every tile (from
 # a third of the CPU time, for the conv preset, to nine tenths, for an MLP under the logistic).
 CPU_CALL_BYTES = 12 * 2**20
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -281,6 +283,24 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     }
 
 
+def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
+    """`vaelab evaluate`: importance_sampled over a run's test images, written by rank 0 into
+    RUN/eval.json and RUN/log_px.npy. Returns the result, with the seconds it took, the device and
+    the number of processes."""
+    check(options)
+    model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
+    data = data.subset(None, options.test_size)
+    run = Path(options.run)  # found writable before minutes of work
+    distributed.share_result(lambda: check_writable(run, "eval.json goes there: make it writable"), world)
+    start = time.perf_counter()
+    r = importance_sampled(model, data.test_images, k=options.k, seed=options.seed, precision=options.precision,
+                           progress=not options.quiet, world=world)
+    r["seconds"], r["device"], r["processes"] = time.perf_counter() - start, str(model.device), world.size
+    if world.main:
+        write_eval(run, r)
+    return r
+
+
 def _exact_convolutions(exact: bool):
     """cuDNN convolutions run in TF32 by default (on Ampere and later): with exact, in float32."""
     cudnn = torch.backends.cudnn
@@ -313,3 +333,17 @@ def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dic
     return {"difference": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
             "mc_se": math.sqrt(a["nll_se"] ** 2 + b["nll_se"] ** 2), "images": n,
             "nll_a": a["nll"], "nll_b": b["nll"]}
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
+    """`compare` of two evaluated run directories (their eval.json and log_px.npy), with the k
+    they were evaluated with."""
+    records = []
+    for run in (run_a, run_b):
+        record, log_px = read_eval(run), read_log_px(run)
+        if record is None or log_px is None:
+            missing = "eval.json" if record is None else "log_px.npy"
+            raise VaelabError(f"{run} has no {missing}: run `vaelab evaluate {run}` first")
+        records.append((record, log_px))
+    (a, pa), (b, pb) = records
+    return {**compare(a, pa, b, pb), "k": a["k"]}

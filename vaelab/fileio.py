@@ -7,6 +7,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .errors import VaelabError
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write data to path via a temporary file, fsync and rename.
@@ -32,3 +34,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_json(path: Path, obj) -> None:
     """Write obj as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def check_output(path: str | Path, *, flag: str, suffix: str | None = None, force: bool = True) -> Path:
+    """Refuse an output file that cannot or must not be written, before any work: a wrong suffix,
+    a file that exists (unless force), a folder that does not exist. flag names the option."""
+    path = Path(path)
+    if suffix and path.suffix.lower() != suffix:
+        raise VaelabError(f"{flag} must name a {suffix} file, got {path}")
+    if path.exists() and not force:
+        raise VaelabError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise VaelabError(f"cannot write {path}: folder {path.parent} does not exist")
+    return path

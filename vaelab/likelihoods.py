@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from . import rng
-from .errors import VaelabError
 from .objectives import LOG_2PI
 
 
@@ -56,6 +55,8 @@ class Likelihood:
     # Image-sized tensors that log_prob keeps alive at once outside a workspace, roughly: evaluation
     # sizes its CPU calls by them (evaluate.CPU_CALL_BYTES).
     temporaries: int = 0
+    # Training options this likelihood trains best with, by option name ({"optimizer": "adam"}).
+    recommended: dict = {}
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -195,20 +196,21 @@ class DiscretizedLogistic(Likelihood):
         return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
 
 
-LIKELIHOODS = ("bernoulli", "gaussian", "gaussian-learned", "logistic")
+# By name, in the order the command line lists them.
+KINDS = {kind.name: kind for kind in (Bernoulli, Gaussian, GaussianLearned, DiscretizedLogistic)}
+LIKELIHOODS = tuple(KINDS)
 
 
-def check(name: str, sigma: float) -> None:
-    """Raise VaelabError for a likelihood or parameter that makes no sense."""
-    if name not in LIKELIHOODS:
-        raise VaelabError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise VaelabError(f"--sigma must be a positive number, got {sigma}")
+def recommended(name: str) -> dict:
+    """The training options a likelihood recommends (config.resolve puts them under what the
+    caller set explicitly and over the preset)."""
+    return dict(KINDS[name].recommended)
 
 
 def make(name: str, sigma: float = 0.1) -> Likelihood:
     """The likelihood object named `name` (sigma: the Gaussian's standard deviation)."""
-    check(name, sigma)
-    if name == "gaussian":
-        return Gaussian(sigma)
-    return {"bernoulli": Bernoulli, "gaussian-learned": GaussianLearned, "logistic": DiscretizedLogistic}[name]()
+    from .config import ModelConfig, check_option  # the option declarations hold the rules
+
+    check_option(ModelConfig, "likelihood", name)
+    check_option(ModelConfig, "sigma", sigma)
+    return Gaussian(sigma) if name == "gaussian" else KINDS[name]()

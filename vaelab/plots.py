@@ -17,7 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .data import Dataset
+from .errors import VaelabError
 from .evaluate import image_keys
+from .fileio import check_output
 from .models import VAE
 
 LABEL_COLOURS = "tab10"
@@ -127,6 +129,21 @@ def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
     """Decoder means E[x|z] for z ~ N(0, I)."""
     images = sample_images(model, n, seed)
     return _grid_figure(image_grid(images, nrow=square_nrow(n)), f"{n} samples from the prior (decoder means)")
+
+
+def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: int = 0,
+                  force: bool = False) -> Path:
+    """`vaelab sample`: a PNG grid of n decoder means of a run's model for z ~ N(0, I); an
+    existing file is overwritten only with force."""
+    from .runs import load_run  # runs imports the evaluation, which this module's figures use
+
+    path = check_output(output, flag="-o", suffix=".png", force=force)  # before the run is read
+    model = load_run(run_dir)
+    try:
+        save_image_grid(path, sample_images(model, n, seed))
+    except OSError as e:
+        raise VaelabError(f"cannot write {path} ({e.strerror or e})") from None
+    return path
 
 
 @torch.no_grad()

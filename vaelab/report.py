@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from .data import Dataset
-from .fileio import atomic_write_bytes
+from .errors import VaelabError
+from .fileio import atomic_write_bytes, check_output
 from .models import VAE
 from .nets import ConvDecoder
 from .plots import label_colour, label_legend, latent_means
@@ -131,8 +132,11 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
 def write_report(run_dir: str | Path, model: VAE, data: Dataset | None = None,
                  out: str | Path | None = None) -> Path:
     """Write the report (default RUN/report.html) and return its path."""
-    path = Path(out) if out else Path(run_dir) / "report.html"
-    atomic_write_bytes(path, build_report(run_dir, model, data).encode())
+    path = check_output(out, flag="-o") if out else Path(run_dir) / "report.html"
+    try:
+        atomic_write_bytes(path, build_report(run_dir, model, data).encode())
+    except OSError as e:
+        raise VaelabError(f"cannot write the report ({e.strerror or e})") from None
     return path
 
 

@@ -9,6 +9,10 @@
     RUN/eval.json           written by `vaelab evaluate`
     RUN/log_px.npy          its per-image log p(x) estimates (float64, test-set order)
     RUN/figures/*.png
+
+Also the policy of starting one: a fresh run, `--resume` (which options may change), a torchrun
+restart (continue from the folder's checkpoint, or start afresh there), and the check that a
+run's model fits the data it is given.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from . import config as configs, distributed
 from .config import RunConfig
+from .data import Dataset, load_data
+from .distributed import SINGLE, World
 from .errors import RunError, VaelabError
 from .fileio import atomic_write_bytes, atomic_write_json
 from .models import VAE
@@ -110,7 +117,7 @@ def load_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise RunError(f"{run_dir} is not a run: it has no {CONFIG}")
     try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
+        return configs.RunConfig.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError, VaelabError) as e:
         raise RunError(f"{path} is unreadable or corrupt: {e}") from None
 
@@ -314,3 +321,90 @@ def read_eval(run_dir: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab evaluate {run_dir}` again") from None
+
+
+# --- starting a run: fresh, resumed, or restarted by torchrun ---------------------------------
+
+def resumed_config(run_dir: str | Path, changes: dict) -> RunConfig:
+    """The config of the run that --resume continues, with `changes` (option name -> value) set;
+    only the options declared `resume=True` may change."""
+    cls = configs.RunConfig
+    allowed = {f.name for f in configs.declared(cls) if f.metadata["option"]["resume"]}
+    fixed = [name for name in changes if name not in allowed]
+    if fixed:
+        flags = ", ".join(configs.flag_for(name) for name in fixed)
+        raise VaelabError(f"{flags} cannot change when resuming: {run_dir}/config.json fixes the run; "
+                          f"leave {'them' if len(fixed) > 1 else 'it'} out "
+                          f"(only {configs.listed(configs.resumable(cls))} may be given)")
+    config = load_config(run_dir)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
+def _same_run(a: RunConfig, b: RunConfig) -> bool:
+    """Whether two configs describe the same run (what a run resolves when it starts aside)."""
+    def essentials(c: RunConfig) -> dict:
+        d = c.to_dict()
+        d.pop("data_dir")
+        d["model"].pop("image_shape")
+        return d
+    return essentials(a) == essentials(b)
+
+
+def plan(options: dict, out: str | Path | None = None, resume: str | Path | None = None,
+         world: World = SINGLE) -> tuple[RunConfig, Path, bool]:
+    """The resolved config of a training run, its folder and whether it resumes (decided by
+    rank 0, which holds the folder). options: the options set explicitly (name -> value).
+
+    After torchrun restarted the group (same command line), the run resumes from its folder's
+    checkpoint, or starts afresh there if none was written yet.
+    """
+    if resume:
+        if out:
+            raise VaelabError("--resume RUN continues RUN in place; leave out --out")
+        return resumed_config(resume, options), Path(resume), True
+    config = configs.resolve(configs.RunConfig.from_options(options))
+    run_dir = Path(out or fresh_run_path())
+    # Only a folder this torchrun job created: another's is refused as at a first start.
+    if world.restarts and (run_dir / CONFIG).is_file() and claimed_by(run_dir, world.run_id):
+        saved = load_config(run_dir)
+        if not _same_run(saved, config):
+            raise VaelabError(f"torchrun restarted this job, but {run_dir / CONFIG} describes another run; "
+                              "choose another --out")
+        if (run_dir / CHECKPOINT).is_file():
+            return saved, run_dir, True
+        (run_dir / CONFIG).unlink()  # no epoch finished: start afresh in the same folder
+    return config, run_dir, False
+
+
+def prepare(options: dict, out: str | Path | None = None, resume: str | Path | None = None,
+            world: World = SINGLE) -> tuple[RunConfig, Path, bool]:
+    """Join the process group (under torchrun), then `plan` on rank 0, shared with every rank,
+    each of which may keep the data in a folder of its own. The config is validated before anything
+    is fetched or written."""
+    if world.distributed and not (out or resume):
+        raise VaelabError("under torchrun, give --out DIR: every rank, and every restart, must name the same run")
+    distributed.start(world)
+    config, run_dir, resuming = distributed.share_result(lambda: plan(options, out, resume, world), world)
+    if "data_dir" in options or not resume:
+        config.data_dir = options.get("data_dir")
+    config.validate()
+    return config, run_dir, resuming
+
+
+def load_run_and_data(run_dir: str | Path, data_dir: str | Path | None = None, device: str = "cpu",
+                      world: World = SINGLE) -> tuple[VAE, Dataset]:
+    """A run's model and the data it fits (the run's own data folder unless data_dir is given).
+    Under torchrun rank 0 reads the run and passes the weights on; every rank reads its own data."""
+    config, model = distributed.share_result(lambda: (load_config(run_dir), load_run(run_dir)), world)
+    model = model.to(distributed.pick_device(device, world))
+    if data_dir and config.image_size and not Path(data_dir).is_dir():
+        raise VaelabError(f"{run_dir} was trained on an image folder resized to {config.image_size} pixels "
+                          f"(config.json); --data-dir {data_dir} is not a folder of images")
+    data = load_data(data_dir or config.data_dir, progress=world.main, **config.data_options())
+    if data.image_shape != model.config.image_shape:
+        shape = lambda s: "x".join(map(str, s))
+        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x height x "
+                          f"width) but the model in {run_dir} expects {shape(model.config.image_shape)}")
+    return model, data

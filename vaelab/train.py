@@ -8,7 +8,6 @@ killed run resumes exactly from its last finished epoch.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
-from .config import RunConfig
+from .config import RunConfig, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
@@ -82,10 +81,12 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
           world: World = SINGLE) -> Training:
     """Everything a run needs, from its config; `config` itself is left as it was.
 
-    Under torchrun (world of several ranks) the model is wrapped in DistributedDataParallel
-    and each rank trains on its share of every (global) batch.
+    The returned `Training.config` is the resolved one (config.resolve: what was set, then the
+    likelihood's recommendations, the preset, the defaults), with the data folder it read recorded
+    absolute. Under torchrun (world of several ranks) the model is wrapped in
+    DistributedDataParallel and each rank trains on its share of every (global) batch.
     """
-    config = copy.deepcopy(config)
+    config = resolve(config)
     config.validate()
     if config.batch_size % world.size:
         raise VaelabError(f"--batch-size {config.batch_size} does not divide among {world.size} processes; "
@@ -94,7 +95,10 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     if config.deterministic:
         set_deterministic(device)
     if data is None:
-        data = load_data(config.data_dir, progress=progress, **config.data_options())
+        data = load_data(config.data_dir, progress=progress and world.main, **config.data_options())
+        if config.data_dir is not None or not data.verified:
+            # Recorded absolute, so that later commands find it from any folder.
+            config.data_dir = str(data.directory.resolve())
     data = data.subset(config.train_size, config.test_size)
     if len(data.train_images) < config.batch_size:
         raise VaelabError(f"--batch-size {config.batch_size} is larger than the "

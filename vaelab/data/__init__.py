@@ -53,6 +53,16 @@ class Dataset:
         c, h, w = self.image_shape
         return c * h * w
 
+    def describe(self) -> str:
+        """One line: where the images came from, how many, their size and their labels."""
+        kinds = {"idx": "IDX files, not MNIST", "folder": "a folder of images", "npz": "arrays from a .npz file"}
+        kind = "MNIST, verified by SHA-256" if self.verified else kinds[self.source]
+        c, h, w = self.image_shape
+        labels = ("no labels" if self.train_labels is None else
+                  f"{len(self.label_names)} classes" if self.label_names else "labelled")
+        return (f"{self.directory}: {kind}; {len(self.train_images)} training and {len(self.test_images)} "
+                f"test images of {w}x{h} pixels, {'greyscale' if c == 1 else f'{c} channels'}, {labels}")
+
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
         """The first n_train training and n_test test examples (None keeps all)."""
         def first(t: torch.Tensor | None, n: int | None) -> torch.Tensor | None:

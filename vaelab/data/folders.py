@@ -29,7 +29,6 @@ Decoded images are cached in $XDG_CACHE_HOME/vaelab/folders (see `_cache_path`).
 from __future__ import annotations
 
 import hashlib
-import numbers
 import io
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import DataError, one_line
+from ..errors import DataError, VaelabError, one_line
 from ..fileio import atomic_write_bytes
 from . import Dataset
 from .fetch import cache_root
@@ -93,15 +92,15 @@ class Layout:
 
 
 def check_folder_options(image_size: int | None, test_fraction: float, split_seed: int) -> None:
-    """Refuse nonsensical folder options, one line each."""
-    if image_size is not None and (not isinstance(image_size, numbers.Integral)
-                                   or isinstance(image_size, bool) or image_size < 1):
-        raise DataError(f"--image-size must be a positive whole number of pixels, got {image_size!r}")
-    if (not isinstance(test_fraction, numbers.Real) or isinstance(test_fraction, bool)
-            or not 0 < test_fraction < 1):  # NaN fails the comparison too
-        raise DataError(f"--test-fraction must be a number between 0 and 1 (both excluded), got {test_fraction!r}")
-    if not isinstance(split_seed, numbers.Integral) or isinstance(split_seed, bool) or split_seed < 0:
-        raise DataError(f"--split-seed must be a whole number >= 0, got {split_seed!r}")
+    """Refuse nonsensical folder options, one line each: the rules of their declarations (config.py)."""
+    from ..config import RunConfig, check_option
+
+    try:
+        for name, value in (("image_size", image_size), ("test_fraction", test_fraction),
+                            ("split_seed", split_seed)):
+            check_option(RunConfig, name, value)
+    except VaelabError as e:
+        raise DataError(str(e)) from None
 
 
 def load_folder(directory: Path, *, image_size: int | None = None, test_fraction: float = 0.1,
