@@ -7,7 +7,10 @@ Tests that need real MNIST read $VAELAB_DATA_DIR; when it is unset they use
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,26 @@ def mnist() -> Dataset:
 @pytest.fixture(scope="session")
 def mnist_dir(mnist) -> Path:
     return mnist.directory
+
+
+def run_vaelab(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`vaelab ARGS` run in this process (cli.main), with env added to the environment meanwhile;
+    its status and output as subprocess.run would give them, without a fresh torch import."""
+    from vaelab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's own exits: --help and its errors
+                code = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def synthetic_dataset(n_train: int = 300, n_test: int = 100, shape=(8, 8), seed: int = 0) -> Dataset:

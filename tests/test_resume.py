@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import synthetic_dataset
+from conftest import run_vaelab, synthetic_dataset
 from test_train import tiny_config
 from vaelab import load_run, train
 from vaelab.train import TrainingDiverged
@@ -103,5 +103,5 @@ def test_a_non_finite_test_loss_also_stops_before_the_checkpoint(tmp_path, monke
 
 def test_resume_needs_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
-    result = vaelab("train", "--resume", tmp_path, "--quiet")
+    result = run_vaelab("train", "--resume", tmp_path, "--quiet")
     assert result.returncode == 2 and "no checkpoint.safetensors" in result.stderr

@@ -76,7 +76,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...
             parser.add_argument(f.name, metavar=meta["metavar"], help=_help(f, meta, resume_note))
             continue
         spellings = [s for s in (meta["short"], flag_of(f)) if s]
-        kind = str(f.type).split("|")[0].strip()
+        annotation = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # a string under PEP 563
+        kind = annotation.split("|")[0].strip()
         keywords = dict(dest=f.name, help=_help(f, meta, resume_note))
         if f.default is MISSING:
             keywords["required"] = True
