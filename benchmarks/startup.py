@@ -1,6 +1,7 @@
 """Where the wall time of a whole default `vaelab train` goes, phase by phase.
 
     PYTHONPATH=. python benchmarks/startup.py [--device cuda] [--epochs 20] [--reps 3] [--out DIR]
+    PYTHONPATH=. python benchmarks/startup.py --baseline OLD_TREE --epochs 1 --reps 7 [--out DIR]
 
 Runs itself again in a fresh interpreter (so that the imports are cold, as on the command
 line), which does what `vaelab train` does, in the same order, with a clock between the
@@ -10,12 +11,17 @@ one's warm-up and capture included, and the rest: checkpoints and the run folder
 figures (matplotlib's import included). The outer
 process times the whole child, so interpreter start and exit appear too. Medians over --reps
 runs; with --out, writes startup_<device>.json and .md there, naming the machine.
+
+With --baseline, the children alternate between OLD_TREE's vaelab (another checkout, on
+PYTHONPATH) and this one's, and the start-up (everything before the first epoch, interpreter
+start included) is compared pair by pair (startup_vs_baseline_<device>.json and .md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -40,6 +46,8 @@ def phases(device: str, epochs: int, run_dir: Path) -> dict:
     from vaelab.distributed import pick_device
     from vaelab.train import build, fit
     lap("imports")
+    vaelab.cli.build_parser().parse_args(["train", "--epochs", str(epochs), "--device", device])
+    lap("parse")
     config = RunConfig(epochs=epochs, device=device)
     resolved = pick_device(config.device)
     torch.zeros(1, device=resolved)
@@ -62,17 +70,51 @@ def phases(device: str, epochs: int, run_dir: Path) -> dict:
     return out
 
 
-def timed_child(device: str, epochs: int) -> dict:
-    """One default run in a fresh interpreter: its phases, and the wall time around it."""
+STARTUP = ("imports", "parse", "device", "data", "build")  # before the first epoch
+
+
+def timed_child(device: str, epochs: int, tree: Path | None = None) -> dict:
+    """One default run in a fresh interpreter (with tree's vaelab when given): its phases, and
+    the wall time around it."""
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         child = subprocess.run([sys.executable, __file__, "--device", device, "--epochs", str(epochs),
-                                "--child", str(Path(tmp) / "run")], check=True, capture_output=True, text=True)
+                                "--child", str(Path(tmp) / "run")], check=True, capture_output=True, text=True,
+                               env=env)
         wall = time.perf_counter() - start
     result = json.loads(child.stdout.strip().splitlines()[-1])
     result["wall"] = wall
     result["interpreter_start_and_exit"] = wall - result["in_process"]
+    result["startup"] = sum(result[k] for k in STARTUP)
     return result
+
+
+def against_baseline(args) -> int:
+    """Alternate the baseline tree's children with this tree's; paired medians and ratios."""
+    import torch
+    from machine import cpu_description, write_results
+
+    here = Path(__file__).resolve().parent.parent
+    pairs = [(timed_child(args.device, args.epochs, args.baseline), timed_child(args.device, args.epochs, here))
+             for _ in range(args.reps)]
+    keys = ("startup", *STARTUP, "interpreter_start_and_exit")
+    median = {side: {k: statistics.median(p[i][k] for p in pairs) for k in keys}
+              for i, side in enumerate(("baseline", "this"))}
+    ratio = statistics.median(b["startup"] / a["startup"] for a, b in pairs)
+    summary = {"median": median, "startup_ratio": ratio}
+    print(json.dumps(summary))
+    if args.out:
+        host = f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch {torch.__version__}"
+        table = (f"Host: {host}. Start-up of a default `vaelab train`: what comes before its first epoch "
+                 f"(imports, the command line parsed, the device, MNIST, build); interpreter start and exit "
+                 f"apart. {args.reps} alternating pairs, medians; baseline: {args.baseline.name}.\n\n"
+                 "| phase | baseline s | this s |\n| --- | --- | --- |\n"
+                 + "".join(f"| {k} | {median['baseline'][k]:.3f} | {median['this'][k]:.3f} |\n" for k in keys)
+                 + f"\nStart-up, this over baseline (median of the pairs' ratios): {ratio:.3f}.\n")
+        write_results(args.out, f"startup_vs_baseline_{args.device}", {"host": host, "pairs": pairs, **summary},
+                      table)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -81,11 +123,14 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write startup_<device>.json and .md here")
+    parser.add_argument("--baseline", type=Path, help="another checkout to compare start-up with")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # the timed run's folder
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(phases(args.device, args.epochs, args.child)))
         return 0
+    if args.baseline:
+        return against_baseline(args)
     runs = [timed_child(args.device, args.epochs) for _ in range(args.reps)]
     median = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
     print(json.dumps(median))
@@ -96,7 +141,8 @@ def main(argv=None) -> int:
         cuda = args.device != "cpu" and torch.cuda.is_available()
         host = (f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}" if cuda
                 else f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch {torch.__version__}")
-        rows = [("imports (torch, vaelab)", "imports"), ("device's first touch", "device"), ("reading MNIST", "data"),
+        rows = [("imports (torch, vaelab)", "imports"), ("the command line parsed", "parse"),
+                ("device's first touch", "device"), ("reading MNIST", "data"),
                 ("build (includes TorchDynamo's import by torch.optim)", "build"),
                 (f"{args.epochs} epochs (metrics.jsonl's seconds)", "epochs"),
                 ("fit besides the epochs (checkpoints, run folder)", "fit_besides_epochs"),
