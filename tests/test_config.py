@@ -12,8 +12,17 @@ import vaelab.config
 from conftest import synthetic_dataset, write_idx_dir
 from vaelab import likelihoods
 from vaelab.cli import main
-from vaelab.config import (POSITIVE, PRESETS, ModelConfig, RunConfig, declared, explicit, option,
-                           options_dataclass, resolve)
+from vaelab.config import (
+    POSITIVE,
+    PRESETS,
+    ModelConfig,
+    RunConfig,
+    declared,
+    explicit,
+    option,
+    options_dataclass,
+    resolve,
+)
 from vaelab.errors import VaelabError
 from vaelab.runs import load_config
 from vaelab.train import build
@@ -36,10 +45,13 @@ def one_line(err: str) -> bool:
 
 # --- a dummy option, declared in one place --------------------------------------------------
 
+
 def _config_with_a_dummy(resumable: bool) -> type:
     @options_dataclass
     class WithDummy(RunConfig):
-        dummy: int = option(3, "a dummy option declared by this test", rule=POSITIVE, resume=resumable)
+        dummy: int = option(
+            3, "a dummy option declared by this test", rule=POSITIVE, resume=resumable
+        )
 
     return WithDummy
 
@@ -52,8 +64,21 @@ def dummy(request, monkeypatch, tmp_path):
 
 
 def _train(capsys, data, out, *args):
-    return run_cli(capsys, "train", "--data-dir", data, "--epochs", 1, "--batch-size", 50, "--out", out,
-                   "--quiet", "--no-plots", *args)
+    return run_cli(
+        capsys,
+        "train",
+        "--data-dir",
+        data,
+        "--epochs",
+        1,
+        "--batch-size",
+        50,
+        "--out",
+        out,
+        "--quiet",
+        "--no-plots",
+        *args,
+    )
 
 
 def test_a_declared_option_appears_in_help(dummy, capsys):
@@ -75,8 +100,18 @@ def test_a_declared_option_round_trips_through_config_json(dummy, capsys, tmp_pa
 def test_resume_refuses_or_accepts_a_declared_option_by_its_declaration(dummy, capsys, tmp_path):
     resumable, data = dummy
     assert _train(capsys, data, tmp_path / "run", "--dummy", 4)[0] == 0
-    code, _, err = run_cli(capsys, "train", "--resume", tmp_path / "run", "--epochs", 2, "--dummy", 5,
-                           "--quiet", "--no-plots")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--resume",
+        tmp_path / "run",
+        "--epochs",
+        2,
+        "--dummy",
+        5,
+        "--quiet",
+        "--no-plots",
+    )
     if resumable:
         assert code == 0, err
         assert load_config(tmp_path / "run").dummy == 5
@@ -85,9 +120,16 @@ def test_resume_refuses_or_accepts_a_declared_option_by_its_declaration(dummy, c
         assert load_config(tmp_path / "run").dummy == 4
 
 
-@pytest.mark.parametrize("value,says", [("0", "--dummy must be a positive integer, got 0"),
-                                        ("x", "argument --dummy: invalid int value")])
-def test_a_bad_value_of_a_declared_option_is_one_line_and_status_2(dummy, capsys, tmp_path, value, says):
+@pytest.mark.parametrize(
+    "value,says",
+    [
+        ("0", "--dummy must be a positive integer, got 0"),
+        ("x", "argument --dummy: invalid int value"),
+    ],
+)
+def test_a_bad_value_of_a_declared_option_is_one_line_and_status_2(
+    dummy, capsys, tmp_path, value, says
+):
     _, data = dummy
     code, _, err = _train(capsys, data, tmp_path / "run", "--dummy", value)
     assert code == 2 and one_line(err) and says in err, err
@@ -95,6 +137,7 @@ def test_a_bad_value_of_a_declared_option_is_one_line_and_status_2(dummy, capsys
 
 
 # --- what the caller set ----------------------------------------------------------------------
+
 
 def test_the_constructor_and_assignments_mark_what_the_caller_set():
     config = RunConfig(preset="conv", epochs=1)
@@ -112,6 +155,7 @@ def test_replace_sets_its_changes_and_keeps_what_was_set():
 
 # --- the precedence rule ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_a_preset_fills_what_the_caller_left_unset(name):
     model = resolve(RunConfig(preset=name)).model
@@ -119,9 +163,15 @@ def test_a_preset_fills_what_the_caller_left_unset(name):
 
 
 def test_what_the_caller_set_wins_over_the_preset():
-    model = resolve(RunConfig(preset="conv", model=ModelConfig(z_dim=8, likelihood="logistic"))).model
-    assert (model.z_dim, model.likelihood, model.architecture, model.conv_channels) == (8, "logistic", "conv",
-                                                                                        (32, 64))
+    model = resolve(
+        RunConfig(preset="conv", model=ModelConfig(z_dim=8, likelihood="logistic"))
+    ).model
+    assert (model.z_dim, model.likelihood, model.architecture, model.conv_channels) == (
+        8,
+        "logistic",
+        "conv",
+        (32, 64),
+    )
 
 
 def test_an_explicit_default_value_still_wins_over_the_preset():
@@ -133,7 +183,10 @@ def test_the_likelihoods_recommendation_sits_between_the_caller_and_the_preset(m
     monkeypatch.setattr(likelihoods.DiscretizedLogistic, "recommended", {"lr": 0.002})
     logistic = ModelConfig(likelihood="logistic")
     resolved = resolve(RunConfig(preset="conv", model=logistic))
-    assert (resolved.lr, resolved.optimizer) == (0.002, "adam")  # recommended over preset; preset over default
+    assert (resolved.lr, resolved.optimizer) == (
+        0.002,
+        "adam",
+    )  # recommended over preset; preset over default
     assert resolve(RunConfig(preset="conv", model=logistic, lr=0.1)).lr == 0.1
     assert resolve(RunConfig(preset="conv")).lr == 0.01  # the Bernoulli recommends nothing
 
@@ -146,7 +199,9 @@ def test_resolve_leaves_its_argument_alone_and_resolving_twice_changes_nothing()
 
 
 def test_an_unknown_preset_is_one_line():
-    with pytest.raises(VaelabError, match="unknown preset 'huge'; choose one of burda1, conv, tutorial"):
+    with pytest.raises(
+        VaelabError, match="unknown preset 'huge'; choose one of burda1, conv, tutorial"
+    ):
         resolve(RunConfig(preset="huge"))
 
 
@@ -160,7 +215,10 @@ def test_a_preset_given_in_python_trains_its_networks(tmp_path, name, network, z
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["preset"] == name and recorded["model"]["z_dim"] == z_dim
     if name == "burda1":
-        assert result.model.config.activation == "tanh" and recorded["model"]["encoder_hidden"] == [200, 200]
+        assert result.model.config.activation == "tanh" and recorded["model"]["encoder_hidden"] == [
+            200,
+            200,
+        ]
 
 
 def test_build_records_the_resolved_options_and_leaves_the_callers_config_alone():
@@ -170,6 +228,7 @@ def test_build_records_the_resolved_options_and_leaves_the_callers_config_alone(
 
 
 # --- saved runs -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("run", OLD_RUNS, ids=lambda p: p.name)
 def test_a_saved_run_loads_to_exactly_its_recorded_fields_and_is_never_re_preset(run):
@@ -186,19 +245,28 @@ def test_a_saved_run_loads_to_exactly_its_recorded_fields_and_is_never_re_preset
                     assert loaded["model"][k] == (tuple(v) if isinstance(v, list) else v), k
         elif key not in vaelab.config.RETIRED:
             assert loaded[key] == value, key
-    assert config.model.encoder_hidden == tuple(recorded["model"]["encoder_hidden"])  # not the preset's
+    assert config.model.encoder_hidden == tuple(
+        recorded["model"]["encoder_hidden"]
+    )  # not the preset's
 
 
 # --- rules ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes,says", [
-    (dict(epochs=0), "--epochs must be a positive integer, got 0"),
-    (dict(lr=float("nan")), "--lr must be a positive number"),
-    (dict(optimizer="lbfgs"), "unknown optimizer 'lbfgs'; choose one of sgd, adam"),
-    (dict(model=ModelConfig(encoder_hidden=(256, 0))), "--encoder-hidden must be positive integers"),
-    (dict(cuda_graph="yes"), "--cuda-graph must be true or false"),
-    (dict(objective="iwae", beta=0.5), "--beta and --kl-warmup weight the ELBO's KL term"),
-])
+
+@pytest.mark.parametrize(
+    "changes,says",
+    [
+        (dict(epochs=0), "--epochs must be a positive integer, got 0"),
+        (dict(lr=float("nan")), "--lr must be a positive number"),
+        (dict(optimizer="lbfgs"), "unknown optimizer 'lbfgs'; choose one of sgd, adam"),
+        (
+            dict(model=ModelConfig(encoder_hidden=(256, 0))),
+            "--encoder-hidden must be positive integers",
+        ),
+        (dict(cuda_graph="yes"), "--cuda-graph must be true or false"),
+        (dict(objective="iwae", beta=0.5), "--beta and --kl-warmup weight the ELBO's KL term"),
+    ],
+)
 def test_python_configs_get_the_command_lines_one_line_errors(changes, says):
     with pytest.raises(VaelabError, match=says):
         RunConfig(**changes).validate()

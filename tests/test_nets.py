@@ -12,15 +12,6 @@ from vaelab.nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder, Workspace, c
 FUNCTIONAL = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads wait on each other, 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seeded(module, seed=0):
     """module with weights and biases drawn from a fixed generator (nonzero biases included)."""
     g = torch.Generator().manual_seed(seed)

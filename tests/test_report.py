@@ -53,6 +53,7 @@ def _browser(tmp_path):
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
+@pytest.mark.slow  # starts Chromium
 def test_the_explorer_draws_what_the_python_decoder_draws(report, tmp_path):
     path, model = report
     driver = _browser(tmp_path)  # skips, saying why, where there is no browser
@@ -81,6 +82,7 @@ def test_the_explorer_draws_what_the_python_decoder_draws(report, tmp_path):
         driver.quit()
 
 
+@pytest.mark.slow  # starts Chromium
 def test_sliders_drive_the_explorer_for_a_larger_latent(tmp_path):
     from conftest import synthetic_dataset
     from test_train import tiny_config
@@ -109,6 +111,7 @@ def test_sliders_drive_the_explorer_for_a_larger_latent(tmp_path):
         driver.quit()
 
 
+@pytest.mark.slow  # starts Chromium
 def test_the_explorer_names_each_colour_of_the_latent_plane(report, tmp_path):
     path, _ = report
     driver = _browser(tmp_path)
@@ -126,6 +129,7 @@ def test_the_explorer_names_each_colour_of_the_latent_plane(report, tmp_path):
     assert keys[3][1] == f"rgb({round(255 * r)}, {round(255 * g)}, {round(255 * b)})"
 
 
+@pytest.mark.slow  # starts Chromium
 def test_the_explorer_decodes_a_conv_decoder_in_colour_as_python_does(tmp_path):
     from conftest import synthetic_dataset
     from test_train import tiny_config

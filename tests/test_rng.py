@@ -56,15 +56,6 @@ def stream(purpose, n, seed=0):
     return rng.normal(torch.tensor(rng.key(seed, purpose)), n).double()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads wait on each other, 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def draws():
     """10^6 normal draws: 1000 values for each of 1000 rows, as training's noise is drawn."""
@@ -253,12 +244,14 @@ def test_uniform16_splits_each_hash_into_four_16_bit_values_low_half_first():
 
 def test_draws_are_the_same_with_one_thread_or_two():
     keys = rng.row_keys(rng.key(0, "threads"), torch.arange(100))
-    one = rng.bits(keys, 1000), rng.normal(keys, 1000), rng.uniform16(keys, 1000)
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
     try:  # 10^5 values per draw: over the grain size, so two threads share the work
+        torch.set_num_threads(1)
+        one = rng.bits(keys, 1000), rng.normal(keys, 1000), rng.uniform16(keys, 1000)
+        torch.set_num_threads(2)
         two = rng.bits(keys, 1000), rng.normal(keys, 1000), rng.uniform16(keys, 1000)
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
 

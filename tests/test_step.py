@@ -17,16 +17,26 @@ N_IMAGES = 130  # batches of 20: six whole ones, the last ten images dropped
 
 @pytest.fixture
 def images():
-    return torch.randint(0, 256, (N_IMAGES, 1, 4, 4), generator=torch.Generator().manual_seed(0),
-                         dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (N_IMAGES, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
 
 
 def make_step(images, *, lr=0.1, objective="elbo", samples=1, batch_size=20, **kwargs):
-    model = build_model(ModelConfig(z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,), image_shape=(1, 4, 4)),
-                        seed=0)
+    model = build_model(
+        ModelConfig(z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,), image_shape=(1, 4, 4)),
+        seed=0,
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    return TrainStep(model, optimizer, images, objective=objective, samples=samples, batch_size=batch_size,
-                     **kwargs)
+    return TrainStep(
+        model,
+        optimizer,
+        images,
+        objective=objective,
+        samples=samples,
+        batch_size=batch_size,
+        **kwargs,
+    )
 
 
 def test_an_epoch_has_whole_batches_only(images):
@@ -49,7 +59,9 @@ def test_a_batch_is_the_images_at_its_positions_of_the_epochs_order_with_their_k
     x, eps = step.draw()
     order = rng.permutation(rng.key(7, "order", 2), N_IMAGES)
     positions = torch.arange(20)
-    expected_x = step.model.observe(images[order[:20]], rng.row_keys(rng.key(7, "observe", 2), positions))
+    expected_x = step.model.observe(
+        images[order[:20]], rng.row_keys(rng.key(7, "observe", 2), positions)
+    )
     expected_eps = rng.normal(rng.row_keys(rng.key(7, "noise", 2), positions), 2)
     assert torch.equal(x, expected_x)
     assert eps.shape == (1, 20, 2) and torch.equal(eps[0], expected_eps)
@@ -60,7 +72,9 @@ def test_what_a_position_draws_does_not_depend_on_the_batch_size(images):
     for step in (small, large):
         step.begin_epoch(seed=0, epoch=1)
     rows = min(len(small.x), len(large.x))
-    assert torch.equal(small.x[:rows], large.x[:rows]) and torch.equal(small.eps[:rows], large.eps[:rows])
+    assert torch.equal(small.x[:rows], large.x[:rows]) and torch.equal(
+        small.eps[:rows], large.eps[:rows]
+    )
 
 
 def test_a_step_is_one_sgd_update_on_the_batchs_mean_negative_elbo(images):
@@ -113,7 +127,9 @@ def test_a_resumed_epoch_continues_the_warmup_where_the_run_was(images):
     step = make_step(images, kl_warmup_epochs=4)
     step.begin_epoch(seed=0, epoch=3)
     step()
-    assert step.kl_weight.item() == pytest.approx(2 / 4)  # two epochs of four done, whatever ran before
+    assert step.kl_weight.item() == pytest.approx(
+        2 / 4
+    )  # two epochs of four done, whatever ran before
 
 
 def test_a_rank_trains_on_its_share_of_every_global_batch(images):

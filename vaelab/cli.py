@@ -31,7 +31,9 @@ def _sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 256,128, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 256,128, got {text!r}"
+        )
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
     return sizes
@@ -61,8 +63,12 @@ def _help(f, meta: dict, resume_note: bool) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None,
-                resume_note: bool = False) -> None:
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    only: tuple[str, ...] | None = None,
+    resume_note: bool = False,
+) -> None:
     """A flag (or a positional argument) for each declared option of cls, nested option
     dataclasses (a run's model) in place. Flags not given stay out of the namespace."""
     for f in fields(cls):
@@ -76,7 +82,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...
             parser.add_argument(f.name, metavar=meta["metavar"], help=_help(f, meta, resume_note))
             continue
         spellings = [s for s in (meta["short"], flag_of(f)) if s]
-        annotation = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # a string under PEP 563
+        annotation = (
+            f.type.__name__ if isinstance(f.type, type) else str(f.type)
+        )  # a string under PEP 563
         kind = annotation.split("|")[0].strip()
         keywords = dict(dest=f.name, help=_help(f, meta, resume_note))
         if f.default is MISSING:
@@ -93,7 +101,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, only: tuple[str, ...
 
 
 def given(args: argparse.Namespace, cls: type) -> dict:
-    """The options of cls (and its nested option dataclasses) given on the command line, as values."""
+    """The options of cls (and its nested option dataclasses) given on the command line."""
     out = {}
     for f in fields(cls):
         if f.default_factory is not MISSING and issubclass(f.default_factory, Options):
@@ -106,36 +114,79 @@ def given(args: argparse.Namespace, cls: type) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vaelab", description="Variational autoencoders: MNIST, your own images, MLP or conv.")
+    parser = _Parser(
+        prog="vaelab", description="Variational autoencoders: MNIST, your own images, MLP or conv."
+    )
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def command(name: str, func, help: str, description: str, *classes, only=None, resume_note=False):
+    def command(
+        name: str, func, help: str, description: str, *classes, only=None, resume_note=False
+    ):
         p = sub.add_parser(name, help=help, description=description)
         for cls in classes:
             add_options(p, cls, only, resume_note)
         p.set_defaults(func=func)
 
-    command("train", cmd_train, "train a VAE and write a run directory",
-            "Train a VAE. The defaults are the tutorial's recipe: z_dim=2, plain SGD with lr 5e-3, batch 100, "
-            "20 epochs.", config.RunConfig, config.Launch, resume_note=True)
-    command("evaluate", cmd_evaluate, "test log-likelihood of a run by importance sampling, to RUN/eval.json",
-            "Estimate the test log-likelihood log p(x) by importance sampling with q(z|x) as proposal (K samples "
-            "per image), with the negative ELBO and the IWAE bounds for k = 1, 5, 50 from the same samples. "
-            "Nats per image.", config.EvaluateOptions)
-    command("compare", cmd_compare, "paired difference of two evaluated runs' test NLL",
-            "The mean over test images of NLL(RUN_A) - NLL(RUN_B), from the per-image values `vaelab evaluate` "
-            "wrote, with its standard error. Both runs must be evaluated with the same k, seed, precision and "
-            "test set.", config.CompareOptions)
-    command("plot", cmd_plot, "redraw the figures of a run", "Redraw RUN/figures/*.png.", config.PlotOptions)
-    command("sample", cmd_sample, "draw images from the prior into a PNG",
-            "Decode z ~ N(0, I) and save a grid of the decoder means.", config.SampleOptions)
-    command("report", cmd_report, "one self-contained HTML page of a run, with a latent explorer",
-            "Write RUN/report.html: configuration, metrics, evaluation, figures and an interactive latent "
-            "explorer that decodes in the browser (works offline).", config.ReportOptions)
-    command("data", cmd_data, "fetch and verify MNIST, or read your images, and say what was found",
-            "Find (or fetch) the four IDX files and verify them, or read a folder of images or an .npz file, "
-            "and print what it holds.", config.RunConfig, only=config.DATA_COMMAND_OPTIONS)
+    command(
+        "train",
+        cmd_train,
+        "train a VAE and write a run directory",
+        "Train a VAE. The defaults are the tutorial's recipe: z_dim=2, plain SGD with lr 5e-3,"
+        " batch 100, 20 epochs.",
+        config.RunConfig,
+        config.Launch,
+        resume_note=True,
+    )
+    command(
+        "evaluate",
+        cmd_evaluate,
+        "test log-likelihood of a run by importance sampling, to RUN/eval.json",
+        "Estimate the test log-likelihood log p(x) by importance sampling with q(z|x) as proposal"
+        " (K samples per image), with the negative ELBO and the IWAE bounds for k = 1, 5, 50 from"
+        " the same samples. Nats per image.",
+        config.EvaluateOptions,
+    )
+    command(
+        "compare",
+        cmd_compare,
+        "paired difference of two evaluated runs' test NLL",
+        "The mean over test images of NLL(RUN_A) - NLL(RUN_B), from the per-image values `vaelab"
+        " evaluate` wrote, with its standard error. Both runs must be evaluated with the same k,"
+        " seed, precision and test set.",
+        config.CompareOptions,
+    )
+    command(
+        "plot",
+        cmd_plot,
+        "redraw the figures of a run",
+        "Redraw RUN/figures/*.png.",
+        config.PlotOptions,
+    )
+    command(
+        "sample",
+        cmd_sample,
+        "draw images from the prior into a PNG",
+        "Decode z ~ N(0, I) and save a grid of the decoder means.",
+        config.SampleOptions,
+    )
+    command(
+        "report",
+        cmd_report,
+        "one self-contained HTML page of a run, with a latent explorer",
+        "Write RUN/report.html: configuration, metrics, evaluation, figures and an interactive"
+        " latent explorer that decodes in the browser (works offline).",
+        config.ReportOptions,
+    )
+    command(
+        "data",
+        cmd_data,
+        "fetch and verify MNIST, or read your images, and say what was found",
+        "Find (or fetch) the four IDX files and verify them, or read a folder of images or an .npz"
+        " file, and print what it holds.",
+        config.RunConfig,
+        only=config.DATA_COMMAND_OPTIONS,
+    )
     return parser
 
 
@@ -161,8 +212,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             draw_figures(run_dir, result.model, result.data, result.metrics)
         last = result.metrics[-1]
-        print(f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per image; "
-              f"run saved in {run_dir}")
+        print(
+            f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per"
+            f" image; run saved in {run_dir}"
+        )
     distributed.finish(world)
     return 0
 
@@ -180,11 +233,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     bits = f" ({r['bits_per_dim']:.4f} bits per dimension)" if "bits_per_dim" in r else ""
-    print(f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per image{bits}, "
-          f"Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images "
-          f"{'n/a' if r['nll_se_images'] is None else format(r['nll_se_images'], '.3f')}\n"
-          f"negative ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\n"
-          f"written to {Path(options.run) / 'eval.json'} (per image: log_px.npy)")
+    print(
+        f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per"
+        f" image{bits}, Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images"
+        f" {'n/a' if r['nll_se_images'] is None else format(r['nll_se_images'], '.3f')}\nnegative"
+        f" ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\nwritten to"
+        f" {Path(options.run) / 'eval.json'} (per image: log_px.npy)"
+    )
     return 0
 
 
@@ -193,10 +248,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     options = _parsed(args, config.CompareOptions)
     r = compare_runs(options.run_a, options.run_b)
-    print(f"test NLL: {options.run_a} {r['nll_a']:.3f}, {options.run_b} {r['nll_b']:.3f} nats per image "
-          f"(K={r['k']}, {r['images']} images)\n"
-          f"paired difference (first minus second): {r['difference']:+.4f} nats per image, "
-          f"standard error {r['se']:.4f} over images (Monte-Carlo {r['mc_se']:.4f})")
+    print(
+        f"test NLL: {options.run_a} {r['nll_a']:.3f}, {options.run_b} {r['nll_b']:.3f} nats per"
+        f" image (K={r['k']}, {r['images']} images)\npaired difference (first minus second):"
+        f" {r['difference']:+.4f} nats per image, standard error {r['se']:.4f} over images"
+        f" (Monte-Carlo {r['mc_se']:.4f})"
+    )
     return 0
 
 
@@ -265,7 +322,9 @@ def _run(args: argparse.Namespace, world) -> int:
 
     try:
         if world.distributed and args.command not in DISTRIBUTED_COMMANDS:
-            raise VaelabError(f"vaelab {args.command} runs in one process: start it without torchrun")
+            raise VaelabError(
+                f"vaelab {args.command} runs in one process: start it without torchrun"
+            )
         return args.func(args)
     except VaelabError as e:
         if args.debug:

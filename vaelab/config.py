@@ -61,17 +61,32 @@ EPOCHS = Rule(WHOLE.test, "must be a whole number of epochs >= 0")
 PIXELS = Rule(POSITIVE.test, "must be a positive whole number of pixels")
 POSITIVE_NUMBER = Rule(lambda v: _real(v) and v > 0, "must be a positive number")
 NUMBER_AT_LEAST_0 = Rule(lambda v: _real(v) and v >= 0, "must be a number >= 0")
-FRACTION = Rule(lambda v: _real(v) and 0 < v < 1, "must be a number between 0 and 1 (both excluded)")
-SIZES = Rule(lambda v: isinstance(v, tuple) and len(v) > 0 and all(POSITIVE.test(s) for s in v),
-             "must be positive integers")
+FRACTION = Rule(
+    lambda v: _real(v) and 0 < v < 1, "must be a number between 0 and 1 (both excluded)"
+)
+SIZES = Rule(
+    lambda v: isinstance(v, tuple) and len(v) > 0 and all(POSITIVE.test(s) for s in v),
+    "must be positive integers",
+)
 SWITCH = Rule(lambda v: isinstance(v, bool), "must be true or false")
 PATH = Rule(lambda v: isinstance(v, (str, os.PathLike)), "must be a path")
 
 
-def option(default: Any = MISSING, help: str = "", *, choices: tuple | None = None, rule: Rule | None = None,
-           flag: str | None = None, short: str | None = None, metavar: str | None = None,
-           default_text: str | None = None, values: dict | None = None, resume: bool = False,
-           positional: bool = False, command_line: bool = True) -> Any:
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    choices: tuple | None = None,
+    rule: Rule | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    default_text: str | None = None,
+    values: dict | None = None,
+    resume: bool = False,
+    positional: bool = False,
+    command_line: bool = True,
+) -> Any:
     """A declared option: a dataclass field whose metadata says everything about it.
 
     choices: the allowed values; rule: what the value must be (None passes for an option whose
@@ -81,9 +96,19 @@ def option(default: Any = MISSING, help: str = "", *, choices: tuple | None = No
     positional: a command-line argument without a flag; command_line=False: set from Python and
     config.json only.
     """
-    meta = dict(help=help, choices=choices, rule=rule, flag=flag, short=short, metavar=metavar,
-                default_text=default_text, values=values, resume=resume, positional=positional,
-                command_line=command_line)
+    meta = dict(
+        help=help,
+        choices=choices,
+        rule=rule,
+        flag=flag,
+        short=short,
+        metavar=metavar,
+        default_text=default_text,
+        values=values,
+        resume=resume,
+        positional=positional,
+        command_line=command_line,
+    )
     if isinstance(default, (list, dict, set)):
         raise TypeError("an option's default must be immutable (a tuple, not a list)")
     return field(default=default, metadata={"option": meta})
@@ -105,8 +130,10 @@ def check_value(f, value) -> None:
     if value is None and f.default is None:
         return
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise VaelabError(f"unknown {f.name.replace('_', ' ')} {value!r}; "
-                          f"choose one of {', '.join(map(str, meta['choices']))}")
+        raise VaelabError(
+            f"unknown {f.name.replace('_', ' ')} {value!r}; "
+            f"choose one of {', '.join(map(str, meta['choices']))}"
+        )
     rule = meta["rule"]
     if rule is not None and not rule.test(value):
         raise VaelabError(f"{flag_of(f)} {rule.says}, got {value!r}")
@@ -134,7 +161,8 @@ class Options:
             marks.add(name)
 
     def replace(self, **changes):
-        """A copy with `changes` set (and counted as set); the other fields keep whether they were."""
+        """A copy with `changes` set (and counted as set); the other fields keep whether they
+        were."""
         twin = copy.deepcopy(self)
         for name, value in changes.items():
             if name not in twin.__dataclass_fields__:
@@ -150,7 +178,9 @@ def options_dataclass(cls):
     init = cls.__init__
 
     def __init__(self, **given):
-        object.__setattr__(self, "_explicit", None)  # the constructor's own assignments do not count
+        object.__setattr__(
+            self, "_explicit", None
+        )  # the constructor's own assignments do not count
         init(self, **given)
         object.__setattr__(self, "_explicit", set(given))
 
@@ -186,13 +216,23 @@ ON_OFF = {"on": True, "off": False}
 # Named sets of option values, applied under what was set explicitly (see resolve).
 PRESETS = {
     # The tutorial's network: 784-256-128 encoder, z-128-256-784 decoder (the defaults).
-    "tutorial": dict(encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2),
+    "tutorial": dict(
+        encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2
+    ),
     # Burda, Grosse & Salakhutdinov (2015), one stochastic layer.
-    "burda1": dict(encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50),
+    "burda1": dict(
+        encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50
+    ),
     # Two stride-2 4x4 convolutions (32 and 64 channels) and a dense layer of 256 each way, for
     # images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels.
-    "conv": dict(architecture="conv", conv_channels=(32, 64), encoder_hidden=(256,), decoder_hidden=(256,),
-                 activation="relu", z_dim=16),
+    "conv": dict(
+        architecture="conv",
+        conv_channels=(32, 64),
+        encoder_hidden=(256,),
+        decoder_hidden=(256,),
+        activation="relu",
+        z_dim=16,
+    ),
 }
 
 
@@ -201,27 +241,39 @@ class ModelConfig(Options):
     """Everything needed to rebuild a model from its weights."""
 
     z_dim: int = option(2, "latent dimensions", rule=POSITIVE, default_text="the preset's")
-    encoder_hidden: tuple[int, ...] = option((256, 128), "encoder hidden sizes", rule=SIZES, metavar="H1,H2",
-                                             default_text="the preset's")
-    decoder_hidden: tuple[int, ...] = option((128, 256), "decoder hidden sizes", rule=SIZES, metavar="H1,H2",
-                                             default_text="the preset's")
-    activation: str = option("relu", "hidden activation", choices=tuple(sorted(ACTIVATIONS)),
-                             default_text="the preset's")
+    encoder_hidden: tuple[int, ...] = option(
+        (256, 128), "encoder hidden sizes", rule=SIZES, metavar="H1,H2", default_text="the preset's"
+    )
+    decoder_hidden: tuple[int, ...] = option(
+        (128, 256), "decoder hidden sizes", rule=SIZES, metavar="H1,H2", default_text="the preset's"
+    )
+    activation: str = option(
+        "relu", "hidden activation", choices=tuple(sorted(ACTIVATIONS)), default_text="the preset's"
+    )
     likelihood: str = option(
-        "bernoulli", "observation model: bernoulli on binarized pixels, gaussian on grey levels with fixed "
-        "standard deviation --sigma, gaussian-learned with a standard deviation per pixel from the decoder "
-        "(on dequantized grey levels), or logistic: a discretized logistic over the 256 grey levels",
-        choices=likelihoods.LIKELIHOODS)
+        "bernoulli",
+        "observation model: bernoulli on binarized pixels, gaussian on grey levels with fixed"
+        " standard deviation --sigma, gaussian-learned with a standard deviation per pixel from the"
+        " decoder (on dequantized grey levels), or logistic: a discretized logistic over the 256"
+        " grey levels",
+        choices=likelihoods.LIKELIHOODS,
+    )
     # x ~ N(sigmoid(out), sigma^2 I) on grey levels in [0, 1]; fixed, not learned.
-    sigma: float = option(0.1, "standard deviation of the gaussian likelihood", rule=POSITIVE_NUMBER)
+    sigma: float = option(
+        0.1, "standard deviation of the gaussian likelihood", rule=POSITIVE_NUMBER
+    )
     # Known once the data is: (C, H, W).
     image_shape: tuple[int, int, int] = (1, 28, 28)
     # "mlp": encoder_hidden and decoder_hidden are the layers on the flattened image. "conv": the
-    # convolutions' channels (each halves H and W), then encoder_hidden / decoder_hidden dense layers.
+    # convolutions' channels (each halves H and W), then the dense layers encoder_hidden and
+    # decoder_hidden.
     architecture: str = option("mlp", choices=ARCHITECTURES, command_line=False)
     conv_channels: tuple[int, ...] = option(
-        (), "with --preset conv: channels of the convolutions, each halving height and width",
-        metavar="C1,C2", default_text="the preset's, 32,64")
+        (),
+        "with --preset conv: channels of the convolutions, each halving height and width",
+        metavar="C1,C2",
+        default_text="the preset's, 32,64",
+    )
 
     def __post_init__(self) -> None:
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)
@@ -241,11 +293,17 @@ class ModelConfig(Options):
         """Raise VaelabError naming the first option that makes no sense."""
         check(self)
         if not (len(self.image_shape) == 3 and all(POSITIVE.test(s) for s in self.image_shape)):
-            raise VaelabError(f"image_shape must be three positive sizes (C, H, W), got {self.image_shape}")
+            raise VaelabError(
+                f"image_shape must be three positive sizes (C, H, W), got {self.image_shape}"
+            )
         if self.architecture == "conv" and not SIZES.test(self.conv_channels):
-            raise VaelabError(f"--conv-channels must be positive integers, got {self.conv_channels}")
+            raise VaelabError(
+                f"--conv-channels must be positive integers, got {self.conv_channels}"
+            )
         if self.architecture != "conv" and self.conv_channels:
-            raise VaelabError("--conv-channels sets the convolutions of --preset conv; an MLP has none")
+            raise VaelabError(
+                "--conv-channels sets the convolutions of --preset conv; an MLP has none"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -268,8 +326,10 @@ class ModelConfig(Options):
 # Options of earlier versions that chose among training paths now gone; a saved
 # config.json that names them still loads, and they are ignored.
 RETIRED = ("backward", "kernels")
-DATA_DIR_HELP = ("the four IDX files' folder, a folder of PNG or JPEG images (classes in subfolders, "
-                 "optionally below train/ and test/) or a .npz file with x_train and x_test")
+DATA_DIR_HELP = (
+    "the four IDX files' folder, a folder of PNG or JPEG images (classes in subfolders, "
+    "optionally below train/ and test/) or a .npz file with x_train and x_test"
+)
 DATA_DIR_DEFAULT = "$VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist"
 
 
@@ -279,44 +339,86 @@ class RunConfig(Options):
 
     preset: str = option("tutorial", "architecture preset", choices=tuple(sorted(PRESETS)))
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: str = option("elbo", "elbo, or iwae: the importance-weighted bound of Burda et al.",
-                            choices=OBJECTIVES)
+    objective: str = option(
+        "elbo", "elbo, or iwae: the importance-weighted bound of Burda et al.", choices=OBJECTIVES
+    )
     # KL weight of the training objective (beta-VAE), reached linearly step by step over the
     # first kl_warmup epochs (0: from the start). The test loss always uses weight 1.
-    beta: float = option(1.0, "weight of the KL term in the training objective (beta-VAE); test_loss and "
-                         "evaluate stay the true negative ELBO and NLL", rule=NUMBER_AT_LEAST_0,
-                         default_text="1, the ELBO")
-    kl_warmup: int = option(0, "raise the KL weight linearly, step by step, from 0 to --beta over the first "
-                            "E epochs", rule=EPOCHS, metavar="E", default_text="0, no warm-up")
-    samples: int = option(1, "Monte-Carlo samples of z per image in the ELBO", rule=POSITIVE, metavar="L")
+    beta: float = option(
+        1.0,
+        "weight of the KL term in the training objective (beta-VAE); test_loss and "
+        "evaluate stay the true negative ELBO and NLL",
+        rule=NUMBER_AT_LEAST_0,
+        default_text="1, the ELBO",
+    )
+    kl_warmup: int = option(
+        0,
+        "raise the KL weight linearly, step by step, from 0 to --beta over the first E epochs",
+        rule=EPOCHS,
+        metavar="E",
+        default_text="0, no warm-up",
+    )
+    samples: int = option(
+        1, "Monte-Carlo samples of z per image in the ELBO", rule=POSITIVE, metavar="L"
+    )
     k: int = option(5, "importance samples per image for --objective iwae", rule=POSITIVE)
     optimizer: str = option("sgd", choices=OPTIMIZERS)
     lr: float = option(5e-3, "learning rate", rule=POSITIVE_NUMBER)
     # "burda": the schedule of Burda et al. (2015): lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...
-    schedule: str = option("constant", "learning rate schedule; burda: lr * 10^(-i/7) for 3^i epochs, "
-                           "i = 0, 1, ... (Burda et al. 2015; 3280 epochs for i up to 7)", choices=SCHEDULES)
+    schedule: str = option(
+        "constant",
+        "learning rate schedule; burda: lr * 10^(-i/7) for 3^i epochs, "
+        "i = 0, 1, ... (Burda et al. 2015; 3280 epochs for i up to 7)",
+        choices=SCHEDULES,
+    )
     batch_size: int = option(100, rule=POSITIVE)
     epochs: int = option(20, rule=POSITIVE, resume=True)
     seed: int = option(0, "seed for weights, batches and noise", rule=INTEGER)
     device: str = option("auto", choices=DEVICES, resume=True)
-    cuda_graph: bool = option(True, "on CUDA, capture the training step as a graph and replay it",
-                              rule=SWITCH, values=ON_OFF, resume=True)
+    cuda_graph: bool = option(
+        True,
+        "on CUDA, capture the training step as a graph and replay it",
+        rule=SWITCH,
+        values=ON_OFF,
+        resume=True,
+    )
     # Set before CUDA starts: a resumed run is then bitwise the uninterrupted one on the same card.
-    deterministic: bool = option(False, "on CUDA, deterministic cuBLAS and kernels: a resumed run repeats an "
-                                 "uninterrupted one bit for bit on the same card (a little slower)", rule=SWITCH)
-    data_dir: str | None = option(None, DATA_DIR_HELP, default_text=DATA_DIR_DEFAULT, rule=PATH, resume=True)
-    # Image folders only; the split's seed is not --seed, so runs with different seeds share a test set.
-    image_size: int | None = option(None, "image folders: resize every image to S x S pixels", metavar="S",
-                                    rule=PIXELS, default_text="keep the size; all must agree")
-    test_fraction: float = option(0.1, "image folders without train/ and test/: hold out this fraction as "
-                                  "the test set", metavar="F", rule=FRACTION)
-    split_seed: int = option(0, "image folders without train/ and test/: seed of the train/test split, apart "
-                             "from --seed so that runs with different seeds share one test set", rule=WHOLE)
-    train_size: int | None = option(None, "train on the first N training images only", metavar="N",
-                                    rule=POSITIVE)
-    test_size: int | None = option(None, "report the loss of the first N test images only", metavar="N",
-                                   rule=POSITIVE)
-    eval_seed: int = EVAL_SEED   # fixes the test set's binarization and noise
+    deterministic: bool = option(
+        False,
+        "on CUDA, deterministic cuBLAS and kernels: a resumed run repeats an "
+        "uninterrupted one bit for bit on the same card (a little slower)",
+        rule=SWITCH,
+    )
+    data_dir: str | None = option(
+        None, DATA_DIR_HELP, default_text=DATA_DIR_DEFAULT, rule=PATH, resume=True
+    )
+    # Image folders only. The split has its own seed: runs with different seeds share a test set.
+    image_size: int | None = option(
+        None,
+        "image folders: resize every image to S x S pixels",
+        metavar="S",
+        rule=PIXELS,
+        default_text="keep the size; all must agree",
+    )
+    test_fraction: float = option(
+        0.1,
+        "image folders without train/ and test/: hold out this fraction as the test set",
+        metavar="F",
+        rule=FRACTION,
+    )
+    split_seed: int = option(
+        0,
+        "image folders without train/ and test/: seed of the train/test split, apart "
+        "from --seed so that runs with different seeds share one test set",
+        rule=WHOLE,
+    )
+    train_size: int | None = option(
+        None, "train on the first N training images only", metavar="N", rule=POSITIVE
+    )
+    test_size: int | None = option(
+        None, "report the loss of the first N test images only", metavar="N", rule=POSITIVE
+    )
+    eval_seed: int = EVAL_SEED  # fixes the test set's binarization and noise
 
     def __post_init__(self) -> None:
         if isinstance(self.data_dir, os.PathLike):  # recorded in JSON
@@ -328,15 +430,19 @@ class RunConfig(Options):
         config.model.validate()
         check(config)
         if config.objective == "iwae" and (config.beta != 1 or config.kl_warmup):
-            raise VaelabError("--beta and --kl-warmup weight the ELBO's KL term, which the iwae bound does not "
-                              "have; leave them out with --objective iwae")
+            raise VaelabError(
+                "--beta and --kl-warmup weight the ELBO's KL term, which the iwae bound does not "
+                "have; leave them out with --objective iwae"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def data_options(self) -> dict:
         """What load_data needs besides the folder."""
-        return dict(image_size=self.image_size, test_fraction=self.test_fraction, split_seed=self.split_seed)
+        return dict(
+            image_size=self.image_size, test_fraction=self.test_fraction, split_seed=self.split_seed
+        )
 
     @property
     def weighted(self) -> bool:
@@ -350,7 +456,7 @@ class RunConfig(Options):
         stage, end = 0, 1  # stage i covers 3^i epochs
         while epoch > end:
             stage += 1
-            end += 3 ** stage
+            end += 3**stage
         return self.lr * 10 ** (-stage / 7)
 
     @classmethod
@@ -381,7 +487,11 @@ def resolve(config: RunConfig) -> RunConfig:
     check_value(preset_field, config.preset)
     given, given_model = explicit(config), explicit(config.model)
     chosen = PRESETS[config.preset]
-    name = config.model.likelihood if "likelihood" in given_model else chosen.get("likelihood", "bernoulli")
+    name = (
+        config.model.likelihood
+        if "likelihood" in given_model
+        else chosen.get("likelihood", "bernoulli")
+    )
     recommended = likelihoods.recommended(name) if name in likelihoods.LIKELIHOODS else {}
 
     def effective(options: Options, set_by_caller: frozenset) -> Options:
@@ -394,7 +504,9 @@ def resolve(config: RunConfig) -> RunConfig:
                     object.__setattr__(out, f.name, source[f.name])
                     break
             else:
-                object.__setattr__(out, f.name, f.default_factory() if f.default is MISSING else f.default)
+                object.__setattr__(
+                    out, f.name, f.default_factory() if f.default is MISSING else f.default
+                )
         _mark_all(out)
         return out
 
@@ -412,6 +524,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 # --- the other commands ------------------------------------------------------------------------
+
 
 def resumable(cls) -> list[str]:
     """The flags of cls's options that `vaelab train --resume` may change."""
@@ -432,19 +545,26 @@ def listed(words: list[str]) -> str:
 
 
 RUN_HELP = "run directory"
-RUN_DATA_HELP = ("the four IDX files' folder, a folder of images or a .npz file (default: the one the run "
-                 "was trained on when it named one, else $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)")
+RUN_DATA_HELP = (
+    "the four IDX files' folder, a folder of images or a .npz file (default: the one the run "
+    "was trained on when it named one, else $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)"
+)
 
 
 @options_dataclass
 class Launch(Options):
     """How `vaelab train` runs, apart from what it trains (not in config.json)."""
 
-    out: str | None = option(None, "run directory (default: runs/<timestamp>); must not hold a run already",
-                             rule=PATH)
-    resume: str | None = option(None, "continue RUN from its last finished epoch with its own config.json; "
-                                f"only {listed(resumable(RunConfig))} may be given with it", metavar="RUN",
-                                rule=PATH)
+    out: str | None = option(
+        None, "run directory (default: runs/<timestamp>); must not hold a run already", rule=PATH
+    )
+    resume: str | None = option(
+        None,
+        "continue RUN from its last finished epoch with its own config.json; "
+        f"only {listed(resumable(RunConfig))} may be given with it",
+        metavar="RUN",
+        rule=PATH,
+    )
     no_plots: bool = option(False, "skip drawing the figures", rule=SWITCH, resume=True)
     quiet: bool = option(False, "no progress bars", rule=SWITCH, resume=True)
 
@@ -456,11 +576,17 @@ class EvaluateOptions(Options):
     run: str = option(MISSING, RUN_HELP, positional=True)
     k: int = option(5000, "importance samples per test image", rule=POSITIVE)
     seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
-    test_size: int | None = option(None, "evaluate the first N test images only", metavar="N", rule=POSITIVE)
+    test_size: int | None = option(
+        None, "evaluate the first N test images only", metavar="N", rule=POSITIVE
+    )
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
     device: str = option("auto", choices=DEVICES)
-    precision: str = option("auto", "decoder arithmetic: bf16 was 1.5x as fast on a CPU with native bf16 and "
-                            "moved the NLL by under 0.001 nats; auto picks it there", choices=PRECISIONS)
+    precision: str = option(
+        "auto",
+        "decoder arithmetic: bf16 was 1.5x as fast on a CPU with native bf16 and "
+        "moved the NLL by under 0.001 nats; auto picks it there",
+        choices=PRECISIONS,
+    )
     quiet: bool = option(False, "no progress bar", rule=SWITCH)
 
 
@@ -496,7 +622,9 @@ class ReportOptions(Options):
     """`vaelab report`: one HTML page of a run."""
 
     run: str = option(MISSING, RUN_HELP, positional=True)
-    output: str | None = option(None, "HTML file to write (default: RUN/report.html)", short="-o", rule=PATH)
+    output: str | None = option(
+        None, "HTML file to write (default: RUN/report.html)", short="-o", rule=PATH
+    )
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
 
 
