@@ -105,7 +105,8 @@ def against_baseline(args) -> int:
     summary = {"median": median, "startup_ratio": ratio}
     print(json.dumps(summary))
     if args.out:
-        host = f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch {torch.__version__}"
+        host = (f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch {torch.__version__}, "
+                f"{time.strftime('%Y-%m-%d')}")
         table = (f"Host: {host}. Start-up of a default `vaelab train`: what comes before its first epoch "
                  f"(imports, the command line parsed, the device, MNIST, build); interpreter start and exit "
                  f"apart. {args.reps} alternating pairs, medians; baseline: {args.baseline.name}.\n\n"

@@ -153,6 +153,33 @@ def test_replace_sets_its_changes_and_keeps_what_was_set():
     assert config.seed == 0 and explicit(config) == {"preset"}  # the original is untouched
 
 
+def test_a_copy_keeps_its_own_record_of_what_was_set():
+    import copy
+
+    config = RunConfig(preset="conv")
+    twin = copy.copy(config)
+    twin.lr = 0.1
+    assert explicit(twin) == {"preset", "lr"} and explicit(config) == {"preset"}
+
+
+def test_an_assigned_value_takes_its_stored_form():
+    model = ModelConfig()
+    model.encoder_hidden = [64]  # as JSON gives it
+    model.image_shape = [28, 28]  # as runs saved before (C, H, W) give it
+    assert model.encoder_hidden == (64,) and model.image_shape == (1, 28, 28)
+
+
+def test_an_option_class_made_with_a_plain_dataclass_is_refused():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Plain(RunConfig):
+        pass
+
+    with pytest.raises(TypeError, match="options_dataclass"):
+        resolve(Plain(epochs=7))
+
+
 # --- the precedence rule ------------------------------------------------------------------------
 
 

@@ -34,9 +34,7 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers like 256,128, got {text!r}"
         )
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
-    return sizes
+    return sizes  # the option's rule refuses sizes below 1, and none at all
 
 
 # What the command line reads for each annotation (the part before "| None").
@@ -63,6 +61,11 @@ def _help(f, meta: dict, resume_note: bool) -> str:
     return text.replace("%", "%%")  # argparse formats help with %
 
 
+def _nested(f) -> bool:
+    """Whether field f holds an option dataclass of its own (a run's model)."""
+    return isinstance(f.default_factory, type) and issubclass(f.default_factory, Options)
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -72,7 +75,7 @@ def add_options(
     """A flag (or a positional argument) for each declared option of cls, nested option
     dataclasses (a run's model) in place. Flags not given stay out of the namespace."""
     for f in fields(cls):
-        if f.default_factory is not MISSING and issubclass(f.default_factory, Options):
+        if _nested(f):
             add_options(parser, f.default_factory, only, resume_note)
             continue
         meta = f.metadata.get("option")
@@ -104,7 +107,7 @@ def given(args: argparse.Namespace, cls: type) -> dict:
     """The options of cls (and its nested option dataclasses) given on the command line."""
     out = {}
     for f in fields(cls):
-        if f.default_factory is not MISSING and issubclass(f.default_factory, Options):
+        if _nested(f):
             out.update(given(args, f.default_factory))
         elif "option" in f.metadata and hasattr(args, f.name):
             values = f.metadata["option"]["values"]
@@ -226,7 +229,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     options = _parsed(args, config.EvaluateOptions)
     world = distributed.from_environment()
-    distributed.start(world)
     r = evaluate_run(options, world)
     distributed.finish(world)
     if not world.main:

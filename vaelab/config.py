@@ -151,14 +151,26 @@ def check_option(cls, name: str, value) -> None:
 
 
 class Options:
-    """Base of the option dataclasses (made with @options_dataclass): each remembers which of its
-    fields the caller set, in the constructor or by assignment afterwards."""
+    """Base of the option dataclasses (made with @options_dataclass, subclasses too): each
+    remembers which of its fields the caller set, in the constructor or by assignment afterwards,
+    and brings every value it is given to its stored form (`normal`)."""
 
     def __setattr__(self, name: str, value) -> None:
-        object.__setattr__(self, name, value)
+        object.__setattr__(self, name, self.normal(name, value))
         marks = self.__dict__.get("_explicit")
         if marks is not None and name in self.__dataclass_fields__:
             marks.add(name)
+
+    def normal(self, name: str, value):
+        """The stored form of a value given for field `name` (a list from JSON as a tuple, say);
+        a value that has none is kept, for its rule to refuse."""
+        return value
+
+    def __copy__(self):
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        object.__setattr__(twin, "_explicit", set(explicit(self)))  # not shared with self
+        return twin
 
     def replace(self, **changes):
         """A copy with `changes` set (and counted as set); the other fields keep whether they
@@ -191,7 +203,9 @@ def options_dataclass(cls):
 
 def explicit(options: Options) -> frozenset[str]:
     """The fields the caller set."""
-    return frozenset(options.__dict__.get("_explicit") or ())
+    if "_explicit" not in options.__dict__:  # a plain @dataclass made this class's constructor
+        raise TypeError(f"{type(options).__name__} must be made with @options_dataclass")
+    return frozenset(options.__dict__["_explicit"] or ())
 
 
 def _mark_all(options: Options) -> None:
@@ -238,7 +252,7 @@ PRESETS = {
 
 @options_dataclass
 class ModelConfig(Options):
-    """Everything needed to rebuild a model from its weights."""
+    """Everything needed to rebuild a model from its weights. Keywords only; copy with `replace`."""
 
     z_dim: int = option(2, "latent dimensions", rule=POSITIVE, default_text="the preset's")
     encoder_hidden: tuple[int, ...] = option(
@@ -275,13 +289,14 @@ class ModelConfig(Options):
         default_text="the preset's, 32,64",
     )
 
-    def __post_init__(self) -> None:
+    def normal(self, name: str, value):
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)
-        self.conv_channels = tuple(self.conv_channels)
-        self.encoder_hidden = tuple(self.encoder_hidden)
-        self.decoder_hidden = tuple(self.decoder_hidden)
-        shape = tuple(self.image_shape)
-        self.image_shape = (1, *shape) if len(shape) == 2 else shape
+        if name in ("encoder_hidden", "decoder_hidden", "conv_channels", "image_shape") and isinstance(
+            value, (list, tuple)
+        ):
+            value = tuple(value)
+            return (1, *value) if name == "image_shape" and len(value) == 2 else value
+        return value
 
     @property
     def x_dim(self) -> int:
@@ -298,7 +313,7 @@ class ModelConfig(Options):
             )
         if self.architecture == "conv" and not SIZES.test(self.conv_channels):
             raise VaelabError(
-                f"--conv-channels must be positive integers, got {self.conv_channels}"
+                f"{flag_for('conv_channels')} {SIZES.says}, got {self.conv_channels!r}"
             )
         if self.architecture != "conv" and self.conv_channels:
             raise VaelabError(
@@ -335,7 +350,8 @@ DATA_DIR_DEFAULT = "$VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist"
 
 @options_dataclass
 class RunConfig(Options):
-    """A training run. The defaults are the tutorial's recipe."""
+    """A training run. The defaults are the tutorial's recipe. Its fields are keywords; to change
+    some in a copy, use `replace` (dataclasses.replace would count every field as set)."""
 
     preset: str = option("tutorial", "architecture preset", choices=tuple(sorted(PRESETS)))
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -420,9 +436,8 @@ class RunConfig(Options):
     )
     eval_seed: int = EVAL_SEED  # fixes the test set's binarization and noise
 
-    def __post_init__(self) -> None:
-        if isinstance(self.data_dir, os.PathLike):  # recorded in JSON
-            self.data_dir = os.fspath(self.data_dir)
+    def normal(self, name: str, value):
+        return os.fspath(value) if name == "data_dir" and isinstance(value, os.PathLike) else value
 
     def validate(self) -> None:
         """Raise VaelabError naming the first option of the resolved run that makes no sense."""
@@ -487,11 +502,8 @@ def resolve(config: RunConfig) -> RunConfig:
     check_value(preset_field, config.preset)
     given, given_model = explicit(config), explicit(config.model)
     chosen = PRESETS[config.preset]
-    name = (
-        config.model.likelihood
-        if "likelihood" in given_model
-        else chosen.get("likelihood", "bernoulli")
-    )
+    default = ModelConfig.__dataclass_fields__["likelihood"].default
+    name = config.model.likelihood if "likelihood" in given_model else chosen.get("likelihood", default)
     recommended = likelihoods.recommended(name) if name in likelihoods.LIKELIHOODS else {}
 
     def effective(options: Options, set_by_caller: frozenset) -> Options:
@@ -512,8 +524,6 @@ def resolve(config: RunConfig) -> RunConfig:
 
     resolved = effective(config, given)
     object.__setattr__(resolved, "model", effective(config.model, given_model))
-    resolved.model.__post_init__()
-    _mark_all(resolved.model)
     return resolved
 
 
@@ -526,9 +536,9 @@ def preset(name: str, **overrides) -> ModelConfig:
 # --- the other commands ------------------------------------------------------------------------
 
 
-def resumable(cls) -> list[str]:
-    """The flags of cls's options that `vaelab train --resume` may change."""
-    return [flag_of(f) for f in declared(cls) if f.metadata["option"]["resume"]]
+def resumable(cls) -> list:
+    """The fields of cls's options that `vaelab train --resume` may change."""
+    return [f for f in declared(cls) if f.metadata["option"]["resume"]]
 
 
 def flag_for(name: str, classes: tuple = ()) -> str:
@@ -561,12 +571,12 @@ class Launch(Options):
     resume: str | None = option(
         None,
         "continue RUN from its last finished epoch with its own config.json; "
-        f"only {listed(resumable(RunConfig))} may be given with it",
+        f"only {listed([flag_of(f) for f in resumable(RunConfig)])} may be given with it",
         metavar="RUN",
         rule=PATH,
     )
-    no_plots: bool = option(False, "skip drawing the figures", rule=SWITCH, resume=True)
-    quiet: bool = option(False, "no progress bars", rule=SWITCH, resume=True)
+    no_plots: bool = option(False, "skip drawing the figures", rule=SWITCH)
+    quiet: bool = option(False, "no progress bars", rule=SWITCH)
 
 
 @options_dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show, rng
-from .config import PRECISIONS, EvaluateOptions, check
+from .config import EvaluateOptions, check, check_option
 from .distributed import SINGLE, World
 from .errors import VaelabError
 from .models import VAE
@@ -57,8 +57,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    check_option(EvaluateOptions, "precision", precision)
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
@@ -288,6 +287,7 @@ def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
     RUN/eval.json and RUN/log_px.npy. Returns the result, with the seconds it took, the device and
     the number of processes."""
     check(options)
+    distributed.start(world)  # under torchrun: join the group (nothing for one process)
     model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
     data = data.subset(None, options.test_size)
     run = Path(options.run)  # found writable before minutes of work

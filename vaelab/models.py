@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import likelihoods
-from .config import PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
+from .config import ARCHITECTURES, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 from .errors import VaelabError
 from .nets import MLP, ConvDecoder, ConvEncoder, Workspace, conv_check
 from .objectives import Terms, kl_normal, reparametrize

@@ -329,13 +329,13 @@ def resumed_config(run_dir: str | Path, changes: dict) -> RunConfig:
     """The config of the run that --resume continues, with `changes` (option name -> value) set;
     only the options declared `resume=True` may change."""
     cls = configs.RunConfig
-    allowed = {f.name for f in configs.declared(cls) if f.metadata["option"]["resume"]}
-    fixed = [name for name in changes if name not in allowed]
+    allowed = configs.resumable(cls)
+    fixed = [name for name in changes if name not in {f.name for f in allowed}]
     if fixed:
         flags = ", ".join(configs.flag_for(name) for name in fixed)
         raise VaelabError(f"{flags} cannot change when resuming: {run_dir}/config.json fixes the run; "
                           f"leave {'them' if len(fixed) > 1 else 'it'} out "
-                          f"(only {configs.listed(configs.resumable(cls))} may be given)")
+                          f"(only {configs.listed([configs.flag_of(f) for f in allowed])} may be given)")
     config = load_config(run_dir)
     for name, value in changes.items():
         setattr(config, name, value)

@@ -82,8 +82,8 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     """Everything a run needs, from its config; `config` itself is left as it was.
 
     The returned `Training.config` is the resolved one (config.resolve: what was set, then the
-    likelihood's recommendations, the preset, the defaults), with the data folder it read recorded
-    absolute. Under torchrun (world of several ranks) the model is wrapped in
+    likelihood's recommendations, the preset, the defaults); when build reads the data itself, a
+    data folder other than the verified MNIST default is recorded as an absolute path. Under torchrun (world of several ranks) the model is wrapped in
     DistributedDataParallel and each rank trains on its share of every (global) batch.
     """
     config = resolve(config)
