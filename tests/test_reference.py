@@ -1,10 +1,7 @@
 """The package's default path against its frozen copy (tests/reference/vae.py): trained side by
 side in one process from the same seed, the weights after training and every batch's loss are
 equal bit for bit. A refactor of the models, objectives, likelihoods, nets or step that keeps
-the default path must keep these passing without touching the reference.
-
-Both sides run in one intra-op thread (the one_thread fixture), which also keeps the comparison
-from depending on how two threads would split a reduction."""
+the default path must keep these passing without touching the reference."""
 
 import numpy as np
 import pytest
@@ -16,16 +13,6 @@ from conftest import synthetic_dataset
 from reference import vae as reference
 
 EPOCHS, BATCH = 2, 50
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for both sides: on a busy 2-core machine two threads wait on each
-    other, 50x slower (a step takes 3 ms alone, 150 ms with two threads contending)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
