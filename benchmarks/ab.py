@@ -39,11 +39,15 @@ def run_once(tree: Path, args: list[str]) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp)
         wall = time.perf_counter() - start
         if done.returncode != 0:
-            sys.exit(f"{tree}: {' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
+            sys.exit(
+                f"{tree}: {' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}"
+            )
         result = {"wall": wall}
         metrics = run / "metrics.jsonl"
         if metrics.is_file():
-            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            records = [
+                json.loads(line) for line in metrics.read_text().splitlines() if line.strip()
+            ]
             seconds = [r["seconds"] for r in records]
             result["epoch"] = statistics.median(seconds[1:] or seconds)
             result["test_loss"] = records[-1]["test_loss"]
@@ -59,23 +63,45 @@ def compare(baseline: Path, args: list[str], reps: int) -> dict:
             order.reverse()
         pairs.append({side: run_once(tree, args) for side, tree in order})
     keys = [k for k in ("wall", "epoch") if all(k in p[s] for p in pairs for s in p)]
-    median = {s: {k: statistics.median(p[s][k] for p in pairs) for k in keys} for s in ("baseline", "this")}
+    median = {
+        s: {k: statistics.median(p[s][k] for p in pairs) for k in keys}
+        for s in ("baseline", "this")
+    }
     ratio = {k: statistics.median(p["this"][k] / p["baseline"][k] for p in pairs) for k in keys}
-    losses = {s: sorted({p[s].get("test_loss") for p in pairs} - {None}) for s in ("baseline", "this")}
-    return {"args": args, "baseline": str(baseline), "reps": reps, "pairs": pairs, "median": median,
-            "ratio": ratio, "test_losses": losses}
+    losses = {
+        s: sorted({p[s].get("test_loss") for p in pairs} - {None}) for s in ("baseline", "this")
+    }
+    return {
+        "args": args,
+        "baseline": str(baseline),
+        "reps": reps,
+        "pairs": pairs,
+        "median": median,
+        "ratio": ratio,
+        "test_losses": losses,
+    }
 
 
 def table(report: dict, host: str) -> str:
     """The markdown summary of a comparison."""
-    rows = "".join(f"| {k} s | {report['median']['baseline'][k]:.3f} | {report['median']['this'][k]:.3f} "
-                   f"| {report['ratio'][k]:.3f} |\n" for k in report["ratio"])
-    losses = "".join(f"\nFinal test loss, {side}: {', '.join(f'{v:.4f}' for v in values)}."
-                     for side, values in report["test_losses"].items() if values)
-    return (f"Host: {host}. `vaelab {' '.join(report['args'])}`, {report['reps']} alternating repetitions; "
-            f"baseline {Path(report['baseline']).name}, against this checkout.\n\n"
-            "| | baseline | this | this / baseline (median of ratios) |\n| --- | --- | --- | --- |\n"
-            + rows + losses + "\n")
+    rows = "".join(
+        f"| {k} s | {report['median']['baseline'][k]:.3f} | {report['median']['this'][k]:.3f} "
+        f"| {report['ratio'][k]:.3f} |\n"
+        for k in report["ratio"]
+    )
+    losses = "".join(
+        f"\nFinal test loss, {side}: {', '.join(f'{v:.4f}' for v in values)}."
+        for side, values in report["test_losses"].items()
+        if values
+    )
+    return (
+        f"Host: {host}. `vaelab {' '.join(report['args'])}`, {report['reps']} alternating"
+        f" repetitions; baseline {Path(report['baseline']).name}, against this checkout.\n\n| |"
+        " baseline | this | this / baseline (median of ratios) |\n| --- | --- | --- | --- |\n"
+        + rows
+        + losses
+        + "\n"
+    )
 
 
 def main(argv=None) -> int:
@@ -95,8 +121,10 @@ def main(argv=None) -> int:
     import torch
     from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
 
-    host = (f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch {torch.__version__}, "
-            f"{time.strftime('%Y-%m-%d')}")
+    host = (
+        f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch"
+        f" {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
     text = table(report, host)
     if options.out:
         write_results(options.out, f"ab_{options.name}", {"host": host, **report}, text)

@@ -45,6 +45,10 @@ RECIPES = {
                                      preset="conv", objective="iwae", k=5),
     "burda1-adam-iwae50": dict(model=preset("burda1", image_shape=(1, 8, 8)), preset="burda1", optimizer="adam",
                                lr=1e-3, objective="iwae", k=50),
+    "adam-mog-prior": dict(optimizer="adam", lr=1e-3, model=ModelConfig(
+        z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="mog", prior_components=10)),
+    "adam-vamp-prior-iwae5": dict(optimizer="adam", lr=1e-3, objective="iwae", k=5, model=ModelConfig(
+        z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="vamp", prior_components=50)),
 }
 
 

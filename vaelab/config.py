@@ -216,6 +216,7 @@ def _mark_all(options: Options) -> None:
 
 # imported after the machinery above: these modules declare no options of their own
 from . import likelihoods  # noqa: E402
+from .priors import PRIORS  # noqa: E402
 from .nets import ACTIVATIONS  # noqa: E402
 
 ARCHITECTURES = ("mlp", "conv")
@@ -287,6 +288,17 @@ class ModelConfig(Options):
         "with --preset conv: channels of the convolutions, each halving height and width",
         metavar="C1,C2",
         default_text="the preset's, 32,64",
+    )
+    prior: str = option(
+        "standard",
+        "p(z): standard, N(0, I) with the analytic KL; mog, a mixture of --prior-components learned"
+        " Gaussians with learned weights; vamp, the VampPrior: the posterior at --prior-components"
+        " learned pseudo-inputs (Tomczak & Welling 2018); mog and vamp take the KL from the draws",
+        choices=PRIORS,
+    )
+    # The VampPrior paper's K for MNIST; with it every step also encodes 500 pseudo-inputs.
+    prior_components: int = option(
+        500, "components of --prior mog or vamp", rule=POSITIVE, metavar="K"
     )
 
     def normal(self, name: str, value):

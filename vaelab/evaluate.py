@@ -103,11 +103,11 @@ def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples
     batches and add their sums."""
     if samples > len(test_set.eps):
         raise ValueError(f"the test set was drawn with {len(test_set.eps)} samples, not {samples}")
-    loss = OBJECTIVES[objective]
+    loss, components = OBJECTIVES[objective], model.prior_components()
     total = torch.zeros((), dtype=torch.float64, device=test_set.x.device)
     for start in range(world.rank * batch_size, len(test_set.x), world.size * batch_size):
         x, eps = test_set.x[start:start + batch_size], test_set.eps[:samples, start:start + batch_size]
-        total += loss(model(x, eps)).sum(dtype=torch.float64)
+        total += loss(model(x, eps, components=components)).sum(dtype=torch.float64)
     return distributed.all_sum(total, world).item() / len(test_set.x)
 
 
@@ -240,6 +240,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     index = torch.arange(len(padded), device=device)
     observe_keys, noise_keys = image_keys(seed, "observe", index), image_keys(seed, "noise", index)
     z_dim = model.config.z_dim
+    components = model.prior_components()  # once for the whole evaluation (a VampPrior's encodings)
     workspace = Workspace()
     # Per image: log p(x), its variance, and each IWAE bound; rows this rank does not compute stay 0.
     values = torch.zeros((2 + len(iwae_ks), len(padded)), dtype=torch.float64, device=device)
@@ -255,7 +256,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
             acc = _Accumulator(len(x), iwae_ks, device)
             for first in range(0, k, ns):
                 eps = draw_noise(noise_keys[rows], z_dim, ns, first)
-                log_w = torch.cat([log_weights(model(x, eps[s:s + per_call], workspace, posterior))
+                log_w = torch.cat([log_weights(model(x, eps[s:s + per_call], workspace, posterior, components))
                                    for s in range(0, ns, per_call)])
                 acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
                 bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from . import likelihoods
+from . import likelihoods, priors
 from .config import ARCHITECTURES, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 from .errors import VaelabError
 from .nets import MLP, ConvDecoder, ConvEncoder, Workspace, conv_check
@@ -50,6 +50,8 @@ class VAE(nn.Module):
                                     config.activation, self.out_shape[0])
                         if conv else MLP([config.z_dim, *config.decoder_hidden, math.prod(self.out_shape)],
                                          config.activation))
+        # After the networks: a learned prior's parameters come last in the optimizer's list.
+        self.prior = priors.make(config.prior, config.z_dim, config.prior_components, config.image_shape)
 
     @property
     def device(self) -> torch.device:
@@ -80,17 +82,32 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode(z))
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor, workspace: Workspace | None = None,
-                posterior: tuple[torch.Tensor, torch.Tensor] | None = None) -> Terms:
+                posterior: tuple[torch.Tensor, torch.Tensor] | None = None, components=None) -> Terms:
         """x: (N, C, H, W) observed images; eps: (S, N, z_dim) standard normal noise.
 
         Returns the per-example terms for z_s = mu + sigma * eps_s (objectives.Terms).
         posterior: encode(x)'s (mu, logvar), when the caller has them already (evaluation
-        decodes one tile's samples in several calls).
+        decodes one tile's samples in several calls); components: prior_components(), likewise
+        (evaluation computes them once, a training step once per step).
         """
         mu, logvar = self.encode(x) if posterior is None else posterior
         z = reparametrize(mu, logvar, eps)
-        return Terms(log_px_z=self.likelihood.log_prob(self.decode(z, workspace), x, workspace),
-                     kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar)
+        log_px_z = self.likelihood.log_prob(self.decode(z, workspace), x, workspace)
+        if self.prior.analytic_kl:
+            return Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar)
+        # No closed form: the KL from the same draws; the prior's components once for the call.
+        terms = Terms(log_px_z=log_px_z, kl=None, z=z, eps=eps, logvar=logvar, prior=self.prior,
+                      components=self.prior_components() if components is None else components)
+        return terms._replace(kl=(terms.log_qz - terms.log_pz).mean(0))
+
+    def prior_components(self):
+        """What log p(z) needs besides z, for one call or many (priors.Prior.components)."""
+        return self.prior.components(self.encode)
+
+    @torch.no_grad()
+    def sample_prior(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n draws z ~ p(z): (n, z_dim)."""
+        return self.prior.sample(n, generator, self.encode)
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:

@@ -7,7 +7,7 @@ pure functions of them, used alike by training, the test loss and evaluation.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,15 +22,17 @@ class Terms(NamedTuple):
     """
 
     log_px_z: torch.Tensor  # (S, N) log p(x | z_s)
-    kl: torch.Tensor        # (N,) KL(q(z|x) || p(z)), analytic
+    kl: torch.Tensor        # (N,) KL(q(z|x) || p(z)): analytic, or the draws' mean of log q - log p
     z: torch.Tensor         # (S, N, z_dim) the draws
     eps: torch.Tensor       # (S, N, z_dim) their standard normal noise
     logvar: torch.Tensor    # (N, z_dim) of q(z|x)
+    prior: Any = None       # a priors.Prior; None: N(0, I)
+    components: Any = None  # what the prior computed for this call (priors.Prior.components)
 
     @property
     def log_pz(self) -> torch.Tensor:
-        """(S, N) log p(z_s), standard normal prior."""
-        return log_standard_normal(self.z)
+        """(S, N) log p(z_s)."""
+        return log_standard_normal(self.z) if self.prior is None else self.prior.log_prob(self.z, self.components)
 
     @property
     def log_qz(self) -> torch.Tensor:
@@ -71,7 +73,8 @@ def log_weights(terms: Terms) -> torch.Tensor:
 
 
 def negative_elbo(terms: Terms, kl_weight: float | torch.Tensor | None = None) -> torch.Tensor:
-    """-ELBO = -(1/S) sum_s log p(x|z_s) + KL(q(z|x) || p(z)), KL analytic: (N,) nats.
+    """-ELBO = -(1/S) sum_s log p(x|z_s) + KL(q(z|x) || p(z)): (N,) nats, the KL as the terms
+    hold it (analytic where the prior allows).
 
     kl_weight (beta, a float or a 0-d tensor) weights the KL term, giving the beta-VAE
     objective, which is not a bound on log p(x) unless beta is 1; None is the ELBO itself.

@@ -150,7 +150,7 @@ def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: in
 def sample_images(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
     """(n, H, W) or (n, H, W, 3) decoder means for n draws z ~ N(0, I)."""
     generator = torch.Generator(model.device).manual_seed(seed)
-    z = torch.randn(n, model.config.z_dim, generator=generator, device=model.device)
+    z = model.sample_prior(n, generator)
     return _as_images(model.decode_mean(z), model.config.image_shape)
 
 

@@ -1,0 +1,162 @@
+"""Priors p(z): the only module that names one.
+
+Each prior knows
+- `log_prob(z, components)`: log p(z) in nats, z: (..., z_dim) -> (...);
+- `components(encode)`: what one forward call needs of it, computed once and shared by every
+  draw of the call (a mixture's means, log-variances and log-weights; None for N(0, I));
+- `sample(n, generator)`: n draws z (n, z_dim), for samples and figures;
+- `analytic_kl`: whether KL(q || p) has a closed form for a diagonal-Gaussian q (N(0, I) only).
+
+A learned prior is an nn.Module whose parameters register after the encoder, head and decoder,
+so optimizer checkpoints, which list parameters by position, keep their order.
+
+Shapes: z (..., z_dim); a mixture of K components has mu, logvar (K, z_dim) and log_w (K,).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .objectives import LOG_2PI, log_standard_normal
+
+Mixture = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]  # mu (K, z_dim), logvar (K, z_dim), log_w (K,)
+
+
+def log_mixture(
+    z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, log_w: torch.Tensor
+) -> torch.Tensor:
+    """log sum_k w_k N(z; mu_k, diag(exp(logvar_k))): z (..., z_dim) -> (...) nats."""
+    z = z.unsqueeze(-2)  # (..., 1, z_dim)
+    log_n = -0.5 * ((z - mu).square() * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)  # (..., K)
+    return torch.logsumexp(log_n + log_w, dim=-1)
+
+
+def sample_mixture(
+    n: int, generator: torch.Generator, mu: torch.Tensor, logvar: torch.Tensor, log_w: torch.Tensor
+) -> torch.Tensor:
+    """n draws of the mixture: a component by its weight, then its Gaussian. -> (n, z_dim)."""
+    k = torch.multinomial(log_w.softmax(-1), n, replacement=True, generator=generator)
+    eps = torch.randn(n, mu.shape[-1], generator=generator, device=mu.device)
+    return mu[k] + torch.exp(0.5 * logvar[k]) * eps
+
+
+class Prior(nn.Module):
+    name = ""
+    analytic_kl = False
+
+    def __init__(self, z_dim: int):
+        super().__init__()
+        self.z_dim = z_dim
+
+    def components(self, encode) -> Mixture | None:
+        """encode: x (K, C, H, W) -> (mu, logvar), the model's posterior (the VampPrior's)."""
+        return None
+
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class StandardNormal(Prior):
+    """N(0, I): the classic VAE's prior, with the analytic KL."""
+
+    name = "standard"
+    analytic_kl = True
+
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+        return log_standard_normal(z)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, generator=generator, device=generator.device)
+
+
+class MixtureOfGaussians(Prior):
+    """A mixture of K diagonal Gaussians with learned means, variances and weights.
+
+    The means start as draws of N(0, I) (fixed by the model's seed), the variances at 1 and the
+    weights equal, so the mixture starts near N(0, I) but with K distinct modes to move.
+    """
+
+    name = "mog"
+
+    def __init__(self, z_dim: int, k: int):
+        super().__init__(z_dim)
+        self.mu = nn.Parameter(torch.randn(k, z_dim))
+        self.logvar = nn.Parameter(torch.zeros(k, z_dim))
+        self.logits = nn.Parameter(torch.zeros(k))
+
+    def components(self, encode=None) -> Mixture:
+        return self.mu, self.logvar, self.logits.log_softmax(-1)
+
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+        return log_mixture(z, *(components or self.components()))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+        return sample_mixture(n, generator, *self.components())
+
+
+class VampPrior(Prior):
+    """The VampPrior (Tomczak & Welling 2018): p(z) = (1/K) sum_k q(z | u_k), the posterior at K
+    learned pseudo-inputs u_k.
+
+    As in the paper's code, the pseudo-inputs are the output of a linear layer fed by the
+    identity (so they are plain parameters, with the layer's bias), clipped to the pixel range
+    [0, 1] by a hardtanh, and start as draws of N(0.05, 0.01^2).
+    """
+
+    name = "vamp"
+
+    def __init__(self, z_dim: int, k: int, image_shape: tuple[int, int, int]):
+        super().__init__(z_dim)
+        self.image_shape = tuple(image_shape)
+        self.pseudo_inputs = nn.Linear(k, math.prod(image_shape))
+        with torch.no_grad():
+            self.pseudo_inputs.weight.normal_(0.05, 0.01)
+            self.pseudo_inputs.bias.zero_()
+        self.register_buffer("identity", torch.eye(k), persistent=False)
+
+    def inputs(self) -> torch.Tensor:
+        """The K pseudo-inputs u_k: (K, C, H, W) in [0, 1]."""
+        u = nn.functional.hardtanh(self.pseudo_inputs(self.identity), 0.0, 1.0)
+        return u.view(-1, *self.image_shape)
+
+    def components(self, encode) -> Mixture:
+        mu, logvar = encode(self.inputs())
+        return (
+            mu,
+            logvar,
+            torch.full((len(mu),), -math.log(len(mu)), device=mu.device, dtype=mu.dtype),
+        )
+
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+        if components is None:
+            raise ValueError(
+                "the VampPrior's log p(z) needs its components (the posterior at the pseudo-inputs)"
+            )
+        return log_mixture(z, *components)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+        return sample_mixture(n, generator, *self.components(encode))
+
+
+PRIORS = ("standard", "mog", "vamp")
+
+
+def make(name: str, z_dim: int, k: int, image_shape: tuple[int, int, int]) -> Prior:
+    """The prior named `name` over z_dim latents (k: a mixture's components)."""
+    if name == "mog":
+        return MixtureOfGaussians(z_dim, k)
+    if name == "vamp":
+        return VampPrior(z_dim, k, image_shape)
+    return StandardNormal(z_dim)
