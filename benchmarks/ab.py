@@ -105,14 +105,15 @@ def table(report: dict, host: str) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    argv, args = argv[:split], argv[split + 1:]  # ab.py's options, then the vaelab command
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline", type=Path, help="the other checkout (its root folder)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--name", default="default", help="names the result files: ab_NAME")
     parser.add_argument("--out", type=Path, help="write ab_NAME.json and .md here")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="after --: the vaelab command")
     options = parser.parse_args(argv)
-    args = options.args[1:] if options.args[:1] == ["--"] else options.args
     if not (options.baseline / "vaelab" / "__init__.py").is_file():
         parser.error(f"{options.baseline} holds no vaelab package")
     if not args or options.reps < 1:
