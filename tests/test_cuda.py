@@ -47,6 +47,8 @@ RECIPES = {
                                lr=1e-3, objective="iwae", k=50),
     "adam-mog-prior": dict(optimizer="adam", lr=1e-3, model=ModelConfig(
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="mog", prior_components=10)),
+    "adam-iaf-2-steps": dict(optimizer="adam", lr=1e-3, model=ModelConfig(
+        z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), posterior="iaf", flow_steps=2)),
     "adam-vamp-prior-iwae5": dict(optimizer="adam", lr=1e-3, objective="iwae", k=5, model=ModelConfig(
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="vamp", prior_components=50)),
 }

@@ -78,7 +78,9 @@ def test_two_processes_train_as_one_up_to_the_order_of_sums(one_and_two):
 @pytest.mark.parametrize("recipe", [
     ["--preset", "conv", "--conv-channels", "8,16", "--likelihood", "logistic", "--optimizer", "adam", "--lr", "1e-3"],
     ["--likelihood", "gaussian-learned", "--beta", "2", "--kl-warmup", "1", "--optimizer", "adam", "--lr", "1e-3"],
-], ids=["conv-logistic", "mlp-gaussian-learned-beta"])
+    ["--prior", "vamp", "--prior-components", "20", "--posterior", "iaf", "--flow-steps", "2", "--optimizer",
+     "adam", "--lr", "1e-3"],
+], ids=["conv-logistic", "mlp-gaussian-learned-beta", "vamp-iaf"])
 def test_the_conv_preset_and_new_likelihoods_train_as_one_in_two_processes(tmp_path, recipe):
     common = [*TRAIN, *recipe, "--train-size", 600, "--epochs", 1]
     one = vaelab("train", *common, "--out", tmp_path / "one")
@@ -117,6 +119,21 @@ def test_sharded_evaluation_is_identical_to_one_process(one_and_two, tmp_path):
     drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "processes")}
     ra, rb = (json.loads((d / "eval.json").read_text()) for d in (single, sharded))
     assert drop(ra) == drop(rb) and rb["processes"] == 2
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_of_a_vamp_iaf_model_is_identical_to_one_process(tmp_path):
+    trained = vaelab("train", *TRAIN, "--train-size", 600, "--epochs", 1, "--prior", "vamp", "--prior-components",
+                     20, "--posterior", "iaf", "--optimizer", "adam", "--lr", 1e-3, "--out", tmp_path / "single")
+    assert trained.returncode == 0, trained.stderr
+    import shutil
+
+    shutil.copytree(tmp_path / "single", tmp_path / "sharded")
+    a = vaelab("evaluate", tmp_path / "single", "--k", 100, "--test-size", 300, "--quiet")
+    assert a.returncode == 0, a.stderr
+    b = torchrun("evaluate", tmp_path / "sharded", "--k", 100, "--test-size", 300, "--quiet")
+    assert b.returncode == 0, b.stderr
+    assert np.array_equal(np.load(tmp_path / "single" / "log_px.npy"), np.load(tmp_path / "sharded" / "log_px.npy"))
 
 
 def worker_pids(out: Path) -> list[int]:

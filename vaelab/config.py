@@ -216,6 +216,7 @@ def _mark_all(options: Options) -> None:
 
 # imported after the machinery above: these modules declare no options of their own
 from . import likelihoods  # noqa: E402
+from .posteriors import POSTERIORS  # noqa: E402
 from .priors import PRIORS  # noqa: E402
 from .nets import ACTIVATIONS  # noqa: E402
 
@@ -300,6 +301,13 @@ class ModelConfig(Options):
     prior_components: int = option(
         500, "components of --prior mog or vamp", rule=POSITIVE, metavar="K"
     )
+    posterior: str = option(
+        "gaussian",
+        "q(z|x): gaussian, a diagonal Gaussian; iaf, an inverse autoregressive flow of --flow-steps"
+        " MADE steps from it, conditioned on a context from the encoder (Kingma et al. 2016)",
+        choices=POSTERIORS,
+    )
+    flow_steps: int = option(2, "autoregressive steps of --posterior iaf", rule=POSITIVE, metavar="T")
 
     def normal(self, name: str, value):
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)

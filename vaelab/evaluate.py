@@ -252,7 +252,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         for start in mine:
             rows = slice(start, min(start + nb, len(padded)))
             x = model.observe(padded[rows], observe_keys[rows])
-            posterior = model.encode(x)
+            posterior = model.encode_posterior(x)
             acc = _Accumulator(len(x), iwae_ks, device)
             for first in range(0, k, ns):
                 eps = draw_noise(noise_keys[rows], z_dim, ns, first)

@@ -28,6 +28,7 @@ class Terms(NamedTuple):
     logvar: torch.Tensor    # (N, z_dim) of q(z|x)
     prior: Any = None       # a priors.Prior; None: N(0, I)
     components: Any = None  # what the prior computed for this call (priors.Prior.components)
+    log_det: Any = None     # (S, N) a flow's log-determinant, log q(z_T) = log q(z_0) - log_det
 
     @property
     def log_pz(self) -> torch.Tensor:
@@ -37,7 +38,8 @@ class Terms(NamedTuple):
     @property
     def log_qz(self) -> torch.Tensor:
         """(S, N) log q(z_s | x)."""
-        return log_normal_from_eps(self.eps, self.logvar)
+        base = log_normal_from_eps(self.eps, self.logvar)
+        return base if self.log_det is None else base - self.log_det
 
 
 def reparametrize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -109,8 +109,7 @@ def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0)
     """Test images (as the model sees them) above their reconstructions E[x | z = mu(x)]."""
     images = data.test_images[:n].to(model.device)
     x = model.observe(images, image_keys(seed, "observe", torch.arange(len(images), device=model.device)))
-    mu, _ = model.encode(x)
-    recon = model.decode_mean(mu)
+    recon = model.decode_mean(model.posterior_mean(x))
     shape = data.image_shape
     grid = image_grid(np.concatenate([_as_images(x, shape), _as_images(recon, shape)]), nrow=len(images))
     fig = Figure(figsize=(max(len(images), 4) * 0.6, 1.8))
@@ -176,10 +175,10 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
 
 @torch.no_grad()
 def latent_means(model: VAE, data: Dataset, n: int | None = None, seed: int = 0) -> np.ndarray:
-    """(N, z_dim) posterior means mu(x) of the first n test images."""
+    """(N, z_dim) the first n test images' codes z(x) at the posterior's mean (VAE.posterior_mean)."""
     images = data.test_images[:n].to(model.device)
     keys = image_keys(seed, "observe", torch.arange(len(images), device=model.device))
-    mus = [model.encode(model.observe(images[i:i + 1000], keys[i:i + 1000]))[0]
+    mus = [model.posterior_mean(model.observe(images[i:i + 1000], keys[i:i + 1000]))
            for i in range(0, len(images), 1000)]
     return torch.cat(mus).cpu().numpy()
 

@@ -111,7 +111,9 @@ class VampPrior(Prior):
 
     As in the paper's code, the pseudo-inputs are the output of a linear layer fed by the
     identity (so they are plain parameters, with the layer's bias), clipped to the pixel range
-    [0, 1] by a hardtanh, and start as draws of N(0.05, 0.01^2).
+    [0, 1] by a hardtanh, and start as draws of N(0.05, 0.01^2). Under an IAF posterior the
+    components are the pseudo-inputs' base Gaussians (the flowed posterior's density at a given z
+    has no closed form).
     """
 
     name = "vamp"
