@@ -125,3 +125,45 @@ def write_png_dir(directory: Path, data: Dataset, split: bool = True) -> Path:
             Image.fromarray(pixels).save(folder / f"{index:0{width}d}.png")
             index += 1
     return directory
+
+
+# --- checks every model component passes ----------------------------------------------------
+
+def train_evaluate_sample_report(tmp_path: Path, *options) -> tuple[Path, dict]:
+    """`vaelab train OPTIONS` for one epoch on 300 synthetic 8x8 images (Adam), then evaluate
+    (K=100), sample and report, each required to succeed, the bounds ordered as they must be.
+    Returns the run folder and its eval.json."""
+    import json
+
+    data = write_idx_dir(tmp_path / "data", synthetic_dataset(shape=(8, 8)))
+    run = tmp_path / "run"
+    for args in (["train", "--data-dir", data, *options, "--epochs", 1, "--batch-size", 50, "--optimizer",
+                  "adam", "--lr", 1e-3, "--out", run, "--quiet"],
+                 ["evaluate", run, "--k", 100, "--quiet"], ["sample", run, "-n", 9, "-o", tmp_path / "s.png"],
+                 ["report", run]):
+        done = run_vaelab(*args)
+        assert done.returncode == 0, done.stderr
+    r = json.loads((run / "eval.json").read_text())
+    assert r["nll"] <= r["iwae"]["50"] <= r["iwae"]["5"] <= r["iwae"]["1"]
+    assert r["iwae"]["1"] == pytest.approx(r["neg_elbo"])
+    return run, r
+
+
+def assert_refused_in_one_line(tmp_path: Path, args: list, says: str) -> None:
+    """`vaelab train ARGS` exits 2 with one line holding `says`, and writes no run."""
+    result = run_vaelab("train", *args, "--out", tmp_path / "run")
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def assert_resumes_bit_for_bit(tmp_path: Path, config) -> None:
+    """config(epochs) trained 3 epochs at once equals 1 epoch then a resume to 3, bit for bit."""
+    from vaelab import train
+
+    whole = train(config(3), tmp_path / "a", synthetic_dataset(), progress=False)
+    train(config(1), tmp_path / "b", synthetic_dataset(), progress=False)
+    resumed = train(config(3), tmp_path / "b", synthetic_dataset(), progress=False, resume=True)
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
+    assert strip(resumed.metrics) == strip(whole.metrics)
+    assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), whole.model.parameters()))

@@ -2,15 +2,14 @@
 log-determinant against autograd's Jacobian, its model's log p(x) against quadrature, and the
 flow through training, evaluation, sampling and resume."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_vaelab, synthetic_dataset, write_idx_dir
-from vaelab import train
+from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, synthetic_dataset,
+                      train_evaluate_sample_report)
 from vaelab.config import ModelConfig, RunConfig
 from vaelab.evaluate import importance_sampled
 from vaelab.models import build_model
@@ -149,16 +148,7 @@ def tiny(**overrides) -> RunConfig:
 
 
 def test_an_iaf_posterior_resumes_bit_for_bit(tmp_path):
-    whole = train(tiny(epochs=3), tmp_path / "a", synthetic_dataset(), progress=False)
-    train(tiny(epochs=1), tmp_path / "b", synthetic_dataset(), progress=False)
-    resumed = train(
-        tiny(epochs=3), tmp_path / "b", synthetic_dataset(), progress=False, resume=True
-    )
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
-    assert strip(resumed.metrics) == strip(whole.metrics)
-    assert all(
-        torch.equal(p, q) for p, q in zip(resumed.model.parameters(), whole.model.parameters())
-    )
+    assert_resumes_bit_for_bit(tmp_path, lambda epochs: tiny(epochs=epochs))
 
 
 def test_a_flow_that_breaks_is_caught_by_the_divergence_guard():
@@ -169,65 +159,16 @@ def test_a_flow_that_breaks_is_caught_by_the_divergence_guard():
         fit(training, progress=False)
 
 
-@pytest.mark.parametrize(
-    "extra", [[], ["--prior", "vamp", "--prior-components", "10"]], ids=["iaf", "iaf-vamp"]
-)
+@pytest.mark.parametrize("extra", [[], ["--prior", "vamp", "--prior-components", "10"]], ids=["iaf", "iaf-vamp"])
 def test_the_command_line_trains_evaluates_samples_plots_and_reports_an_iaf(tmp_path, extra):
-    data = write_idx_dir(tmp_path / "data", synthetic_dataset(shape=(8, 8)))
-    run = tmp_path / "run"
-    trained = run_vaelab(
-        "train",
-        "--data-dir",
-        data,
-        "--posterior",
-        "iaf",
-        "--flow-steps",
-        2,
-        *extra,
-        "--epochs",
-        1,
-        "--batch-size",
-        50,
-        "--optimizer",
-        "adam",
-        "--lr",
-        1e-3,
-        "--out",
-        run,
-        "--quiet",
-    )
-    assert trained.returncode == 0, trained.stderr
-    assert run_vaelab("evaluate", run, "--k", 100, "--quiet").returncode == 0
-    r = json.loads((run / "eval.json").read_text())
-    assert (
-        r["nll"]
-        <= r["iwae"]["50"]
-        <= r["iwae"]["5"]
-        <= r["iwae"]["1"]
-        == pytest.approx(r["neg_elbo"])
-    )
-    assert run_vaelab("sample", run, "-n", 9, "-o", tmp_path / "s.png").returncode == 0
-    assert run_vaelab("report", run).returncode == 0
-    assert {"samples.png", "reconstructions.png", "latent.png"} <= {
-        p.name for p in (run / "figures").iterdir()
-    }
+    run, _ = train_evaluate_sample_report(tmp_path, "--posterior", "iaf", "--flow-steps", 2, *extra)
+    figures = {p.name for p in (run / "figures").iterdir()}
+    assert {"samples.png", "reconstructions.png", "latent.png"} <= figures
 
 
-@pytest.mark.parametrize(
-    "args,says",
-    [
-        (["--posterior", "planar"], "argument --posterior: invalid choice"),
-        (
-            ["--posterior", "iaf", "--flow-steps", "0"],
-            "--flow-steps must be a positive integer, got 0",
-        ),
-    ],
-)
+@pytest.mark.parametrize("args,says", [
+    (["--posterior", "planar"], "argument --posterior: invalid choice"),
+    (["--posterior", "iaf", "--flow-steps", "0"], "--flow-steps must be a positive integer, got 0"),
+])
 def test_a_bad_posterior_option_is_one_line_and_status_2(tmp_path, args, says):
-    result = run_vaelab("train", *args, "--out", tmp_path / "run")
-    assert (
-        result.returncode == 2
-        and says in result.stderr
-        and len(result.stderr.strip().splitlines()) == 1
-    )
-    assert not (tmp_path / "run").exists()
+    assert_refused_in_one_line(tmp_path, args, says)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import distributions as D
 
-from conftest import run_vaelab, synthetic_dataset, write_idx_dir
+from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, synthetic_dataset,
+                      train_evaluate_sample_report)
 from vaelab import train
 from vaelab.config import ModelConfig, RunConfig
 from vaelab.evaluate import importance_sampled
@@ -177,79 +178,19 @@ def test_a_learned_prior_trains_and_its_parameters_move(prior):
 
 @pytest.mark.parametrize("prior", ["mog", "vamp"])
 def test_a_learned_prior_resumes_bit_for_bit(tmp_path, prior):
-    whole = train(tiny(prior, epochs=3), tmp_path / "a", synthetic_dataset(), progress=False)
-    train(tiny(prior, epochs=1), tmp_path / "b", synthetic_dataset(), progress=False)
-    resumed = train(
-        tiny(prior, epochs=3), tmp_path / "b", synthetic_dataset(), progress=False, resume=True
-    )
-    strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
-    assert strip(resumed.metrics) == strip(whole.metrics)
-    assert all(
-        torch.equal(p, q) for p, q in zip(resumed.model.parameters(), whole.model.parameters())
-    )
+    assert_resumes_bit_for_bit(tmp_path, lambda epochs: tiny(prior, epochs=epochs))
 
 
 @pytest.mark.parametrize("prior", ["mog", "vamp"])
-def test_the_command_line_trains_evaluates_samples_plots_and_reports_a_learned_prior(
-    tmp_path, prior
-):
-    data = write_idx_dir(tmp_path / "data", synthetic_dataset(shape=(8, 8)))
-    run = tmp_path / "run"
-    trained = run_vaelab(
-        "train",
-        "--data-dir",
-        data,
-        "--prior",
-        prior,
-        "--prior-components",
-        10,
-        "--epochs",
-        1,
-        "--batch-size",
-        50,
-        "--optimizer",
-        "adam",
-        "--lr",
-        1e-3,
-        "--out",
-        run,
-        "--quiet",
-    )
-    assert trained.returncode == 0, trained.stderr
-    evaluated = run_vaelab("evaluate", run, "--k", 100, "--quiet")
-    assert evaluated.returncode == 0, evaluated.stderr
-    import json
-
-    r = json.loads((run / "eval.json").read_text())
-    assert (
-        r["nll"]
-        <= r["iwae"]["50"]
-        <= r["iwae"]["5"]
-        <= r["iwae"]["1"]
-        == pytest.approx(r["neg_elbo"])
-    )
-    assert run_vaelab("sample", run, "-n", 9, "-o", tmp_path / "s.png").returncode == 0
+def test_the_command_line_trains_evaluates_samples_plots_and_reports_a_learned_prior(tmp_path, prior):
+    run, _ = train_evaluate_sample_report(tmp_path, "--prior", prior, "--prior-components", 10)
     assert (run / "figures" / "samples.png").is_file()
-    reported = run_vaelab("report", run)
-    assert reported.returncode == 0, reported.stderr
     assert f"<tr><th>model.prior</th><td>{prior}</td></tr>" in (run / "report.html").read_text()
 
 
-@pytest.mark.parametrize(
-    "args,says",
-    [
-        (["--prior", "flat"], "argument --prior: invalid choice"),
-        (
-            ["--prior", "vamp", "--prior-components", "0"],
-            "--prior-components must be a positive integer, got 0",
-        ),
-    ],
-)
+@pytest.mark.parametrize("args,says", [
+    (["--prior", "flat"], "argument --prior: invalid choice"),
+    (["--prior", "vamp", "--prior-components", "0"], "--prior-components must be a positive integer, got 0"),
+])
 def test_a_bad_prior_option_is_one_line_and_status_2(tmp_path, args, says):
-    result = run_vaelab("train", *args, "--out", tmp_path / "run")
-    assert (
-        result.returncode == 2
-        and says in result.stderr
-        and len(result.stderr.strip().splitlines()) == 1
-    )
-    assert not (tmp_path / "run").exists()
+    assert_refused_in_one_line(tmp_path, args, says)

@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from . import config
-from .config import Options, declared, flag_of
+from .config import Options, flag_of
 from .errors import VaelabError
 
 
