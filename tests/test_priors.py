@@ -37,6 +37,18 @@ def test_a_mixture_is_torch_distributions_mixture_same_family():
     torch.testing.assert_close(log_mixture(z, mu, logvar, log_w), reference.log_prob(z))
 
 
+def test_a_mixture_of_narrow_components_stays_accurate_in_float32():
+    g = torch.Generator().manual_seed(1)
+    mu = 3 * torch.randn(50, 20, generator=g)
+    logvar = torch.full((50, 20), -8.0)  # posterior-like widths, where an expanded square cancels
+    z = mu[:7] + torch.exp(0.5 * logvar[:7]) * torch.randn(7, 20, generator=g)
+    log_w = torch.full((50,), -math.log(50))
+    reference = D.MixtureSameFamily(D.Categorical(logits=log_w.double()),
+                                    D.Independent(D.Normal(mu.double(), torch.exp(0.5 * logvar.double())), 1))
+    torch.testing.assert_close(log_mixture(z, mu, logvar, log_w).double(), reference.log_prob(z.double()),
+                               rtol=0, atol=1e-4)
+
+
 def test_mog_samples_follow_the_mixtures_weights():
     prior = MixtureOfGaussians(1, 2)
     with torch.no_grad():
@@ -105,7 +117,7 @@ def vamp_model():
         model.decoder[-1].weight.mul_(
             4
         )  # spread: log p(x) then differs from N(0, 1)'s by 0.05 nats,
-        model.prior.pseudo_inputs.weight.uniform_(0, 1)  # four times the test's tolerance
+        model.prior.pseudo_inputs.uniform_(0, 1)  # four times the test's tolerance
         model.head.weight.mul_(3)
     return model
 
@@ -173,7 +185,8 @@ def test_a_learned_prior_trains_and_its_parameters_move(prior):
     result = train(tiny(prior), data=synthetic_dataset(), progress=False)
     fresh = build_model(result.model.config, seed=0)
     assert all(math.isfinite(m["test_loss"]) for m in result.metrics)
-    assert not torch.equal(next(result.model.prior.parameters()), next(fresh.prior.parameters()))
+    for learned, initial in zip(result.model.prior.parameters(), fresh.prior.parameters(), strict=True):
+        assert not torch.equal(learned, initial)
 
 
 @pytest.mark.parametrize("prior", ["mog", "vamp"])

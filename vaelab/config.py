@@ -294,7 +294,8 @@ class ModelConfig(Options):
         "standard",
         "p(z): standard, N(0, I) with the analytic KL; mog, a mixture of --prior-components learned"
         " Gaussians with learned weights; vamp, the VampPrior: the posterior at --prior-components"
-        " learned pseudo-inputs (Tomczak & Welling 2018); mog and vamp take the KL from the draws",
+        " learned pseudo-inputs (Tomczak & Welling 2018; with --posterior iaf, its base Gaussian);"
+        " mog and vamp take the KL from the draws",
         choices=PRIORS,
     )
     # The VampPrior paper's K for MNIST; with it every step also encodes 500 pseudo-inputs.

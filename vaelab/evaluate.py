@@ -98,7 +98,8 @@ class TestSet:
 @torch.no_grad()
 def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples: int = 1,
               batch_size: int = 1000, world: World = SINGLE) -> float:
-    """Mean over the test set of the negative ELBO (analytic KL, `samples` draws of z) or the
+    """Mean over the test set of the negative ELBO (`samples` draws of z; the KL as the model's
+    terms hold it: analytic for N(0, I) and a Gaussian posterior) or the
     negative IWAE bound (k = samples), nats per image. Under torchrun the ranks share the
     batches and add their sums."""
     if samples > len(test_set.eps):
@@ -166,7 +167,8 @@ def _samples_per_call(model: VAE, samples: int) -> int:
     if model.device.type == "cuda":
         return samples
     row_bytes = (model.decoder.row_floats * next(model.decoder.parameters()).dtype.itemsize
-                 + model.likelihood.temporaries * math.prod(model.config.image_shape) * 4)
+                 + model.likelihood.temporaries * math.prod(model.config.image_shape) * 4
+                 + model.prior.row_bytes)
     fit = max(1, CPU_CALL_BYTES // (TILE_IMAGES * row_bytes))
     return max(d for d in range(1, min(fit, samples) + 1) if samples % d == 0)
 
@@ -180,7 +182,8 @@ def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int)
         return 1, 1
     free, _ = torch.cuda.mem_get_info(device)
     out = math.prod(model.out_shape)
-    row_bytes = 4 * (4 * out + 2 * model.decoder.row_floats)  # logits and their temporaries, hidden layers
+    # logits and their temporaries, hidden layers, a mixture prior's temporaries
+    row_bytes = 4 * (4 * out + 2 * model.decoder.row_floats) + model.prior.row_bytes
     rows = max(1, free // 4 // row_bytes)
     per_image_tile = TILE_IMAGES * tile_samples
     s = max(1, min(sample_tiles, rows // per_image_tile))
