@@ -10,6 +10,7 @@ import torch
 
 from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, synthetic_dataset,
                       train_evaluate_sample_report)
+from test_train import tiny_config
 from vaelab.config import ModelConfig, RunConfig
 from vaelab.evaluate import importance_sampled
 from vaelab.models import build_model
@@ -155,20 +156,9 @@ def test_the_flow_registers_after_the_networks_and_the_prior():
 
 
 def tiny(**overrides) -> RunConfig:
-    model = ModelConfig(
-        z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), posterior="iaf", flow_steps=2
-    )
-    return RunConfig(
-        **{
-            "model": model,
-            "epochs": 2,
-            "batch_size": 50,
-            "device": "cpu",
-            "optimizer": "adam",
-            "lr": 1e-3,
-            **overrides,
-        }
-    )
+    """test_train's tiny run with a 2-step IAF posterior, trained with Adam."""
+    model = tiny_config().model.replace(posterior="iaf", flow_steps=2)
+    return tiny_config(model=model, optimizer="adam", lr=1e-3, **overrides)
 
 
 def test_an_iaf_posterior_resumes_bit_for_bit(tmp_path):

@@ -11,6 +11,7 @@ from torch import distributions as D
 
 from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, synthetic_dataset,
                       train_evaluate_sample_report)
+from test_train import tiny_config
 from vaelab import train
 from vaelab.config import ModelConfig, RunConfig
 from vaelab.evaluate import importance_sampled
@@ -164,20 +165,9 @@ def test_per_image_values_do_not_depend_on_the_chunking(prior):
 
 
 def tiny(prior: str, **overrides) -> RunConfig:
-    model = ModelConfig(
-        z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), prior=prior, prior_components=10
-    )
-    return RunConfig(
-        **{
-            "model": model,
-            "epochs": 2,
-            "batch_size": 50,
-            "device": "cpu",
-            "optimizer": "adam",
-            "lr": 1e-3,
-            **overrides,
-        }
-    )
+    """test_train's tiny run with a learned prior of 10 components, trained with Adam."""
+    model = tiny_config().model.replace(prior=prior, prior_components=10)
+    return tiny_config(model=model, optimizer="adam", lr=1e-3, **overrides)
 
 
 @pytest.mark.parametrize("prior", ["mog", "vamp"])

@@ -562,9 +562,9 @@ def resumable(cls) -> list:
     return [f for f in declared(cls) if f.metadata["option"]["resume"]]
 
 
-def flag_for(name: str, classes: tuple = ()) -> str:
-    """The flag of option `name` of a run or its model (or of `classes`)."""
-    for cls in (*classes, RunConfig, ModelConfig):
+def flag_for(name: str) -> str:
+    """The flag of option `name` of a run or its model."""
+    for cls in (RunConfig, ModelConfig):
         if name in cls.__dataclass_fields__:
             return flag_of(cls.__dataclass_fields__[name])
     return "--" + name.replace("_", "-")

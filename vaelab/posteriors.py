@@ -71,8 +71,6 @@ class MADE(nn.Module):
 class IAF(nn.Module):
     """T autoregressive steps from a diagonal-Gaussian draw (see the module's docstring)."""
 
-    name = "iaf"
-
     def __init__(self, z_dim: int, steps: int):
         super().__init__()
         width = max(MIN_WIDTH, WIDTH_PER_LATENT * z_dim)

@@ -162,13 +162,15 @@ class VampPrior(Prior):
         return sample_mixture(n, generator, *self.components(encode))
 
 
-PRIORS = ("standard", "mog", "vamp")
+# By name, in the order the command line lists them.
+KINDS = {kind.name: kind for kind in (StandardNormal, MixtureOfGaussians, VampPrior)}
+PRIORS = tuple(KINDS)
 
 
 def make(name: str, z_dim: int, k: int, image_shape: tuple[int, int, int]) -> Prior:
     """The prior named `name` over z_dim latents (k: a mixture's components)."""
-    if name == "mog":
-        return MixtureOfGaussians(z_dim, k)
-    if name == "vamp":
+    if name == VampPrior.name:
         return VampPrior(z_dim, k, image_shape)
+    if name == MixtureOfGaussians.name:
+        return MixtureOfGaussians(z_dim, k)
     return StandardNormal(z_dim)

@@ -381,15 +381,14 @@ def plan(options: dict, out: str | Path | None = None, resume: str | Path | None
 def prepare(options: dict, out: str | Path | None = None, resume: str | Path | None = None,
             world: World = SINGLE) -> tuple[RunConfig, Path, bool]:
     """Join the process group (under torchrun), then `plan` on rank 0, shared with every rank,
-    each of which may keep the data in a folder of its own. The config is validated before anything
-    is fetched or written."""
+    each of which may keep the data in a folder of its own. (`train.build` validates the config,
+    before anything is fetched or written.)"""
     if world.distributed and not (out or resume):
         raise VaelabError("under torchrun, give --out DIR: every rank, and every restart, must name the same run")
     distributed.start(world)
     config, run_dir, resuming = distributed.share_result(lambda: plan(options, out, resume, world), world)
     if "data_dir" in options or not resume:
         config.data_dir = options.get("data_dir")
-    config.validate()
     return config, run_dir, resuming
 
 
