@@ -232,7 +232,7 @@ def test_an_unknown_preset_is_one_line():
         resolve(RunConfig(preset="huge"))
 
 
-@pytest.mark.parametrize("name,network,z_dim", [("conv", "ConvEncoder", 16), ("burda1", "MLP", 50)])
+@pytest.mark.parametrize("name,network,z_dim", [("conv", "ConvEncoder", 16), ("burda1", "ImageMLP", 50)])
 def test_a_preset_given_in_python_trains_its_networks(tmp_path, name, network, z_dim):
     from vaelab import train
 

@@ -136,6 +136,41 @@ def test_sharded_evaluation_of_a_vamp_iaf_model_is_identical_to_one_process(tmp_
     assert np.array_equal(np.load(tmp_path / "single" / "log_px.npy"), np.load(tmp_path / "sharded" / "log_px.npy"))
 
 
+OWN_NETWORKS = """
+import sys
+import torch
+from torch import nn
+import vaelab
+from vaelab import distributed
+
+world = distributed.from_environment()
+torch.manual_seed(0)
+encoder = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.Tanh())
+decoder = nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 784))
+config = vaelab.RunConfig(epochs=1, train_size=600, test_size=500, optimizer="adam", lr=1e-3, device="cpu",
+                          seed=5)
+model = vaelab.VAE(encoder, decoder, z_dim=2, prior="mog", prior_components=5)
+vaelab.fit(vaelab.build(config, progress=False, world=world, model=model), sys.argv[1], progress=False)
+distributed.finish(world)
+distributed.stop()
+"""
+
+
+@pytest.mark.slow
+def test_a_model_of_your_own_networks_trains_as_one_in_two_processes(tmp_path):
+    script = tmp_path / "own.py"
+    script.write_text(OWN_NETWORKS)
+    one = subprocess.run([sys.executable, script, tmp_path / "one"], capture_output=True, text=True,
+                         env=environment(), timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", *STANDALONE, script, tmp_path / "two"],
+                         capture_output=True, text=True, env=environment(), timeout=120)
+    assert two.returncode == 0, two.stderr
+    a, b = np.load(tmp_path / "one" / "batch_losses.npy"), np.load(tmp_path / "two" / "batch_losses.npy")
+    assert a.shape == b.shape == (1, 6)
+    np.testing.assert_allclose(b, a, rtol=1e-4)
+
+
 def worker_pids(out: Path) -> list[int]:
     """The torchrun workers (not the agent) of the run writing to out."""
     pids = []
@@ -151,7 +186,9 @@ def worker_pids(out: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_worker_restarted_by_torchrun_ends_as_the_uninterrupted_run(tmp_path):
-    args = [*TRAIN, "--train-size", 20000, "--epochs", 4, "--optimizer", "adam", "--lr", 1e-3]
+    # a VampPrior and an IAF: every kind of parameter and optimizer state goes through the restart
+    args = [*TRAIN, "--train-size", 20000, "--epochs", 4, "--optimizer", "adam", "--lr", 1e-3,
+            "--prior", "vamp", "--prior-components", 20, "--posterior", "iaf", "--flow-steps", 2]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     done = torchrun("train", *args, "--out", whole)
     assert done.returncode == 0, done.stderr

@@ -139,10 +139,12 @@ def check_value(f, value) -> None:
         raise VaelabError(f"{flag_of(f)} {rule.says}, got {value!r}")
 
 
-def check(options) -> None:
-    """Check every declared option of a dataclass instance; the first bad one raises."""
+def check(options, skip: tuple[str, ...] = ()) -> None:
+    """Check every declared option of a dataclass instance, but those named in skip; the first
+    bad one raises."""
     for f in declared(options):
-        check_value(f, getattr(options, f.name))
+        if f.name not in skip:
+            check_value(f, getattr(options, f.name))
 
 
 def check_option(cls, name: str, value) -> None:
@@ -220,7 +222,9 @@ from .posteriors import POSTERIORS  # noqa: E402
 from .priors import PRIORS  # noqa: E402
 from .nets import ACTIVATIONS  # noqa: E402
 
-ARCHITECTURES = ("mlp", "conv")
+# "custom": your own encoder and decoder modules (models.VAE), which config.json cannot hold.
+CUSTOM = "custom"
+ARCHITECTURES = ("mlp", "conv", CUSTOM)
 OBJECTIVES = ("elbo", "iwae")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "burda")
@@ -282,7 +286,7 @@ class ModelConfig(Options):
     image_shape: tuple[int, int, int] = (1, 28, 28)
     # "mlp": encoder_hidden and decoder_hidden are the layers on the flattened image. "conv": the
     # convolutions' channels (each halves H and W), then the dense layers encoder_hidden and
-    # decoder_hidden.
+    # decoder_hidden. "custom": your own modules (models.VAE), encoder_hidden their feature size.
     architecture: str = option("mlp", choices=ARCHITECTURES, command_line=False)
     conv_channels: tuple[int, ...] = option(
         (),
@@ -327,7 +331,8 @@ class ModelConfig(Options):
 
     def validate(self) -> None:
         """Raise VaelabError naming the first option that makes no sense."""
-        check(self)
+        # Your own networks: encoder_hidden records their feature size, the rest is not theirs.
+        check(self, ("decoder_hidden", "activation") if self.architecture == CUSTOM else ())
         if not (len(self.image_shape) == 3 and all(POSITIVE.test(s) for s in self.image_shape)):
             raise VaelabError(
                 f"image_shape must be three positive sizes (C, H, W), got {self.image_shape}"

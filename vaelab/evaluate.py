@@ -56,10 +56,14 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, own_decoder: bool = True) -> str:
+    """The decoder's arithmetic: "auto" picks bf16 where it is native and the decoder is one of
+    vaelab's own (which can hold bf16 weights); your own decoders run in float32."""
     check_option(EvaluateOptions, "precision", precision)
+    if precision == "bf16" and not own_decoder:
+        raise VaelabError("--precision bf16 needs one of vaelab's own decoders; yours runs in fp32")
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        return "bf16" if own_decoder and native_bf16(device) else "fp32"
     return precision
 
 
@@ -160,13 +164,20 @@ class _Accumulator:
         return self.iwae_sum[k] / self.iwae_groups[k]
 
 
+def _decoder_row_floats(model: VAE) -> int:
+    """Values one decoded row makes across the decoder's layers: vaelab's own decoders count
+    them; any other is taken to make four outputs' worth (a guess, but a fixed one, so the
+    chunking and with it the per-image values stay the same)."""
+    return model.decoder.row_floats if model.own_decoder else 4 * math.prod(model.out_shape)
+
+
 def _samples_per_call(model: VAE, samples: int) -> int:
     """How many of a launch's samples (for all its images) one call of the model decodes: on the
     CPU the largest divisor of `samples` within about CPU_CALL_BYTES, always the same for a given
     model, precision and tile (so the results stay bitwise); on CUDA the whole launch."""
     if model.device.type == "cuda":
         return samples
-    row_bytes = (model.decoder.row_floats * next(model.decoder.parameters()).dtype.itemsize
+    row_bytes = (_decoder_row_floats(model) * next(model.decoder.parameters()).dtype.itemsize
                  + model.likelihood.temporaries * math.prod(model.config.image_shape) * 4
                  + model.prior.row_bytes)
     fit = max(1, CPU_CALL_BYTES // (TILE_IMAGES * row_bytes))
@@ -183,7 +194,7 @@ def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int)
     free, _ = torch.cuda.mem_get_info(device)
     out = math.prod(model.out_shape)
     # logits and their temporaries, hidden layers, a mixture prior's temporaries
-    row_bytes = 4 * (4 * out + 2 * model.decoder.row_floats) + model.prior.row_bytes
+    row_bytes = 4 * (4 * out + 2 * _decoder_row_floats(model)) + model.prior.row_bytes
     rows = max(1, free // 4 // row_bytes)
     per_image_tile = TILE_IMAGES * tile_samples
     s = max(1, min(sample_tiles, rows // per_image_tile))
@@ -223,7 +234,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     if odd:  # their groups would straddle tiles
         raise ValueError(f"IWAE bounds need k that divides {TILE_SAMPLES} or is a multiple of it; got {odd}")
     tile_samples = math.lcm(TILE_SAMPLES, *iwae_ks)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, model.own_decoder)
     if precision == "bf16":
         model = copy.deepcopy(model)
         model.decoder.to(torch.bfloat16)
@@ -244,7 +255,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     observe_keys, noise_keys = image_keys(seed, "observe", index), image_keys(seed, "noise", index)
     z_dim = model.config.z_dim
     components = model.prior_components()  # once for the whole evaluation (a VampPrior's encodings)
-    workspace = Workspace()
+    workspace = Workspace() if model.own_decoder else None
     # Per image: log p(x), its variance, and each IWAE bound; rows this rank does not compute stay 0.
     values = torch.zeros((2 + len(iwae_ks), len(padded)), dtype=torch.float64, device=device)
     launches = range(0, len(padded), nb)

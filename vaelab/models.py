@@ -1,11 +1,13 @@
-"""The VAE: a Gaussian recognition model q(z|x), a standard normal prior p(z) and a
-decoder whose output a likelihood object (likelihoods.py) turns into p(x|z).
+"""The VAE, from components: an encoder, q(z|x) (a Gaussian head, optionally an IAF from
+posteriors.py), a prior p(z) (priors.py), a decoder, and a likelihood object (likelihoods.py)
+that turns the decoder's output into p(x|z).
 
-    encoder: x (N, C, H, W) -> network -> one linear head -> mu, logvar (N, z_dim)
-    decoder: z (..., z_dim) -> network -> output (..., C * channels, H, W)
+    encoder: x (N, C, H, W) -> network -> features (N, F) -> linear head -> mu, logvar (N, z_dim)
+    decoder: z (..., z_dim) -> network on (M, z_dim) -> output (..., C * channels, H, W)
 
-The networks are MLPs on the flattened image (architecture "mlp") or convolutional
-(architecture "conv"; nets.ConvEncoder and nets.ConvDecoder).
+The networks are vaelab's (`VAE.from_config`: MLPs on the flattened image, architecture "mlp",
+or convolutional, "conv", nets.ConvEncoder and nets.ConvDecoder) or your own `nn.Module`s
+(`VAE(encoder, decoder, z_dim=...)`, architecture "custom").
 
 `VAE.forward(x, eps)` returns the per-example terms every objective needs
 (objectives.Terms), so whatever wraps the module (DDP, graph capture) wraps the loss.
@@ -19,17 +21,96 @@ import torch
 from torch import nn
 
 from . import likelihoods, posteriors, priors
-from .config import ARCHITECTURES, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
+from .config import ARCHITECTURES, CUSTOM, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 from .errors import VaelabError
-from .nets import MLP, ConvDecoder, ConvEncoder, Workspace, conv_check
+from .nets import MLP, ConvDecoder, ConvEncoder, ImageMLP, Workspace, conv_check
 from .objectives import Terms, kl_normal, reparametrize
 
 
 class VAE(nn.Module):
-    """A Gaussian-latent VAE with MLP or conv encoder and decoder."""
+    """A VAE from components: an encoder x -> features, a posterior head and flow, a prior, a
+    decoder z -> the likelihood's parameters, and the likelihood.
 
-    def __init__(self, config: ModelConfig):
+    `VAE(encoder, decoder, z_dim=..., ...)` takes your own networks: any `nn.Module`s with
+        encoder: x (N, C, H, W) float -> features (N, F)
+        decoder: z (M, z_dim) -> (M, C * m, H, W) or (M, C * m * H * W), m the likelihood's
+                 `channels` (1, or 2 for gaussian-learned)
+    vaelab adds the linear head features -> q(z|x)'s parameters, reading F from one dry run of
+    the encoder on an image of zeros, and flattens and restores z's leading dimensions around
+    the decoder. The other keywords are ModelConfig's component fields: image_shape,
+    likelihood, sigma, prior, prior_components, posterior, flow_steps. The model's `config`
+    then records architecture "custom", and `load_run(run, encoder=..., decoder=...)` rebuilds
+    it from the same modules.
+
+    `VAE.from_config(config)` builds vaelab's own networks (a preset's MLP or conv nets).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        config: ModelConfig | None = None,
+        *,
+        head: nn.Linear | None = None,
+        **options,
+    ):
         super().__init__()
+        if config is None:
+            config = _custom_config(encoder, options)
+        elif options:
+            raise VaelabError(
+                "give the model's options in config or as keywords, not both "
+                f"({', '.join(sorted(options))})"
+            )
+        config.validate()
+        self.config = config
+        self.likelihood = likelihoods.make(config.likelihood, config.sigma)
+        c, h, w = config.image_shape
+        self.out_shape = (c * self.likelihood.channels, h, w)
+        features = _dry_run(encoder, torch.zeros(1, *config.image_shape), "encoder")
+        if features.dim() != 2:
+            raise VaelabError(
+                f"the encoder maps one image (1, {c}, {h}, {w}) to shape "
+                f"{tuple(features.shape)}; it must give features (1, F)"
+            )
+        out = _dry_run(decoder, torch.zeros(1, config.z_dim), "decoder")
+        if out.numel() != math.prod(self.out_shape):
+            raise VaelabError(
+                f"the decoder maps z (1, {config.z_dim}) to shape {tuple(out.shape)}; the "
+                f"{config.likelihood} likelihood needs (1, {', '.join(map(str, self.out_shape))})"
+            )
+        # Registered in this order (encoder, head, decoder, then prior and flow): optimizer
+        # checkpoints list parameters by position.
+        self.encoder = encoder
+        self.context = _context(config)
+        self.head = (
+            nn.Linear(features.shape[1], 2 * config.z_dim + self.context) if head is None else head
+        )
+        if (self.head.in_features, self.head.out_features) != (
+            features.shape[1],
+            2 * config.z_dim + self.context,
+        ):
+            raise VaelabError("the head does not fit the encoder's features and the posterior")
+        self.decoder = decoder
+        # Evaluation's workspaces, bf16 decoding and sizing by layer are capabilities of
+        # vaelab's own decoders; any other module runs plainly, in float32.
+        self.own_decoder = isinstance(decoder, (MLP, ConvDecoder))
+        # After the networks: a learned prior's parameters come last in the optimizer's list.
+        self.prior = priors.make(
+            config.prior, config.z_dim, config.prior_components, config.image_shape
+        )
+        self.flow = (
+            posteriors.IAF(config.z_dim, config.flow_steps) if config.posterior == "iaf" else None
+        )
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "VAE":
+        """A VAE with vaelab's own networks, as config (a preset's, say) describes them."""
+        if config.architecture == CUSTOM:
+            raise VaelabError(
+                "this model was built from your own networks: rebuild it in Python with "
+                "vaelab.load_run(run, encoder=..., decoder=...)"
+            )
         config.validate()
         # The image shape is known once the data is (a config is validated before that).
         problem = (
@@ -39,46 +120,33 @@ class VAE(nn.Module):
         )
         if problem:
             raise VaelabError(problem)
-        self.config = config
-        self.likelihood = likelihoods.make(config.likelihood, config.sigma)
+        channels = likelihoods.make(config.likelihood, config.sigma).channels
         c, h, w = config.image_shape
-        self.out_shape = (c * self.likelihood.channels, h, w)
-        # Registered in this order (encoder, head, decoder, then prior and flow): optimizer
-        # checkpoints list parameters by position.
-        conv = config.architecture == "conv"
-        self.encoder = (
-            ConvEncoder(
+        # Made in this order, encoder, head, decoder: a seed gives the weights it always gave.
+        if config.architecture == "conv":
+            encoder = ConvEncoder(
                 config.image_shape, config.conv_channels, config.encoder_hidden, config.activation
             )
-            if conv
-            else MLP(
+        else:
+            encoder = ImageMLP(
                 [config.x_dim, *config.encoder_hidden], config.activation, final_activation=True
             )
-        )
         # mu and logvar (and an IAF's context) come from one linear layer: one GEMM, not two.
-        self.context = posteriors.context_size(config.z_dim) if config.posterior == "iaf" else 0
-        self.head = nn.Linear(config.encoder_hidden[-1], 2 * config.z_dim + self.context)
-        self.decoder = (
-            ConvDecoder(
+        head = nn.Linear(config.encoder_hidden[-1], 2 * config.z_dim + _context(config))
+        if config.architecture == "conv":
+            decoder = ConvDecoder(
                 config.z_dim,
                 config.image_shape,
                 config.conv_channels,
                 config.decoder_hidden,
                 config.activation,
-                self.out_shape[0],
+                c * channels,
             )
-            if conv
-            else MLP(
-                [config.z_dim, *config.decoder_hidden, math.prod(self.out_shape)], config.activation
+        else:
+            decoder = MLP(
+                [config.z_dim, *config.decoder_hidden, c * channels * h * w], config.activation
             )
-        )
-        # After the networks: a learned prior's parameters come last in the optimizer's list.
-        self.prior = priors.make(
-            config.prior, config.z_dim, config.prior_components, config.image_shape
-        )
-        self.flow = (
-            posteriors.IAF(config.z_dim, config.flow_steps) if config.posterior == "iaf" else None
-        )
+        return cls(encoder, decoder, config, head=head)
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +164,7 @@ class VAE(nn.Module):
 
     def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x -> everything q(z|x) needs: (mu, logvar), and an IAF's context h (N, context)."""
-        out = self.head(self.encoder(x.reshape(len(x), -1)))  # conv: reshaped back
+        out = self.head(self.encoder(x.reshape(len(x), *self.config.image_shape)))
         if self.flow is None:
             return tuple(out.chunk(2, dim=-1))
         z_dim = self.config.z_dim
@@ -104,10 +172,13 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         """z: (..., z_dim) -> decoder output (..., C * channels, H, W), float32 (logits for a
-        Bernoulli). The decoder may hold lower-precision weights (evaluation's bf16);
-        z is cast to them and the output back to float32."""
+        Bernoulli). vaelab's own decoders may take a workspace and hold lower-precision weights
+        (evaluation's bf16): z is cast to them and the output back to float32."""
+        flat = z.reshape(-1, z.shape[-1])
+        if not self.own_decoder:
+            return self.decoder(flat).view(*z.shape[:-1], *self.out_shape)
         dtype = next(self.decoder.parameters()).dtype
-        out = self.decoder(z.to(dtype), workspace)
+        out = self.decoder(flat.to(dtype), workspace)
         if dtype != torch.float32:
             out = (
                 out.float()
@@ -172,9 +243,63 @@ class VAE(nn.Module):
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:
-    """A freshly initialised VAE; with a seed, the same weights every time."""
+    """A freshly initialised VAE with vaelab's own networks; with a seed, the same weights
+    every time."""
     if seed is None:
-        return VAE(config)
+        return VAE.from_config(config)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
-        return VAE(config)
+        return VAE.from_config(config)
+
+
+# What a model from your own networks records: the components' options, no network's.
+COMPONENT_OPTIONS = (
+    "z_dim",
+    "image_shape",
+    "likelihood",
+    "sigma",
+    "prior",
+    "prior_components",
+    "posterior",
+    "flow_steps",
+)
+
+
+def _custom_config(encoder: nn.Module, options: dict) -> ModelConfig:
+    """The ModelConfig of a VAE from your own networks, every field counted as set (a preset
+    never changes it); encoder_hidden records the encoder's feature size F."""
+    wrong = sorted(set(options) - set(COMPONENT_OPTIONS))
+    if wrong:
+        raise VaelabError(
+            f"{wrong[0]!r} is not an option of a VAE from your own networks; "
+            f"give some of {', '.join(COMPONENT_OPTIONS)}"
+        )
+    if "z_dim" not in options:
+        raise VaelabError("give z_dim, the size of the decoder's input")
+    config = ModelConfig(architecture=CUSTOM, decoder_hidden=(), **options)
+    config.validate()
+    features = _dry_run(encoder, torch.zeros(1, *config.image_shape), "encoder")
+    return ModelConfig.from_dict({**config.to_dict(), "encoder_hidden": (features.shape[-1],)})
+
+
+def _context(config: ModelConfig) -> int:
+    """The size of the context an IAF posterior takes from the encoder's head (0 without)."""
+    return posteriors.context_size(config.z_dim) if config.posterior == "iaf" else 0
+
+
+@torch.no_grad()
+def _dry_run(net: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """net's output for one input x (zeros), in eval mode, with net's mode and RNG left alone."""
+    parameter = next(net.parameters(), None)
+    if parameter is not None:
+        x = x.to(parameter.device, parameter.dtype)
+    training = net.training
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return net.eval()(x)
+    except Exception as e:  # a user's module: say which of the two failed, and on what
+        raise VaelabError(
+            f"the {name} failed on an input of shape {tuple(x.shape)}: {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        net.train(training)

@@ -79,6 +79,13 @@ class MLP(nn.Sequential):
         return h.view(*lead, -1)
 
 
+class ImageMLP(MLP):
+    """An MLP on flattened images: (N, C, H, W) or (N, D) -> (N, sizes[-1])."""
+
+    def forward(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+        return super().forward(x.reshape(len(x), -1), workspace)
+
+
 def conv_check(image_shape: tuple[int, int, int], channels: tuple[int, ...]) -> str | None:
     """Why the conv networks cannot take images of image_shape (C, H, W), or None if they can."""
     _, h, w = image_shape

@@ -22,7 +22,7 @@ from .data import Dataset
 from .errors import VaelabError
 from .fileio import atomic_write_bytes, check_output
 from .models import VAE
-from .nets import ConvDecoder
+from .nets import MLP, ConvDecoder
 from .plots import label_colour, label_legend, latent_means
 from .runs import FIGURES, load_config, read_eval, read_metrics
 
@@ -35,12 +35,15 @@ def _b64_float32(t: torch.Tensor) -> str:
     return base64.b64encode(t.detach().cpu().float().contiguous().numpy().tobytes()).decode()
 
 
-def decoder_spec(model: VAE) -> dict:
+def decoder_spec(model: VAE) -> dict | None:
     """The decoder as JSON, the activation after every layer but the last:
     dense layers with row-major (out, in) weights; for a conv decoder then the shape (C, H, W)
-    their output takes, and 4x4 stride-2 transposed convolutions with (in, out, 4, 4) weights."""
+    their output takes, and 4x4 stride-2 transposed convolutions with (in, out, 4, 4) weights.
+    None for a decoder of your own, which the page cannot translate."""
     decoder = model.decoder
     dense = decoder.dense if isinstance(decoder, ConvDecoder) else decoder
+    if not isinstance(dense, MLP):
+        return None
     layers = [{"type": "dense", "in": m.in_features, "out": m.out_features, "weight": _b64_float32(m.weight),
                "bias": _b64_float32(m.bias)} for m in dense if isinstance(m, torch.nn.Linear)]
     if isinstance(decoder, ConvDecoder):
@@ -50,7 +53,7 @@ def decoder_spec(model: VAE) -> dict:
         "z_dim": model.config.z_dim,
         "image_shape": list(model.config.image_shape),  # (C, H, W)
         "start": list(decoder.start) if isinstance(decoder, ConvDecoder) else None,
-        "activation": model.config.activation,
+        "activation": dense.activation,
         "layers": layers,
     }
 
@@ -183,131 +186,136 @@ figure img { max-width: 520px; }
 "use strict";
 const DATA = %PAYLOAD%;
 
-function floats(b64) {
-  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-  return new Float32Array(bytes.buffer);
-}
-const layers = DATA.decoder.layers.map(l => ({type: l.type, n_in: l.in, n_out: l.out, w: floats(l.weight), b: floats(l.bias)}));
-const act = {relu: v => Math.max(v, 0), tanh: Math.tanh, elu: v => v > 0 ? v : Math.expm1(v),
-             softplus: v => v > 20 ? v : Math.log1p(Math.exp(v))}[DATA.decoder.activation];
-const [C, H, W] = DATA.decoder.image_shape;
-
-// y = W h + b, h: (n_in), W: (n_out, n_in) row-major.
-function dense(l, h) {
-  const out = new Float64Array(l.n_out);
-  for (let j = 0; j < l.n_out; j++) {
-    let s = l.b[j];
-    const row = j * l.n_in;
-    for (let i = 0; i < l.n_in; i++) s += l.w[row + i] * h[i];
-    out[j] = s;
+if (DATA.decoder === null) {
+  document.getElementById("controls").textContent =
+    "This model's decoder is a module of your own, which the page cannot run: no explorer.";
+} else {
+  function floats(b64) {
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    return new Float32Array(bytes.buffer);
   }
-  return out;
-}
+  const layers = DATA.decoder.layers.map(l => ({type: l.type, n_in: l.in, n_out: l.out, w: floats(l.weight), b: floats(l.bias)}));
+  const act = {relu: v => Math.max(v, 0), tanh: Math.tanh, elu: v => v > 0 ? v : Math.expm1(v),
+               softplus: v => v > 20 ? v : Math.log1p(Math.exp(v))}[DATA.decoder.activation];
+  const [C, H, W] = DATA.decoder.image_shape;
 
-// A 4x4 transposed convolution, stride 2, padding 1: h (n_in, side, side') -> (n_out, 2 side, 2 side').
-// Each input value adds its weighted kernel into the output, at 2 * position - 1 + kernel offset.
-function deconv(l, h, hh, ww) {
-  const oh = 2 * hh, ow = 2 * ww, out = new Float64Array(l.n_out * oh * ow);
-  for (let o = 0; o < l.n_out; o++) out.fill(l.b[o], o * oh * ow, (o + 1) * oh * ow);
-  for (let i = 0; i < l.n_in; i++)
-    for (let y = 0; y < hh; y++)
-      for (let x = 0; x < ww; x++) {
-        const v = h[(i * hh + y) * ww + x];
-        if (v === 0) continue;
-        for (let o = 0; o < l.n_out; o++) {
-          const k = (i * l.n_out + o) * 16;
-          for (let ky = 0; ky < 4; ky++) {
-            const oy = 2 * y - 1 + ky;
-            if (oy < 0 || oy >= oh) continue;
-            for (let kx = 0; kx < 4; kx++) {
-              const ox = 2 * x - 1 + kx;
-              if (ox >= 0 && ox < ow) out[(o * oh + oy) * ow + ox] += v * l.w[k + 4 * ky + kx];
+  // y = W h + b, h: (n_in), W: (n_out, n_in) row-major.
+  function dense(l, h) {
+    const out = new Float64Array(l.n_out);
+    for (let j = 0; j < l.n_out; j++) {
+      let s = l.b[j];
+      const row = j * l.n_in;
+      for (let i = 0; i < l.n_in; i++) s += l.w[row + i] * h[i];
+      out[j] = s;
+    }
+    return out;
+  }
+
+  // A 4x4 transposed convolution, stride 2, padding 1: h (n_in, side, side') -> (n_out, 2 side, 2 side').
+  // Each input value adds its weighted kernel into the output, at 2 * position - 1 + kernel offset.
+  function deconv(l, h, hh, ww) {
+    const oh = 2 * hh, ow = 2 * ww, out = new Float64Array(l.n_out * oh * ow);
+    for (let o = 0; o < l.n_out; o++) out.fill(l.b[o], o * oh * ow, (o + 1) * oh * ow);
+    for (let i = 0; i < l.n_in; i++)
+      for (let y = 0; y < hh; y++)
+        for (let x = 0; x < ww; x++) {
+          const v = h[(i * hh + y) * ww + x];
+          if (v === 0) continue;
+          for (let o = 0; o < l.n_out; o++) {
+            const k = (i * l.n_out + o) * 16;
+            for (let ky = 0; ky < 4; ky++) {
+              const oy = 2 * y - 1 + ky;
+              if (oy < 0 || oy >= oh) continue;
+              for (let kx = 0; kx < 4; kx++) {
+                const ox = 2 * x - 1 + kx;
+                if (ox >= 0 && ox < ow) out[(o * oh + oy) * ow + ox] += v * l.w[k + 4 * ky + kx];
+              }
             }
           }
         }
-      }
-  return out;
-}
-
-// The decoder's forward pass, then the likelihood's mean: sigmoid of the first C channels,
-// (C, H, W) values in [0, 1], as vaelab computes it.
-function decode(z) {
-  let h = Float64Array.from(z), side = DATA.decoder.start ? DATA.decoder.start.slice(1) : null;
-  layers.forEach((l, k) => {
-    if (l.type === "dense") h = dense(l, h);
-    else { h = deconv(l, h, side[0], side[1]); side = [2 * side[0], 2 * side[1]]; }
-    if (k < layers.length - 1) h = h.map(act);
-  });
-  return h.slice(0, C * H * W).map(v => 1 / (1 + Math.exp(-v)));
-}
-
-const small = document.createElement("canvas");
-small.width = W; small.height = H;
-const digit = document.getElementById("digit");
-digit.height = Math.round(digit.width * H / W);
-
-function show(z) {
-  const image = decode(z);
-  const pixels = small.getContext("2d").createImageData(W, H);
-  for (let p = 0; p < H * W; p++) {
-    const channel = c => Math.round(255 * image[(C === 1 ? 0 : c) * H * W + p]);
-    pixels.data.set([channel(0), channel(1), channel(2), 255], 4 * p);
+    return out;
   }
-  small.getContext("2d").putImageData(pixels, 0, 0);
-  const ctx = digit.getContext("2d");
-  ctx.imageSmoothingEnabled = false;
-  ctx.drawImage(small, 0, 0, digit.width, digit.height);
-  document.getElementById("zlabel").textContent = "z = (" + Array.from(z, v => v.toFixed(2)).join(", ") + ")";
-  window.vaelab = {z: Array.from(z), image: Array.from(image), pixels: small};
-}
 
-const z = new Float64Array(DATA.decoder.z_dim);
-const controls = document.getElementById("controls");
-if (DATA.decoder.z_dim === 2) {
-  const size = 400, lim = DATA.limit;
-  const plane = document.createElement("canvas");
-  plane.id = "plane"; plane.width = size; plane.height = size;
-  controls.appendChild(plane);
-  const note = document.createElement("p");
-  note.textContent = "Move the pointer over the latent plane [-" + lim + ", " + lim + "]^2; dots are test images' posterior means" +
-    (DATA.legend ? ", coloured by " + DATA.legend.title + "." : ".");
-  controls.appendChild(note);
-  if (DATA.legend) {
-    const legend = document.createElement("div");
-    legend.id = "legend";
-    legend.innerHTML = DATA.legend.title + ": " + DATA.legend.entries.map(([label, name]) =>
-      "<span class='key'><span class='swatch' style='background:" + DATA.colours[label % 10] + "'></span>" +
-      name.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]) + "</span>").join(" ");
-    controls.appendChild(legend);
+  // The decoder's forward pass, then the likelihood's mean: sigmoid of the first C channels,
+  // (C, H, W) values in [0, 1], as vaelab computes it.
+  function decode(z) {
+    let h = Float64Array.from(z), side = DATA.decoder.start ? DATA.decoder.start.slice(1) : null;
+    layers.forEach((l, k) => {
+      if (l.type === "dense") h = dense(l, h);
+      else { h = deconv(l, h, side[0], side[1]); side = [2 * side[0], 2 * side[1]]; }
+      if (k < layers.length - 1) h = h.map(act);
+    });
+    return h.slice(0, C * H * W).map(v => 1 / (1 + Math.exp(-v)));
   }
-  const ctx = plane.getContext("2d");
-  const toPx = v => (v + lim) / (2 * lim) * size;
-  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, size, size);
-  ctx.strokeStyle = "#ddd"; ctx.beginPath();
-  ctx.moveTo(size / 2, 0); ctx.lineTo(size / 2, size); ctx.moveTo(0, size / 2); ctx.lineTo(size, size / 2); ctx.stroke();
-  for (const [a, b, label] of DATA.points) {
-    ctx.fillStyle = label < 0 ? "#555" : DATA.colours[label % 10];
-    ctx.fillRect(toPx(a) - 1, size - toPx(b) - 1, 2, 2);
+
+  const small = document.createElement("canvas");
+  small.width = W; small.height = H;
+  const digit = document.getElementById("digit");
+  digit.height = Math.round(digit.width * H / W);
+
+  function show(z) {
+    const image = decode(z);
+    const pixels = small.getContext("2d").createImageData(W, H);
+    for (let p = 0; p < H * W; p++) {
+      const channel = c => Math.round(255 * image[(C === 1 ? 0 : c) * H * W + p]);
+      pixels.data.set([channel(0), channel(1), channel(2), 255], 4 * p);
+    }
+    small.getContext("2d").putImageData(pixels, 0, 0);
+    const ctx = digit.getContext("2d");
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(small, 0, 0, digit.width, digit.height);
+    document.getElementById("zlabel").textContent = "z = (" + Array.from(z, v => v.toFixed(2)).join(", ") + ")";
+    window.vaelab = {z: Array.from(z), image: Array.from(image), pixels: small};
   }
-  plane.addEventListener("pointermove", e => {
-    const r = plane.getBoundingClientRect();
-    z[0] = -lim + 2 * lim * (e.clientX - r.left) / r.width;
-    z[1] = lim - 2 * lim * (e.clientY - r.top) / r.height;
-    show(z);
-  });
-} else {
-  for (let d = 0; d < DATA.sliders; d++) {
-    const row = document.createElement("label");
-    row.className = "slider";
-    row.innerHTML = "z" + (d + 1) + " <input type='range' min='-3' max='3' step='0.05' value='0' id='z" + d + "'>";
-    controls.appendChild(row);
-    row.querySelector("input").addEventListener("input", e => { z[d] = parseFloat(e.target.value); show(z); });
+
+  const z = new Float64Array(DATA.decoder.z_dim);
+  const controls = document.getElementById("controls");
+  if (DATA.decoder.z_dim === 2) {
+    const size = 400, lim = DATA.limit;
+    const plane = document.createElement("canvas");
+    plane.id = "plane"; plane.width = size; plane.height = size;
+    controls.appendChild(plane);
+    const note = document.createElement("p");
+    note.textContent = "Move the pointer over the latent plane [-" + lim + ", " + lim + "]^2; dots are test images' posterior means" +
+      (DATA.legend ? ", coloured by " + DATA.legend.title + "." : ".");
+    controls.appendChild(note);
+    if (DATA.legend) {
+      const legend = document.createElement("div");
+      legend.id = "legend";
+      legend.innerHTML = DATA.legend.title + ": " + DATA.legend.entries.map(([label, name]) =>
+        "<span class='key'><span class='swatch' style='background:" + DATA.colours[label % 10] + "'></span>" +
+        name.replace(/[&<>]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;"})[c]) + "</span>").join(" ");
+      controls.appendChild(legend);
+    }
+    const ctx = plane.getContext("2d");
+    const toPx = v => (v + lim) / (2 * lim) * size;
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, size, size);
+    ctx.strokeStyle = "#ddd"; ctx.beginPath();
+    ctx.moveTo(size / 2, 0); ctx.lineTo(size / 2, size); ctx.moveTo(0, size / 2); ctx.lineTo(size, size / 2); ctx.stroke();
+    for (const [a, b, label] of DATA.points) {
+      ctx.fillStyle = label < 0 ? "#555" : DATA.colours[label % 10];
+      ctx.fillRect(toPx(a) - 1, size - toPx(b) - 1, 2, 2);
+    }
+    plane.addEventListener("pointermove", e => {
+      const r = plane.getBoundingClientRect();
+      z[0] = -lim + 2 * lim * (e.clientX - r.left) / r.width;
+      z[1] = lim - 2 * lim * (e.clientY - r.top) / r.height;
+      show(z);
+    });
+  } else {
+    for (let d = 0; d < DATA.sliders; d++) {
+      const row = document.createElement("label");
+      row.className = "slider";
+      row.innerHTML = "z" + (d + 1) + " <input type='range' min='-3' max='3' step='0.05' value='0' id='z" + d + "'>";
+      controls.appendChild(row);
+      row.querySelector("input").addEventListener("input", e => { z[d] = parseFloat(e.target.value); show(z); });
+    }
+    const note = document.createElement("p");
+    note.textContent = "The first " + DATA.sliders + " of " + DATA.decoder.z_dim + " latent dimensions; the others stay at 0.";
+    controls.appendChild(note);
   }
-  const note = document.createElement("p");
-  note.textContent = "The first " + DATA.sliders + " of " + DATA.decoder.z_dim + " latent dimensions; the others stay at 0.";
-  controls.appendChild(note);
+  show(z);
 }
-show(z);
 </script>
 </body></html>
 """

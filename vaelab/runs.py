@@ -17,6 +17,7 @@ run's model fits the data it is given.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import time
@@ -29,7 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from . import config as configs, distributed
-from .config import RunConfig
+from .config import CUSTOM, RunConfig
 from .data import Dataset, load_data
 from .distributed import SINGLE, World
 from .errors import RunError, VaelabError
@@ -145,12 +146,32 @@ def load_weights(run_dir: Path, model: VAE) -> None:
     model.load_state_dict(tensors)
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> VAE:
-    """The trained model of a run, ready for `encode(x)` and `decode(z)`, in eval mode."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             encoder: torch.nn.Module | None = None, decoder: torch.nn.Module | None = None) -> VAE:
+    """The trained model of a run, ready for `encode(x)` and `decode(z)`, in eval mode.
+
+    A model trained from your own networks comes back from modules built as they were: give
+    fresh ones as encoder and decoder, and the run's weights are loaded into them (and into
+    vaelab's parts: the head, the prior, the flow). Nothing read from the run runs code."""
     config = load_config(run_dir)
-    model = VAE(config.model)
+    if (encoder is None) != (decoder is None):
+        raise VaelabError("give load_run both the encoder and the decoder, or neither")
+    if encoder is None and config.model.architecture == CUSTOM:
+        raise _own_networks(run_dir, "load it in Python with vaelab.load_run(run, encoder=..., decoder=...)")
+    if encoder is None:
+        model = VAE.from_config(config.model)
+    elif config.model.architecture != CUSTOM:
+        raise VaelabError(f"{run_dir} was trained with vaelab's {config.model.architecture} "
+                          "networks: load it without encoder and decoder")
+    else:
+        model = VAE(copy.deepcopy(encoder), copy.deepcopy(decoder), config.model)
     load_weights(Path(run_dir), model)
     return model.to(device).eval()
+
+
+def _own_networks(run_dir: str | Path, advice: str) -> RunError:
+    """The error for a run of your own modules where vaelab would have to build them."""
+    return RunError(f"{run_dir} was trained with your own encoder and decoder, which only you can build: {advice}")
 
 
 def write_metrics(run_dir: Path, records: list[dict]) -> None:
@@ -337,6 +358,8 @@ def resumed_config(run_dir: str | Path, changes: dict) -> RunConfig:
                           f"leave {'them' if len(fixed) > 1 else 'it'} out "
                           f"(only {configs.listed([configs.flag_of(f) for f in allowed])} may be given)")
     config = load_config(run_dir)
+    if config.model.architecture == CUSTOM:
+        raise _own_networks(run_dir, "resume it in Python: vaelab.train(config, run, resume=True, model=...)")
     for name, value in changes.items():
         setattr(config, name, value)
     return config

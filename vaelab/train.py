@@ -8,6 +8,7 @@ killed run resumes exactly from its last finished epoch.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
-from .config import RunConfig, resolve
+from .config import RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
@@ -78,19 +79,31 @@ def set_deterministic(device: torch.device) -> None:
 
 
 def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
-          world: World = SINGLE) -> Training:
+          world: World = SINGLE, model: VAE | None = None) -> Training:
     """Everything a run needs, from its config; `config` itself is left as it was.
+
+    With model (a VAE, e.g. from your own networks), a copy of it is trained: its own
+    `model.config` replaces config.model, and `model` is left as it was. Its weights are its
+    own (config.seed still fixes the batches and the noise).
 
     The returned `Training.config` is the resolved one (config.resolve: what was set, then the
     likelihood's recommendations, the preset, the defaults); when build reads the data itself, a
     data folder other than the verified MNIST default is recorded as an absolute path. Under torchrun (world of several ranks) the model is wrapped in
-    DistributedDataParallel and each rank trains on its share of every (global) batch.
+    DistributedDataParallel and each rank trains on its share of every (global) batch; in a
+    script of yours, `world = vaelab.distributed.from_environment()`.
     """
+    if model is not None:
+        twice = ", ".join(sorted(explicit(config.model)))
+        if twice:
+            raise VaelabError(f"the model's options come from the model given ({twice} set in "
+                              "config.model too): leave them out of config")
+        config = config.replace(model=model.config)
     config = resolve(config)
     config.validate()
     if config.batch_size % world.size:
         raise VaelabError(f"--batch-size {config.batch_size} does not divide among {world.size} processes; "
                           f"give a multiple of {world.size}")
+    distributed.start(world)  # under torchrun: join the process group (once)
     device = pick_device(config.device, world)
     if config.deterministic:
         set_deterministic(device)
@@ -103,8 +116,15 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     if len(data.train_images) < config.batch_size:
         raise VaelabError(f"--batch-size {config.batch_size} is larger than the "
                           f"{len(data.train_images)} training images")
-    config.model.image_shape = data.image_shape
-    model = build_model(config.model, seed=config.seed).to(device)
+    if model is None:
+        config.model.image_shape = data.image_shape
+        model = build_model(config.model, seed=config.seed)
+    elif model.config.image_shape != data.image_shape:
+        raise VaelabError(f"the model takes images of shape {model.config.image_shape} (C, H, W), "
+                          f"but the data's are {data.image_shape}")
+    else:
+        model = copy.deepcopy(model)
+    model = model.to(device)
     lr = torch.tensor(config.lr_at(1), dtype=torch.float32, device=device)
     optimizer = make_optimizer(config, model, lr)
     samples = config.k if config.objective == "iwae" else config.samples
@@ -224,6 +244,8 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
-          progress: bool = True, resume: bool = False, world: World = SINGLE) -> TrainResult:
-    """build, then fit: train a VAE as `config` says; with run_dir, save everything there."""
-    return fit(build(config, data, progress, world), run_dir, progress, resume)
+          progress: bool = True, resume: bool = False, world: World = SINGLE,
+          model: VAE | None = None) -> TrainResult:
+    """build, then fit: train a VAE as `config` says (or a copy of `model`, see build); with
+    run_dir, save everything there."""
+    return fit(build(config, data, progress, world, model), run_dir, progress, resume)
