@@ -102,17 +102,28 @@ def main(argv=None) -> int:
     if BASELINE not in rows:
         rows.insert(0, BASELINE)  # every row is paired with it
 
-    run_dirs = {row: train_row(row, args) for row in rows}
     if args.train_only:
+        for row in rows:
+            train_row(row, args)
         return 0
-    records = {row: evaluate_row(run_dirs[row], args) for row in rows}
+    # Row by row, the table rewritten after each: a run stopped part-way keeps what it finished.
+    run_dirs, records = {}, {}
+    for row in rows:
+        run_dirs[row] = train_row(row, args)
+        records[row] = evaluate_row(run_dirs[row], args)
+        write_table(rows, run_dirs, records, args)
+    return 0
+
+
+def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
+    """The table of the rows evaluated so far; those still to run are named below it."""
     threads = torch.get_num_threads()
     hardware = (
         f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}, "
         f"PyTorch {torch.__version__}"
     )
     results = []
-    for row in rows:
+    for row in records:
         record, metrics = records[row], read_metrics(run_dirs[row])
         paired = None if row == BASELINE else compare_runs(run_dirs[row], run_dirs[BASELINE])
         results.append(
@@ -161,9 +172,13 @@ def main(argv=None) -> int:
             f"{r['neg_elbo']:.2f} | {versus} | {r['train_seconds'] / 60:.0f} min | "
             f"{evaluation} |"
         )
-    report = {"hardware": hardware, "epochs": args.epochs, "k_eval": args.k_eval, "rows": results}
+    pending = [row for row in rows if row not in records]
+    if pending:
+        lines += ["", f"Not yet run: {', '.join(pending)}."]
+    lines += ["", "Made by `python benchmarks/components.py` (training and evaluation are wall times)."]
+    report = {"hardware": hardware, "epochs": args.epochs, "k_eval": args.k_eval, "rows": results,
+              "pending": pending}
     write_results(args.out, args.name, report, "\n".join(lines) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
