@@ -51,6 +51,9 @@ RECIPES = {
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), posterior="iaf", flow_steps=2)),
     "adam-vamp-prior-iwae5": dict(optimizer="adam", lr=1e-3, objective="iwae", k=5, model=ModelConfig(
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="vamp", prior_components=50)),
+    "adam-iwae10-dreg": dict(optimizer="adam", lr=1e-3, objective="iwae", k=10, estimator="dreg"),
+    "adam-elbo-stl-vamp": dict(optimizer="adam", lr=1e-3, estimator="stl", model=ModelConfig(
+        z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="vamp", prior_components=20)),
 }
 
 

@@ -139,3 +139,95 @@ def test_the_model_returns_its_terms_for_each_sample_and_example():
     model = build_model(ModelConfig(image_shape=(1, 2, 2), z_dim=3, encoder_hidden=(5,), decoder_hidden=(5,)), seed=0)
     terms = model(torch.rand(4, 1, 2, 2).round(), torch.randn(6, 4, 3))
     assert [t.shape for t in (terms.log_px_z, terms.log_pz, terms.log_qz, terms.kl)] == [(6, 4), (6, 4), (6, 4), (4,)]
+
+
+# --- gradient estimators ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_iwae(mnist):
+    """A tiny MNIST model trained a while with the IWAE bound (k=10), and 20 test images."""
+    from vaelab import RunConfig, train
+
+    config = RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(32,), decoder_hidden=(32,)), objective="iwae",
+                       k=10, optimizer="adam", lr=1e-3, epochs=2, train_size=3000, test_size=100, device="cpu")
+    result = train(config, data=mnist, progress=False)
+    x = result.model.observe(result.data.test_images[:20], torch.arange(20))
+    return result.model, x
+
+
+def gradients(model, x, objective: str, estimator: str, k: int, draws: int, part: str = "head") -> torch.Tensor:
+    """(draws, P): the gradient of the batch's objective for `part`'s parameters, one row per
+    keyed draw of the noise (draw r is the same for every estimator)."""
+    from vaelab import rng
+    from vaelab.objectives import OBJECTIVES, estimated
+
+    params = list(getattr(model, part).parameters())
+    rows = []
+    for r in range(draws):
+        eps = rng.normal(rng.row_keys(rng.key(7, "draw", r), torch.arange(len(x))), k * 2).view(len(x), k, 2)
+        terms = estimated(model(x, eps.transpose(0, 1)), estimator)
+        grads = torch.autograd.grad(OBJECTIVES[objective](terms).sum(), params)
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows)
+
+
+def assert_same_mean(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Paired draws: the mean difference of each coordinate is within 4.5 standard errors of 0."""
+    d = (a - b).double()
+    z = d.mean(0) / (d.std(0) / math.sqrt(len(d))).clamp_min(1e-12)
+    assert z.abs().max() < 4.5, z.abs().max()
+
+
+@pytest.mark.slow
+def test_dreg_is_unbiased_for_the_iwae_gradient_and_has_less_variance(trained_iwae):
+    model, x = trained_iwae
+    iwae = gradients(model, x, "iwae", "reparam", k=20, draws=400)
+    dreg = gradients(model, x, "iwae", "dreg", k=20, draws=400)
+    assert_same_mean(dreg, iwae)
+    assert dreg.var(0).sum() < 0.9 * iwae.var(0).sum()  # a quarter lower at k=20; room for the noise
+
+
+@pytest.mark.slow
+def test_stl_is_unbiased_for_the_elbo_gradient(trained_iwae):
+    model, x = trained_iwae
+    elbo = gradients(model, x, "elbo", "reparam", k=1, draws=400)  # the analytic KL's gradient
+    stl = gradients(model, x, "elbo", "stl", k=1, draws=400)       # the KL from the draw
+    assert_same_mean(stl, elbo)
+
+
+@pytest.mark.parametrize("objective, estimator", [("iwae", "dreg"), ("iwae", "stl"), ("elbo", "stl")])
+def test_the_estimators_leave_the_decoders_gradient_and_the_loss(trained_iwae, objective, estimator):
+    from vaelab.objectives import OBJECTIVES, estimated
+
+    model, x = trained_iwae
+    eps = torch.randn(10, len(x), 2, generator=torch.Generator().manual_seed(0))
+    plain, ours = model(x, eps), estimated(model(x, eps), estimator)
+    loss = OBJECTIVES[objective]
+    torch.testing.assert_close(loss(ours), loss(plain if objective == "iwae" else estimated(plain, "stl")))
+    decoder = list(model.decoder.parameters())
+    expected = torch.autograd.grad(loss(plain._replace(kl=ours.kl)).sum(), decoder)
+    for g, e in zip(torch.autograd.grad(loss(ours).sum(), decoder), expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective, estimator", [("iwae", "dreg"), ("elbo", "stl")])
+def test_a_run_trains_with_each_estimator_and_it_changes_the_encoders_updates(objective, estimator):
+    from conftest import synthetic_dataset
+    from test_train import tiny_config
+    from vaelab import train
+
+    runs = [train(tiny_config(objective=objective, estimator=e, optimizer="adam", lr=1e-3), data=synthetic_dataset(),
+                  progress=False) for e in ("reparam", estimator)]
+    assert all(math.isfinite(m["test_loss"]) for r in runs for m in r.metrics)
+    assert not torch.equal(runs[0].model.head.weight, runs[1].model.head.weight)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--estimator", "dreg"], "--estimator dreg is the gradient of the iwae bound"),
+    (["--estimator", "stl", "--posterior", "iaf"], "needs the inverse of --posterior iaf"),
+    (["--estimator", "score"], "--estimator"),
+])
+def test_estimators_that_do_not_apply_are_refused_in_one_line(tmp_path, args, says):
+    from conftest import assert_refused_in_one_line
+
+    assert_refused_in_one_line(tmp_path, args, says)

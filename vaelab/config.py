@@ -221,6 +221,7 @@ from . import likelihoods  # noqa: E402
 from .posteriors import POSTERIORS  # noqa: E402
 from .priors import PRIORS  # noqa: E402
 from .nets import ACTIVATIONS  # noqa: E402
+from .objectives import ESTIMATORS  # noqa: E402
 
 # "custom": your own encoder and decoder modules (models.VAE), which config.json cannot hold.
 CUSTOM = "custom"
@@ -384,6 +385,15 @@ class RunConfig(Options):
     objective: str = option(
         "elbo", "elbo, or iwae: the importance-weighted bound of Burda et al.", choices=OBJECTIVES
     )
+    estimator: str = option(
+        "reparam",
+        "the inference network's gradient: reparam, the objective's plain reparameterized"
+        " gradient; stl, sticking the landing (Roeder et al. 2017: q's parameters held fixed in"
+        " log q; unbiased for the ELBO, whose KL it takes from the draws; biased for iwae); dreg,"
+        " the doubly reparameterized gradient of --objective iwae (Tucker et al. 2018, unbiased)."
+        " Both need --posterior gaussian",
+        choices=ESTIMATORS,
+    )
     # KL weight of the training objective (beta-VAE), reached linearly step by step over the
     # first kl_warmup epochs (0: from the start). The test loss always uses weight 1.
     beta: float = option(
@@ -470,6 +480,17 @@ class RunConfig(Options):
         config = resolve(self)
         config.model.validate()
         check(config)
+        if config.estimator == "dreg" and config.objective != "iwae":
+            raise VaelabError(
+                "--estimator dreg is the gradient of the iwae bound: add --objective iwae, or use "
+                "--estimator stl for the ELBO"
+            )
+        if config.estimator != "reparam" and config.model.posterior != "gaussian":
+            raise VaelabError(
+                f"--estimator {config.estimator} evaluates log q(z|x) with q's parameters held "
+                f"fixed, which needs the inverse of --posterior {config.model.posterior}; use "
+                "--posterior gaussian"
+            )
         if config.objective == "iwae" and (config.beta != 1 or config.kl_warmup):
             raise VaelabError(
                 "--beta and --kl-warmup weight the ELBO's KL term, which the iwae bound does not "

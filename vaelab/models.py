@@ -213,7 +213,7 @@ class VAE(nn.Module):
             z, log_det = self.flow(z, context[0])
         log_px_z = self.likelihood.log_prob(self.decode(z, workspace), x, workspace)
         if self.prior.analytic_kl and self.flow is None:
-            return Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar)
+            return Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar, mu=mu)
         # No closed form: the KL from the same draws; the prior's components once for the call.
         terms = Terms(
             log_px_z=log_px_z,
@@ -224,6 +224,7 @@ class VAE(nn.Module):
             prior=self.prior,
             components=self.prior_components() if components is None else components,
             log_det=log_det,
+            mu=mu,
         )
         return terms._replace(kl=(terms.log_qz - terms.log_pz).mean(0))
 

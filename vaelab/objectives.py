@@ -29,6 +29,8 @@ class Terms(NamedTuple):
     prior: Any = None       # a priors.Prior; None: N(0, I)
     components: Any = None  # what the prior computed for this call (priors.Prior.components)
     log_det: Any = None     # (S, N) a flow's log-determinant, log q(z_T) = log q(z_0) - log_det
+    mu: Any = None          # (N, z_dim) of q(z|x)
+    q_fixed: bool = False   # log q(z|x) with q's parameters held fixed (see `estimated`)
 
     @property
     def log_pz(self) -> torch.Tensor:
@@ -37,7 +39,11 @@ class Terms(NamedTuple):
 
     @property
     def log_qz(self) -> torch.Tensor:
-        """(S, N) log q(z_s | x)."""
+        """(S, N) log q(z_s | x); with q_fixed, its gradient reaches q's parameters through z alone."""
+        if self.q_fixed:
+            if self.log_det is not None:
+                raise ValueError("log q(z|x) with fixed parameters needs a flow's inverse")
+            return log_normal(self.z, self.mu.detach(), self.logvar.detach())
         base = log_normal_from_eps(self.eps, self.logvar)
         return base if self.log_det is None else base - self.log_det
 
@@ -69,6 +75,11 @@ def log_normal_from_eps(eps: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
     return -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(-1)
 
 
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))). z: (..., N, z_dim); mu, logvar: (N, z_dim) -> (..., N)."""
+    return -0.5 * ((z - mu).square() * torch.exp(-logvar) + LOG_2PI + logvar).sum(-1)
+
+
 def log_weights(terms: Terms) -> torch.Tensor:
     """Importance weights log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x): (S, N) nats."""
     return terms.log_px_z + terms.log_pz - terms.log_qz
@@ -93,3 +104,31 @@ def negative_iwae(terms: Terms) -> torch.Tensor:
 
 
 OBJECTIVES = {"elbo": negative_elbo, "iwae": negative_iwae}
+
+# Gradient estimators of the inference network's gradient. reparam: the plain reparameterized
+# gradient of the objective. stl, "sticking the landing" (Roeder et al. 2017): log q(z|x) with q's
+# parameters held fixed, so the score term, zero in expectation, drops out; unbiased for the ELBO
+# (whose KL is then taken from the draws), biased for the IWAE bound. dreg, the doubly
+# reparameterized gradient of the IWAE bound (Tucker et al. 2018): the same, with the gradient
+# reaching q through each draw z_s weighted once more by its normalized weight, which makes it
+# unbiased. The generative network's gradient is the objective's own under all three.
+ESTIMATORS = ("reparam", "stl", "dreg")
+
+
+def estimated(terms: Terms, estimator: str) -> Terms:
+    """The terms whose gradient, through the objective, is the estimator's (ESTIMATORS); their
+    values are the objective's own, up to rounding.
+
+    dreg's reweighting is a hook on z: one backward pass. What does not flow through z keeps
+    its ordinary gradient: the decoder's and a learned prior's parameters, and a VampPrior's
+    dependence on the encoder through its pseudo-inputs' posteriors.
+    """
+    if estimator == "reparam":
+        return terms
+    terms = terms._replace(q_fixed=True)
+    if estimator == "stl":
+        return terms._replace(kl=(terms.log_qz - terms.log_pz).mean(0))
+    weights = torch.softmax(log_weights(terms).detach(), dim=0).unsqueeze(-1)  # (S, N, 1)
+    if terms.z.requires_grad:
+        terms.z.register_hook(lambda grad: grad * weights)
+    return terms

@@ -17,7 +17,7 @@ import torch
 from . import rng
 from .distributed import SINGLE, World
 from .models import VAE
-from .objectives import negative_elbo, negative_iwae
+from .objectives import estimated, negative_elbo, negative_iwae
 
 
 class TrainStep:
@@ -36,11 +36,12 @@ class TrainStep:
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
                  objective: str, samples: int, batch_size: int, cuda_graph: bool = True,
                  world: World = SINGLE, forward: torch.nn.Module | None = None,
-                 beta: float = 1.0, kl_warmup_epochs: int = 0):
+                 beta: float = 1.0, kl_warmup_epochs: int = 0, estimator: str = "reparam"):
         device = images.device
         self.model, self.optimizer, self.images = model, optimizer, images
         self.forward = forward or model
         self.iwae = objective == "iwae"
+        self.estimator = estimator  # objectives.ESTIMATORS
         # The ELBO's KL weight: beta, reached linearly over the first kl_warmup_epochs (counted in
         # steps). It lives in a tensor the step itself updates, so a captured step follows it too.
         self.beta, self.warmup_steps = beta, kl_warmup_epochs * (len(images) // batch_size)
@@ -103,7 +104,7 @@ class TrainStep:
     def eager(self) -> torch.Tensor:
         """The step itself, run op by op."""
         x, eps = self.draw()
-        terms = self.forward(x, eps)
+        terms = estimated(self.forward(x, eps), self.estimator)
         if self.iwae:
             loss = negative_iwae(terms).mean()
         else:

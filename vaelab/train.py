@@ -134,7 +134,8 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
                                                             else None)
     step = TrainStep(model, optimizer, data.train_images.to(device), objective=config.objective,
                      samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph,
-                     world=world, forward=forward, beta=config.beta, kl_warmup_epochs=config.kl_warmup)
+                     world=world, forward=forward, beta=config.beta, kl_warmup_epochs=config.kl_warmup,
+                     estimator=config.estimator)
     test_set = TestSet.draw(model, data.test_images.to(device), seed=config.eval_seed, samples=samples)
     return Training(config, data, model, optimizer, lr, step, test_set, world)
 
