@@ -90,7 +90,7 @@ def main() -> None:
     write_results(HERE / "results", "image_folder",
                   {"machine": cpu_description(), "files": files, "read_seconds": reads, "train_wall": train_wall,
                    "train_options": args.train, "metrics": metrics,
-                   "eval": {k: v for k, v in evaluation.items() if k != "log_px"}, "run": str(run)}, table)
+                   "eval": {k: v for k, v in evaluation.items() if k not in ("log_px", "per_image")}, "run": str(run)}, table)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,24 @@ def test_sharded_evaluation_of_a_vamp_iaf_model_is_identical_to_one_process(tmp_
     assert np.array_equal(np.load(tmp_path / "single" / "log_px.npy"), np.load(tmp_path / "sharded" / "log_px.npy"))
 
 
+@pytest.mark.slow
+def test_two_processes_share_the_gaps_and_find_what_one_finds(one_and_two, tmp_path):
+    import shutil
+
+    one, _, _ = one_and_two
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    shutil.copytree(one, single)
+    shutil.copytree(one, sharded)
+    args = ["--images", 100, "--k", 100, "--steps", 30, "--quiet"]
+    a = vaelab("gap", single, *args)
+    assert a.returncode == 0, a.stderr
+    b = torchrun("gap", sharded, *args)
+    assert b.returncode == 0, b.stderr
+    ra, rb = (json.loads((d / "gap.json").read_text()) for d in (single, sharded))
+    for name in ("log_px", "elbo_fitted", "elbo_encoder", "approximation_gap", "amortization_gap"):
+        assert rb[name]["mean"] == pytest.approx(ra[name]["mean"], rel=1e-5, abs=1e-5), name
+
+
 OWN_NETWORKS = """
 import sys
 import torch

@@ -205,3 +205,52 @@ def test_a_wide_decoder_or_likelihood_takes_a_tiles_samples_in_several_cpu_calls
     assert _samples_per_call(model, 50) == 5  # the largest divisor of the tile's samples that fits
     split = importance_sampled(model, images, k=100, progress=False)["log_px"]
     np.testing.assert_allclose(split, whole["log_px"], rtol=1e-6)  # bitwise here; row counts may steer a BLAS
+
+
+# --- diagnostics ----------------------------------------------------------------------------------
+
+def test_active_units_count_the_dimensions_whose_posterior_mean_varies_over_images():
+    model = small_model(z_dim=4).float()
+    with torch.no_grad():  # dimensions 3 and 4: a mean that ignores the image
+        model.head.weight[2:4].zero_()
+    images = binary_images(60)
+    r = importance_sampled(model, images, k=50, progress=False)
+    mu, _ = model.encode(model.observe(images, torch.arange(len(images))))
+    variance = mu.double().var(0)
+    assert r["active_units"] == [int((variance > 0.01).sum())] and r["active_units"][0] <= 2
+    torch.testing.assert_close(torch.tensor(r["latent_variance"][0], dtype=torch.float64), variance)
+
+
+def test_the_kl_per_dimension_is_each_dimensions_mean_kl_over_images():
+    from torch.distributions import Normal, kl_divergence
+
+    model = small_model(z_dim=3).float()
+    images = binary_images(40)
+    r = importance_sampled(model, images, k=50, progress=False)
+    mu, logvar = model.encode(model.observe(images, torch.arange(len(images))))
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).mean(0)
+    torch.testing.assert_close(torch.tensor(r["kl_per_dim"]), expected.double().float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("component, says", [(dict(prior="mog", prior_components=3), "the mog prior"),
+                                             (dict(posterior="iaf"), "an IAF posterior")])
+def test_the_kl_per_dimension_is_left_out_where_it_is_not_defined_saying_why(component, says):
+    config = ModelConfig(image_shape=SHAPE, z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), **component)
+    r = importance_sampled(build_model(config, seed=0), binary_images(10), k=50, progress=False)
+    assert "kl_per_dim" not in r and says in r["kl_per_dim_note"]
+
+
+def test_a_flows_posterior_mean_is_the_mean_of_its_keyed_draws():
+    from vaelab.evaluate import draw_noise, image_keys
+    from vaelab.objectives import reparametrize
+
+    config = ModelConfig(image_shape=SHAPE, z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), posterior="iaf")
+    model = build_model(config, seed=0)
+    images = binary_images(20)
+    r = importance_sampled(model, images, k=100, seed=3, progress=False)
+    mu, logvar, h = model.encode_posterior(model.observe(images, torch.arange(len(images))))
+    eps = draw_noise(image_keys(3, "noise", torch.arange(20)), 2, 100)
+    z, _ = model.flow(reparametrize(mu, logvar, eps), h)
+    assert "K=100 importance samples" in r["posterior_mean"]
+    torch.testing.assert_close(torch.tensor(r["latent_variance"][0], dtype=torch.float64), z.mean(0).double().var(0), rtol=1e-4,
+                               atol=1e-7)

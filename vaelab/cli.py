@@ -151,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
         config.EvaluateOptions,
     )
     command(
+        "gap",
+        cmd_gap,
+        "the approximation and amortization gaps of a run, to RUN/gap.json",
+        "Fit a posterior of the model's own family to each of the first N test images, starting"
+        " from the encoder's, and split the distance between the encoder's ELBO and log p(x) into"
+        " the approximation gap, log p(x) - L[q*], and the amortization gap, L[q*] - L[q] (Cremer,"
+        " Li & Duvenaud 2018). Nats per image.",
+        config.GapOptions,
+    )
+    command(
         "compare",
         cmd_compare,
         "paired difference of two evaluated runs' test NLL",
@@ -170,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         cmd_sample,
         "draw images from the prior into a PNG",
-        "Decode z ~ N(0, I) and save a grid of the decoder means.",
+        "Decode z ~ p(z), the run's prior, and save a grid of the decoder means.",
         config.SampleOptions,
     )
     command(
@@ -239,8 +249,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per"
         f" image{bits}, Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images"
         f" {'n/a' if r['nll_se_images'] is None else format(r['nll_se_images'], '.3f')}\nnegative"
-        f" ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\nwritten to"
-        f" {Path(options.run) / 'eval.json'} (per image: log_px.npy)"
+        f" ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\n{diagnostics_text(r)}\n"
+        f"written to {Path(options.run) / 'eval.json'} (per image: log_px.npy)"
+    )
+    return 0
+
+
+def diagnostics_text(r: dict) -> str:
+    """The evaluation's diagnostics in two lines."""
+    units = ", ".join(f"{a} of {len(v)}" for a, v in zip(r["active_units"], r["latent_variance"]))
+    active = (f"active units: {units} (variance over test images of E_q[z_d] above"
+              f" {r['active_threshold']}; E_q[z]: {r['posterior_mean']})")
+    if "kl_per_dim" not in r:
+        return f"{active}\n{r['kl_per_dim_note']}"
+    kl = sorted(r["kl_per_dim"], reverse=True)
+    top = ", ".join(f"{v:.2f}" for v in kl[:5])
+    return f"{active}\nKL per dimension, largest first: {top}{', ...' if len(kl) > 5 else ''} nats"
+
+
+def cmd_gap(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .gap import GAP, gap_run
+
+    options = _parsed(args, config.GapOptions)
+    world = distributed.from_environment()
+    r = gap_run(options, world)
+    distributed.finish(world)
+    if not world.main:
+        return 0
+    value = lambda name: f"{r[name]['mean']:.3f} ± {r[name]['se'] or 0:.3f}"
+    print(
+        f"over the first {r['images']} test images (K={r['k']}), nats per image ± s.e. over images:\n"
+        f"log p(x) {value('log_px')}; ELBO of the fitted posteriors L[q*] {value('elbo_fitted')};"
+        f" of the encoder L[q] {value('elbo_encoder')}\napproximation gap log p(x) - L[q*]:"
+        f" {value('approximation_gap')}; amortization gap L[q*] - L[q]: {value('amortization_gap')}\n"
+        f"written to {Path(options.run) / GAP}"
     )
     return 0
 
@@ -300,7 +343,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # The commands that run under torchrun; the others work in one process.
-DISTRIBUTED_COMMANDS = ("train", "evaluate")
+DISTRIBUTED_COMMANDS = ("train", "evaluate", "gap")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -648,6 +648,23 @@ class EvaluateOptions(Options):
 
 
 @options_dataclass
+class GapOptions(Options):
+    """`vaelab gap`: the approximation and amortization gaps of a run (Cremer et al. 2018)."""
+
+    run: str = option(MISSING, RUN_HELP, positional=True)
+    images: int = option(1000, "the first N test images", rule=POSITIVE, metavar="N")
+    k: int = option(5000, "importance samples per image for log p(x) and the ELBOs", rule=POSITIVE)
+    # A fixed budget, the same for every image: an image's result does not depend on the others.
+    steps: int = option(1000, "Adam steps fitting each image's posterior", rule=POSITIVE)
+    samples: int = option(10, "draws of z per image in each step's ELBO", rule=POSITIVE, metavar="S")
+    lr: float = option(1e-2, "Adam's learning rate for the fitted posteriors", rule=POSITIVE_NUMBER)
+    seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
+    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
+    device: str = option("auto", choices=DEVICES)
+    quiet: bool = option(False, "no progress bars", rule=SWITCH)
+
+
+@options_dataclass
 class CompareOptions(Options):
     """`vaelab compare`: the paired difference of two evaluated runs."""
 

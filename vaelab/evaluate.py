@@ -32,7 +32,7 @@ from .distributed import SINGLE, World
 from .errors import VaelabError
 from .models import VAE
 from .nets import Workspace
-from .objectives import OBJECTIVES, log_weights
+from .objectives import OBJECTIVES, kl_normal_per_dim, log_weights
 from .runs import check_writable, load_run_and_data, read_eval, read_log_px, write_eval
 
 TILE_IMAGES = 50
@@ -206,7 +206,7 @@ def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int)
 def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
                        iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int | None = None,
                        chunk: int | None = None, precision: str = "fp32", progress: bool = True,
-                       world: World = SINGLE) -> dict:
+                       world: World = SINGLE, posterior: tuple[torch.Tensor, ...] | None = None) -> dict:
     """Importance-sampled test log-likelihood of images: (N, C, H, W) uint8.
 
     Returns a dict (all in nats per image):
@@ -216,6 +216,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
       neg_elbo      the negative ELBO, estimated from the same K samples (the IWAE bound with k=1)
       iwae          {k': negative IWAE bound for k'} for each k' in iwae_ks that is <= k
       log_px        (N,) float64 numpy array, each image's log p(x) estimate
+      per_image     {"elbo", "log_px_variance"}: (N,) float64 numpy arrays, each image's ELBO
+                    from the same draws, and the Monte-Carlo variance of its log p(x) estimate
       bits_per_dim  nll in bits per pixel and channel, for the discrete likelihoods
     and what fixes the numbers: k, seed, precision, the test set's size and SHA-256.
 
@@ -223,7 +225,9 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     fit); the CPU runs tile by tile. precision "bf16" decodes in bfloat16
     ("auto": where the hardware has it natively). Under torchrun the ranks share the
     launches and every rank gets every image's values: each is computed as one process
-    would compute it, so the result is the same.
+    would compute it, so the result is the same. posterior: q's parameters for each image,
+    as VAE.encode_posterior gives them (N, ...) each, to sample from instead of the encoder's
+    (the amortization gap's fitted posteriors).
     """
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
@@ -258,6 +262,9 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     workspace = Workspace() if model.own_decoder else None
     # Per image: log p(x), its variance, and each IWAE bound; rows this rank does not compute stay 0.
     values = torch.zeros((2 + len(iwae_ks), len(padded)), dtype=torch.float64, device=device)
+    # Per image, for the diagnostics: E_q[z] (z_dim), and the KL of each dimension where defined.
+    factorized = model.prior.analytic_kl and model.flow is None
+    latent = torch.zeros((len(padded), z_dim * (2 if factorized else 1)), dtype=torch.float64, device=device)
     launches = range(0, len(padded), nb)
     mine = launches[world.rank::world.size]
     bar = show.bar(sum(min(nb, n - s) for s in mine if s < n) * k, f"importance sampling, K={k}",
@@ -266,17 +273,25 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         for start in mine:
             rows = slice(start, min(start + nb, len(padded)))
             x = model.observe(padded[rows], observe_keys[rows])
-            posterior = model.encode_posterior(x)
+            q = model.encode_posterior(x) if posterior is None else _rows(posterior, rows, n)
             acc = _Accumulator(len(x), iwae_ks, device)
+            z_sum = torch.zeros((len(x), z_dim), dtype=torch.float64, device=device)
             for first in range(0, k, ns):
                 eps = draw_noise(noise_keys[rows], z_dim, ns, first)
-                log_w = torch.cat([log_weights(model(x, eps[s:s + per_call], workspace, posterior, components))
-                                   for s in range(0, ns, per_call)])
-                acc.add(log_w[:k - first])  # the last launch's padding samples are dropped
+                calls = [model(x, eps[s:s + per_call], workspace, q, components) for s in range(0, ns, per_call)]
+                keep = k - first  # the last launch's padding samples are dropped
+                acc.add(torch.cat([log_weights(terms) for terms in calls])[:keep])
+                if model.flow is not None:  # E_q[z] has no closed form: the mean of the K draws
+                    z_sum += torch.cat([terms.z for terms in calls])[:keep].sum(0, dtype=torch.float64)
                 bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
             values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
+            mu, logvar = q[:2]
+            latent[rows, :z_dim] = mu.double() if model.flow is None else z_sum / k
+            if factorized:
+                latent[rows, z_dim:] = kl_normal_per_dim(mu, logvar).double()
     bar.close()
     values = distributed.all_sum(values, world)[:, :n]  # adding zeros is exact: one value per image
+    latent = distributed.all_sum(latent, world)[:n]
     log_px_all, var, iwae = values[0], values[1], dict(zip(iwae_ks, values[2:]))
     return {
         "k": k,
@@ -293,8 +308,46 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "unit": "nats per image",
         "estimator": f"importance sampling with q(z|x) as proposal, K={k} samples per image",
         "precision": precision,
+        **diagnostics(model, latent[:, :z_dim], latent[:, z_dim:] if factorized else None, k),
         "log_px": log_px_all.cpu().numpy(),
+        "per_image": {"elbo": iwae[1].cpu().numpy(), "log_px_variance": var.cpu().numpy()},
     }
+
+
+def _rows(posterior: tuple[torch.Tensor, ...], rows: slice, n: int) -> tuple[torch.Tensor, ...]:
+    """Rows of given per-image posterior parameters (N, ...), the padding images' taken as the
+    first image's."""
+    index = torch.arange(rows.start, rows.stop, device=posterior[0].device).clamp_(max=n - 1)
+    return tuple(t.index_select(0, index) for t in posterior)
+
+
+ACTIVE_THRESHOLD = 0.01  # Burda et al. (2015): a unit is active if Cov_x(E_q[z_d]) exceeds it
+
+
+def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.Tensor | None,
+                k: int) -> dict:
+    """What the latent code is used for, over the test images.
+
+    posterior_means: (N, z_dim) E_q[z] of each image; kl_per_image: (N, z_dim) each dimension's
+    KL(q(z_d|x) || N(0, 1)), or None where q and p do not factorize over dimensions.
+    Returns active_units (per layer, Burda et al.'s criterion: the variance over test images of
+    E_q[z_d] above ACTIVE_THRESHOLD), that variance per dimension, how E_q[z] was found, and
+    kl_per_dim (mean over images, nats) or the reason it is left out.
+    """
+    variance = posterior_means.var(0) if len(posterior_means) > 1 else torch.zeros(posterior_means.shape[1])
+    out = {
+        "active_units": [int((variance > ACTIVE_THRESHOLD).sum())],
+        "active_threshold": ACTIVE_THRESHOLD,
+        "latent_variance": [variance.tolist()],
+        "posterior_mean": ("mu of q(z|x)" if model.flow is None else
+                           f"the mean of the K={k} importance samples of z from q(z|x)"),
+    }
+    if kl_per_image is not None:
+        out["kl_per_dim"] = kl_per_image.mean(0).tolist()
+    else:
+        why = (f"the {model.config.prior} prior" if not model.prior.analytic_kl else "an IAF posterior")
+        out["kl_per_dim_note"] = f"KL per dimension left out: {why} does not factorize over dimensions"
+    return out
 
 
 def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
@@ -313,6 +366,9 @@ def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
     r["seconds"], r["device"], r["processes"] = time.perf_counter() - start, str(model.device), world.size
     if world.main:
         write_eval(run, r)
+        from .plots import draw_kl_figure  # plots imports this module
+
+        draw_kl_figure(run, r)
     return r
 
 

@@ -59,7 +59,12 @@ def reparametrize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> 
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL( N(mu, diag(exp(logvar))) || N(0, I) ), analytically. (N, z_dim) -> (N,) nats."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+    return kl_normal_per_dim(mu, logvar).sum(-1)  # halving first is exact: the same bits
+
+
+def kl_normal_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL of each dimension: (N, z_dim) -> (N, z_dim) nats."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:

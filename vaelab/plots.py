@@ -21,6 +21,7 @@ from .errors import VaelabError
 from .evaluate import image_keys
 from .fileio import check_output
 from .models import VAE
+from .runs import read_eval
 
 LABEL_COLOURS = "tab10"
 TSNE_MIN_IMAGES = 10  # fewer test images than this draw no t-SNE: there is nothing to see
@@ -238,8 +239,36 @@ def tsne_figure(model: VAE, data: Dataset, n: int = 3000, seed: int = 0) -> Figu
                              "t-SNE 1", "t-SNE 2")
 
 
+def kl_figure(kl_per_dim: list[float]) -> Figure:
+    """The KL of each latent dimension (mean over test images, nats), largest first."""
+    order = np.argsort(kl_per_dim)[::-1]
+    values = np.asarray(kl_per_dim)[order]
+    fig = Figure(figsize=(max(4.0, min(12.0, 0.25 * len(values) + 2)), 3.5))
+    ax = fig.subplots()
+    ax.bar(np.arange(len(values)), values, color="#4c72b0")
+    if len(values) <= 50:  # room for each dimension's number
+        ax.set_xticks(np.arange(len(values)), [str(d + 1) for d in order], fontsize=7)
+    ax.set_xlabel("latent dimension, by KL")
+    ax.set_ylabel("KL(q(z_d|x) || N(0, 1)) (nats)")
+    ax.set_title(f"KL per latent dimension: {values.sum():.2f} nats in all")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def draw_kl_figure(run_dir: str | Path, evaluation: dict | None) -> Path | None:
+    """RUN/figures/kl_per_dim.png from an evaluation that has the KL per dimension."""
+    if not evaluation or "kl_per_dim" not in evaluation:
+        return None
+    path = Path(run_dir) / "figures" / "kl_per_dim.png"
+    path.parent.mkdir(exist_ok=True)
+    kl_figure(evaluation["kl_per_dim"]).savefig(path, dpi=100)
+    return path
+
+
 def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[dict]) -> list[Path]:
-    """Draw every figure of a run into RUN/figures and return their paths."""
+    """Draw every figure of a run into RUN/figures and return their paths (with the KL per
+    dimension once the run is evaluated)."""
     out = Path(run_dir) / "figures"
     out.mkdir(exist_ok=True)
     figures = {
@@ -259,4 +288,5 @@ def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[d
             continue
         make().savefig(out / name, dpi=100)
         paths.append(out / name)
-    return paths
+    kl = draw_kl_figure(run_dir, read_eval(run_dir))
+    return paths + ([kl] if kl else [])

@@ -21,6 +21,7 @@ import torch
 from .data import Dataset
 from .errors import VaelabError
 from .fileio import atomic_write_bytes, check_output
+from .gap import read_gap
 from .models import VAE
 from .nets import MLP, ConvDecoder
 from .plots import label_colour, label_legend, latent_means
@@ -83,9 +84,16 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, str]]:
         if isinstance(v, dict):
             rows += _flatten(v, f"{prefix}{k}.")
         else:
-            text = v if isinstance(v, str) else f"{v:.4f}" if isinstance(v, float) else json.dumps(v)
+            text = v if isinstance(v, str) else f"{v:.4f}" if isinstance(v, float) else json.dumps(_rounded(v))
             rows.append((f"{prefix}{k}", text))
     return rows
+
+
+def _rounded(v):
+    """Floats in lists (an evaluation's per-dimension values) to 4 decimals, for reading."""
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return round(v, 4) if isinstance(v, float) else v
 
 
 def _metrics_table(metrics: list[dict]) -> str:
@@ -118,6 +126,9 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
 
     eval_html = _table(_flatten(evaluation)) if evaluation else \
         "<p>Not evaluated yet: run <code>vaelab evaluate RUN</code>, then the report again.</p>"
+    gap = read_gap(run_dir)
+    if gap:
+        eval_html += "<h3>Approximation and amortization gaps (vaelab gap)</h3>" + _table(_flatten(gap))
     figures_html = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_png(p)}'>"
                            f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures)
     colours = [_hex(label_colour(i)) for i in range(10)]

@@ -313,7 +313,7 @@ def _restore(tensors: dict, saved: dict, model: VAE, optimizer: torch.optim.Opti
 
 def write_eval(run_dir: str | Path, result: dict) -> None:
     """RUN/eval.json, and with the result's "log_px" (per-image values) RUN/log_px.npy, atomically."""
-    record = {k: v for k, v in result.items() if k != "log_px"}
+    record = {k: v for k, v in result.items() if k not in ("log_px", "per_image")}
     try:
         if "log_px" in result:
             _save_npy(Path(run_dir) / LOG_PX, np.asarray(result["log_px"], dtype=np.float64))

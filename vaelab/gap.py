@@ -1,0 +1,164 @@
+"""The amortization gap (Cremer, Li & Duvenaud 2018): how much of the distance between the
+encoder's ELBO and log p(x) is the encoder's fault, and how much the posterior family's.
+
+For each test image, q* is a posterior of the model's own family (the head's outputs: mu,
+logvar, and an IAF's context, the flow's weights shared) fitted to that image alone, starting
+from the encoder's q. Then, in nats per image,
+
+    log p(x) - L[q]  =  (log p(x) - L[q*])  +  (L[q*] - L[q])
+                        approximation gap     amortization gap
+
+Procedure: every image's q* is fitted at once, in one batch, by Adam on its ELBO (`samples`
+keyed draws of z per image and step), its rate falling linearly to 0 over a fixed number of
+steps, so each image's fit depends on that image alone. A Gaussian family's gradient is
+"sticking the landing"'s (objectives.estimated), whose noise vanishes at the true posterior;
+an IAF's is the plain one. L[q], L[q*] and log p(x) are
+then estimated by importance sampling (evaluate.importance_sampled, K draws per image) on keyed
+noise apart from the fit's, so L[q*] is not biased upward by the noise it was fitted on. log p(x)
+takes, per image, the better proposal of q and q*: the one whose estimate has the smaller
+Monte-Carlo variance. Standard errors are
+over images, the gaps paired per image. Under torchrun the ranks share the fits and the sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed, progress as show, rng
+from .config import GapOptions, check
+from .distributed import SINGLE, World
+from .errors import RunError
+from .evaluate import draw_noise, image_keys, importance_sampled
+from .fileio import atomic_write_json
+from .models import VAE
+from .objectives import estimated, negative_elbo
+from .runs import check_writable, load_run_and_data
+
+GAP = "gap.json"
+
+
+def fit_posteriors(model: VAE, x: torch.Tensor, index: torch.Tensor, *, steps: int, samples: int,
+                   lr: float, seed: int, progress: bool = False) -> tuple[tuple[torch.Tensor, ...], list]:
+    """q* for each image: Adam on its ELBO from the encoder's q. x: (N, C, H, W) as the model
+    sees them; index: (N,) the images' numbers, which key their noise. Returns the fitted
+    parameters (as VAE.encode_posterior gives them, (N, ...) each) and the mean ELBO of each
+    step (nats per image, on the fit's own draws)."""
+    with torch.no_grad():
+        start = model.encode_posterior(x)
+        components = model.prior_components()
+    params = tuple(t.detach().clone().requires_grad_() for t in start)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    # The rate falls linearly to 0, so that the last steps settle rather than jitter about q*.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / steps)
+    # A Gaussian family's ELBO gradient sticks the landing: its noise vanishes at the true posterior.
+    estimator = "stl" if model.flow is None else "reparam"
+    z_dim, trace = model.config.z_dim, []
+    bar = show.bar(steps, "fitting each image's posterior", progress)
+    for step in range(steps):
+        eps = draw_noise(rng.row_keys(rng.key(seed, "gap fit", step), index), z_dim, samples)
+        terms = estimated(model(x, eps, posterior=params, components=components), estimator)
+        loss = negative_elbo(terms).sum()
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = g
+        optimizer.step()
+        schedule.step()
+        trace.append(loss.detach())
+        bar.update()
+    bar.close()
+    mean_elbo = (-torch.stack(trace) / max(1, len(x))).tolist() if trace else []
+    return tuple(p.detach() for p in params), mean_elbo
+
+
+def _mean_se(values: torch.Tensor) -> dict:
+    n = len(values)
+    return {"mean": values.mean().item(),
+            "se": (values.std() / math.sqrt(n)).item() if n > 1 else None}
+
+
+def amortization_gap(model: VAE, images: torch.Tensor, *, k: int = 5000, steps: int = 1000,
+                     samples: int = 10, lr: float = 1e-2, seed: int = 1234, progress: bool = True,
+                     world: World = SINGLE) -> dict:
+    """The two gaps over images: (N, C, H, W) uint8 (see the module's docstring). Returns
+    log_px, elbo_fitted (L[q*]), elbo_encoder (L[q]), approximation_gap and amortization_gap,
+    each {"mean", "se"} in nats per image, with what fixes them and the fit's course."""
+    model.eval()
+    n, device = len(images), model.device
+    images = images.to(device)
+    index = torch.arange(n, device=device)
+    x = model.observe(images, image_keys(seed, "observe", index))
+    # Rank r fits images r, r + size, ...; the fitted parameters are then shared by adding zeros.
+    mine = index[world.rank::world.size]
+    fitted, trace = fit_posteriors(model, x[mine], mine, steps=steps, samples=samples, lr=lr,
+                                   seed=seed, progress=progress and world.main)
+    shared = []
+    for t in fitted:
+        full = torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=device)
+        full[mine] = t
+        shared.append(distributed.all_sum(full, world))
+    fitted = tuple(shared)
+    sampled = dict(k=k, seed=seed, progress=progress, world=world)
+    encoder = importance_sampled(model, images, **sampled)
+    best = importance_sampled(model, images, posterior=fitted, **sampled)
+    elbo_q = torch.from_numpy(encoder["per_image"]["elbo"])
+    elbo_fitted = torch.from_numpy(best["per_image"]["elbo"])
+    # The better proposal: the one whose estimate of log p(x) has the smaller Monte-Carlo variance.
+    use_fitted = torch.from_numpy(best["per_image"]["log_px_variance"] < encoder["per_image"]["log_px_variance"])
+    log_px = torch.where(use_fitted, torch.from_numpy(best["log_px"]), torch.from_numpy(encoder["log_px"]))
+    tenth = max(1, steps // 10)
+    return {
+        "images": n,
+        "k": k,
+        "seed": seed,
+        "unit": "nats per image",
+        "log_px": _mean_se(log_px),
+        "elbo_fitted": _mean_se(elbo_fitted),
+        "elbo_encoder": _mean_se(elbo_q),
+        "approximation_gap": _mean_se(log_px - elbo_fitted),
+        "amortization_gap": _mean_se(elbo_fitted - elbo_q),
+        "proposal": (f"per image, the one of q and q* whose log p(x) estimate has the smaller Monte-Carlo"
+                     f" variance (q* for {int(use_fitted.sum())} of {n})"),
+        "fit": {"optimizer": f"Adam, lr {lr} falling linearly to 0", "steps": steps, "samples": samples,
+                "gradient": "stl" if model.flow is None else "reparam",
+                "family": "the head's outputs per image (mu, logvar" +
+                          (", the IAF's context; the flow's weights shared)" if model.flow is not None else ")"),
+                # the mean ELBO on the fit's own draws: how far the last tenth of the steps moved it
+                "elbo_first_step": trace[0] if trace else None, "elbo_last_step": trace[-1] if trace else None,
+                "rise_over_last_tenth": (float(np.mean(trace[-tenth:]) - np.mean(trace[-2 * tenth:-tenth]))
+                                         if len(trace) >= 2 * tenth else None)},
+        "precision": encoder["precision"],
+    }
+
+
+def read_gap(run_dir: str | Path) -> dict | None:
+    """RUN/gap.json, or None when `vaelab gap` has not run."""
+    path = Path(run_dir) / GAP
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab gap {run_dir}` again") from None
+
+
+def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
+    """`vaelab gap`: amortization_gap over a run's first test images, written by rank 0 into
+    RUN/gap.json. Returns the result, with the seconds it took."""
+    check(options)
+    distributed.start(world)
+    model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
+    images = data.subset(None, options.images).test_images
+    run = Path(options.run)
+    distributed.share_result(lambda: check_writable(run, "gap.json goes there: make it writable"), world)
+    start = time.perf_counter()
+    r = amortization_gap(model, images, k=options.k, steps=options.steps, samples=options.samples,
+                         lr=options.lr, seed=options.seed, progress=not options.quiet, world=world)
+    r["seconds"] = time.perf_counter() - start
+    if world.main:
+        atomic_write_json(run / GAP, r)
+    return r
