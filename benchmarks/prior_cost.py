@@ -11,57 +11,12 @@ and its ratio to the standard prior's, the median of the repetitions' ratios.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+from epoch_cost import alternate, host  # benchmarks/epoch_cost.py, beside this script
+
 PRIORS = ("standard", "mog", "vamp")
-
-
-def epoch_seconds(prior: str, batch: int, train_size: int) -> float:
-    """The median epoch time after the first of a 3-epoch burda1 run with this prior."""
-    with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "vaelab",
-                "train",
-                "--preset",
-                "burda1",
-                "--prior",
-                prior,
-                "--optimizer",
-                "adam",
-                "--lr",
-                "1e-3",
-                "--batch-size",
-                str(batch),
-                "--epochs",
-                "3",
-                "--train-size",
-                str(train_size),
-                "--test-size",
-                "1000",
-                "--device",
-                "cpu",
-                "--quiet",
-                "--no-plots",
-                "--out",
-                str(run),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        seconds = [
-            json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()
-        ]
-    return statistics.median(seconds[1:])
 
 
 def main(argv=None) -> int:
@@ -72,32 +27,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     report = {}
     for batch in (100, 20):
-        times = {p: [] for p in PRIORS}
-        for _ in range(args.reps):
-            for prior in PRIORS:
-                times[prior].append(epoch_seconds(prior, batch, args.train_size))
-        report[str(batch)] = {
-            "median_s": {p: statistics.median(t) for p, t in times.items()},
-            "ratio": {
-                p: statistics.median(a / b for a, b in zip(times[p], times["standard"]))
-                for p in PRIORS
-            },
-            "times": times,
-        }
-    import torch
-    from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+        base = ["--preset", "burda1", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", str(batch),
+                "--train-size", str(args.train_size), "--test-size", "1000"]
+        report[str(batch)] = alternate({p: [*base, "--prior", p] for p in PRIORS}, args.reps)
+    from machine import write_results
 
-    host = (
-        f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch"
-        f" {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-    )
+    host_text = host()
     rows = "".join(
         f"| {batch} | {p} | {r['median_s'][p]:.2f} | {r['ratio'][p]:.2f}x |\n"
         for batch, r in report.items()
         for p in PRIORS
     )
     table = (
-        f"Host: {host}. burda1 network, Adam 1e-3, {args.train_size} training images, epoch time"
+        f"Host: {host_text}. burda1 network, Adam 1e-3, {args.train_size} training images, epoch time"
         f" (median of epochs 2-3, then of {args.reps} alternating repetitions); mog and vamp with K"
         " = 500.\n\n| batch | prior | s per epoch | against standard |\n| --- | --- | --- |"
         " --- |\n"
@@ -105,7 +47,7 @@ def main(argv=None) -> int:
     )
     if args.out:
         write_results(
-            args.out, "prior_cost", {"host": host, "train_size": args.train_size, **report}, table
+            args.out, "prior_cost", {"host": host_text, "train_size": args.train_size, **report}, table
         )
     else:
         print(table)

@@ -227,7 +227,7 @@ def test_resolve_leaves_its_argument_alone_and_resolving_twice_changes_nothing()
 
 def test_an_unknown_preset_is_one_line():
     with pytest.raises(
-        VaelabError, match="unknown preset 'huge'; choose one of burda1, conv, tutorial"
+        VaelabError, match="unknown preset 'huge'; choose one of burda1, burda2, conv, tutorial"
     ):
         resolve(RunConfig(preset="huge"))
 

@@ -52,6 +52,12 @@ RECIPES = {
     "adam-vamp-prior-iwae5": dict(optimizer="adam", lr=1e-3, objective="iwae", k=5, model=ModelConfig(
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="vamp", prior_components=50)),
     "adam-iwae10-dreg": dict(optimizer="adam", lr=1e-3, objective="iwae", k=10, estimator="dreg"),
+    "adam-two-layers-iwae5-dreg": dict(optimizer="adam", lr=1e-3, objective="iwae", k=5, estimator="dreg",
+                                       model=ModelConfig(z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,),
+                                                         image_shape=(1, 8, 8), upper_z_dims=(2,), upper_hidden=(16,))),
+    "adam-two-layers-elbo-mog": dict(optimizer="adam", lr=1e-3, model=ModelConfig(
+        z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), upper_z_dims=(2,),
+        upper_hidden=(16,), prior="mog", prior_components=5)),
     "adam-elbo-stl-vamp": dict(optimizer="adam", lr=1e-3, estimator="stl", model=ModelConfig(
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="vamp", prior_components=20)),
 }

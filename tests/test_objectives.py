@@ -161,10 +161,11 @@ def gradients(model, x, objective: str, estimator: str, k: int, draws: int, part
     from vaelab import rng
     from vaelab.objectives import OBJECTIVES, estimated
 
-    params = list(getattr(model, part).parameters())
+    params = list(model.get_submodule(part).parameters())
     rows = []
     for r in range(draws):
-        eps = rng.normal(rng.row_keys(rng.key(7, "draw", r), torch.arange(len(x))), k * 2).view(len(x), k, 2)
+        d = model.noise_dim
+        eps = rng.normal(rng.row_keys(rng.key(7, "draw", r), torch.arange(len(x))), k * d).view(len(x), k, d)
         terms = estimated(model(x, eps.transpose(0, 1)), estimator)
         grads = torch.autograd.grad(OBJECTIVES[objective](terms).sum(), params)
         rows.append(torch.cat([g.flatten() for g in grads]))

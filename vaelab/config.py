@@ -244,6 +244,11 @@ PRESETS = {
     "burda1": dict(
         encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50
     ),
+    # Burda et al.'s two stochastic layers: x -200-200- z1 (100) -100-100- z2 (50), tanh.
+    "burda2": dict(
+        encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=100,
+        upper_z_dims=(50,), upper_hidden=(100, 100)
+    ),
     # Two stride-2 4x4 convolutions (32 and 64 channels) and a dense layer of 256 each way, for
     # images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels.
     "conv": dict(
@@ -314,10 +319,25 @@ class ModelConfig(Options):
         choices=POSTERIORS,
     )
     flow_steps: int = option(2, "autoregressive steps of --posterior iaf", rule=POSITIVE, metavar="T")
+    # Checked in validate: () is one stochastic layer.
+    upper_z_dims: tuple[int, ...] = option(
+        (),
+        "sizes of stochastic layers z_2, ..., z_L above z_1 (--z-dim), inferred bottom-up and"
+        " generated top-down (Burda et al. 2015)",
+        metavar="D2,D3",
+        default_text="none, one layer; the preset's",
+    )
+    upper_hidden: tuple[int, ...] = option(
+        (100, 100),
+        "hidden sizes of the MLPs of q(z_l+1|z_l) and p(z_l|z_l+1) between stochastic layers",
+        rule=SIZES,
+        metavar="H1,H2",
+    )
 
     def normal(self, name: str, value):
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)
-        if name in ("encoder_hidden", "decoder_hidden", "conv_channels", "image_shape") and isinstance(
+        if name in ("encoder_hidden", "decoder_hidden", "conv_channels", "image_shape", "upper_z_dims",
+                    "upper_hidden") and isinstance(
             value, (list, tuple)
         ):
             value = tuple(value)
@@ -342,6 +362,14 @@ class ModelConfig(Options):
             raise VaelabError(
                 f"{flag_for('conv_channels')} {SIZES.says}, got {self.conv_channels!r}"
             )
+        if self.upper_z_dims:
+            if not SIZES.test(self.upper_z_dims):
+                raise VaelabError(f"--upper-z-dims {SIZES.says}, got {self.upper_z_dims!r}")
+            for option, value, other in (("prior", "vamp", "its pseudo-inputs' q(z_L|u) has no closed"
+                                          " form in a bottom-up hierarchy"),
+                                         ("posterior", "iaf", "the flow is for one stochastic layer")):
+                if getattr(self, option) == value:
+                    raise VaelabError(f"--{option} {value} does not go with --upper-z-dims: {other}")
         if self.architecture != "conv" and self.conv_channels:
             raise VaelabError(
                 "--conv-channels sets the convolutions of --preset conv; an MLP has none"

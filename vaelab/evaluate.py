@@ -95,7 +95,7 @@ class TestSet:
     def draw(cls, model: VAE, images: torch.Tensor, *, seed: int, samples: int) -> "TestSet":
         index = torch.arange(len(images), device=images.device)
         x = model.observe(images, image_keys(seed, "observe", index))
-        eps = draw_noise(image_keys(seed, "noise", index), model.config.z_dim, samples)
+        eps = draw_noise(image_keys(seed, "noise", index), model.noise_dim, samples)
         return cls(x, eps)
 
 
@@ -257,14 +257,17 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     padded[:n] = images.to(device)
     index = torch.arange(len(padded), device=device)
     observe_keys, noise_keys = image_keys(seed, "observe", index), image_keys(seed, "noise", index)
-    z_dim = model.config.z_dim
+    z_dim, noise_dim = model.config.z_dim, model.noise_dim
     components = model.prior_components()  # once for the whole evaluation (a VampPrior's encodings)
     workspace = Workspace() if model.own_decoder else None
     # Per image: log p(x), its variance, and each IWAE bound; rows this rank does not compute stay 0.
     values = torch.zeros((2 + len(iwae_ks), len(padded)), dtype=torch.float64, device=device)
-    # Per image, for the diagnostics: E_q[z] (z_dim), and the KL of each dimension where defined.
-    factorized = model.prior.analytic_kl and model.flow is None
-    latent = torch.zeros((len(padded), z_dim * (2 if factorized else 1)), dtype=torch.float64, device=device)
+    # Per image, for the diagnostics: E_q[z] of every layer (noise_dim), and the KL of each
+    # dimension where it is defined (z_dim).
+    factorized = model.prior.analytic_kl and model.flow is None and model.hierarchy is None
+    drawn_means = model.flow is not None or model.hierarchy is not None  # E_q[z] from the draws
+    latent = torch.zeros((len(padded), noise_dim + (z_dim if factorized else 0)), dtype=torch.float64,
+                         device=device)
     launches = range(0, len(padded), nb)
     mine = launches[world.rank::world.size]
     bar = show.bar(sum(min(nb, n - s) for s in mine if s < n) * k, f"importance sampling, K={k}",
@@ -275,20 +278,23 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
             x = model.observe(padded[rows], observe_keys[rows])
             q = model.encode_posterior(x) if posterior is None else _rows(posterior, rows, n)
             acc = _Accumulator(len(x), iwae_ks, device)
-            z_sum = torch.zeros((len(x), z_dim), dtype=torch.float64, device=device)
+            z_sum = torch.zeros((len(x), noise_dim), dtype=torch.float64, device=device)
             for first in range(0, k, ns):
-                eps = draw_noise(noise_keys[rows], z_dim, ns, first)
+                eps = draw_noise(noise_keys[rows], noise_dim, ns, first)
                 calls = [model(x, eps[s:s + per_call], workspace, q, components) for s in range(0, ns, per_call)]
                 keep = k - first  # the last launch's padding samples are dropped
                 acc.add(torch.cat([log_weights(terms) for terms in calls])[:keep])
-                if model.flow is not None:  # E_q[z] has no closed form: the mean of the K draws
+                if drawn_means:  # E_q[z] has no closed form: the mean of the K draws
                     z_sum += torch.cat([terms.z for terms in calls])[:keep].sum(0, dtype=torch.float64)
                 bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
             values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
             mu, logvar = q[:2]
-            latent[rows, :z_dim] = mu.double() if model.flow is None else z_sum / k
+            if drawn_means:
+                latent[rows, :noise_dim] = z_sum / k
+            if model.flow is None:  # a Gaussian z_1's mean is mu
+                latent[rows, :z_dim] = mu.double()
             if factorized:
-                latent[rows, z_dim:] = kl_normal_per_dim(mu, logvar).double()
+                latent[rows, noise_dim:] = kl_normal_per_dim(mu, logvar).double()
     bar.close()
     values = distributed.all_sum(values, world)[:, :n]  # adding zeros is exact: one value per image
     latent = distributed.all_sum(latent, world)[:n]
@@ -308,7 +314,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "unit": "nats per image",
         "estimator": f"importance sampling with q(z|x) as proposal, K={k} samples per image",
         "precision": precision,
-        **diagnostics(model, latent[:, :z_dim], latent[:, z_dim:] if factorized else None, k),
+        **diagnostics(model, latent[:, :noise_dim], latent[:, noise_dim:] if factorized else None, k),
         "log_px": log_px_all.cpu().numpy(),
         "per_image": {"elbo": iwae[1].cpu().numpy(), "log_px_variance": var.cpu().numpy()},
     }
@@ -328,25 +334,31 @@ def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.T
                 k: int) -> dict:
     """What the latent code is used for, over the test images.
 
-    posterior_means: (N, z_dim) E_q[z] of each image; kl_per_image: (N, z_dim) each dimension's
-    KL(q(z_d|x) || N(0, 1)), or None where q and p do not factorize over dimensions.
-    Returns active_units (per layer, Burda et al.'s criterion: the variance over test images of
-    E_q[z_d] above ACTIVE_THRESHOLD), that variance per dimension, how E_q[z] was found, and
-    kl_per_dim (mean over images, nats) or the reason it is left out.
+    posterior_means: (N, noise_dim) E_q[z] of each image, every layer's; kl_per_image: (N, z_dim)
+    each dimension's KL(q(z_d|x) || N(0, 1)), or None where q and p do not factorize over
+    dimensions. Returns active_units per layer (z_1 first; Burda et al.'s criterion: the
+    variance over test images of E_q[z_d] above ACTIVE_THRESHOLD), that variance per dimension,
+    how E_q[z] was found, and kl_per_dim (mean over images, nats) or the reason it is left out.
     """
-    variance = posterior_means.var(0) if len(posterior_means) > 1 else torch.zeros(posterior_means.shape[1])
+    sizes = (model.config.z_dim,) if model.hierarchy is None else model.hierarchy.sizes
+    n = len(posterior_means)
+    layers = posterior_means.split(sizes, dim=-1)
+    variance = [m.var(0) if n > 1 else torch.zeros(m.shape[1], dtype=m.dtype) for m in layers]
+    drawn = f"the mean of the K={k} importance samples of z from q(z|x)"
     out = {
-        "active_units": [int((variance > ACTIVE_THRESHOLD).sum())],
+        "active_units": [int((v > ACTIVE_THRESHOLD).sum()) for v in variance],
         "active_threshold": ACTIVE_THRESHOLD,
-        "latent_variance": [variance.tolist()],
-        "posterior_mean": ("mu of q(z|x)" if model.flow is None else
-                           f"the mean of the K={k} importance samples of z from q(z|x)"),
+        "latent_variance": [v.tolist() for v in variance],
+        "posterior_mean": ("mu of q(z|x)" if model.flow is None and model.hierarchy is None else
+                           drawn if model.hierarchy is None else f"layer 1: mu of q(z_1|x); above: {drawn}"),
     }
     if kl_per_image is not None:
         out["kl_per_dim"] = kl_per_image.mean(0).tolist()
     else:
-        why = (f"the {model.config.prior} prior" if not model.prior.analytic_kl else "an IAF posterior")
-        out["kl_per_dim_note"] = f"KL per dimension left out: {why} does not factorize over dimensions"
+        why = ("the layers of a hierarchy depend on each other" if model.hierarchy is not None else
+               f"the {model.config.prior} prior does not factorize over dimensions" if not model.prior.analytic_kl
+               else "an IAF posterior does not factorize over dimensions")
+        out["kl_per_dim_note"] = f"KL per dimension left out: {why}"
     return out
 
 

@@ -58,10 +58,10 @@ def fit_posteriors(model: VAE, x: torch.Tensor, index: torch.Tensor, *, steps: i
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / steps)
     # A Gaussian family's ELBO gradient sticks the landing: its noise vanishes at the true posterior.
     estimator = "stl" if model.flow is None else "reparam"
-    z_dim, trace = model.config.z_dim, []
+    noise_dim, trace = model.noise_dim, []
     bar = show.bar(steps, "fitting each image's posterior", progress)
     for step in range(steps):
-        eps = draw_noise(rng.row_keys(rng.key(seed, "gap fit", step), index), z_dim, samples)
+        eps = draw_noise(rng.row_keys(rng.key(seed, "gap fit", step), index), noise_dim, samples)
         terms = estimated(model(x, eps, posterior=params, components=components), estimator)
         loss = negative_elbo(terms).sum()
         for p, g in zip(params, torch.autograd.grad(loss, params)):

@@ -23,6 +23,7 @@ from torch import nn
 from . import likelihoods, posteriors, priors
 from .config import ARCHITECTURES, CUSTOM, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 from .errors import VaelabError
+from .hierarchy import Hierarchy
 from .nets import MLP, ConvDecoder, ConvEncoder, ImageMLP, Workspace, conv_check
 from .objectives import Terms, kl_normal, reparametrize
 
@@ -96,11 +97,13 @@ class VAE(nn.Module):
         # vaelab's own decoders; any other module runs plainly, in float32.
         self.own_decoder = isinstance(decoder, (MLP, ConvDecoder))
         # After the networks: a learned prior's parameters come last in the optimizer's list.
-        self.prior = priors.make(
-            config.prior, config.z_dim, config.prior_components, config.image_shape
-        )
+        sizes = (config.z_dim, *config.upper_z_dims)
+        self.prior = priors.make(config.prior, sizes[-1], config.prior_components, config.image_shape)
         self.flow = (
             posteriors.IAF(config.z_dim, config.flow_steps) if config.posterior == "iaf" else None
+        )
+        self.hierarchy = (
+            Hierarchy(sizes, config.upper_hidden, config.activation) if config.upper_z_dims else None
         )
 
     @classmethod
@@ -147,6 +150,11 @@ class VAE(nn.Module):
                 [config.z_dim, *config.decoder_hidden, c * channels * h * w], config.activation
             )
         return cls(encoder, decoder, config, head=head)
+
+    @property
+    def noise_dim(self) -> int:
+        """Standard normals one draw of z needs: z_dim, or every stochastic layer's size."""
+        return self.config.z_dim if self.hierarchy is None else self.hierarchy.noise_dim
 
     @property
     def device(self) -> torch.device:
@@ -207,12 +215,18 @@ class VAE(nn.Module):
         (evaluation computes them once, a training step once per step).
         """
         mu, logvar, *context = self.encode_posterior(x) if posterior is None else posterior
+        if self.hierarchy is not None:  # the noise of z_1, then of the layers above
+            eps, upper_eps = eps.split([self.config.z_dim, eps.shape[-1] - self.config.z_dim], dim=-1)
         z = reparametrize(mu, logvar, eps)
-        log_det = None
+        log_det = upper = None
         if self.flow is not None:
             z, log_det = self.flow(z, context[0])
-        log_px_z = self.likelihood.log_prob(self.decode(z, workspace), x, workspace)
-        if self.prior.analytic_kl and self.flow is None:
+        z1 = z
+        if self.hierarchy is not None:  # z: every layer's draws; z_1 read back from it
+            z, upper = self.hierarchy.sample_up(z, upper_eps)
+            z1 = upper.bottom(z)
+        log_px_z = self.likelihood.log_prob(self.decode(z1, workspace), x, workspace)
+        if self.prior.analytic_kl and self.flow is None and self.hierarchy is None:
             return Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar, mu=mu)
         # No closed form: the KL from the same draws; the prior's components once for the call.
         terms = Terms(
@@ -225,6 +239,7 @@ class VAE(nn.Module):
             components=self.prior_components() if components is None else components,
             log_det=log_det,
             mu=mu,
+            upper=upper,
         )
         return terms._replace(kl=(terms.log_qz - terms.log_pz).mean(0))
 
@@ -239,8 +254,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample_prior(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n draws z ~ p(z): (n, z_dim)."""
-        return self.prior.sample(n, generator, self.encode)
+        """n draws z ~ p(z): (n, z_dim), with a hierarchy drawn down from its top layer."""
+        z = self.prior.sample(n, generator, self.encode)
+        return z if self.hierarchy is None else self.hierarchy.sample_down(z, generator)
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:

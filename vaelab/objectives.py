@@ -31,11 +31,21 @@ class Terms(NamedTuple):
     log_det: Any = None     # (S, N) a flow's log-determinant, log q(z_T) = log q(z_0) - log_det
     mu: Any = None          # (N, z_dim) of q(z|x)
     q_fixed: bool = False   # log q(z|x) with q's parameters held fixed (see `estimated`)
+    # Stochastic layers above z_1 (hierarchy.Upper): z then holds every layer's draws,
+    # (S, N, d_1 + ... + d_L), and eps, mu and logvar are z_1's.
+    upper: Any = None
+
+    @property
+    def z1(self) -> torch.Tensor:
+        """(S, N, z_dim) the draws of the layer the decoder reads."""
+        return self.z if self.upper is None else self.upper.bottom(self.z)
 
     @property
     def log_pz(self) -> torch.Tensor:
-        """(S, N) log p(z_s)."""
-        return log_standard_normal(self.z) if self.prior is None else self.prior.log_prob(self.z, self.components)
+        """(S, N) log p(z_s): the prior's at the top layer, and the conditionals below it."""
+        top = self.z if self.upper is None else self.upper.top(self.z)
+        base = log_standard_normal(top) if self.prior is None else self.prior.log_prob(top, self.components)
+        return base if self.upper is None else base + self.upper.log_p(self.z)
 
     @property
     def log_qz(self) -> torch.Tensor:
@@ -43,9 +53,11 @@ class Terms(NamedTuple):
         if self.q_fixed:
             if self.log_det is not None:
                 raise ValueError("log q(z|x) with fixed parameters needs a flow's inverse")
-            return log_normal(self.z, self.mu.detach(), self.logvar.detach())
-        base = log_normal_from_eps(self.eps, self.logvar)
-        return base if self.log_det is None else base - self.log_det
+            base = log_normal(self.z1, self.mu.detach(), self.logvar.detach())
+        else:
+            base = log_normal_from_eps(self.eps, self.logvar)
+            base = base if self.log_det is None else base - self.log_det
+        return base if self.upper is None else base + self.upper.log_q(self.z, self.q_fixed)
 
 
 def reparametrize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ class TrainStep:
         self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
         # The epoch's draws, made by begin_epoch: row p is the image at position p of the
         # epoch's order as the model sees it, and its noise.
-        n, z_dim = self.steps_per_epoch * batch_size, model.config.z_dim
+        n, z_dim = self.steps_per_epoch * batch_size, model.noise_dim
         self.x = torch.empty((n, *images.shape[1:]), dtype=torch.float32, device=device)
         self.eps = torch.empty((n, samples * z_dim), dtype=torch.float32, device=device)
         share = batch_size // world.size
@@ -93,12 +93,12 @@ class TrainStep:
         self.steps_done.fill_((epoch - 1) * self.steps_per_epoch)
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current batch as the model sees it, x: (B, C, H, W), and its noise eps: (S, B, z_dim).
+        """The current batch as the model sees it, x: (B, C, H, W), and its noise eps: (S, B, noise_dim).
 
         Keyed by each image's position in the epoch, so a slice of the batch draws
         what the whole batch would.
         """
-        eps = self.eps.index_select(0, self.positions).view(-1, self.samples, self.model.config.z_dim)
+        eps = self.eps.index_select(0, self.positions).view(-1, self.samples, self.model.noise_dim)
         return self.x.index_select(0, self.positions), eps.transpose(0, 1)
 
     def eager(self) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""What the DReG estimator costs per training epoch, against the plain IWAE gradient, in one run.
+
+    PYTHONPATH=. python benchmarks/estimator_cost.py [--reps 5] [--train-size 3000] [--out DIR]
+
+The burda1 and burda2 networks, Adam, batch 20, --objective iwae --k 50, with --estimator reparam
+and dreg alternating within each repetition (benchmarks/epoch_cost.py). Reports each one's median
+epoch time and the median over repetitions of dreg's ratio to reparam's (a paired ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from epoch_cost import alternate, host  # benchmarks/epoch_cost.py, beside this script
+
+ESTIMATORS = ("reparam", "dreg")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--train-size", type=int, default=3000)
+    parser.add_argument("--epochs", type=int, default=3, help="per run; the first is not timed")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    report = {}
+    for net in ("burda1", "burda2"):
+        base = ["--preset", net, "--objective", "iwae", "--k", "50", "--optimizer", "adam", "--lr", "1e-3",
+                "--batch-size", "20", "--train-size", str(args.train_size), "--test-size", "500"]
+        report[net] = alternate({e: [*base, "--estimator", e] for e in ESTIMATORS}, args.reps, args.epochs)
+    host_text = host()
+    rows = "".join(f"| {net} | {e} | {r['median_s'][e]:.2f} | {r['ratio'][e]:.3f}x |\n"
+                   for net, r in report.items() for e in ESTIMATORS)
+    table = (f"Host: {host_text}. IWAE k=50, Adam 1e-3, batch 20, {args.train_size} training images; epoch time"
+             f" (median of epochs 2-{args.epochs}, then of {args.reps} alternating repetitions), and the median"
+             " of the paired ratios.\n\nMade by `python benchmarks/estimator_cost.py`.\n\n"
+             "| network | estimator | s per epoch | against reparam |\n| --- | --- | --- | --- |\n" + rows)
+    if args.out:
+        from machine import write_results
+
+        write_results(args.out, "estimator_cost", {"host": host_text, "train_size": args.train_size, **report},
+                      table)
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
