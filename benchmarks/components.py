@@ -24,61 +24,30 @@ from pathlib import Path
 import torch
 
 import vaelab
-from vaelab.config import EvaluateOptions
-from vaelab.evaluate import compare_runs, evaluate_run
-from vaelab.runs import CHECKPOINT, EVAL, METRICS, read_eval, read_metrics
+from vaelab.evaluate import compare_runs
+from vaelab.runs import read_metrics
 
 from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+from resumable import evaluate_row, train_row  # benchmarks/resumable.py
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("standard-gaussian", "mog-gaussian", "vamp-gaussian", "standard-iaf", "mog-iaf", "vamp-iaf")
 BASELINE = "standard-gaussian"
 
 
-def train_row(row: str, args) -> Path:
-    """Train (or resume, or leave alone when finished) one row's run; return its directory."""
+def row_config(row: str, args) -> vaelab.RunConfig:
+    """One row's recipe: burda1, ELBO, Adam 1e-3, batch 100; only the prior and posterior change."""
     prior, posterior = row.split("-")
-    run_dir = args.runs / row
     model = vaelab.preset("burda1").replace(
         prior=prior, posterior=posterior, flow_steps=2, prior_components=500
     )
-    config = vaelab.RunConfig(
-        preset="burda1",
-        model=model,
-        objective="elbo",
-        optimizer="adam",
-        lr=1e-3,
-        batch_size=100,
-        epochs=args.epochs,
-        seed=args.seed,
-        device="cpu",
-    )
-    done = len(read_metrics(run_dir) or []) if (run_dir / CHECKPOINT).is_file() else 0
-    if done >= args.epochs:
-        return run_dir
-    print(
-        f"{row}: {'resuming at epoch ' + str(done + 1) if done else 'training'} {run_dir}",
-        file=sys.stderr,
-    )
-    vaelab.train(config, run_dir, progress=not args.quiet, resume=done > 0)
-    return run_dir
+    return vaelab.RunConfig(preset="burda1", model=model, objective="elbo", optimizer="adam", lr=1e-3,
+                            batch_size=100, epochs=args.epochs, seed=args.seed, device="cpu")
 
 
-def evaluate_row(run_dir: Path, args) -> dict:
-    """`vaelab evaluate` the run unless an evaluation of its last epoch with the same K is there."""
-    record = read_eval(run_dir)
-    fresh = (
-        record is not None
-        and (run_dir / EVAL).stat().st_mtime > (run_dir / METRICS).stat().st_mtime
-    )
-    if fresh and record["k"] == args.k_eval:
-        return record
-    evaluate_run(
-        EvaluateOptions(
-            run=str(run_dir), k=args.k_eval, precision="fp32", device="cpu", quiet=args.quiet
-        )
-    )
-    return read_eval(run_dir)
+def train_and_evaluate(row: str, args) -> tuple[Path, dict]:
+    run_dir = train_row(row, row_config(row, args), args.runs / row, args.quiet)
+    return run_dir, evaluate_row(run_dir, args.k_eval, args.quiet)
 
 
 def main(argv=None) -> int:
@@ -104,13 +73,12 @@ def main(argv=None) -> int:
 
     if args.train_only:
         for row in rows:
-            train_row(row, args)
+            train_row(row, row_config(row, args), args.runs / row, args.quiet)
         return 0
     # Row by row, the table rewritten after each: a run stopped part-way keeps what it finished.
     run_dirs, records = {}, {}
     for row in rows:
-        run_dirs[row] = train_row(row, args)
-        records[row] = evaluate_row(run_dirs[row], args)
+        run_dirs[row], records[row] = train_and_evaluate(row, args)
         write_table(rows, run_dirs, records, args)
     return 0
 

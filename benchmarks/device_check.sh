@@ -4,8 +4,8 @@
 #   device run: bash benchmarks/device_check.sh [cuda|bench|suite]   (carry: .mnist)
 # With no argument, everything, most telling first, inside one call's 600 s: the CUDA tests (the
 # captured step against eager, resume, evaluation), the GPU benchmark (benchmarks/gpu.py), where a
-# default run's wall time goes (benchmarks/startup.py), torchrun on the card, then the rest of the
-# suite in the time left. An argument runs that part alone. Results go to $OUT.
+# default run's wall time goes (benchmarks/startup.py), torchrun on the card, burda2 with IWAE
+# k=50 and DReG for 121 epochs, then the rest of the suite in the time left. An argument runs that part alone. Results go to $OUT.
 set -uo pipefail
 export PYTHONPATH=. VAELAB_DATA_DIR="${VAELAB_DATA_DIR:-$PWD/.mnist}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/vaelab-device}"
@@ -33,6 +33,17 @@ if [ "$part" = all ]; then
   timeout 60 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m vaelab train --device cuda \
     --preset conv --likelihood logistic --optimizer adam --lr 1e-3 --epochs 2 --out /tmp/nccl_run --no-plots \
     2>&1 | tail -5 | tee "$OUT/nccl.log"
+fi
+
+if [ "$part" = all ] || [ "$part" = burda2 ]; then
+  # burda2 with the IWAE bound, k=50 and DReG, for the first five stages of the burda schedule
+  # (121 epochs), evaluated with K=5000: a few minutes on a card. `bash device_check.sh burda2` alone.
+  left=$((deadline - SECONDS - 120))
+  [ "$left" -ge 60 ] && timeout "$left" python3 -m vaelab train --preset burda2 --objective iwae --k 50 \
+    --estimator dreg --optimizer adam --lr 1e-3 --schedule burda --batch-size 20 --epochs 121 --device cuda \
+    --no-plots --quiet --out /tmp/burda2 2>&1 | tail -3 | tee "$OUT/burda2.log"
+  [ -f /tmp/burda2/model.safetensors ] && timeout 120 python3 -m vaelab evaluate /tmp/burda2 --quiet 2>&1 \
+    | tee -a "$OUT/burda2.log" && cp /tmp/burda2/metrics.jsonl /tmp/burda2/eval.json "$OUT/" 2>/dev/null
 fi
 
 if want suite; then

@@ -1,0 +1,46 @@
+"""Rows of a results table that train for hours: each resumes from its checkpoint, and a finished
+step (training, evaluation, the gaps) is kept, so a table's script can be stopped and run again.
+Shared by components.py and deeper.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import vaelab
+from vaelab.config import EvaluateOptions, GapOptions
+from vaelab.evaluate import evaluate_run
+from vaelab.gap import GAP, gap_run, read_gap
+from vaelab.runs import CHECKPOINT, EVAL, METRICS, read_eval, read_metrics
+
+
+def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = True) -> Path:
+    """Train (or resume, or leave alone when it has all its epochs) one row's run."""
+    done = len(read_metrics(run_dir)) if (run_dir / CHECKPOINT).is_file() else 0
+    if done >= config.epochs:
+        return run_dir
+    print(f"{name}: {'resuming at epoch ' + str(done + 1) if done else 'training'} {run_dir}", file=sys.stderr)
+    vaelab.train(config, run_dir, progress=not quiet, resume=done > 0)
+    return run_dir
+
+
+def _fresh(run_dir: Path, name: str) -> bool:
+    """Whether RUN/name was written after the run's last epoch."""
+    path = run_dir / name
+    return path.is_file() and path.stat().st_mtime > (run_dir / METRICS).stat().st_mtime
+
+
+def evaluate_row(run_dir: Path, k: int, quiet: bool = True) -> dict:
+    """`vaelab evaluate` (fp32, on the CPU) unless an evaluation of the last epoch with this K is there."""
+    record = read_eval(run_dir)
+    if not (_fresh(run_dir, EVAL) and record["k"] == k):
+        evaluate_run(EvaluateOptions(run=str(run_dir), k=k, precision="fp32", device="cpu", quiet=quiet))
+    return read_eval(run_dir)
+
+
+def gap_row(run_dir: Path, images: int, k: int, quiet: bool = True) -> dict:
+    """`vaelab gap` on the CPU unless a result for the last epoch with these settings is there."""
+    record = read_gap(run_dir)
+    if not (_fresh(run_dir, GAP) and record["images"] == images and record["k"] == k):
+        gap_run(GapOptions(run=str(run_dir), images=images, k=k, device="cpu", quiet=quiet))
+    return read_gap(run_dir)
