@@ -38,7 +38,9 @@ ROWS = {
     "burda1-vae": dict(preset="burda1", epochs=121, **BURDA),
     "burda2-vae": dict(preset="burda2", epochs=121, **BURDA),
     "burda1-iwae50": dict(preset="burda1", objective="iwae", k=50, epochs=40, **BURDA),
-    "burda1-iwae50-dreg": dict(preset="burda1", objective="iwae", k=50, estimator="dreg", epochs=40, **BURDA),
+    "burda1-iwae50-dreg": dict(
+        preset="burda1", objective="iwae", k=50, estimator="dreg", epochs=40, **BURDA
+    ),
     "tutorial": dict(device="cpu"),
 }
 PAIRS = (("burda2-vae", "burda1-vae"), ("burda1-iwae50-dreg", "burda1-iwae50"))
@@ -47,7 +49,9 @@ GAPS = ("tutorial", "burda1-vae")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS)
+    )
     parser.add_argument("--k-eval", type=int, default=5000)
     parser.add_argument("--gap-images", type=int, default=1000)
     parser.add_argument("--runs", type=Path, default=Path("runs/deeper"))
@@ -71,46 +75,92 @@ def main(argv=None) -> int:
 
 def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
     threads = torch.get_num_threads()
-    hardware = f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}, PyTorch {torch.__version__}"
-    lines = [f"Machine: {hardware}. Test NLL by importance sampling (K={args.k_eval}, all test images, fp32),"
-             " nats per image ± its Monte-Carlo standard error; active units per layer (Burda et al.'s"
-             " criterion, variance over test images of E_q[z_d] above 0.01).", "",
-             "Made by `python benchmarks/deeper.py`.", "",
-             "| row | epochs | NLL | negative ELBO | IWAE k=50 | active units | training |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    hardware = (
+        f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}, PyTorch"
+        f" {torch.__version__}"
+    )
+    lines = [
+        (
+            f"Machine: {hardware}. Test NLL by importance sampling (K={args.k_eval}, all test"
+            " images, fp32), nats per image ± its Monte-Carlo standard error; active units per"
+            " layer (Burda et al.'s criterion, variance over test images of E_q[z_d] above 0.01)."
+        ),
+        "",
+        "Made by `python benchmarks/deeper.py`.",
+        "",
+        "| row | epochs | NLL | negative ELBO | IWAE k=50 | active units | training |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     results = {}
     for row, (run_dir, r) in done.items():
         metrics = read_metrics(run_dir)
         minutes = sum(m["seconds"] for m in metrics) / 60
-        results[row] = {"nll": r["nll"], "nll_se": r["nll_se"], "neg_elbo": r["neg_elbo"], "iwae": r["iwae"],
-                        "active_units": r["active_units"], "epochs": len(metrics), "train_minutes": minutes}
+        results[row] = {
+            "nll": r["nll"],
+            "nll_se": r["nll_se"],
+            "neg_elbo": r["neg_elbo"],
+            "iwae": r["iwae"],
+            "active_units": r["active_units"],
+            "epochs": len(metrics),
+            "train_minutes": minutes,
+        }
         units = "+".join(map(str, r["active_units"]))
-        lines.append(f"| {row} | {len(metrics)} | {r['nll']:.2f} ± {r['nll_se']:.3f} | {r['neg_elbo']:.2f} |"
-                     f" {r['iwae']['50']:.2f} | {units} | {minutes:.0f} min |")
+        lines.append(
+            f"| {row} | {len(metrics)} | {r['nll']:.2f} ± {r['nll_se']:.3f} | {r['neg_elbo']:.2f} |"
+            f" {r['iwae']['50']:.2f} | {units} | {minutes:.0f} min |"
+        )
     pairs = [(a, b) for a, b in PAIRS if a in done and b in done]
     if pairs:
-        lines += ["", "`vaelab compare A B`: the paired mean of NLL(A) - NLL(B) over test images ± its"
-                  " standard error (negative: A is better).", "", "| A | B | difference |", "| --- | --- | --- |"]
+        lines += [
+            "",
+            (
+                "`vaelab compare A B`: the paired mean of NLL(A) - NLL(B) over test images ± its"
+                " standard error (negative: A is better)."
+            ),
+            "",
+            "| A | B | difference |",
+            "| --- | --- | --- |",
+        ]
         for a, b in pairs:
             c = compare_runs(done[a][0], done[b][0])
             results[f"{a} vs {b}"] = {"difference": c["difference"], "se": c["se"]}
             lines.append(f"| {a} | {b} | {c['difference']:+.3f} ± {c['se']:.3f} |")
     if gaps:
-        lines += ["", f"`vaelab gap` ({args.gap_images} test images, K={args.k_eval}, 1,000 Adam steps): nats"
-                  " per image ± standard error over images, the gaps paired per image.", "",
-                  "| row | log p(x) | L[q*] | L[q] | approximation gap | amortization gap |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            (
+                f"`vaelab gap` ({args.gap_images} test images, K={args.k_eval}, 1,000 Adam steps):"
+                " nats per image ± standard error over images, the gaps paired per image."
+            ),
+            "",
+            "| row | log p(x) | L[q*] | L[q] | approximation gap | amortization gap |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for row, g in gaps.items():
             cell = lambda name: f"{g[name]['mean']:.2f} ± {g[name]['se']:.2f}"
-            results[f"{row} gap"] = {k: g[k] for k in ("log_px", "elbo_fitted", "elbo_encoder",
-                                                       "approximation_gap", "amortization_gap")}
-            lines.append(f"| {row} | {cell('log_px')} | {cell('elbo_fitted')} | {cell('elbo_encoder')} |"
-                         f" {cell('approximation_gap')} | {cell('amortization_gap')} |")
+            results[f"{row} gap"] = {
+                k: g[k]
+                for k in (
+                    "log_px",
+                    "elbo_fitted",
+                    "elbo_encoder",
+                    "approximation_gap",
+                    "amortization_gap",
+                )
+            }
+            lines.append(
+                f"| {row} | {cell('log_px')} | {cell('elbo_fitted')} | {cell('elbo_encoder')} |"
+                f" {cell('approximation_gap')} | {cell('amortization_gap')} |"
+            )
     pending = [row for row in rows if row not in done]
     if pending:
         lines += ["", f"Not yet run: {', '.join(pending)}."]
-    write_results(args.out, "deeper", {"hardware": hardware, "k_eval": args.k_eval, "results": results,
-                                       "pending": pending}, "\n".join(lines) + "\n")
+    write_results(
+        args.out,
+        "deeper",
+        {"hardware": hardware, "k_eval": args.k_eval, "results": results, "pending": pending},
+        "\n".join(lines) + "\n",
+    )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,25 @@ def epoch_seconds(args: list[str], epochs: int = 3) -> float:
     """The median epoch time, after the first, of `vaelab train ARGS` run for `epochs`."""
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        command = [sys.executable, "-m", "vaelab", "train", *args, "--epochs", str(epochs), "--device",
-                   "cpu", "--quiet", "--no-plots", "--out", str(run)]
+        command = [
+            sys.executable,
+            "-m",
+            "vaelab",
+            "train",
+            *args,
+            "--epochs",
+            str(epochs),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--no-plots",
+            "--out",
+            str(run),
+        ]
         subprocess.run(command, check=True, capture_output=True)
-        seconds = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        seconds = [
+            json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
     return statistics.median(seconds[1:])
 
 
@@ -38,7 +53,10 @@ def alternate(variants: dict[str, list[str]], reps: int, epochs: int = 3) -> dic
     first = next(iter(variants))
     return {
         "median_s": {name: statistics.median(t) for name, t in times.items()},
-        "ratio": {name: statistics.median(a / b for a, b in zip(t, times[first])) for name, t in times.items()},
+        "ratio": {
+            name: statistics.median(a / b for a, b in zip(t, times[first]))
+            for name, t in times.items()
+        },
         "times": times,
     }
 
@@ -48,5 +66,7 @@ def host() -> str:
 
     from machine import cpu_description  # benchmarks/machine.py, beside this script
 
-    return (f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch {torch.__version__},"
-            f" {time.strftime('%Y-%m-%d')}")
+    return (
+        f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch"
+        f" {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )

@@ -8,7 +8,8 @@ bound (k=10), then, on a fixed batch of test images, the gradient of the negativ
 drawn `--draws` times for each k (keyed noise). For each parameter the SNR is |mean| / standard
 deviation over the draws; reported is its mean over the encoder head's weights (the inference
 network), and, for reference, over the decoder's last layer (the generative network), which both
-estimators share. One image by default, as Rainforth et al. measure it per data point. Writes gradient_snr.md, .json and .png.
+estimators share. One image by default, as Rainforth et al. measure it per data point.
+Writes gradient_snr.md, .json and .png.
 """
 
 from __future__ import annotations
@@ -57,11 +58,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    config = vaelab.RunConfig(model=vaelab.ModelConfig(z_dim=10), objective="iwae", k=10, optimizer="adam",
-                              lr=1e-3, epochs=3, train_size=20000, test_size=1000, device="cpu")
+    config = vaelab.RunConfig(
+        model=vaelab.ModelConfig(z_dim=10),
+        objective="iwae",
+        k=10,
+        optimizer="adam",
+        lr=1e-3,
+        epochs=3,
+        train_size=20000,
+        test_size=1000,
+        device="cpu",
+    )
     result = vaelab.train(config, progress=False)
     model = result.model
-    x = model.observe(result.data.test_images[:args.images], torch.arange(args.images))
+    x = model.observe(result.data.test_images[: args.images], torch.arange(args.images))
     table = {e: {k: snr(model, x, k, e, args.draws) for k in KS} for e in ("reparam", "dreg")}
     seconds = time.perf_counter() - start
 
@@ -71,9 +81,19 @@ def main(argv=None) -> int:
     ax = fig.subplots()
     for estimator, style in (("reparam", "o-"), ("dreg", "s-")):
         name = "IWAE" if estimator == "reparam" else "DReG"
-        ax.plot(KS, [table[estimator][k]["encoder"] for k in KS], style, label=f"{name}: inference network")
-    ax.plot(KS, [table["reparam"][k]["decoder"] for k in KS], "^--", color="grey",
-            label="generative network (both)")
+        ax.plot(
+            KS,
+            [table[estimator][k]["encoder"] for k in KS],
+            style,
+            label=f"{name}: inference network",
+        )
+    ax.plot(
+        KS,
+        [table["reparam"][k]["decoder"] for k in KS],
+        "^--",
+        color="grey",
+        label="generative network (both)",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("k (importance samples per image)")
@@ -86,21 +106,52 @@ def main(argv=None) -> int:
     fig.savefig(args.out / "gradient_snr.png", dpi=100)
 
     hardware = f"{cpu_description()}, PyTorch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
-    lines = [f"Machine: {hardware}. The tutorial network with z_dim=10, trained 3 epochs (IWAE k=10, Adam"
-             f" 1e-3, 20,000 images); {args.images} test image{'s' if args.images > 1 else ''}, {args.draws} keyed draws per k; mean"
-             f" over parameters of |mean| / std of the gradient. {seconds / 60:.1f} minutes in all.",
-             "", "Made by `python benchmarks/gradient_snr.py`. Figure: [gradient_snr.png](gradient_snr.png).", "",
-             "| k | IWAE, inference | DReG, inference | generative (IWAE) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {k} | {table['reparam'][k]['encoder']:.3f} | {table['dreg'][k]['encoder']:.3f} |"
-              f" {table['reparam'][k]['decoder']:.3f} |" for k in KS]
-    slope = {e: float(np.polyfit(np.log(KS), np.log([table[e][k]["encoder"] for k in KS]), 1)[0])
-             for e in table}
-    lines += ["", f"Slope of log SNR against log k, inference network: IWAE {slope['reparam']:+.2f},"
-              f" DReG {slope['dreg']:+.2f}. Rainforth et al. (2018) find that the IWAE bound's"
-              " inference-network SNR falls as k grows."]
-    write_results(args.out, "gradient_snr", {"hardware": hardware, "draws": args.draws, "images": args.images,
-                                             "snr": table, "slope": slope, "seconds": seconds},
-                  "\n".join(lines) + "\n")
+    lines = [
+        (
+            f"Machine: {hardware}. The tutorial network with z_dim=10, trained 3 epochs (IWAE k=10,"
+            f" Adam 1e-3, 20,000 images); {args.images} test image{'s' if args.images > 1 else ''},"
+            f" {args.draws} keyed draws per k; mean over parameters of |mean| / std of the"
+            f" gradient. {seconds / 60:.1f} minutes in all."
+        ),
+        "",
+        (
+            "Made by `python benchmarks/gradient_snr.py`. Figure:"
+            " [gradient_snr.png](gradient_snr.png)."
+        ),
+        "",
+        "| k | IWAE, inference | DReG, inference | generative (IWAE) |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {k} | {table['reparam'][k]['encoder']:.3f} | {table['dreg'][k]['encoder']:.3f} |"
+        f" {table['reparam'][k]['decoder']:.3f} |"
+        for k in KS
+    ]
+    slope = {
+        e: float(np.polyfit(np.log(KS), np.log([table[e][k]["encoder"] for k in KS]), 1)[0])
+        for e in table
+    }
+    lines += [
+        "",
+        (
+            f"Slope of log SNR against log k, inference network: IWAE {slope['reparam']:+.2f},"
+            f" DReG {slope['dreg']:+.2f}. Rainforth et al. (2018) find that the IWAE bound's"
+            " inference-network SNR falls as k grows."
+        ),
+    ]
+    write_results(
+        args.out,
+        "gradient_snr",
+        {
+            "hardware": hardware,
+            "draws": args.draws,
+            "images": args.images,
+            "snr": table,
+            "slope": slope,
+            "seconds": seconds,
+        },
+        "\n".join(lines) + "\n",
+    )
     return 0
 
 

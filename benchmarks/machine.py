@@ -28,8 +28,12 @@ def cpu_description() -> str:
     return f"{fields.get('model name', 'unknown CPU')} ({', '.join(x for x in (family, vector) if x)})"
 
 
-def write_results(out: Path, name: str, report: dict, table: str) -> None:
-    """Write out/name.json (the figures) and out/name.md (the table), and print the table."""
+def write_results(out: Path | None, name: str, report: dict, table: str) -> None:
+    """Write out/name.json (the figures) and out/name.md (the table), and print the table (only
+    print it without out)."""
+    if out is None:
+        print(table)
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{name}.md").write_text(table)

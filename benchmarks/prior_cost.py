@@ -45,12 +45,8 @@ def main(argv=None) -> int:
         " --- |\n"
         + rows
     )
-    if args.out:
-        write_results(
-            args.out, "prior_cost", {"host": host_text, "train_size": args.train_size, **report}, table
-        )
-    else:
-        print(table)
+    report = {"host": host_text, "train_size": args.train_size, **report}
+    write_results(args.out, "prior_cost", report, table)
     return 0
 
 

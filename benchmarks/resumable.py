@@ -19,7 +19,10 @@ def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = 
     done = len(read_metrics(run_dir)) if (run_dir / CHECKPOINT).is_file() else 0
     if done >= config.epochs:
         return run_dir
-    print(f"{name}: {'resuming at epoch ' + str(done + 1) if done else 'training'} {run_dir}", file=sys.stderr)
+    print(
+        f"{name}: {'resuming at epoch ' + str(done + 1) if done else 'training'} {run_dir}",
+        file=sys.stderr,
+    )
     vaelab.train(config, run_dir, progress=not quiet, resume=done > 0)
     return run_dir
 
@@ -31,10 +34,12 @@ def _fresh(run_dir: Path, name: str) -> bool:
 
 
 def evaluate_row(run_dir: Path, k: int, quiet: bool = True) -> dict:
-    """`vaelab evaluate` (fp32, on the CPU) unless an evaluation of the last epoch with this K is there."""
+    """`vaelab evaluate` (fp32, CPU) unless an evaluation of the last epoch with this K is there."""
     record = read_eval(run_dir)
     if not (_fresh(run_dir, EVAL) and record["k"] == k):
-        evaluate_run(EvaluateOptions(run=str(run_dir), k=k, precision="fp32", device="cpu", quiet=quiet))
+        evaluate_run(
+            EvaluateOptions(run=str(run_dir), k=k, precision="fp32", device="cpu", quiet=quiet)
+        )
     return read_eval(run_dir)
 
 

@@ -61,13 +61,17 @@ def exact_log_px(images: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torc
 
 
 def images(n: int = 100) -> torch.Tensor:
-    return torch.randint(0, 256, (n, *SHAPE), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (n, *SHAPE), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
 
 
 def test_the_exact_encoder_has_no_gap_and_log_px_is_the_closed_form():
     model, w, b = linear_gaussian()
     r = amortization_gap(model, images(), k=100, steps=50, progress=False)
-    assert r["log_px"]["mean"] == pytest.approx(exact_log_px(images(), w, b).mean().item(), abs=1e-3)
+    assert r["log_px"]["mean"] == pytest.approx(
+        exact_log_px(images(), w, b).mean().item(), abs=1e-3
+    )
     assert abs(r["amortization_gap"]["mean"]) < 1e-3 and abs(r["approximation_gap"]["mean"]) < 1e-3
 
 
@@ -77,8 +81,12 @@ def test_a_perturbed_encoder_has_an_amortization_gap_and_the_fit_closes_the_appr
     r = amortization_gap(model, images(), k=1000, steps=400, progress=False)
     gap, approx = r["amortization_gap"], r["approximation_gap"]
     assert gap["mean"] > 10 * gap["se"] and gap["mean"] > 0.05
-    assert abs(approx["mean"]) < 4 * approx["se"] + 1e-3, approx  # the family holds the true posterior
-    assert r["log_px"]["mean"] == pytest.approx(exact_log_px(images(), w, b).mean().item(), abs=1e-3)
+    assert (
+        abs(approx["mean"]) < 4 * approx["se"] + 1e-3
+    ), approx  # the family holds the true posterior
+    assert r["log_px"]["mean"] == pytest.approx(
+        exact_log_px(images(), w, b).mean().item(), abs=1e-3
+    )
     assert r["fit"]["rise_over_last_tenth"] < 0.01  # the fixed budget sufficed
 
 
@@ -94,38 +102,52 @@ def test_each_images_fit_is_its_own_so_a_subset_gives_the_same_posteriors():
         torch.testing.assert_close(a[1::3], b, rtol=1e-5, atol=1e-6)
 
 
-def test_vaelab_gap_writes_gap_json_and_prints_both_gaps(tmp_path):
-    run = tmp_path / "run"
-    train(RunConfig(epochs=1, batch_size=50, device="cpu", model=RunConfig().model.replace(image_shape=(1, 8, 8))),
-          run, synthetic_dataset(), progress=False)
-    done = run_vaelab("gap", run, "--images", 20, "--k", 50, "--steps", 10, "--quiet", "--data-dir",
-                      _idx(tmp_path))
+@pytest.fixture(scope="module")
+def gapped(tmp_path_factory):
+    """A tiny tutorial run on 8x8 synthetic images, and what `vaelab gap` did with it."""
+    from conftest import write_idx_dir
+
+    root = tmp_path_factory.mktemp("gap")
+    config = RunConfig(
+        epochs=1,
+        batch_size=50,
+        device="cpu",
+        model=RunConfig().model.replace(image_shape=(1, 8, 8)),
+    )
+    result = train(config, root / "run", synthetic_dataset(), progress=False)
+    data = write_idx_dir(root / "data", synthetic_dataset())
+    args = ["--images", 20, "--k", 50, "--steps", 10, "--quiet", "--data-dir", data]
+    return root / "run", result.model, run_vaelab("gap", root / "run", *args)
+
+
+def test_vaelab_gap_writes_gap_json_and_prints_both_gaps(gapped):
+    run, _, done = gapped
     assert done.returncode == 0, done.stderr
     assert "approximation gap" in done.stdout and "amortization gap" in done.stdout
     r = json.loads((run / "gap.json").read_text())
     assert r["images"] == 20 and r["fit"]["steps"] == 10
 
 
-def _idx(tmp_path):
-    from conftest import write_idx_dir
-
-    return write_idx_dir(tmp_path / "data", synthetic_dataset())
-
-
-@pytest.mark.parametrize("args, says", [(["--images", "0"], "--images"), (["--steps", "-1"], "--steps"),
-                                        (["--lr", "0"], "--lr")])
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--images", "0"], "--images"), (["--steps", "-1"], "--steps"), (["--lr", "0"], "--lr")],
+)
 def test_bad_values_are_refused_in_one_line(tmp_path, args, says):
     done = run_vaelab("gap", tmp_path, *args)
-    assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert (
+        done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    )
 
 
-def test_the_report_shows_the_gaps(tmp_path):
+def test_the_report_shows_the_gaps(gapped):
     from vaelab.report import build_report
 
-    run = tmp_path / "run"
-    result = train(RunConfig(epochs=1, batch_size=50, device="cpu", model=RunConfig().model.replace(
-        image_shape=(1, 8, 8))), run, synthetic_dataset(), progress=False)
-    assert run_vaelab("gap", run, "--images", 10, "--k", 50, "--steps", 5, "--quiet", "--data-dir",
-                      _idx(tmp_path)).returncode == 0
-    page = build_report(run, result.model)
+    run, model, _ = gapped
+    page = build_report(run, model)
     assert "Approximation and amortization gaps" in page and "amortization_gap.mean" in page
+
+
+def test_a_rerun_gives_the_same_numbers():
+    model, _, _ = linear_gaussian(perturb=0.5)
+    a, b = (amortization_gap(model, images(30), k=50, steps=10, progress=False) for _ in range(2))
+    assert a == b

@@ -43,8 +43,17 @@ from .runs import check_writable, load_run_and_data
 GAP = "gap.json"
 
 
-def fit_posteriors(model: VAE, x: torch.Tensor, index: torch.Tensor, *, steps: int, samples: int,
-                   lr: float, seed: int, progress: bool = False) -> tuple[tuple[torch.Tensor, ...], list]:
+def fit_posteriors(
+    model: VAE,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    steps: int,
+    samples: int,
+    lr: float,
+    seed: int,
+    progress: bool = False,
+) -> tuple[tuple[torch.Tensor, ...], list]:
     """q* for each image: Adam on its ELBO from the encoder's q. x: (N, C, H, W) as the model
     sees them; index: (N,) the images' numbers, which key their noise. Returns the fitted
     parameters (as VAE.encode_posterior gives them, (N, ...) each) and the mean ELBO of each
@@ -56,7 +65,7 @@ def fit_posteriors(model: VAE, x: torch.Tensor, index: torch.Tensor, *, steps: i
     optimizer = torch.optim.Adam(params, lr=lr)
     # The rate falls linearly to 0, so that the last steps settle rather than jitter about q*.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / steps)
-    # A Gaussian family's ELBO gradient sticks the landing: its noise vanishes at the true posterior.
+    # A Gaussian family's ELBO gradient sticks the landing: no noise at the true posterior.
     estimator = "stl" if model.flow is None else "reparam"
     noise_dim, trace = model.noise_dim, []
     bar = show.bar(steps, "fitting each image's posterior", progress)
@@ -77,13 +86,24 @@ def fit_posteriors(model: VAE, x: torch.Tensor, index: torch.Tensor, *, steps: i
 
 def _mean_se(values: torch.Tensor) -> dict:
     n = len(values)
-    return {"mean": values.mean().item(),
-            "se": (values.std() / math.sqrt(n)).item() if n > 1 else None}
+    return {
+        "mean": values.mean().item(),
+        "se": (values.std() / math.sqrt(n)).item() if n > 1 else None,
+    }
 
 
-def amortization_gap(model: VAE, images: torch.Tensor, *, k: int = 5000, steps: int = 1000,
-                     samples: int = 10, lr: float = 1e-2, seed: int = 1234, progress: bool = True,
-                     world: World = SINGLE) -> dict:
+def amortization_gap(
+    model: VAE,
+    images: torch.Tensor,
+    *,
+    k: int = 5000,
+    steps: int = 1000,
+    samples: int = 10,
+    lr: float = 1e-2,
+    seed: int = 1234,
+    progress: bool = True,
+    world: World = SINGLE,
+) -> dict:
     """The two gaps over images: (N, C, H, W) uint8 (see the module's docstring). Returns
     log_px, elbo_fitted (L[q*]), elbo_encoder (L[q]), approximation_gap and amortization_gap,
     each {"mean", "se"} in nats per image, with what fixes them and the fit's course."""
@@ -93,9 +113,17 @@ def amortization_gap(model: VAE, images: torch.Tensor, *, k: int = 5000, steps: 
     index = torch.arange(n, device=device)
     x = model.observe(images, image_keys(seed, "observe", index))
     # Rank r fits images r, r + size, ...; the fitted parameters are then shared by adding zeros.
-    mine = index[world.rank::world.size]
-    fitted, trace = fit_posteriors(model, x[mine], mine, steps=steps, samples=samples, lr=lr,
-                                   seed=seed, progress=progress and world.main)
+    mine = index[world.rank :: world.size]
+    fitted, trace = fit_posteriors(
+        model,
+        x[mine],
+        mine,
+        steps=steps,
+        samples=samples,
+        lr=lr,
+        seed=seed,
+        progress=progress and world.main,
+    )
     shared = []
     for t in fitted:
         full = torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=device)
@@ -108,8 +136,12 @@ def amortization_gap(model: VAE, images: torch.Tensor, *, k: int = 5000, steps: 
     elbo_q = torch.from_numpy(encoder["per_image"]["elbo"])
     elbo_fitted = torch.from_numpy(best["per_image"]["elbo"])
     # The better proposal: the one whose estimate of log p(x) has the smaller Monte-Carlo variance.
-    use_fitted = torch.from_numpy(best["per_image"]["log_px_variance"] < encoder["per_image"]["log_px_variance"])
-    log_px = torch.where(use_fitted, torch.from_numpy(best["log_px"]), torch.from_numpy(encoder["log_px"]))
+    use_fitted = torch.from_numpy(
+        best["per_image"]["log_px_variance"] < encoder["per_image"]["log_px_variance"]
+    )
+    log_px = torch.where(
+        use_fitted, torch.from_numpy(best["log_px"]), torch.from_numpy(encoder["log_px"])
+    )
     tenth = max(1, steps // 10)
     return {
         "images": n,
@@ -121,16 +153,32 @@ def amortization_gap(model: VAE, images: torch.Tensor, *, k: int = 5000, steps: 
         "elbo_encoder": _mean_se(elbo_q),
         "approximation_gap": _mean_se(log_px - elbo_fitted),
         "amortization_gap": _mean_se(elbo_fitted - elbo_q),
-        "proposal": (f"per image, the one of q and q* whose log p(x) estimate has the smaller Monte-Carlo"
-                     f" variance (q* for {int(use_fitted.sum())} of {n})"),
-        "fit": {"optimizer": f"Adam, lr {lr} falling linearly to 0", "steps": steps, "samples": samples,
-                "gradient": "stl" if model.flow is None else "reparam",
-                "family": "the head's outputs per image (mu, logvar" +
-                          (", the IAF's context; the flow's weights shared)" if model.flow is not None else ")"),
-                # the mean ELBO on the fit's own draws: how far the last tenth of the steps moved it
-                "elbo_first_step": trace[0] if trace else None, "elbo_last_step": trace[-1] if trace else None,
-                "rise_over_last_tenth": (float(np.mean(trace[-tenth:]) - np.mean(trace[-2 * tenth:-tenth]))
-                                         if len(trace) >= 2 * tenth else None)},
+        "proposal": (
+            "per image, the one of q and q* whose log p(x) estimate has the smaller Monte-Carlo"
+            f" variance (q* for {int(use_fitted.sum())} of {n})"
+        ),
+        "fit": {
+            "optimizer": f"Adam, lr {lr} falling linearly to 0",
+            "steps": steps,
+            "samples": samples,
+            "gradient": "stl" if model.flow is None else "reparam",
+            "family": (
+                "the head's outputs per image (mu, logvar"
+                + (
+                    ", the IAF's context; the flow's weights shared)"
+                    if model.flow is not None
+                    else ")"
+                )
+            ),
+            # the mean ELBO on the fit's own draws: how far the last tenth of the steps moved it
+            "elbo_first_step": trace[0] if trace else None,
+            "elbo_last_step": trace[-1] if trace else None,
+            "rise_over_last_tenth": (
+                float(np.mean(trace[-tenth:]) - np.mean(trace[-2 * tenth : -tenth]))
+                if len(trace) >= 2 * tenth
+                else None
+            ),
+        },
         "precision": encoder["precision"],
     }
 
@@ -143,7 +191,9 @@ def read_gap(run_dir: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab gap {run_dir}` again") from None
+        raise RunError(
+            f"{path} is unreadable or corrupt ({e}); run `vaelab gap {run_dir}` again"
+        ) from None
 
 
 def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
@@ -154,10 +204,21 @@ def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
     model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
     images = data.subset(None, options.images).test_images
     run = Path(options.run)
-    distributed.share_result(lambda: check_writable(run, "gap.json goes there: make it writable"), world)
+    distributed.share_result(
+        lambda: check_writable(run, "gap.json goes there: make it writable"), world
+    )
     start = time.perf_counter()
-    r = amortization_gap(model, images, k=options.k, steps=options.steps, samples=options.samples,
-                         lr=options.lr, seed=options.seed, progress=not options.quiet, world=world)
+    r = amortization_gap(
+        model,
+        images,
+        k=options.k,
+        steps=options.steps,
+        samples=options.samples,
+        lr=options.lr,
+        seed=options.seed,
+        progress=not options.quiet,
+        world=world,
+    )
     r["seconds"] = time.perf_counter() - start
     if world.main:
         atomic_write_json(run / GAP, r)

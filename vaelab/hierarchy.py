@@ -92,7 +92,7 @@ class Hierarchy(nn.Module):
 
     @torch.no_grad()
     def sample_down(self, top: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """z_L (n, d_L) drawn from the prior -> z_1 (n, d_1), each layer drawn from p(z_l|z_{l+1})."""
+        """z_L (n, d_L) from the prior -> z_1 (n, d_1), each layer drawn from p(z_l|z_{l+1})."""
         z = top
         for layer in reversed(self.down):
             mu, logvar = layer(z)
@@ -110,10 +110,10 @@ class Upper(NamedTuple):
     logvars: list
 
     def bottom(self, z: torch.Tensor) -> torch.Tensor:
-        return z[..., :self.hierarchy.sizes[0]]
+        return z[..., : self.hierarchy.sizes[0]]
 
     def top(self, z: torch.Tensor) -> torch.Tensor:
-        return z[..., -self.hierarchy.sizes[-1]:]
+        return z[..., -self.hierarchy.sizes[-1] :]
 
     def log_q(self, z: torch.Tensor, fixed: bool) -> torch.Tensor:
         """(S, N) the upper layers' log q: written in their noise, or with fixed parameters."""

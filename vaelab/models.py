@@ -98,12 +98,16 @@ class VAE(nn.Module):
         self.own_decoder = isinstance(decoder, (MLP, ConvDecoder))
         # After the networks: a learned prior's parameters come last in the optimizer's list.
         sizes = (config.z_dim, *config.upper_z_dims)
-        self.prior = priors.make(config.prior, sizes[-1], config.prior_components, config.image_shape)
+        self.prior = priors.make(
+            config.prior, sizes[-1], config.prior_components, config.image_shape
+        )
         self.flow = (
             posteriors.IAF(config.z_dim, config.flow_steps) if config.posterior == "iaf" else None
         )
         self.hierarchy = (
-            Hierarchy(sizes, config.upper_hidden, config.activation) if config.upper_z_dims else None
+            Hierarchy(sizes, config.upper_hidden, config.activation)
+            if config.upper_z_dims
+            else None
         )
 
     @classmethod
@@ -216,7 +220,9 @@ class VAE(nn.Module):
         """
         mu, logvar, *context = self.encode_posterior(x) if posterior is None else posterior
         if self.hierarchy is not None:  # the noise of z_1, then of the layers above
-            eps, upper_eps = eps.split([self.config.z_dim, eps.shape[-1] - self.config.z_dim], dim=-1)
+            eps, upper_eps = eps.split(
+                [self.config.z_dim, eps.shape[-1] - self.config.z_dim], dim=-1
+            )
         z = reparametrize(mu, logvar, eps)
         log_det = upper = None
         if self.flow is not None:
@@ -227,7 +233,9 @@ class VAE(nn.Module):
             z1 = upper.bottom(z)
         log_px_z = self.likelihood.log_prob(self.decode(z1, workspace), x, workspace)
         if self.prior.analytic_kl and self.flow is None and self.hierarchy is None:
-            return Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar, mu=mu)
+            return Terms(
+                log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar, mu=mu
+            )
         # No closed form: the KL from the same draws; the prior's components once for the call.
         terms = Terms(
             log_px_z=log_px_z,

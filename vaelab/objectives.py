@@ -44,12 +44,13 @@ class Terms(NamedTuple):
     def log_pz(self) -> torch.Tensor:
         """(S, N) log p(z_s): the prior's at the top layer, and the conditionals below it."""
         top = self.z if self.upper is None else self.upper.top(self.z)
-        base = log_standard_normal(top) if self.prior is None else self.prior.log_prob(top, self.components)
+        prior = self.prior
+        base = log_standard_normal(top) if prior is None else prior.log_prob(top, self.components)
         return base if self.upper is None else base + self.upper.log_p(self.z)
 
     @property
     def log_qz(self) -> torch.Tensor:
-        """(S, N) log q(z_s | x); with q_fixed, its gradient reaches q's parameters through z alone."""
+        """(S, N) log q(z_s | x); with q_fixed, the gradient reaches q's parameters via z only."""
         if self.q_fixed:
             if self.log_det is not None:
                 raise ValueError("log q(z|x) with fixed parameters needs a flow's inverse")
