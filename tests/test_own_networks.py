@@ -249,3 +249,25 @@ def test_the_command_line_refuses_such_a_run_naming_the_python_way(trained, tmp_
     assert "your own encoder and decoder" in done.stderr and "vaelab." in done.stderr
     assert not (tmp_path / "s.png").exists()
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+def test_a_given_model_is_recorded_as_it_is_whatever_the_preset():
+    from vaelab.models import build_model
+
+    model = build_model(ModelConfig(z_dim=2, image_shape=SHAPE), seed=0)
+    training = build(config(preset="burda2"), synthetic_dataset(), progress=False, model=model)
+    assert training.config.model == model.config and training.config.model.upper_z_dims == ()
+
+
+def test_load_run_says_when_the_encoder_is_not_the_one_trained(trained):
+    run, *_ = trained
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(VaelabError, match="the encoder gives 10 features, but the model's config records 24"):
+        load_run(run, encoder=encoder, decoder=networks()[1])
+
+
+def test_a_decoder_output_of_another_layout_is_refused():
+    encoder, _ = networks()
+    decoder = nn.Sequential(nn.Linear(2, 64), nn.Unflatten(1, (8, 8, 1)))  # (M, H, W, C)
+    with pytest.raises(VaelabError, match="the decoder maps z"):
+        VAE(encoder, decoder, z_dim=2, image_shape=SHAPE)

@@ -74,13 +74,18 @@ class VAE(nn.Module):
                 f"the encoder maps one image (1, {c}, {h}, {w}) to shape "
                 f"{tuple(features.shape)}; it must give features (1, F)"
             )
+        if config.architecture == CUSTOM and features.shape[1] != config.encoder_hidden[-1]:
+            raise VaelabError(
+                f"the encoder gives {features.shape[1]} features, but the model's config records"
+                f" {config.encoder_hidden[-1]}: build the encoder as it was"
+            )
         out = _dry_run(decoder, torch.zeros(1, config.z_dim), "decoder")
-        if out.numel() != math.prod(self.out_shape):
+        if tuple(out.shape) not in ((1, *self.out_shape), (1, math.prod(self.out_shape))):
             raise VaelabError(
                 f"the decoder maps z (1, {config.z_dim}) to shape {tuple(out.shape)}; the "
                 f"{config.likelihood} likelihood needs (1, {', '.join(map(str, self.out_shape))})"
             )
-        # Registered in this order (encoder, head, decoder, then prior and flow): optimizer
+        # Registered in this order (encoder, head, decoder, then prior, flow, hierarchy): optimizer
         # checkpoints list parameters by position.
         self.encoder = encoder
         self.context = _context(config)
@@ -96,7 +101,8 @@ class VAE(nn.Module):
         # Evaluation's workspaces, bf16 decoding and sizing by layer are capabilities of
         # vaelab's own decoders; any other module runs plainly, in float32.
         self.own_decoder = isinstance(decoder, (MLP, ConvDecoder))
-        # After the networks: a learned prior's parameters come last in the optimizer's list.
+        # After the networks, in the order they were added to vaelab (prior, flow, hierarchy):
+        # optimizer checkpoints list parameters by position.
         sizes = (config.z_dim, *config.upper_z_dims)
         self.prior = priors.make(
             config.prior, sizes[-1], config.prior_components, config.image_shape
@@ -188,7 +194,7 @@ class VAE(nn.Module):
         (evaluation's bf16): z is cast to them and the output back to float32."""
         flat = z.reshape(-1, z.shape[-1])
         if not self.own_decoder:
-            return self.decoder(flat).view(*z.shape[:-1], *self.out_shape)
+            return self.decoder(flat).reshape(*z.shape[:-1], *self.out_shape).float()
         dtype = next(self.decoder.parameters()).dtype
         out = self.decoder(flat.to(dtype), workspace)
         if dtype != torch.float32:
@@ -211,9 +217,10 @@ class VAE(nn.Module):
         posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
         components=None,
     ) -> Terms:
-        """x: (N, C, H, W) observed images; eps: (S, N, z_dim) standard normal noise.
+        """x: (N, C, H, W) observed images; eps: (S, N, noise_dim) standard normal noise.
 
-        Returns the per-example terms for z_s = mu + sigma * eps_s (objectives.Terms).
+        Returns the per-example terms for z_s = mu + sigma * eps_s (objectives.Terms), with a
+        hierarchy's upper layers drawn from the rest of eps.
         posterior: encode_posterior(x), when the caller has it already (evaluation
         decodes one tile's samples in several calls); components: prior_components(), likewise
         (evaluation computes them once, a training step once per step).

@@ -134,8 +134,9 @@ ESTIMATORS = ("reparam", "stl", "dreg")
 
 
 def estimated(terms: Terms, estimator: str) -> Terms:
-    """The terms whose gradient, through the objective, is the estimator's (ESTIMATORS); their
-    values are the objective's own, up to rounding.
+    """The terms whose gradient, through the objective, is the estimator's (ESTIMATORS). The
+    IWAE bound's value is unchanged (up to rounding); stl's ELBO takes its KL from the draws, a
+    Monte-Carlo estimate of the analytic one where the model has it.
 
     dreg's reweighting is a hook on z: one backward pass. What does not flow through z keeps
     its ordinary gradient: the decoder's and a learned prior's parameters, and a VampPrior's

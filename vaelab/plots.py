@@ -126,14 +126,14 @@ def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0)
 
 @torch.no_grad()
 def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
-    """Decoder means E[x|z] for z ~ N(0, I)."""
+    """Decoder means E[x|z] for z ~ p(z), the model's prior."""
     images = sample_images(model, n, seed)
     return _grid_figure(image_grid(images, nrow=square_nrow(n)), f"{n} samples from the prior (decoder means)")
 
 
 def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: int = 0,
                   force: bool = False) -> Path:
-    """`vaelab sample`: a PNG grid of n decoder means of a run's model for z ~ N(0, I); an
+    """`vaelab sample`: a PNG grid of n decoder means of a run's model for z ~ p(z); an
     existing file is overwritten only with force."""
     from .runs import load_run  # runs imports the evaluation, which this module's figures use
 
@@ -148,7 +148,7 @@ def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: in
 
 @torch.no_grad()
 def sample_images(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
-    """(n, H, W) or (n, H, W, 3) decoder means for n draws z ~ N(0, I)."""
+    """(n, H, W) or (n, H, W, 3) decoder means for n draws z ~ p(z)."""
     generator = torch.Generator(model.device).manual_seed(seed)
     z = model.sample_prior(n, generator)
     return _as_images(model.decode_mean(z), model.config.image_shape)

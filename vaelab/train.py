@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
-from .config import RunConfig, explicit, resolve
+from .config import ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
@@ -97,7 +97,9 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
         if twice:
             raise VaelabError(f"the model's options come from the model given ({twice} set in "
                               "config.model too): leave them out of config")
-        config = config.replace(model=model.config)
+        # The model is what it is: every field of its config counts as set, so no preset or
+        # recommendation rewrites the record of it.
+        config = config.replace(model=ModelConfig.from_dict(model.config.to_dict()))
     config = resolve(config)
     config.validate()
     if config.batch_size % world.size:
