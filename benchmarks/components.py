@@ -21,13 +21,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 import vaelab
 from vaelab.evaluate import compare_runs
 from vaelab.runs import read_metrics
 
-from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+from machine import hardware as machine_hardware, write_results  # benchmarks/machine.py, beside this script
 from resumable import evaluate_row, train_row  # benchmarks/resumable.py
 
 HERE = Path(__file__).resolve().parent
@@ -85,11 +84,7 @@ def main(argv=None) -> int:
 
 def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
     """The table of the rows evaluated so far; those still to run are named below it."""
-    threads = torch.get_num_threads()
-    hardware = (
-        f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}, "
-        f"PyTorch {torch.__version__}"
-    )
+    hardware = machine_hardware()
     results = []
     for row in records:
         record, metrics = records[row], read_metrics(run_dirs[row])

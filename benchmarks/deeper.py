@@ -23,13 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 import vaelab
 from vaelab.evaluate import compare_runs
 from vaelab.runs import read_metrics
 
-from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+from machine import hardware as machine_hardware, write_results  # benchmarks/machine.py, beside this script
 from resumable import evaluate_row, gap_row, train_row  # benchmarks/resumable.py
 
 HERE = Path(__file__).resolve().parent
@@ -74,11 +73,7 @@ def main(argv=None) -> int:
 
 
 def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
-    threads = torch.get_num_threads()
-    hardware = (
-        f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}, PyTorch"
-        f" {torch.__version__}"
-    )
+    hardware = machine_hardware()
     lines = [
         (
             f"Machine: {hardware}. Test NLL by importance sampling (K={args.k_eval}, all test"

@@ -28,6 +28,12 @@ def cpu_description() -> str:
     return f"{fields.get('model name', 'unknown CPU')} ({', '.join(x for x in (family, vector) if x)})"
 
 
+def hardware() -> str:
+    """The CPU, torch's threads and the PyTorch version, as the result tables name them."""
+    threads = torch.get_num_threads()
+    return f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}, PyTorch {torch.__version__}"
+
+
 def write_results(out: Path | None, name: str, report: dict, table: str) -> None:
     """Write out/name.json (the figures) and out/name.md (the table), and print the table (only
     print it without out)."""

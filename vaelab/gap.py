@@ -23,7 +23,6 @@ over images, the gaps paired per image. Under torchrun the ranks share the fits 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -34,12 +33,11 @@ import torch
 from . import distributed, progress as show, rng
 from .config import GapOptions, check
 from .distributed import SINGLE, World
-from .errors import RunError
 from .evaluate import draw_noise, image_keys, importance_sampled
 from .fileio import atomic_write_json
 from .models import VAE
 from .objectives import estimated, negative_elbo
-from .runs import check_writable, load_run_and_data
+from .runs import check_writable, load_run_and_data, read_record
 
 GAP = "gap.json"
 PILOT_SAMPLES = 100  # draws per image that choose log p(x)'s proposal
@@ -193,15 +191,7 @@ def amortization_gap(
 
 def read_gap(run_dir: str | Path) -> dict | None:
     """RUN/gap.json, or None when `vaelab gap` has not run."""
-    path = Path(run_dir) / GAP
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RunError(
-            f"{path} is unreadable or corrupt ({e}); run `vaelab gap {run_dir}` again"
-        ) from None
+    return read_record(run_dir, GAP, "gap")
 
 
 def gap_run(options: GapOptions, world: World = SINGLE) -> dict:

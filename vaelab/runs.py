@@ -333,15 +333,20 @@ def read_log_px(run_dir: str | Path) -> np.ndarray | None:
         raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab evaluate {run_dir}` again") from None
 
 
-def read_eval(run_dir: str | Path) -> dict | None:
-    """RUN/eval.json, or None when the run has not been evaluated."""
-    path = Path(run_dir) / EVAL
+def read_record(run_dir: str | Path, name: str, command: str) -> dict | None:
+    """RUN/name (a JSON record that `vaelab COMMAND` writes), or None when it has not run."""
+    path = Path(run_dir) / name
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab evaluate {run_dir}` again") from None
+        raise RunError(f"{path} is unreadable or corrupt ({e}); run `vaelab {command} {run_dir}` again") from None
+
+
+def read_eval(run_dir: str | Path) -> dict | None:
+    """RUN/eval.json, or None when the run has not been evaluated."""
+    return read_record(run_dir, EVAL, "evaluate")
 
 
 # --- starting a run: fresh, resumed, or restarted by torchrun ---------------------------------
