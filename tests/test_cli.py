@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-FIGURES_2D = {"elbo.png", "data.png", "reconstructions.png", "samples.png", "manifold.png", "latent.png"}
+FIGURES_2D = {"elbo.png", "data.png", "reconstructions.png", "samples.png", "interpolation.png", "manifold.png", "latent.png"}
 
 
 from conftest import run_vaelab as vaelab

@@ -185,8 +185,18 @@ def test_an_option_class_made_with_a_plain_dataclass_is_refused():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_a_preset_fills_what_the_caller_left_unset(name):
-    model = resolve(RunConfig(preset=name)).model
-    assert all(getattr(model, k) == v for k, v in PRESETS[name].items())
+    run = resolve(RunConfig(preset=name))
+    owner = lambda k: run.model if k in ModelConfig.__dataclass_fields__ else run
+    assert all(getattr(owner(k), k) == v for k, v in PRESETS[name].items())
+
+
+def test_the_continuous_likelihoods_and_bernoulli_on_larger_images_recommend_adam():
+    for likelihood in ("gaussian", "gaussian-learned", "logistic"):
+        run = resolve(RunConfig(model=ModelConfig(likelihood=likelihood)))
+        assert (run.optimizer, run.lr) == ("adam", 1e-3)
+    rgb = resolve(RunConfig(model=ModelConfig(image_shape=(3, 32, 32))))
+    assert (rgb.optimizer, rgb.lr) == ("adam", 1e-3)
+    assert (resolve(RunConfig()).optimizer, resolve(RunConfig()).lr) == ("sgd", 5e-3)  # the tutorial's
 
 
 def test_what_the_caller_set_wins_over_the_preset():

@@ -42,7 +42,7 @@ RECIPES = {
                                preset="conv", optimizer="adam", lr=1e-3),
     "conv-sgd-bernoulli-iwae5": dict(model=preset("conv", conv_channels=(8, 16), encoder_hidden=(32,),
                                                   decoder_hidden=(32,), z_dim=3, image_shape=(1, 8, 8)),
-                                     preset="conv", objective="iwae", k=5),
+                                     preset="conv", optimizer="sgd", lr=5e-3, objective="iwae", k=5),
     "burda1-adam-iwae50": dict(model=preset("burda1", image_shape=(1, 8, 8)), preset="burda1", optimizer="adam",
                                lr=1e-3, objective="iwae", k=50),
     "adam-mog-prior": dict(optimizer="adam", lr=1e-3, model=ModelConfig(

@@ -159,15 +159,24 @@ def test_iwae_objective_is_tighter_than_the_elbo_on_average():
     assert negative_iwae(model(x, eps(10))).mean() < negative_iwae(model(x, eps(1))).mean()
 
 
+def test_a_test_batch_draws_what_the_whole_test_set_draws_for_its_images():
+    model = small_model(z_dim=2).float()
+    images = torch.randint(0, 256, (7, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    test_set = TestSet(images, seed=5)
+    x, eps = test_set.draw(model, samples=3)
+    part_x, part_eps = test_set.draw(model, slice(2, 5), samples=2)
+    assert torch.equal(part_x, x[2:5]) and torch.equal(part_eps, eps[:2, 2:5])
+
+
 def test_mean_negative_elbo_uses_the_analytic_kl():
     model = small_model(z_dim=2).float()
     images = torch.randint(0, 256, (5, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    test_set = TestSet.draw(model, images, seed=0, samples=1)
+    test_set = TestSet(images, seed=0)
     value = mean_loss(model, test_set, "elbo", samples=1)
 
-    x = test_set.x  # the same draws
+    x, eps = test_set.draw(model)  # the same draws
     mu, logvar = model.encode(x)
-    z = reparametrize(mu, logvar, test_set.eps)[0]
+    z = reparametrize(mu, logvar, eps)[0]
     log_lik = bernoulli_log_likelihood(x, model.decode(z))
     analytic = (kl_normal(mu, logvar) - log_lik).mean().item()
     sampled = (log_normal_from_eps((z - mu) / torch.exp(logvar / 2), logvar) - log_standard_normal(z)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,11 +222,13 @@ def test_threaded_decoding_reads_the_same_as_one_thread(tmp_path, monkeypatch):
 
 # --- the cache ----------------------------------------------------------------------------
 
-def test_a_second_read_comes_from_the_cache_and_a_changed_file_invalidates_it(tmp_path, cache, monkeypatch):
-    folder = write_png_dir(tmp_path / "d", labelled(10, 4, ("x", "y")))
-    first = load_data(folder, progress=False)
-    assert len(list(cache.glob("*.npz"))) == 1
+def entries(cache: Path) -> list[Path]:
+    """The cache's image files (one per folder, options and split), not their rows files."""
+    return sorted(p for p in cache.glob("*.npy") if not p.name.endswith(".rows.npy"))
 
+
+def counting_opens(monkeypatch) -> list:
+    """From now on, every file Pillow opens is appended to the list returned."""
     original_open, opened = Image.open, []
 
     def counting_open(*args, **kwargs):
@@ -232,9 +236,35 @@ def test_a_second_read_comes_from_the_cache_and_a_changed_file_invalidates_it(tm
         return original_open(*args, **kwargs)
 
     monkeypatch.setattr(Image, "open", counting_open)
+    return opened
+
+
+def mapped_file(tensor: torch.Tensor) -> str | None:
+    """The file whose memory map holds all of tensor's bytes, or None (Linux's /proc/self/maps)."""
+    first, last = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes - 1
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        start, end = (int(a, 16) for a in fields[0].split("-"))
+        if start <= first and last < end:
+            return fields[5] if len(fields) == 6 else None
+    return None
+
+
+needs_proc_maps = pytest.mark.skipif(not Path("/proc/self/maps").exists(),
+                                     reason="reads the process's memory maps from /proc")
+
+
+def test_a_second_read_comes_from_the_cache_and_a_changed_file_invalidates_it(tmp_path, cache,
+                                                                               monkeypatch):
+    folder = write_png_dir(tmp_path / "d", labelled(10, 4, ("x", "y")))
+    first = load_data(folder, progress=False)
+    assert len(entries(cache)) == 1
+
+    opened = counting_opens(monkeypatch)
     second = load_data(folder, progress=False)
     assert opened == []  # no image was decoded: the cache held them
     assert torch.equal(first.train_images, second.train_images)
+    assert torch.equal(first.test_images, second.test_images)
     assert torch.equal(first.test_labels, second.test_labels) and second.label_names == ("x", "y")
 
     changed = next((folder / "train").rglob("*.png"))
@@ -244,17 +274,100 @@ def test_a_second_read_comes_from_the_cache_and_a_changed_file_invalidates_it(tm
     third = load_data(folder, progress=False)
     assert len(opened) == 14  # read again, every image
     assert (third.train_images == 7).all(dim=(1, 2, 3)).any()
-    assert len(list(cache.glob("*.npz"))) == 1  # the folder's entry was replaced, not added to
+    assert len(entries(cache)) == 1  # the folder's entry was replaced, not added to
+
+
+@needs_proc_maps
+def test_the_images_are_a_memory_map_of_the_cache_file_when_built_and_when_read(tmp_path, cache):
+    folder = write_png_dir(tmp_path / "d", labelled(10, 4, ("x", "y")))
+    built = load_data(folder, progress=False)
+    (entry,) = entries(cache)
+    read = load_data(folder, progress=False)
+    for data in (built, read):
+        assert mapped_file(data.train_images) == str(entry)
+        assert mapped_file(data.test_images) == str(entry)
+
+
+@needs_proc_maps
+def test_train_and_test_images_are_consecutive_slices_of_one_map_not_copies(tmp_path, cache):
+    save_all(tmp_path / "flat", pixels(20, (8, 8)))
+    for split_seed in (0, 0, 1):  # built, read, laid out for another split
+        got = load_data(tmp_path / "flat", split_seed=split_seed, progress=False)
+        train, test = got.train_images, got.test_images
+        assert test.data_ptr() == train.data_ptr() + train.nbytes
+        assert mapped_file(train) == mapped_file(test) == str(entries(cache)[0])
+
+
+def test_another_split_is_laid_out_from_the_cache_without_decoding(tmp_path, cache, monkeypatch):
+    save_all(tmp_path / "flat", pixels(30, (8, 8)))
+    load_data(tmp_path / "flat", split_seed=0, progress=False)
+    opened = counting_opens(monkeypatch)
+    other = load_data(tmp_path / "flat", split_seed=1, test_fraction=0.2, progress=False)
+    assert opened == [] and len(entries(cache)) == 1
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "another-cache"))
+    decoded = load_data(tmp_path / "flat", split_seed=1, test_fraction=0.2, progress=False)
+    assert len(opened) == 30
+    assert torch.equal(other.train_images, decoded.train_images)
+    assert torch.equal(other.test_images, decoded.test_images)
+
+
+def test_an_npz_cache_of_an_earlier_version_is_removed_and_rebuilt(tmp_path, cache, monkeypatch):
+    data = labelled(10, 4, ("x", "y"))
+    folder = write_png_dir(tmp_path / "d", data)
+    # Where the .npz cache kept this folder, with a fingerprint that version would have matched.
+    key = hashlib.sha256(f"vaelab folders v3\0{folder.resolve()}\0{(None,)!r}".encode())
+    old = cache / f"{key.hexdigest()}.npz"
+    with monkeypatch.context() as m:
+        m.setattr(folders, "CACHE_VERSION", 3)
+        fingerprint = folders._fingerprint(folder, folders._scan(folder), (None,))
+    cache.mkdir(parents=True)
+    np.savez(old, images=np.zeros((14, 1, 8, 8), np.uint8), fingerprint=np.array(fingerprint))
+
+    opened = counting_opens(monkeypatch)
+    got = load_data(folder, progress=False)
+    assert len(opened) == 14 and not old.exists() and len(entries(cache)) == 1
+    assert pairs(got.train_images, got.train_labels) == pairs(data.train_images, data.train_labels)
+
+
+def test_the_temporary_file_of_a_killed_build_is_not_trusted_and_is_removed(tmp_path, cache,
+                                                                            monkeypatch):
+    folder = write_png_dir(tmp_path / "d", labelled(10, 4, ("x", "y")))
+    first = load_data(folder, progress=False)
+    (entry,) = entries(cache)
+    # A build killed just before its rename leaves a full-looking file under its temporary name.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    leftover = cache / f".{entry.name}.{folders._HOST}-{int(ended.stdout)}-0123abcd.tmp"
+    entry.rename(leftover)
+
+    opened = counting_opens(monkeypatch)
+    again = load_data(folder, progress=False)
+    assert len(opened) == 14  # decoded again, not read from the leftover
+    assert not leftover.exists() and entries(cache) == [entry]
+    assert torch.equal(first.train_images, again.train_images)
+
+
+def test_the_temporary_file_of_a_build_still_running_is_left_alone(tmp_path, cache):
+    folder = write_png_dir(tmp_path / "d", labelled(10, 4, ("x", "y")))
+    load_data(folder, progress=False)
+    (entry,) = entries(cache)
+    running = cache / f".{entry.name}.{folders._HOST}-{os.getpid()}-0123abcd.tmp"
+    running.write_bytes(b"half an entry")
+    other = cache / f".{entry.name}.not-this-machine-1-0123abcd.tmp"
+    other.write_bytes(b"half an entry")
+    entry.unlink()
+    load_data(folder, progress=False)
+    assert running.exists() and other.exists() and entries(cache) == [entry]
 
 
 def test_a_damaged_cache_entry_is_ignored_and_rewritten(tmp_path, cache):
     folder = write_png_dir(tmp_path / "d", labelled(10, 4, ("x", "y")))
-    first = load_data(folder, progress=False)
-    entry = next(cache.glob("*.npz"))
-    entry.write_bytes(entry.read_bytes()[:100])
+    want = load_data(folder, progress=False).train_images.clone()  # a map sees the damage done
+    (entry,) = entries(cache)
+    entry.write_bytes(entry.read_bytes()[:300])  # the header and some rows
     second = load_data(folder, progress=False)
-    assert torch.equal(first.train_images, second.train_images)
-    assert np.load(entry, allow_pickle=False)["images"].shape == (14, 1, 8, 8)
+    assert torch.equal(want, second.train_images)
+    assert np.load(entry, allow_pickle=False).shape == (14, 1, 8, 8)
 
 
 def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
@@ -520,5 +633,5 @@ def test_other_splits_of_one_folder_share_one_cache_entry(tmp_path, cache):
     save_all(tmp_path / "flat", pixels(20, (8, 8)))
     a = load_data(tmp_path / "flat", split_seed=0, progress=False)
     b = load_data(tmp_path / "flat", split_seed=1, test_fraction=0.3, progress=False)
-    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(entries(cache)) == 1 and len(list(cache.glob("*.rows.npy"))) == 1
     assert len(b.test_images) == 6 and not torch.equal(a.test_images[:2], b.test_images[:2])

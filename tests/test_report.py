@@ -29,8 +29,15 @@ def test_report_is_one_self_contained_file(report):
     text = path.read_text()
     for section in ("Latent explorer", "Evaluation", "Metrics", "Figures", "Configuration"):
         assert f"<h2>{section}" in text
-    assert text.count("data:image/png;base64,") == 6  # every figure of a z_dim=2 run, embedded
+    assert text.count("data:image/png;base64,") == 7  # every figure of a z_dim=2 run, embedded
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)  # nothing to fetch
+
+
+def test_report_shows_the_interpolation_with_a_caption_saying_what_it_is(report):
+    path, _ = report
+    figure = re.search(r"<figure><img alt='interpolation' src='data:image/png;base64,[^']+'>"
+                       r"<figcaption>([^<]*)</figcaption></figure>", path.read_text())
+    assert figure and "linear paths between the posterior means" in figure.group(1)
 
 
 def _browser(tmp_path):

@@ -110,6 +110,22 @@ def test_each_step_takes_the_next_batch_and_an_epoch_uses_each_position_once(ima
     assert torch.equal(step.positions, torch.arange(20))  # a new epoch starts at its first batch
 
 
+def test_an_epoch_drawn_in_chunks_of_steps_trains_bitwise_as_one_drawn_whole(images, monkeypatch):
+    whole = make_step(images)
+    row_bytes = 4 * (16 + 2)  # a 4x4 image and z_dim 2
+    monkeypatch.setattr(TrainStep, "CHUNK_BYTES", 2 * 20 * row_bytes + 1)  # two steps a chunk
+    chunked = make_step(images)
+    assert (whole.chunk_steps, chunked.chunk_steps, len(chunked.x)) == (6, 2, 40)
+    losses = {id(whole): [], id(chunked): []}
+    for step in (whole, chunked):
+        for epoch in (1, 2):
+            step.begin_epoch(seed=0, epoch=epoch)
+            losses[id(step)] += [step() for _ in range(step.steps_per_epoch)]
+    assert torch.equal(torch.stack(losses[id(whole)]), torch.stack(losses[id(chunked)]))
+    for p, q in zip(whole.model.parameters(), chunked.model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_kl_warmup_raises_the_weight_linearly_step_by_step_to_beta(images):
     step = make_step(images, beta=0.5, kl_warmup_epochs=2)
     warmup = 2 * step.steps_per_epoch

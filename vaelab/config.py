@@ -72,6 +72,11 @@ SWITCH = Rule(lambda v: isinstance(v, bool), "must be true or false")
 PATH = Rule(lambda v: isinstance(v, (str, os.PathLike)), "must be a path")
 
 
+def listed(words: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
 def option(
     default: Any = MISSING,
     help: str = "",
@@ -250,7 +255,8 @@ PRESETS = {
         upper_z_dims=(50,), upper_hidden=(100, 100)
     ),
     # Two stride-2 4x4 convolutions (32 and 64 channels) and a dense layer of 256 each way, for
-    # images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels.
+    # images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels. Adam: the tutorial's
+    # SGD rate, tuned for the small MLP, is too slow or unstable for the deeper net.
     "conv": dict(
         architecture="conv",
         conv_channels=(32, 64),
@@ -258,8 +264,25 @@ PRESETS = {
         decoder_hidden=(256,),
         activation="relu",
         z_dim=16,
+        optimizer="adam",
+        lr=1e-3,
     ),
 }
+
+
+def _default_with_recommendations(name: str, default: Any) -> str:
+    """--help's default of training option `name`: the dataclass default, then what the
+    likelihoods and presets that set it give instead."""
+    by_value: dict = {}
+    for kind in likelihoods.KINDS.values():
+        if name in kind.recommended:
+            where = f" {kind.recommended_where}" if kind.recommended_where else ""
+            by_value.setdefault(kind.recommended[name], []).append(f"--likelihood {kind.name}{where}")
+    for preset_name, values in PRESETS.items():
+        if name in values:
+            by_value.setdefault(values[name], []).append(f"--preset {preset_name}")
+    others = [f"{value} with {listed(sources)}" for value, sources in by_value.items()]
+    return "; ".join([str(default), *others])
 
 
 @options_dataclass
@@ -442,8 +465,15 @@ class RunConfig(Options):
         1, "Monte-Carlo samples of z per image in the ELBO", rule=POSITIVE, metavar="L"
     )
     k: int = option(5, "importance samples per image for --objective iwae", rule=POSITIVE)
-    optimizer: str = option("sgd", choices=OPTIMIZERS)
-    lr: float = option(5e-3, "learning rate", rule=POSITIVE_NUMBER)
+    optimizer: str = option(
+        "sgd", choices=OPTIMIZERS, default_text=_default_with_recommendations("optimizer", "sgd")
+    )
+    lr: float = option(
+        5e-3,
+        "learning rate",
+        rule=POSITIVE_NUMBER,
+        default_text=_default_with_recommendations("lr", 5e-3),
+    )
     # "burda": the schedule of Burda et al. (2015): lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...
     schedule: str = option(
         "constant",
@@ -571,7 +601,8 @@ class RunConfig(Options):
 
 def resolve(config: RunConfig) -> RunConfig:
     """The effective options of a run: each field the caller did not set takes the likelihood's
-    recommendation, else the preset's value, else the default. A new config, every field counted
+    recommendation for images of config.model.image_shape, else the preset's value, else the
+    default. A new config, every field counted
     as set (resolving it again changes nothing); `config` is left as it was."""
     preset_field = RunConfig.__dataclass_fields__["preset"]
     check_value(preset_field, config.preset)
@@ -579,7 +610,9 @@ def resolve(config: RunConfig) -> RunConfig:
     chosen = PRESETS[config.preset]
     default = ModelConfig.__dataclass_fields__["likelihood"].default
     name = config.model.likelihood if "likelihood" in given_model else chosen.get("likelihood", default)
-    recommended = likelihoods.recommended(name) if name in likelihoods.LIKELIHOODS else {}
+    image_shape = config.model.image_shape  # build sets it from the data before resolving
+    known = name in likelihoods.LIKELIHOODS
+    recommended = likelihoods.recommended(name, image_shape) if known else {}
 
     def effective(options: Options, set_by_caller: frozenset) -> Options:
         out = copy.deepcopy(options)
@@ -622,11 +655,6 @@ def flag_for(name: str) -> str:
         if name in cls.__dataclass_fields__:
             return flag_of(cls.__dataclass_fields__[name])
     return "--" + name.replace("_", "-")
-
-
-def listed(words: list[str]) -> str:
-    """'a', 'a and b', 'a, b and c'."""
-    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 RUN_HELP = "run directory"

@@ -80,23 +80,29 @@ def draw_noise(keys: torch.Tensor, z_dim: int, samples: int, first: int = 0) -> 
 
 @dataclass
 class TestSet:
-    """Test images as the model sees them, with their noise, drawn once.
+    """Test images and the seed of what the model sees of them: test image i's pixels and noise
+    are keyed by (seed, i) alone and drawn as a batch is read (`draw`), so every epoch sees the
+    same draws and memory stays that of the uint8 images.
 
-    x: (N, C, H, W) float32; eps: (S, N, z_dim), sample j of image i being the
-    j-th of image i's importance-sampling noise (the same keys as `importance_sampled`).
+    images: (N, C, H, W) uint8. Sample j of image i's noise is the j-th of its importance-sampling
+    noise (the same keys as `importance_sampled`).
     """
 
     __test__ = False  # not a pytest class, whatever its name
 
-    x: torch.Tensor
-    eps: torch.Tensor
+    images: torch.Tensor
+    seed: int
 
-    @classmethod
-    def draw(cls, model: VAE, images: torch.Tensor, *, seed: int, samples: int) -> "TestSet":
-        index = torch.arange(len(images), device=images.device)
-        x = model.observe(images, image_keys(seed, "observe", index))
-        eps = draw_noise(image_keys(seed, "noise", index), model.noise_dim, samples)
-        return cls(x, eps)
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def draw(self, model: VAE, rows: slice = slice(None), samples: int = 1
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `rows` as the model sees them, x: (B, C, H, W) float32, and their first
+        `samples` draws of noise, eps: (samples, B, noise_dim)."""
+        index = torch.arange(len(self.images), device=self.images.device)[rows]
+        x = model.observe(self.images[rows], image_keys(self.seed, "observe", index))
+        return x, draw_noise(image_keys(self.seed, "noise", index), model.noise_dim, samples)
 
 
 @torch.no_grad()
@@ -106,14 +112,12 @@ def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples
     terms hold it: analytic for N(0, I) and a Gaussian posterior) or the
     negative IWAE bound (k = samples), nats per image. Under torchrun the ranks share the
     batches and add their sums."""
-    if samples > len(test_set.eps):
-        raise ValueError(f"the test set was drawn with {len(test_set.eps)} samples, not {samples}")
     loss, components = OBJECTIVES[objective], model.prior_components()
-    total = torch.zeros((), dtype=torch.float64, device=test_set.x.device)
-    for start in range(world.rank * batch_size, len(test_set.x), world.size * batch_size):
-        x, eps = test_set.x[start:start + batch_size], test_set.eps[:samples, start:start + batch_size]
+    total = torch.zeros((), dtype=torch.float64, device=test_set.images.device)
+    for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
+        x, eps = test_set.draw(model, slice(start, start + batch_size), samples)
         total += loss(model(x, eps, components=components)).sum(dtype=torch.float64)
-    return distributed.all_sum(total, world).item() / len(test_set.x)
+    return distributed.all_sum(total, world).item() / len(test_set)
 
 
 class _Accumulator:

@@ -47,6 +47,12 @@ def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, log_sigma: float | torc
     return (-0.5 * z.square() - log_sigma - 0.5 * LOG_2PI).flatten(-3).sum(-1)
 
 
+# What the likelihoods of grey levels and colours train with: they sum thousands of pixel terms,
+# each steep where the standard deviation or scale is small, so plain SGD's step (which grows with
+# the gradient) diverges; Adam's step is bounded by its rate.
+ADAM = {"optimizer": "adam", "lr": 1e-3}
+
+
 class Likelihood:
     name: str = ""
     channels: int = 1
@@ -55,8 +61,15 @@ class Likelihood:
     # Image-sized tensors that log_prob keeps alive at once outside a workspace, roughly: evaluation
     # sizes its CPU calls by them (evaluate.CPU_CALL_BYTES).
     temporaries: int = 0
-    # Training options this likelihood trains best with, by option name ({"optimizer": "adam"}).
+    # Training options this likelihood trains best with, by option name (config.resolve puts them
+    # under what the caller set and over the preset), for images where `recommends` holds.
     recommended: dict = {}
+    recommended_where: str = ""  # when `recommends` depends on the images: for --help
+
+    @classmethod
+    def recommends(cls, image_shape: tuple[int, int, int]) -> bool:
+        """Whether `recommended` applies to images of shape (C, H, W)."""
+        return True
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -78,6 +91,14 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
     random = True
     discrete = True
+    # The tutorial's plain SGD at 5e-3 is tuned on MNIST's 784 pixels; its step grows with the
+    # number of pixel terms, and on larger images it diverges.
+    recommended = ADAM
+    recommended_where = "on images of more than 784 values"
+
+    @classmethod
+    def recommends(cls, image_shape: tuple[int, int, int]) -> bool:
+        return math.prod(image_shape) > 784
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Each pixel on with probability k / 255 (k its grey level): (N, ...) uint8 -> float32 0/1.
@@ -106,6 +127,7 @@ class Gaussian(Likelihood):
     Bernoulli nats."""
 
     name = "gaussian"
+    recommended = ADAM
     temporaries = 2
 
     def __init__(self, sigma: float):
@@ -134,6 +156,7 @@ class GaussianLearned(Likelihood):
     """
 
     name = "gaussian-learned"
+    recommended = ADAM
     channels = 2
     temporaries = 3
     random = True
@@ -165,6 +188,7 @@ class DiscretizedLogistic(Likelihood):
     """
 
     name = "logistic"
+    recommended = ADAM
     channels = 2
     temporaries = 6
     discrete = True
@@ -201,10 +225,11 @@ KINDS = {kind.name: kind for kind in (Bernoulli, Gaussian, GaussianLearned, Disc
 LIKELIHOODS = tuple(KINDS)
 
 
-def recommended(name: str) -> dict:
-    """The training options a likelihood recommends (config.resolve puts them under what the
-    caller set explicitly and over the preset)."""
-    return dict(KINDS[name].recommended)
+def recommended(name: str, image_shape: tuple[int, int, int]) -> dict:
+    """The training options a likelihood recommends for images of shape (C, H, W)
+    (config.resolve puts them under what the caller set explicitly and over the preset)."""
+    kind = KINDS[name]
+    return dict(kind.recommended) if kind.recommends(image_shape) else {}
 
 
 def make(name: str, sigma: float = 0.1) -> Likelihood:

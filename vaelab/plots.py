@@ -124,6 +124,110 @@ def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0)
     return fig
 
 
+INTERPOLATION_PAIRS = 6  # rows of interpolation.png
+INTERPOLATION_STEPS = 10  # decoded codes per row, the two endpoints included
+
+
+def interpolation_pairs(data: Dataset, n: int = INTERPOLATION_PAIRS) -> np.ndarray:
+    """(P, 2) indices of test images to join, P = min(n, N // 2), the same for every run of a data
+    set: taken in order, each image not yet used paired with the next unused one of a different
+    label (a path between two images of one class shows less); without labels, or where no other
+    label is left, with the next unused one."""
+    labels = None if data.test_labels is None else data.test_labels.tolist()
+    unused = list(range(len(data.test_images)))
+    pairs = []
+    while len(pairs) < n and len(unused) >= 2:
+        a = unused.pop(0)
+        b = next((i for i in unused if labels is None or labels[i] != labels[a]), unused[0])
+        unused.remove(b)
+        pairs.append((a, b))
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def linear_path(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """a, b: (P, D) -> (P, steps, D): (1 - t) a + t b at t = 0, 1 / (steps - 1), ..., 1, so that
+    the first and last codes are a and b themselves."""
+    if steps < 2:
+        raise ValueError(f"a path needs steps >= 2 (its two endpoints), got {steps}")
+    t = torch.linspace(0, 1, steps, device=a.device, dtype=a.dtype)[:, None]
+    return torch.lerp(a[:, None], b[:, None], t)
+
+
+def _pair_indices(data: Dataset, pairs: int | np.ndarray | list) -> np.ndarray:
+    """pairs: a number of pairs (interpolation_pairs) or explicit (P, 2) test indices -> (P, 2)."""
+    n = len(data.test_images)
+    counted = isinstance(pairs, (int, np.integer))
+    index = interpolation_pairs(data, int(pairs)) if counted else np.asarray(pairs, np.int64)
+    if index.ndim != 2 or index.shape[1] != 2 or len(index) == 0:
+        raise ValueError(f"pairs must be a positive number or (P, 2) test indices, got shape "
+                         f"{index.shape}" + (f" from {n} test images" if counted else ""))
+    if index.min() < 0 or index.max() >= n:
+        raise ValueError(f"pair indices must lie in 0 .. {n - 1}, the test images")
+    return index
+
+
+@torch.no_grad()
+def _interpolate(model: VAE, data: Dataset, pairs: int | np.ndarray | list, steps: int,
+                 seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """-> x: (P, 2, C, H, W) the pairs' test images as the model sees them (each observed with
+    its own key, as in reconstructions.png), and `interpolation`'s (P, steps, H, W[, C])."""
+    index = torch.from_numpy(_pair_indices(data, pairs)).flatten().to(model.device)
+    images = data.test_images.to(model.device)[index]
+    x = model.observe(images, image_keys(seed, "observe", index))
+    mu = model.posterior_mean(x).view(-1, 2, model.config.z_dim)
+    path = linear_path(mu[:, 0], mu[:, 1], steps)  # (P, steps, z_dim)
+    decoded = _as_images(model.decode_mean(path), model.config.image_shape)
+    return x.view(-1, 2, *x.shape[1:]), decoded.reshape(*path.shape[:2], *decoded.shape[1:])
+
+
+@torch.no_grad()
+def interpolation(model: VAE, data: Dataset, pairs: int | np.ndarray | list = INTERPOLATION_PAIRS,
+                  steps: int = INTERPOLATION_STEPS, seed: int = 0) -> np.ndarray:
+    """Decoder means along straight lines between the posterior means of pairs of test images:
+    (P, steps, H, W) grey or (P, steps, H, W, C) colour, in [0, 1]. Column 0 decodes image a's
+    mean, column steps - 1 image b's, column k the code (1 - t) mu_a + t mu_b, t = k / (steps - 1).
+
+    pairs: how many pairs (interpolation_pairs chooses them), or explicit (P, 2) test indices.
+    The mean is VAE.posterior_mean: with an IAF posterior the flow's draw at eps = 0, with a
+    hierarchy z_1's, the layer the decoder takes.
+
+    Linear, not spherical: slerp suits draws from N(0, I), which in high dimensions lie on a thin
+    shell of radius sqrt(z_dim) that a straight chord would leave. Posterior means are not such
+    draws: they are points of the aggregate posterior, inside that shell, and the straight line
+    between two of them assumes nothing of the prior's shape (standard, mog or vamp alike).
+    """
+    return _interpolate(model, data, pairs, steps, seed)[1]
+
+
+@torch.no_grad()
+def interpolation_figure(model: VAE, data: Dataset,
+                         pairs: int | np.ndarray | list = INTERPOLATION_PAIRS,
+                         steps: int = INTERPOLATION_STEPS, seed: int = 0) -> Figure:
+    """One row per pair of test images: image a as the model sees it, the decoded linear path
+    between the two posterior means (`interpolation`: its ends the decoded means), then image b."""
+    x, path = _interpolate(model, data, pairs, steps, seed)
+    shape = data.image_shape
+    ends = [image_grid(_as_images(x[:, j], shape), nrow=1) for j in (0, 1)]
+    middle = image_grid(path.reshape(-1, *path.shape[2:]), nrow=steps)
+    h, w = path.shape[2:4]
+    gap = np.ones((middle.shape[0], max(w // 2, 2), *middle.shape[2:]), dtype=np.float32)
+    grid = np.concatenate([ends[0], gap, middle, gap, ends[1]], axis=1)
+    fig = Figure(figsize=(max(steps + 3, 6) * 0.6, len(path) * 0.6 * h / w + 1.0))
+    ax = fig.subplots()
+    _show(ax, grid)
+    centre = lambda start, k=0: start + 2 + k * (w + 2) + (w - 1) / 2  # image_grid's pad: 2
+    middle_start = ends[0].shape[1] + gap.shape[1]
+    ticks = [centre(0), *(centre(middle_start, k) for k in range(steps)),
+             centre(grid.shape[1] - ends[1].shape[1])]
+    ts = np.linspace(0, 1, steps)
+    ax.set_xticks(ticks, ["a"] + [f"{t:.2g}" for t in ts] + ["b"], fontsize=7)
+    ax.set_xlabel("test image a, decoded codes (1 - t) mu_a + t mu_b, test image b")
+    ax.set_yticks([])
+    ax.set_title("Linear paths between posterior means of test images (decoder means)")
+    fig.tight_layout()
+    return fig
+
+
 @torch.no_grad()
 def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
     """Decoder means E[x|z] for z ~ p(z), the model's prior."""
@@ -277,6 +381,8 @@ def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[d
         "reconstructions.png": lambda: reconstruction_figure(model, data),
         "samples.png": lambda: samples_figure(model),
     }
+    if len(data.test_images) >= 2:  # a pair to join
+        figures["interpolation.png"] = lambda: interpolation_figure(model, data)
     if model.config.z_dim == 2:
         figures["manifold.png"] = lambda: manifold_figure(model)
         figures["latent.png"] = lambda: latent_figure(model, data)

@@ -30,6 +30,11 @@ from .runs import FIGURES, load_config, read_eval, read_metrics
 PLANE_LIMIT = 4.0      # the explorer's latent plane is [-4, 4]^2, like the manifold figure
 SCATTER_POINTS = 2000  # test images drawn on the plane for orientation
 MAX_SLIDERS = 8
+# A line under a figure whose name does not say what it shows.
+CAPTIONS = {
+    "interpolation.png": "linear paths between the posterior means of pairs of test images, "
+                         "decoded; the two test images at the ends of each row",
+}
 
 
 def _b64_float32(t: torch.Tensor) -> str:
@@ -110,6 +115,11 @@ def _png(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
+def _caption(name: str) -> str:
+    """A figure's file name, with what it shows where the name does not say."""
+    return f"{name}: {CAPTIONS[name]}" if name in CAPTIONS else name
+
+
 def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -> str:
     """The report's HTML text. With data, the z_dim=2 plane shows test latents."""
     run_dir = Path(run_dir)
@@ -130,7 +140,8 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
     if gap:
         eval_html += "<h3>Approximation and amortization gaps (vaelab gap)</h3>" + _table(_flatten(gap))
     figures_html = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_png(p)}'>"
-                           f"<figcaption>{html.escape(p.name)}</figcaption></figure>" for p in figures)
+                           f"<figcaption>{html.escape(_caption(p.name))}</figcaption></figure>"
+                           for p in figures)
     colours = [_hex(label_colour(i)) for i in range(10)]
     payload = json.dumps({"decoder": decoder_spec(model), "points": points, "limit": PLANE_LIMIT,
                           "sliders": min(model.config.z_dim, MAX_SLIDERS), "colours": colours,

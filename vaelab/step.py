@@ -50,11 +50,15 @@ class TrainStep:
         self.steps_done = torch.zeros((), dtype=torch.int64, device=device)  # counted from the run's start while a warm-up runs
         self.samples, self.batch_size = samples, batch_size
         self.order = torch.zeros(len(images), dtype=torch.int64, device=device)
-        # The epoch's draws, made by begin_epoch: row p is the image at position p of the
-        # epoch's order as the model sees it, and its noise.
-        n, z_dim = self.steps_per_epoch * batch_size, model.noise_dim
+        # A chunk of the epoch's draws, made by begin_epoch and then as the steps need them: row r
+        # is the image at position chunk_start + r of the epoch's order as the model sees it,
+        # and its noise. Whole steps, at most CHUNK_BYTES: memory does not grow with the data.
+        row_bytes = 4 * (images[0].numel() + samples * model.noise_dim)
+        self.chunk_steps = max(1, min(self.steps_per_epoch, self.CHUNK_BYTES // (batch_size * row_bytes)))
+        n = self.chunk_steps * batch_size
         self.x = torch.empty((n, *images.shape[1:]), dtype=torch.float32, device=device)
-        self.eps = torch.empty((n, samples * z_dim), dtype=torch.float32, device=device)
+        self.eps = torch.empty((n, samples * model.noise_dim), dtype=torch.float32, device=device)
+        self._seed, self._epoch, self._next_step = 0, 0, 0  # the host's count of the epoch's steps
         share = batch_size // world.size
         self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
         self.positions = self.rows.clone()  # the current batch's rows of x and eps, advanced by each step
@@ -73,24 +77,37 @@ class TrainStep:
         """Whole batches only (the last partial batch is dropped, as in the tutorial)."""
         return len(self.images) // self.batch_size
 
-    # Rows drawn at a time by begin_epoch: bounds its temporaries.
+    # Bytes of drawn rows a chunk holds (pixels as the model sees them, and noise).
+    CHUNK_BYTES = 64 * 2**20
+    # Rows drawn at a time within a chunk: bounds the drawing's temporaries.
     DRAW_ROWS = 4096
 
     def begin_epoch(self, seed: int, epoch: int) -> None:
-        """Draw everything the epoch needs, keyed by (seed, epoch): its order, and for each
-        position its image's pixels and its noise. Drawn here in bulk rather than in the
-        step, a batch is two row gathers: the step then launches a third of the kernels."""
+        """Draw the epoch's order, keyed by (seed, epoch), and its first chunk of draws: for each
+        position, its image's pixels and its noise, keyed by (seed, epoch, position). Drawn in
+        bulk rather than in the step, a batch is two row gathers: the step then launches a third
+        of the kernels. The step draws the next chunks as it reaches them."""
         device = self.order.device
         self.order.copy_(rng.permutation(rng.key(seed, "order", epoch), len(self.images), device))
-        observe_key, noise_key = rng.key(seed, "observe", epoch), rng.key(seed, "noise", epoch)
-        for start in range(0, len(self.x), self.DRAW_ROWS):
-            rows = slice(start, min(start + self.DRAW_ROWS, len(self.x)))
-            positions = torch.arange(rows.start, rows.stop, device=device)
-            images = self.images.index_select(0, self.order[rows])
-            self.x[rows] = self.model.observe(images, rng.row_keys(observe_key, positions))
-            self.eps[rows] = rng.normal(rng.row_keys(noise_key, positions), self.eps.shape[1])
-        self.positions.copy_(self.rows)
+        self._seed, self._epoch, self._next_step = seed, epoch, 0
+        self._draw_chunk(0)
         self.steps_done.fill_((epoch - 1) * self.steps_per_epoch)
+
+    def _draw_chunk(self, first_step: int) -> None:
+        """Fill x and eps with the draws of steps first_step, ..., and point the batch at the
+        chunk's first rows (host work between steps: a captured step reads the same buffers)."""
+        device = self.order.device
+        observe_key = rng.key(self._seed, "observe", self._epoch)
+        noise_key = rng.key(self._seed, "noise", self._epoch)
+        first = first_step * self.batch_size
+        rows = min(len(self.x), self.steps_per_epoch * self.batch_size - first)
+        for start in range(0, rows, self.DRAW_ROWS):
+            stop = min(start + self.DRAW_ROWS, rows)
+            positions = torch.arange(first + start, first + stop, device=device)
+            images = self.images.index_select(0, self.order[first + start:first + stop])
+            self.x[start:stop] = self.model.observe(images, rng.row_keys(observe_key, positions))
+            self.eps[start:stop] = rng.normal(rng.row_keys(noise_key, positions), self.eps.shape[1])
+        self.positions.copy_(self.rows)
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The current batch as the model sees it, x: (B, C, H, W), and its noise eps: (S, B, noise_dim).
@@ -120,6 +137,9 @@ class TrainStep:
         return loss.detach()
 
     def __call__(self) -> torch.Tensor:
+        if self._next_step and self._next_step % self.chunk_steps == 0:
+            self._draw_chunk(self._next_step)
+        self._next_step += 1
         if self.graph is not None:
             self.graph.replay()
             return self._loss

@@ -54,7 +54,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     lr: torch.Tensor          # the optimizer's learning rate, a tensor the schedule fills
     step: TrainStep
-    test_set: TestSet         # the test images drawn once: the same pixels and noise every epoch
+    test_set: TestSet         # the test images, with the same keyed pixels and noise every epoch
     world: World = SINGLE
 
 
@@ -87,8 +87,9 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     own (config.seed still fixes the batches and the noise).
 
     The returned `Training.config` is the resolved one (config.resolve: what was set, then the
-    likelihood's recommendations, the preset, the defaults); when build reads the data itself, a
-    data folder other than the verified MNIST default is recorded as an absolute path. Under torchrun (world of several ranks) the model is wrapped in
+    likelihood's recommendations for the data's images, the preset, the defaults); when build
+    reads the data itself, a data folder other than the verified MNIST default is recorded as an
+    absolute path. Under torchrun (world of several ranks) the model is wrapped in
     DistributedDataParallel and each rank trains on its share of every (global) batch; in a
     script of yours, `world = vaelab.distributed.from_environment()`.
     """
@@ -100,32 +101,34 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
         # The model is what it is: every field of its config counts as set, so no preset or
         # recommendation rewrites the record of it.
         config = config.replace(model=ModelConfig.from_dict(model.config.to_dict()))
-    config = resolve(config)
-    config.validate()
-    if config.batch_size % world.size:
-        raise VaelabError(f"--batch-size {config.batch_size} does not divide among {world.size} processes; "
+    draft = resolve(config)  # every option's error before any data is read
+    draft.validate()
+    if draft.batch_size % world.size:
+        raise VaelabError(f"--batch-size {draft.batch_size} does not divide among {world.size} processes; "
                           f"give a multiple of {world.size}")
     distributed.start(world)  # under torchrun: join the process group (once)
-    device = pick_device(config.device, world)
-    if config.deterministic:
+    device = pick_device(draft.device, world)
+    if draft.deterministic:
         set_deterministic(device)
+    data_dir = draft.data_dir
     if data is None:
-        data = load_data(config.data_dir, progress=progress and world.main, **config.data_options())
-        if config.data_dir is not None or not data.verified:
+        data = load_data(draft.data_dir, progress=progress and world.main, **draft.data_options())
+        if draft.data_dir is not None or not data.verified:
             # Recorded absolute, so that later commands find it from any folder.
-            config.data_dir = str(data.directory.resolve())
-    data = data.subset(config.train_size, config.test_size)
-    if len(data.train_images) < config.batch_size:
-        raise VaelabError(f"--batch-size {config.batch_size} is larger than the "
+            data_dir = str(data.directory.resolve())
+    data = data.subset(draft.train_size, draft.test_size)
+    if len(data.train_images) < draft.batch_size:
+        raise VaelabError(f"--batch-size {draft.batch_size} is larger than the "
                           f"{len(data.train_images)} training images")
-    if model is None:
-        config.model.image_shape = data.image_shape
-        model = build_model(config.model, seed=config.seed)
-    elif model.config.image_shape != data.image_shape:
+    if model is not None and model.config.image_shape != data.image_shape:
         raise VaelabError(f"the model takes images of shape {model.config.image_shape} (C, H, W), "
                           f"but the data's are {data.image_shape}")
-    else:
-        model = copy.deepcopy(model)
+    if model is None:  # resolved again for these images: a likelihood's recommendations may differ
+        config = config.replace(model=config.model.replace(image_shape=data.image_shape))
+    config = resolve(config)
+    config.validate()
+    config.data_dir = data_dir
+    model = build_model(config.model, seed=config.seed) if model is None else copy.deepcopy(model)
     model = model.to(device)
     lr = torch.tensor(config.lr_at(1), dtype=torch.float32, device=device)
     optimizer = make_optimizer(config, model, lr)
@@ -138,7 +141,7 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
                      samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph,
                      world=world, forward=forward, beta=config.beta, kl_warmup_epochs=config.kl_warmup,
                      estimator=config.estimator)
-    test_set = TestSet.draw(model, data.test_images.to(device), seed=config.eval_seed, samples=samples)
+    test_set = TestSet(data.test_images.to(device), seed=config.eval_seed)
     return Training(config, data, model, optimizer, lr, step, test_set, world)
 
 

@@ -23,24 +23,29 @@ YCbCr are RGB; P (palette) is grey when every palette colour is grey, else RGB.
 Refused: transparency (RGBA, LA, PA, or a `transparency` entry), 16-bit and
 float modes (I;16, I, F), and anything Pillow cannot decode.
 
-Decoded images are cached in $XDG_CACHE_HOME/vaelab/folders (see `_cache_path`).
+Decoded images are cached in $XDG_CACHE_HOME/vaelab/folders as a .npy file that
+is memory-mapped, not read into memory: the returned tensors are views of the map,
+so a folder larger than memory can be read (see `_cache_path` and `_build`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import io
 import os
+import socket
+import uuid
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, VaelabError, one_line
-from ..fileio import atomic_write_bytes
 from . import Dataset
 from .fetch import cache_root
 from .idx import FILES
@@ -60,7 +65,12 @@ REDUCING_GAP = 3.0
 SMALL_FILE_BYTES = 2048
 
 # Bump when what is cached or how images are decoded changes: old entries then miss.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
+# The last version that cached a folder as one .npz file (read whole into memory).
+NPZ_CACHE_VERSION = 3
+
+# Rows copied at a time when a cached entry is laid out for another split.
+COPY_BYTES = 64 << 20
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _CONVERT = {"L": "L", "1": "L", "RGB": "RGB", "CMYK": "RGB", "YCbCr": "RGB"}
@@ -109,31 +119,44 @@ def load_folder(directory: Path, *, image_size: int | None = None, test_fraction
 
     image_size S resizes every image to S x S; without it all images must have
     one size. The decoded images come from the cache when nothing in the folder
-    changed since they were cached; nothing is written unless the read succeeds.
+    changed since they were cached; nothing is kept unless the read succeeds.
+    The images are a read-only memory map of the cache (in memory only when
+    the cache cannot be written): training images (N_train, C, H, W) and test
+    images (N_test, C, H, W) are two contiguous slices of it, not copies.
     """
     check_folder_options(image_size, test_fraction, split_seed)
     layout = _layout(directory, _scan(directory), test_fraction, split_seed)
-    # The cache holds the files in path order: the split only orders rows, so every split shares it.
     # A plain Python number: a numpy int must key the same cache entry as an int.
     params = (None if image_size is None else int(image_size),)
-    cache_path = _cache_path(directory, params)
     fingerprint = _fingerprint(directory, layout.files, params)
+    path = _cache_path(directory, params, fingerprint, layout.rows)
 
-    decoded = _read_cache(cache_path, fingerprint, len(layout.files))
-    if decoded is None:
-        decoded = _decode_all(directory, layout.files, image_size, progress)
-        _write_cache(cache_path, fingerprint, decoded)
-    images = np.empty_like(decoded)
-    images[layout.rows] = decoded  # file i goes to row rows[i]: training rows first
+    images = _read_cache(path, len(layout.files))
+    if images is None:
+        images = _build(directory, layout, params, fingerprint, path, progress)
 
     n = layout.n_train
-    all_images = torch.from_numpy(images)  # (N, C, H, W); train and test are views of it
+    all_images = _as_tensor(images)  # (N, C, H, W); train and test are views of it
 
     def labels(rows: slice) -> torch.Tensor | None:
         return None if layout.labels is None else torch.from_numpy(layout.labels[rows].copy())
 
     return Dataset(all_images[:n], labels(slice(0, n)), all_images[n:], labels(slice(n, None)),
                    directory, verified=False, label_names=layout.label_names, source="folder")
+
+
+def _as_tensor(images: np.ndarray) -> torch.Tensor:
+    """images (N, C, H, W) uint8 as a tensor sharing its memory.
+
+    A read-only map ("r") rather than copy-on-write ("c"): Linux charges a
+    private writable map's whole size against the memory it may commit, so a
+    cache larger than memory and swap could not be mapped at all. Torch warns
+    that such a tensor is not writable: vaelab only reads images, and a caller
+    that changes them must clone them first (a write to the map would fault).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+        return torch.from_numpy(images)
 
 
 # --- finding the files and laying them out ---------------------------------------------
@@ -295,11 +318,13 @@ def _reason(e: Exception) -> str:
     return one_line(e)
 
 
-def _decode_all(directory: Path, files: list[ImageFile], image_size: int | None, progress: bool) -> np.ndarray:
-    """Every file decoded, in order, into one (N, C, H, W) uint8 array.
+def _decode_all(directory: Path, files: list[ImageFile], rows: np.ndarray, image_size: int | None,
+                progress: bool, allocate: Callable[[tuple[int, ...]], np.ndarray]) -> np.ndarray:
+    """Every file decoded into one (N, C, H, W) uint8 array, file i into row rows[i].
 
-    The first file sets the shape every other must have. Decoding runs in a
-    thread pool (Pillow releases the GIL while it decodes and resizes), except
+    allocate(shape) gives the array, written one image at a time (the cache's
+    memory map). The first file sets the shape every other must have.
+    Decoding runs in a thread pool (Pillow releases the GIL while it decodes and resizes), except
     for small files, where threads only slow it down (see `_workers`).
     """
     from tqdm.auto import tqdm
@@ -307,7 +332,7 @@ def _decode_all(directory: Path, files: list[ImageFile], image_size: int | None,
     paths = [directory / Path(*f.rel) for f in files]
     first = decode_image(paths[0], image_size)
     c = 1 if first.ndim == 2 else first.shape[2]
-    out = np.empty((len(paths), c, *first.shape[:2]), dtype=np.uint8)
+    out = allocate((len(paths), c, *first.shape[:2]))
 
     def fit(i: int, image: np.ndarray) -> None:
         """Put image i in its row, unless its kind or size differ from the first one's."""
@@ -318,7 +343,7 @@ def _decode_all(directory: Path, files: list[ImageFile], image_size: int | None,
             (h, w), (h0, w0) = image.shape[:2], first.shape[:2]
             raise DataError(f"{paths[i]} is {w}x{h} but {paths[0]} is {w0}x{h0}; "
                             "pass --image-size S to resize all to SxS")
-        out[i] = image[None] if ci == 1 else image.transpose(2, 0, 1)
+        out[rows[i]] = image[None] if ci == 1 else image.transpose(2, 0, 1)
 
     def decode_range(start: int, stop: int) -> tuple[int, DataError | None]:
         """Decode files [start, stop); the number done and the error that stopped it, if any."""
@@ -384,49 +409,264 @@ def _workers(files: list[ImageFile]) -> int:
 
 
 # --- the cache ----------------------------------------------------------------------------
+#
+# An entry is <slot>.<digest>.npy, the images (N, C, H, W) uint8 in row order (training rows
+# first, then test rows, each in the split's order), with <slot>.<digest>.rows.npy beside it,
+# rows (N,) int64: file i's row. The slot names the folder and options; the digest covers the
+# fingerprint and the rows, so the name alone says whether an entry fits a read. Files are
+# written under a temporary name (.<name>.<host>-<pid>-<random>.tmp) and renamed when complete.
 
-def _cache_path(directory: Path, params: tuple) -> Path:
-    """The cache file for this folder read with these options (params: (image_size,)).
+# Identifies this machine in temporary names, so that a cache folder shared between machines
+# (a network home) never has one machine remove another's build in progress.
+_HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
-    One file per folder and options, so a folder that changes overwrites its
-    entry instead of piling up new ones; the fingerprint inside says whether
-    the entry still matches the folder's files.
+
+def _slot(directory: Path, params: tuple, version: int | None = None) -> str:
+    """The name shared by every entry of this folder read with these options.
+
+    Without a version in it (the digest has one), so an entry of another
+    version or split is found and replaced instead of piling up beside it.
     """
-    key = hashlib.sha256(f"vaelab folders v{CACHE_VERSION}\0{directory.resolve()}\0{params!r}".encode())
-    return cache_root() / "folders" / f"{key.hexdigest()}.npz"
+    prefix = "vaelab folders" if version is None else f"vaelab folders v{version}"
+    return hashlib.sha256(f"{prefix}\0{directory.resolve()}\0{params!r}".encode()).hexdigest()
+
+
+def _cache_path(directory: Path, params: tuple, fingerprint: str, rows: np.ndarray) -> Path:
+    """The entry that holds these files' images in this row order (params: (image_size,))."""
+    return cache_root() / "folders" / _entry_name(_slot(directory, params), fingerprint, rows)
+
+
+def _entry_name(slot: str, fingerprint: str, rows: np.ndarray) -> str:
+    """slot.digest.npy, the digest over the fingerprint and rows (N,) int64."""
+    h = hashlib.sha256(f"{fingerprint}\0".encode())
+    h.update(np.ascontiguousarray(rows, dtype="<i8").tobytes())
+    return f"{slot}.{h.hexdigest()[:32]}.npy"
+
+
+def _rows_path(path: Path) -> Path:
+    """The rows file beside the entry's images."""
+    return path.with_suffix(".rows.npy")
+
+
+def _npz_cache_path(directory: Path, params: tuple) -> Path:
+    """Where the .npz cache (up to NPZ_CACHE_VERSION) kept this folder read with these options."""
+    return cache_root() / "folders" / f"{_slot(directory, params, NPZ_CACHE_VERSION)}.npz"
 
 
 def _fingerprint(directory: Path, files: list[ImageFile], params: tuple) -> str:
     """SHA-256 over the format version, the folder, every file's relative path,
-    size and mtime_ns, and the options (image_size; the split does not change what is cached)."""
-    h = hashlib.sha256(f"vaelab folders v{CACHE_VERSION}\0{directory.resolve()}\0{params!r}\0".encode())
+    size and mtime_ns, and the options (image_size; the split's row order is in `_entry_name`)."""
+    h = hashlib.sha256(
+        f"vaelab folders v{CACHE_VERSION}\0{directory.resolve()}\0{params!r}\0".encode())
     for f in files:
         h.update(f"{'/'.join(f.rel)}\0{f.size}\0{f.mtime_ns}\0".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
-def _read_cache(path: Path, fingerprint: str, n: int) -> np.ndarray | None:
-    """The cached (n, C, H, W) images, or None when there is no usable entry."""
-    if not path.is_file():
-        return None
+def _read_cache(path: Path, n: int) -> np.ndarray | None:
+    """The entry's images (n, C, H, W) uint8, memory-mapped read-only, or None when it is unusable.
+
+    Its name vouches for its contents; a file cut short fails to map and is a miss.
+    """
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if str(npz["fingerprint"]) != fingerprint:
-                return None
-            images = npz["images"]
-    except Exception:  # a damaged entry is a miss: it is read again and rewritten
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception:  # missing, damaged or not an .npy: a miss, decoded again and rewritten
         return None
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n:
         return None
     return images
 
 
-def _write_cache(path: Path, fingerprint: str, images: np.ndarray) -> None:
-    """Store the images atomically; a cache that cannot be written is skipped, not an error."""
-    buffer = io.BytesIO()
-    np.savez(buffer, images=images, fingerprint=np.array(fingerprint))  # uncompressed: loads fast
+def _build(directory: Path, layout: Layout, params: tuple, fingerprint: str, path: Path,
+           progress: bool) -> np.ndarray:
+    """Write the entry at path and return its images (N, C, H, W), memory-mapped read-only.
+
+    An entry of the same files in another split's order is copied row by row
+    (no decoding); otherwise every file is decoded. The .npz cache of earlier
+    versions is removed (rebuilt here as this entry), as are temporary files
+    that builds killed on this machine left. When the cache cannot be written
+    the images are decoded into memory instead.
+    """
+    folder, slot = path.parent, path.name.split(".")[0]
+    _remove(_npz_cache_path(directory, params))
+    _remove_leftovers(folder, slot)
+    earlier = _earlier_entry(path, fingerprint, len(layout.files))
+    writer = _EntryWriter(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, buffer.getvalue())
+        if earlier is None:
+            images = _decode_all(directory, layout.files, layout.rows, params[0], progress,
+                                 writer.allocate)
+        else:
+            images = _reorder(*earlier, layout.rows, writer.allocate, progress)
+        images = writer.finish(images, layout.rows)
+    except BaseException:
+        writer.discard()
+        raise
+    if writer.stored:
+        for other in folder.glob(f"{slot}.*"):  # the slot keeps one entry: the newest
+            if other not in (path, _rows_path(path)):
+                _remove(other)
+    return images
+
+
+def _earlier_entry(path: Path, fingerprint: str, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Another entry of path's slot holding these same files, as (images, rows), or None.
+
+    Its name must be the digest of this fingerprint and its rows: an entry of
+    changed files, or a rows file of another entry, does not match.
+    """
+    slot = path.name.split(".")[0]
+    for rows_path in sorted(path.parent.glob(f"{slot}.*.rows.npy")):
+        images_path = rows_path.with_name(rows_path.name.removesuffix(".rows.npy") + ".npy")
+        if images_path == path:
+            continue
+        try:
+            rows = np.load(rows_path, allow_pickle=False)
+        except Exception:  # damaged: not a source
+            continue
+        if rows.dtype != np.int64 or rows.shape != (n,):
+            continue
+        if images_path.name != _entry_name(slot, fingerprint, rows):
+            continue
+        images = _read_cache(images_path, n)
+        if images is not None:
+            return images, rows
+    return None
+
+
+def _reorder(images: np.ndarray, rows: np.ndarray, new_rows: np.ndarray,
+             allocate: Callable[[tuple[int, ...]], np.ndarray], progress: bool) -> np.ndarray:
+    """images (N, C, H, W), file i in row rows[i], copied so that file i is in row new_rows[i].
+
+    A chunk of rows at a time, so that memory holds a chunk, not the array.
+    """
+    from tqdm.auto import tqdm
+
+    source = np.empty(len(rows), dtype=np.int64)
+    source[new_rows] = rows  # new row j takes old row source[j]
+    out = allocate(images.shape)
+    chunk = max(1, COPY_BYTES // max(1, images[0].nbytes))
+    with tqdm(total=len(rows), desc="arranging cached images", unit="img", disable=not progress,
+              leave=False) as bar:
+        for start in range(0, len(rows), chunk):
+            stop = min(start + chunk, len(rows))
+            wanted = source[start:stop]
+            order = np.argsort(wanted)
+            out[start + order] = images[wanted[order]]  # read in ascending rows: front to back
+            bar.update(stop - start)
+    return out
+
+
+class _EntryWriter:
+    """One entry written under a temporary name and renamed into place once complete.
+
+    A build that is killed leaves only the temporary file, which no read
+    trusts (and a later build removes); `discard` removes it on an error.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp: Path | None = None
+        self.stored = False
+
+    def allocate(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable uint8 array of shape: the temporary file mapped, else memory."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = _temporary(self.path)
+            images = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
+            _reserve(self.tmp)
+            return images
+        except OSError:
+            self.discard()
+            return np.empty(shape, dtype=np.uint8)
+
+    def finish(self, images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Store the written images under the entry's name; return them read-only.
+
+        The read-only map is opened before the rename: it stays valid whatever
+        later happens to the names (another process replacing the entry).
+        """
+        if self.tmp is None:
+            return images
+        try:
+            images.flush()
+            mapped = np.load(self.tmp, mmap_mode="r", allow_pickle=False)
+        except OSError:  # the file went away: the writable map still holds the images
+            self.discard()
+            return images
+        try:
+            _write_rows(_rows_path(self.path), rows)  # first: every entry has its rows
+            os.replace(self.tmp, self.path)
+            self.tmp, self.stored = None, True
+        except OSError:  # not stored; the map outlives the file
+            self.discard()
+        return mapped
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            _remove(self.tmp)
+            self.tmp = None
+
+
+def _temporary(path: Path) -> Path:
+    """A new temporary name for path in its folder, naming this machine and process."""
+    return path.parent / f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the file's blocks now: writing to a map of a sparse file on a full disk
+    would kill the process (SIGBUS) instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            # a file system that cannot allocate ahead: write without a reservation
+
+
+def _write_rows(path: Path, rows: np.ndarray) -> None:
+    """rows (N,) int64 as an .npy file, atomically."""
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(rows, dtype=np.int64))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove_leftovers(folder: Path, slot: str) -> None:
+    """Remove the slot's temporary files whose process, on this machine, has ended."""
+    for tmp in folder.glob(f".{slot}.*.tmp"):
+        host, _, rest = tmp.name.rsplit(".", 2)[1].partition("-")
+        pid = rest.partition("-")[0]
+        if host == _HOST and pid.isdigit() and not _running(int(pid)):
+            _remove(tmp)
+
+
+def _running(pid: int) -> bool:
+    """Whether process pid runs on this machine (True when that cannot be told)."""
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) ends the process instead of probing it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Remove a cache file if it is there; one that cannot be removed stays."""
+    try:
+        path.unlink(missing_ok=True)
     except OSError:
         pass

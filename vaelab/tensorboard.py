@@ -1,0 +1,111 @@
+"""TensorBoard event files of a training run (`--tensorboard DIR`): per epoch, the metrics
+record's numbers and the learning rate as scalars, and two images, test images above their
+reconstructions and samples from the prior.
+
+Needs the optional extra `pip install 'vaelab[tensorboard]'`; the package is imported only
+when a Board is made, so vaelab imports without it. A Board writes once per epoch, outside
+the training step, so it adds no host synchronisation to the steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import VaelabError
+from .evaluate import image_keys
+from .models import VAE
+from .plots import _as_images, image_grid, sample_images, square_nrow
+
+MISSING = "--tensorboard needs TensorBoard: pip install 'vaelab[tensorboard]'"
+
+# A record's keys -> TensorBoard tags (grouped by the part before the slash); any other
+# numeric key is written under its own name.
+TAGS = {
+    "train_loss": "loss/train",
+    "test_loss": "loss/test",
+    "test_iwae": "loss/test_iwae",
+    "train_kl": "kl/train",
+    "test_kl": "kl/test",
+    "kl_weight": "kl_weight",
+}
+NOT_SCALARS = ("epoch", "seconds")  # the step itself, and a wall time, not the model's
+
+RECONSTRUCTIONS = 16  # test images shown, as reconstruction_figure shows them
+SAMPLES = 64  # draws from the prior, as samples_figure shows them
+
+
+class Board:
+    """TensorBoard event files of a run, one write per epoch (rank 0 only: the caller makes
+    it there). Usable as a context manager, which closes it.
+    """
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch's module imports the tensorboard package, the extra
+            raise VaelabError(MISSING) from e
+        self.log_dir = Path(log_dir)
+        try:
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        except OSError as e:  # a file in the way, or a folder that cannot be made
+            raise VaelabError(f"cannot write {self.log_dir} ({e.strerror or e})") from None
+
+    def write_epoch(self, epoch: int, record: dict, *, lr: float, model: VAE, images: torch.Tensor,
+                    seed: int = 0) -> None:
+        """Write epoch's scalars and images at step=epoch, then flush them to disk.
+
+        record: the epoch's metrics record (train.fit's): each number in it but the epoch and the
+        seconds becomes a scalar (TAGS names them). lr: the epoch's learning rate, scalar "lr".
+        model: the VAE itself (not a DDP or compiled wrapper), in eval mode.
+        images: (N, C, H, W) uint8 test images, as stored; the first RECONSTRUCTIONS are shown.
+        seed: the same seed draws the same binarized pixels and the same z every epoch, so the
+        images change only as the model does.
+        """
+        for key, value in record.items():
+            if key in NOT_SCALARS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            self.writer.add_scalar(TAGS.get(key, key), float(value), global_step=epoch)
+        self.writer.add_scalar("lr", float(lr), global_step=epoch)
+        if len(images):  # a data set without test images has nothing to reconstruct
+            grid = reconstruction_grid(model, images[:RECONSTRUCTIONS], seed)
+            self._add_image("reconstructions", grid, epoch)
+        samples = sample_images(model, SAMPLES, seed)
+        self._add_image("samples", image_grid(samples, nrow=square_nrow(SAMPLES)), epoch)
+        self.writer.flush()  # an epoch's events on disk now, for a TensorBoard watching the run
+
+    def _add_image(self, tag: str, grid: np.ndarray, epoch: int) -> None:
+        """grid: (H, W) grey or (H, W, 3) RGB in [0, 1]."""
+        self.writer.add_image(tag, grid.clip(0, 1), global_step=epoch,
+                              dataformats="HW" if grid.ndim == 2 else "HWC")
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        self.writer.close()
+
+    def __enter__(self) -> "Board":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@torch.no_grad()
+def reconstruction_images(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """images: (N, C, H, W) uint8 -> (2N, H, W) or (2N, H, W, 3) in [0, 1]: the N images as the
+    model sees them (binarized with the seed's keys, as reconstruction_figure does), then their
+    reconstructions E[x | z = mu(x)]."""
+    images = images.to(model.device)
+    keys = image_keys(seed, "observe", torch.arange(len(images), device=model.device))
+    x = model.observe(images, keys)
+    recon = model.decode_mean(model.posterior_mean(x))
+    shape = model.config.image_shape
+    return np.concatenate([_as_images(x, shape), _as_images(recon, shape)])
+
+
+def reconstruction_grid(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """images: (N, C, H, W) uint8 -> one picture, the data row above the reconstructions row:
+    (2 (H + 2) + 2, N (W + 2) + 2[, 3]) in [0, 1]."""
+    return image_grid(reconstruction_images(model, images, seed), nrow=len(images))
