@@ -137,3 +137,33 @@ def test_a_file_in_the_way_of_the_log_folder_is_refused(tmp_path):
     (tmp_path / "tb").write_text("")
     with pytest.raises(VaelabError, match="cannot write"):
         Board(tmp_path / "tb")
+
+
+def test_training_with_tensorboard_writes_one_record_per_epoch(tmp_path):
+    _need_tensorboard()
+    from conftest import synthetic_dataset
+    from vaelab import RunConfig, train
+
+    config = RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,)),
+                       epochs=2, batch_size=50, device="cpu")
+    result = train(config, tmp_path / "run", synthetic_dataset(), progress=False,
+                   tensorboard=tmp_path / "tb")
+    events = _read(tmp_path / "tb")
+    for key, tag in (("train_loss", "loss/train"), ("test_loss", "loss/test"), ("test_kl", "kl/test")):
+        assert [e.value for e in events.Scalars(tag)] == pytest.approx(
+            [m[key] for m in result.metrics], rel=1e-6)
+    assert [e.step for e in events.Images("samples")] == [1, 2]
+
+
+def test_a_resumed_run_writes_each_epoch_once(tmp_path):
+    _need_tensorboard()
+    from conftest import synthetic_dataset
+    from vaelab import RunConfig, train
+
+    config = RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,)),
+                       epochs=2, batch_size=50, device="cpu")
+    data, board = synthetic_dataset(), tmp_path / "tb"
+    train(config, tmp_path / "run", data, progress=False, tensorboard=board)
+    train(config.replace(epochs=3), tmp_path / "run", data, progress=False, resume=True,
+          tensorboard=board)
+    assert [e.step for e in _read(board).Scalars("loss/test")] == [1, 2, 3]

@@ -218,7 +218,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     launch = _parsed(args, config.Launch)
     world = distributed.from_environment()
     run, run_dir, resume = prepare(given(args, config.RunConfig), launch.out, launch.resume, world)
-    result = train(run, run_dir, progress=not launch.quiet, resume=resume, world=world)
+    result = train(run, run_dir, progress=not launch.quiet, resume=resume, world=world,
+                   tensorboard=launch.tensorboard)
     if world.main:
         if not launch.no_plots:
             from .plots import draw_figures  # matplotlib: only once there is something to draw

@@ -678,6 +678,13 @@ class Launch(Options):
         metavar="RUN",
         rule=PATH,
     )
+    tensorboard: str | None = option(
+        None,
+        "also write each epoch's losses, KL, learning rate, KL weight, reconstructions and samples"
+        " as TensorBoard events into DIR (needs pip install 'vaelab[tensorboard]')",
+        metavar="DIR",
+        rule=PATH,
+    )
     no_plots: bool = option(False, "skip drawing the figures", rule=SWITCH)
     quiet: bool = option(False, "no progress bars", rule=SWITCH)
 

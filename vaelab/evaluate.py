@@ -1,7 +1,7 @@
 """Evaluating a trained model on the test set, in nats per image.
 
-- `TestSet` / `mean_loss`: the test set drawn once (pixels and noise) and an
-  objective's mean over it: the per-epoch test loss.
+- `TestSet` / `mean_loss` / `test_means`: the test set with its keyed pixels and noise, and an
+  objective's mean over it: the per-epoch test loss and KL.
 - `importance_sampled`: log p(x) per image by importance sampling with q(z|x) as
   proposal (Burda et al. 2015): log p(x) ~ logsumexp_k log w_k - log K, and from
   the same weights the IWAE bounds for smaller k. Memory is bounded for any K.
@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -106,18 +107,28 @@ class TestSet:
 
 
 @torch.no_grad()
+def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, samples: int = 1,
+               batch_size: int = 1000, world: World = SINGLE) -> dict[str, float]:
+    """For each name, the mean over the test set of values[name](terms), a function of the model's
+    terms for `samples` draws of z giving (N,) nats; one pass over the test set. Under torchrun
+    the ranks share the batches and add their sums."""
+    components = model.prior_components()
+    totals = torch.zeros(len(values), dtype=torch.float64, device=test_set.images.device)
+    for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
+        x, eps = test_set.draw(model, slice(start, start + batch_size), samples)
+        terms = model(x, eps, components=components)
+        totals += torch.stack([f(terms).sum(dtype=torch.float64) for f in values.values()])
+    totals = distributed.all_sum(totals, world).div_(len(test_set))
+    return dict(zip(values, totals.tolist()))
+
+
 def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples: int = 1,
               batch_size: int = 1000, world: World = SINGLE) -> float:
     """Mean over the test set of the negative ELBO (`samples` draws of z; the KL as the model's
     terms hold it: analytic for N(0, I) and a Gaussian posterior) or the
-    negative IWAE bound (k = samples), nats per image. Under torchrun the ranks share the
-    batches and add their sums."""
-    loss, components = OBJECTIVES[objective], model.prior_components()
-    total = torch.zeros((), dtype=torch.float64, device=test_set.images.device)
-    for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
-        x, eps = test_set.draw(model, slice(start, start + batch_size), samples)
-        total += loss(model(x, eps, components=components)).sum(dtype=torch.float64)
-    return distributed.all_sum(total, world).item() / len(test_set)
+    negative IWAE bound (k = samples), nats per image."""
+    loss = {objective: OBJECTIVES[objective]}
+    return test_means(model, test_set, loss, samples=samples, batch_size=batch_size, world=world)[objective]
 
 
 class _Accumulator:

@@ -106,13 +106,20 @@ def data_figure(data: Dataset, n: int = 100) -> Figure:
 
 
 @torch.no_grad()
-def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0) -> Figure:
-    """Test images (as the model sees them) above their reconstructions E[x | z = mu(x)]."""
-    images = data.test_images[:n].to(model.device)
+def reconstruction_images(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:
+    """images: (N, C, H, W) uint8 -> (2N, H, W) or (2N, H, W, 3) in [0, 1]: the N images as the
+    model sees them (observed with the seed's keys), then their reconstructions E[x | z = mu(x)]."""
+    images = images.to(model.device)
     x = model.observe(images, image_keys(seed, "observe", torch.arange(len(images), device=model.device)))
     recon = model.decode_mean(model.posterior_mean(x))
-    shape = data.image_shape
-    grid = image_grid(np.concatenate([_as_images(x, shape), _as_images(recon, shape)]), nrow=len(images))
+    shape = model.config.image_shape
+    return np.concatenate([_as_images(x, shape), _as_images(recon, shape)])
+
+
+def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0) -> Figure:
+    """Test images (as the model sees them) above their reconstructions E[x | z = mu(x)]."""
+    images = data.test_images[:n]
+    grid = image_grid(reconstruction_images(model, images, seed), nrow=len(images))
     fig = Figure(figsize=(max(len(images), 4) * 0.6, 1.8))
     ax = fig.subplots()
     _show(ax, grid)

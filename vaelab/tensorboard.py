@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from .errors import VaelabError
-from .evaluate import image_keys
 from .models import VAE
-from .plots import _as_images, image_grid, sample_images, square_nrow
+from .plots import image_grid, reconstruction_images, sample_images, square_nrow
 
 MISSING = "--tensorboard needs TensorBoard: pip install 'vaelab[tensorboard]'"
 
@@ -37,19 +36,28 @@ RECONSTRUCTIONS = 16  # test images shown, as reconstruction_figure shows them
 SAMPLES = 64  # draws from the prior, as samples_figure shows them
 
 
+def summary_writer() -> type:
+    """TensorBoard's SummaryWriter class; VaelabError in one line when the extra is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch's module imports the tensorboard package, the extra
+        raise VaelabError(MISSING) from e
+    return SummaryWriter
+
+
 class Board:
     """TensorBoard event files of a run, one write per epoch (rank 0 only: the caller makes
     it there). Usable as a context manager, which closes it.
     """
 
-    def __init__(self, log_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # torch's module imports the tensorboard package, the extra
-            raise VaelabError(MISSING) from e
+    def __init__(self, log_dir: str | Path, first_epoch: int = 1):
+        """first_epoch: the epoch training starts at; a resumed run's events from it on, written
+        before its last checkpoint, are dropped (TensorBoard's purge_step)."""
+        SummaryWriter = summary_writer()
         self.log_dir = Path(log_dir)
         try:
-            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+            purge = first_epoch if first_epoch > 1 else None
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge)
         except OSError as e:  # a file in the way, or a folder that cannot be made
             raise VaelabError(f"cannot write {self.log_dir} ({e.strerror or e})") from None
 
@@ -90,19 +98,6 @@ class Board:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-@torch.no_grad()
-def reconstruction_images(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """images: (N, C, H, W) uint8 -> (2N, H, W) or (2N, H, W, 3) in [0, 1]: the N images as the
-    model sees them (binarized with the seed's keys, as reconstruction_figure does), then their
-    reconstructions E[x | z = mu(x)]."""
-    images = images.to(model.device)
-    keys = image_keys(seed, "observe", torch.arange(len(images), device=model.device))
-    x = model.observe(images, keys)
-    recon = model.decode_mean(model.posterior_mean(x))
-    shape = model.config.image_shape
-    return np.concatenate([_as_images(x, shape), _as_images(recon, shape)])
 
 
 def reconstruction_grid(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:

@@ -24,11 +24,17 @@ from .config import ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
-from .evaluate import TestSet, mean_loss
+from .evaluate import TestSet, mean_loss, test_means
 from .models import VAE, build_model
+from .objectives import negative_elbo
 from .runs import (claim, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
                    save_weights, write_batch_losses, write_metrics)
 from .step import TrainStep
+from .tensorboard import Board, summary_writer
+
+
+# What each epoch records of the test set, per image: the negative ELBO and its KL term.
+TEST_VALUES = {"test_loss": negative_elbo, "test_kl": lambda terms: terms.kl}
 
 
 class TrainingDiverged(VaelabError):
@@ -174,8 +180,10 @@ def _advice(config: RunConfig, epoch: int, run_dir: Path | None) -> str:
 
 
 def fit(training: Training, run_dir: str | Path | None = None, progress: bool = True,
-        resume: bool = False) -> TrainResult:
-    """Run the epochs of `training.config`; with run_dir, save everything there.
+        resume: bool = False, tensorboard: str | Path | None = None) -> TrainResult:
+    """Run the epochs of `training.config`; with run_dir, save everything there; with
+    tensorboard, a folder, write each epoch's record and pictures there as TensorBoard events
+    (rank 0; needs the `tensorboard` extra).
 
     With resume=True, training continues from the run directory's checkpoint; on
     the CPU the result is bit for bit that of an uninterrupted run.
@@ -184,12 +192,15 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     epoch, train_loss (the training objective's mean over the epoch's batches:
     negative ELBO, negative IWAE bound, or with --beta / --kl-warmup the negative
     ELBO with its KL weighted), test_loss (the true negative ELBO of the test set,
-    KL weight 1, its pixels and noise drawn once per run), seconds; with
+    KL weight 1, its pixels and noise keyed the same every epoch), test_kl (its KL term),
+    seconds; with
     --objective iwae also test_iwae; with a KL weight also kl_weight (at the
     epoch's last step).
     """
     config, model, world = training.config, training.model, training.world
     progress = progress and world.main  # rank 0 writes and shows; the others only compute
+    if tensorboard and world.main:
+        summary_writer()  # a missing extra is said before the run folder is made
     metrics: list[dict] = []
     if resume:
         if run_dir is None:
@@ -215,6 +226,19 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     show.write(f"run directory: {run_dir}", progress and run_dir is not None, file=sys.stderr)
 
     batch_losses: list[np.ndarray] = []
+    board = Board(tensorboard, first_epoch=len(metrics) + 1) if tensorboard and world.main else None
+    try:
+        _epochs(training, metrics, batch_losses, run_dir, progress, board)
+    finally:
+        if board is not None:
+            board.close()
+    return TrainResult(model.eval(), metrics, training.data, run_dir, batch_losses)
+
+
+def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarray],
+            run_dir: Path | None, progress: bool, board: Board | None) -> None:
+    """fit's loop: the epochs after those in metrics, each appending its record and losses."""
+    config, model, world = training.config, training.model, training.world
     epochs = show.bar(config.epochs - len(metrics), "epochs", progress)
     for epoch in range(len(metrics) + 1, config.epochs + 1):
         start = time.perf_counter()
@@ -227,11 +251,12 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
             raise TrainingDiverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1} "
                                    f"of {len(losses)}: training diverged; {_advice(config, epoch, run_dir)}")
         model.eval()
-        test_loss = mean_loss(model, training.test_set, "elbo", samples=config.samples, world=world)
+        test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples, world=world)
+        test_loss = test["test_loss"]
         if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
                                    f"{_advice(config, epoch, run_dir)}")
-        record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss}
+        record = {"epoch": epoch, "train_loss": train_loss, **test}
         if config.weighted:  # train_loss is then the weighted objective, not the negative ELBO
             record["kl_weight"] = training.step.kl_weight.item()  # at the epoch's last step
         if config.objective == "iwae":
@@ -242,16 +267,18 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
         if run_dir is not None and world.main:
             save_checkpoint(Path(run_dir), model, training.optimizer, metrics)
             write_batch_losses(Path(run_dir), epoch, batch_losses[-1])
+        if board is not None:
+            board.write_epoch(epoch, record, lr=config.lr_at(epoch), model=model,
+                              images=training.test_set.images, seed=config.eval_seed)
         epochs.update()
         show.write(f"epoch {epoch:3d}  train {train_loss:8.3f}  test {test_loss:8.3f} "
                    f"nats  ({record['seconds']:.1f} s)", progress)
     epochs.close()
-    return TrainResult(model.eval(), metrics, training.data, run_dir, batch_losses)
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
           progress: bool = True, resume: bool = False, world: World = SINGLE,
-          model: VAE | None = None) -> TrainResult:
+          model: VAE | None = None, tensorboard: str | Path | None = None) -> TrainResult:
     """build, then fit: train a VAE as `config` says (or a copy of `model`, see build); with
-    run_dir, save everything there."""
-    return fit(build(config, data, progress, world, model), run_dir, progress, resume)
+    run_dir, save everything there; with tensorboard, write TensorBoard events there (fit)."""
+    return fit(build(config, data, progress, world, model), run_dir, progress, resume, tensorboard)
