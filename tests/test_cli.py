@@ -77,6 +77,23 @@ def test_compare_prints_the_paired_difference_of_two_evaluated_runs(cli_run, tmp
     assert "paired difference (first minus second): +0.0000 nats per image" in result.stdout
 
 
+def test_compare_pairs_one_run_evaluated_in_fp32_and_in_bf16_with_a_one_line_note(cli_run, tmp_path):
+    import shutil
+
+    run, _ = cli_run
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    for copy, precision in ((fp32, "fp32"), (bf16, "bf16")):
+        shutil.copytree(run, copy)
+        evaluated = vaelab("evaluate", copy, "--k", 50, "--test-size", 200, "--precision", precision, "--quiet")
+        assert evaluated.returncode == 0, evaluated.stderr
+    result = vaelab("compare", fp32, bf16)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if "precisions" in line]
+    assert notes == ["note: the decoders ran at different precisions (fp32 and bf16), the draws were the same"]
+    difference = float(result.stdout.split("second): ")[1].split()[0])
+    assert abs(difference) < 0.05  # the same draws: only the decoder's rounding differs
+
+
 def test_compare_refuses_runs_evaluated_differently_or_not_at_all(cli_run, tmp_path):
     import shutil
 

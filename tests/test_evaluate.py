@@ -109,11 +109,17 @@ def test_compare_pairs_the_per_image_values():
     assert r["images"] == 4
 
 
-@pytest.mark.parametrize("key", ["k", "seed", "precision", "test_set_sha256"])
+@pytest.mark.parametrize("key", ["k", "seed", "test_set_sha256"])
 def test_compare_refuses_evaluations_that_differ_in_what_fixes_them(key):
     record = {"k": 10, "seed": 1, "precision": "fp32", "test_set_sha256": "x", "nll": 5.0, "nll_se": 0.01}
     with pytest.raises(VaelabError, match="evaluated with different"):
         compare(record, np.zeros(3), {**record, key: "other"}, np.zeros(3))
+
+
+def test_compare_pairs_evaluations_at_two_precisions_and_names_them():
+    record = {"k": 10, "seed": 1, "precision": "fp32", "test_set_sha256": "x", "nll": 5.0, "nll_se": 0.01}
+    r = compare(record, np.zeros(3), {**record, "precision": "bf16"}, np.zeros(3))
+    assert r["precisions"] == ("fp32", "bf16") and compare(record, np.zeros(3), record, np.zeros(3))["precisions"] is None
 
 
 def test_two_evaluations_of_one_model_agree_exactly():

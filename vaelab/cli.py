@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "paired difference of two evaluated runs' test NLL",
         "The mean over test images of NLL(RUN_A) - NLL(RUN_B), from the per-image values `vaelab"
         " evaluate` wrote, with its standard error. Both runs must be evaluated with the same k,"
-        " seed, precision and test set.",
+        " seed and test set; evaluations at different precisions pair, with a note.",
         config.CompareOptions,
     )
     command(
@@ -300,6 +300,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f" {r['difference']:+.4f} nats per image, standard error {r['se']:.4f} over images"
         f" (Monte-Carlo {r['mc_se']:.4f})"
     )
+    if r["precisions"]:
+        a, b = r["precisions"]
+        print(f"note: the decoders ran at different precisions ({a} and {b}), the draws were the same")
     return 0
 
 

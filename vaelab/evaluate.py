@@ -423,9 +423,10 @@ def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dic
 
     a, b: two eval.json records; log_px_*: their per-image estimates. Pairing removes the
     spread between images, which is far larger than either estimate's Monte-Carlo error.
+    The same draws decoded at two precisions pair too (bf16 moves log p(x) far less than its
+    Monte-Carlo error); "precisions" then names both, else it is None.
     """
-    for key, what in (("k", "k"), ("seed", "seed"), ("precision", "precision"),
-                      ("test_set_sha256", "test set")):
+    for key, what in (("k", "k"), ("seed", "seed"), ("test_set_sha256", "test set")):
         if a.get(key) != b.get(key):
             raise VaelabError(f"the two runs were evaluated with different {what} ({a.get(key)} and {b.get(key)}); "
                               "evaluate both the same way to compare them")
@@ -435,7 +436,9 @@ def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dic
     n = len(d)
     return {"difference": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan,
             "mc_se": math.sqrt(a["nll_se"] ** 2 + b["nll_se"] ** 2), "images": n,
-            "nll_a": a["nll"], "nll_b": b["nll"]}
+            "nll_a": a["nll"], "nll_b": b["nll"],
+            "precisions": None if a.get("precision") == b.get("precision") else
+            (a.get("precision"), b.get("precision"))}
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
