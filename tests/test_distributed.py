@@ -312,3 +312,17 @@ def test_a_restart_never_takes_over_a_folder_another_job_created(tmp_path):
     claim(run_dir, "someone-else")
     _, _, resume = plan(options, out, world=World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-2"))
     assert not resume and (run_dir / "config.json").exists()  # left alone: the fresh start refuses it
+
+
+@pytest.mark.slow
+def test_two_processes_encode_and_score_what_one_does(one_and_two, tmp_path):
+    one, _, _ = one_and_two
+    for command, extra in (("encode", []), ("score", ["--k", 100])):
+        args = ["--images", 700, "--quiet", *extra]
+        a = vaelab(command, one, "-o", tmp_path / f"{command}1.npz", *args)
+        assert a.returncode == 0, a.stderr
+        b = torchrun(command, one, "-o", tmp_path / f"{command}2.npz", *args)
+        assert b.returncode == 0, b.stderr
+        single, sharded = np.load(tmp_path / f"{command}1.npz"), np.load(tmp_path / f"{command}2.npz")
+        assert single.files == sharded.files
+        assert all(np.array_equal(single[name], sharded[name]) for name in single.files), command

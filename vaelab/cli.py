@@ -161,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
         config.GapOptions,
     )
     command(
+        "encode",
+        cmd_encode,
+        "each image's latent code under a run's encoder, to FILE.npz and FILE.csv",
+        "For each image of the split (the run's own data unless --data-dir): index, label where"
+        " there are labels, q(z_1|x)'s mu and logvar (with --posterior iaf, its base Gaussian's),"
+        " and for a flow posterior or several stochastic layers z_mean, E_q[z] of every layer"
+        " from --draws keyed draws.",
+        config.EncodeOptions,
+    )
+    command(
+        "score",
+        cmd_score,
+        "each image's log p(x) under a run's model, to FILE.npz and FILE.csv",
+        "For each image of the split (the run's own data unless --data-dir; images of another"
+        " shape are refused): index, label where there are labels, log_px by importance sampling"
+        " with K=--k draws from q(z|x) and its Monte-Carlo standard error log_px_se, the elbo from"
+        " the same draws, and bits_per_dim for the discrete likelihoods. The same computation as"
+        " `vaelab evaluate`: the run's test set with its k, seed and precision gives its values.",
+        config.ScoreOptions,
+    )
+    command(
         "compare",
         cmd_compare,
         "paired difference of two evaluated runs' test NLL",
@@ -289,6 +310,35 @@ def cmd_gap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .score import encode_run
+
+    options = _parsed(args, config.EncodeOptions)
+    world = distributed.from_environment()
+    path, csv, n = encode_run(options, world)
+    distributed.finish(world)
+    if world.main:
+        print(f"codes of {n} {options.split} images written to {path} and {csv}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .score import score_run
+
+    options = _parsed(args, config.ScoreOptions)
+    world = distributed.from_environment()
+    path, csv, scores = score_run(options, world)
+    distributed.finish(world)
+    if world.main:
+        log_px = scores["log_px"]
+        print(f"log p(x) of {len(log_px)} {options.split} images (K={options.k}): mean"
+              f" {log_px.mean():.3f}, from {log_px.min():.3f} to {log_px.max():.3f} nats;"
+              f" written to {path} and {csv}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .evaluate import compare_runs
 
@@ -347,7 +397,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # The commands that run under torchrun; the others work in one process.
-DISTRIBUTED_COMMANDS = ("train", "evaluate", "gap")
+DISTRIBUTED_COMMANDS = ("train", "evaluate", "gap", "encode", "score")
 
 
 def main(argv: list[str] | None = None) -> int:

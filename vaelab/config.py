@@ -664,6 +664,17 @@ RUN_DATA_HELP = (
 )
 
 
+def precision_option() -> Any:
+    """The decoder's arithmetic in importance sampling (evaluate, score). fp32 by default: the
+    same command then gives the same numbers on every kind of host."""
+    return option(
+        "fp32",
+        "decoder arithmetic: fp32; bf16, faster where the CPU or GPU has native bf16 and within"
+        " far less than the Monte-Carlo error of fp32's log p(x); auto, bf16 where it is native",
+        choices=PRECISIONS,
+    )
+
+
 @options_dataclass
 class Launch(Options):
     """How `vaelab train` runs, apart from what it trains (not in config.json)."""
@@ -701,13 +712,7 @@ class EvaluateOptions(Options):
     )
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
     device: str = option("auto", choices=DEVICES)
-    # fp32 by default: the same command then gives the same numbers on every kind of host.
-    precision: str = option(
-        "fp32",
-        "decoder arithmetic: fp32; bf16, faster where the CPU or GPU has native bf16 and within"
-        " far less than the Monte-Carlo error of fp32's log p(x); auto, bf16 where it is native",
-        choices=PRECISIONS,
-    )
+    precision: str = precision_option()
     quiet: bool = option(False, "no progress bar", rule=SWITCH)
 
 
@@ -726,6 +731,48 @@ class GapOptions(Options):
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
     device: str = option("auto", choices=DEVICES)
     quiet: bool = option(False, "no progress bars", rule=SWITCH)
+
+
+SPLITS = ("train", "test")
+CODES_HELP = "file to write: FILE.npz, and the same values as FILE.csv beside it"
+
+
+@options_dataclass
+class EncodeOptions(Options):
+    """`vaelab encode`: each image's latent code under a run's encoder."""
+
+    run: str = option(MISSING, RUN_HELP, positional=True)
+    output: str = option(MISSING, CODES_HELP, short="-o", rule=PATH, metavar="FILE")
+    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
+    split: str = option("test", "which of the data's images", choices=SPLITS)
+    images: int | None = option(None, "the first N images only", metavar="N", rule=POSITIVE)
+    draws: int = option(
+        100,
+        "keyed draws of z per image for E_q[z] of a flow posterior and of the upper layers",
+        rule=POSITIVE,
+        metavar="S",
+    )
+    seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
+    device: str = option("auto", choices=DEVICES)
+    force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)
+    quiet: bool = option(False, "no progress bar", rule=SWITCH)
+
+
+@options_dataclass
+class ScoreOptions(Options):
+    """`vaelab score`: each image's log p(x) under a run's model, by importance sampling."""
+
+    run: str = option(MISSING, RUN_HELP, positional=True)
+    output: str = option(MISSING, CODES_HELP, short="-o", rule=PATH, metavar="FILE")
+    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
+    split: str = option("test", "which of the data's images", choices=SPLITS)
+    images: int | None = option(None, "the first N images only", metavar="N", rule=POSITIVE)
+    k: int = option(5000, "importance samples per image", rule=POSITIVE)
+    seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
+    precision: str = precision_option()
+    device: str = option("auto", choices=DEVICES)
+    force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)
+    quiet: bool = option(False, "no progress bar", rule=SWITCH)
 
 
 @options_dataclass
