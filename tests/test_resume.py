@@ -95,7 +95,7 @@ def test_a_non_finite_test_loss_also_stops_before_the_checkpoint(tmp_path, monke
     run = tmp_path / "run"
     train(tiny_config(epochs=1), run, synthetic_dataset(), progress=False)
     before = (run / "checkpoint.safetensors").read_bytes()
-    monkeypatch.setattr(trainer, "mean_loss", lambda *args, **kwargs: math.nan)
+    monkeypatch.setattr(trainer, "test_means", lambda *args, **kwargs: {"test_loss": math.nan})
     with pytest.raises(TrainingDiverged, match="the test loss became nan after epoch 2"):
         train(tiny_config(epochs=2), run, synthetic_dataset(), progress=False, resume=True)
     assert (run / "checkpoint.safetensors").read_bytes() == before

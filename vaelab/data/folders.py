@@ -568,10 +568,12 @@ class _EntryWriter:
         self.path = path
         self.tmp: Path | None = None
         self.stored = False
+        self.made: list[Path] = []  # folders allocate created, deepest first
 
     def allocate(self, shape: tuple[int, ...]) -> np.ndarray:
         """A writable uint8 array of shape: the temporary file mapped, else memory."""
         try:
+            self.made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = _temporary(self.path)
             images = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -604,9 +606,17 @@ class _EntryWriter:
         return mapped
 
     def discard(self) -> None:
+        """Remove the temporary file, and the folders made for it while they are empty: a
+        failed read leaves nothing behind."""
         if self.tmp is not None:
             _remove(self.tmp)
             self.tmp = None
+        for folder in self.made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: another build's, or this one's other files
+                break
+        self.made = []
 
 
 def _temporary(path: Path) -> Path:
