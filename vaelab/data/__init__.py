@@ -1,4 +1,4 @@
-"""Image data sets in memory: MNIST's IDX files, folders of images, .npz arrays.
+"""Image data sets: MNIST's IDX files, folders of images, .npz arrays.
 
 `load_data` finds the data and hands it to the reader for its kind:
 
@@ -6,8 +6,9 @@
     a folder with any of the IDX files   -> idx.load_idx (MNIST or the same format)
     any other folder                     -> folders.load_folder (PNG and JPEG images)
 
-Images are kept in memory as uint8 tensors of shape (N, C, H, W); what the model
-sees of them (binarized pixels, grey levels) is the likelihood's business.
+Images are uint8 tensors of shape (N, C, H, W), in memory or (a folder's cache) memory-mapped
+read-only; what the model sees of them (binarized pixels, grey levels) is the likelihood's
+business.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..errors import DataError
 
 @dataclass(frozen=True)
 class Dataset:
-    """An image data set held in memory.
+    """An image data set.
 
     train_images: (N, C, H, W) uint8, train_labels: (N,) int64 or None when the
     source has no labels; likewise test_*. `directory` is the folder (or the
