@@ -40,9 +40,8 @@ TILE_IMAGES = 50
 TILE_SAMPLES = 50   # IWAE bounds need k that divides it or is a multiple of it
 # Bytes a CPU call may create, in layer outputs and the likelihood's temporaries (about what a tile
 # of the tutorial's MLP makes in float32): a wider decoder, such as the conv preset's, or a
-# likelihood with more temporaries takes a tile's samples in several calls. Its tensors are then
-# reused from the heap, where larger ones were mapped and page-faulted afresh for every tile (from
-# a third of the CPU time, for the conv preset, to nine tenths, for an MLP under the logistic).
+# likelihood with more temporaries takes a tile's samples in several calls. Tensors this small are
+# reused from the allocator's heap; larger ones would be mapped and page-faulted afresh per tile.
 CPU_CALL_BYTES = 12 * 2**20
 
 

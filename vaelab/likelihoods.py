@@ -29,8 +29,8 @@ def softplus_sum(logits: torch.Tensor, scratch: torch.Tensor | None = None) -> t
     """sum_d softplus(l_d) over the last dimension: (..., D) -> (...).
 
     Outside autograd it is max(l, 0) - log sigmoid(|l|) with one log per group of
-    16 values (a product of numbers in [1/2, 1] cannot underflow): on the CPU
-    5x faster than F.softplus, whose log1p is scalar code, and as exact in float32.
+    16 values (a product of numbers in [1/2, 1] cannot underflow): one log where
+    F.softplus takes a log1p per value (scalar code on the CPU), and as exact in float32.
     scratch: a contiguous tensor shaped like logits to work in (outside autograd).
     """
     if _tracked(logits):

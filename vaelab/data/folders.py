@@ -392,12 +392,10 @@ def _decode_all(directory: Path, files: list[ImageFile], rows: np.ndarray, image
 def _workers(files: list[ImageFile]) -> int:
     """How many threads decode: one per CPU, or just the caller's for small files.
 
-    A small PNG (MNIST's are about 300 bytes) costs far more Python time in
-    Pillow than decoding time with the GIL released, so threads only contend
-    for the GIL: measured on 2 CPUs, 60,000 28x28 PNGs took 2.2 s in one
-    thread and 3.0-4.5 s in 2-8. Threads break even at about 2 KB a file
-    (64x64 grey) and pay off above (2 threads: 1.8x for 64x64 RGB PNGs of
-    5 KB, 1.9-2x for 96x96 to 256x256 PNGs and JPEGs).
+    A small PNG (MNIST's are about 300 bytes) costs far more Python time in Pillow than
+    decoding time with the GIL released, so threads would only contend for the GIL; above
+    SMALL_FILE_BYTES a file (about 64x64 grey) the decoding dominates and threads pay off
+    (benchmarks/image_folder.py).
     """
     if sum(f.size for f in files) < SMALL_FILE_BYTES * len(files):
         return 1
