@@ -665,8 +665,9 @@ RUN_DATA_HELP = (
 
 
 def precision_option() -> Any:
-    """The decoder's arithmetic in importance sampling (evaluate, score). fp32 by default: the
-    same command then gives the same numbers on every kind of host."""
+    """The decoder's arithmetic in importance sampling (evaluate, score). fp32 by default:
+    "auto" would pick bf16 on some hosts and not others, so one command would decode differently
+    from host to host."""
     return option(
         "fp32",
         "decoder arithmetic: fp32; bf16, faster where the CPU or GPU has native bf16 and within"

@@ -1,0 +1,114 @@
+"""The documentation site (mkdocs.yml and docs/): it builds with --strict, it loads nothing from
+the network, and its command-line page is the one the parser renders now.
+
+The site's tools come with the `docs` extra (pip install -e '.[docs]'). Without them the build
+tests are skipped, except under CI=true, where a missing tool fails them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLI_MD = REPO / "docs" / "cli.md"
+CLI_REFERENCE = REPO / "docs" / "cli_reference.py"
+# The modules the build imports: MkDocs, the Material theme, mkdocstrings and its Python handler.
+DOCS_TOOLS = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
+
+
+def missing_docs_tools() -> list[str]:
+    missing = []
+    for name in DOCS_TOOLS:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The site built by `python -m mkdocs build --strict` from the repository's root."""
+    missing = missing_docs_tools()
+    if missing:
+        why = (f"the docs tools are not installed ({', '.join(missing)}): "
+               "pip install -e '.[docs]'")
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    out = tmp_path_factory.mktemp("docs") / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's notice about its future
+    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return built, out
+
+
+def test_the_site_builds_with_strict_so_a_broken_link_or_missing_page_fails(site):
+    built, out = site
+    assert built.returncode == 0, f"mkdocs build --strict failed:\n{built.stderr[-4000:]}"
+    assert (out / "index.html").is_file()
+
+
+class _Resources(HTMLParser):
+    """The URLs a page loads by itself: scripts, style sheets and other links, images, frames."""
+
+    LOADS = {"script": "src", "link": "href", "img": "src", "iframe": "src", "source": "src"}
+
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        name = self.LOADS.get(tag)
+        value = dict(attrs).get(name) if name else None
+        if value:
+            self.urls.append(value)
+
+
+def test_the_built_site_loads_nothing_from_the_network(site):
+    built, out = site
+    assert built.returncode == 0, "the site did not build (see the strict build's test)"
+    pages = sorted(out.rglob("*.html"))
+    assert pages
+    remote = []
+    for page in pages:
+        parser = _Resources()
+        parser.feed(page.read_text(encoding="utf-8"))
+        remote += [f"{page.relative_to(out)}: {url}" for url in parser.urls
+                   if url.strip().lower().startswith(("http://", "https://", "//"))]
+    assert not remote, "pages that load from the network:\n" + "\n".join(remote[:20])
+
+
+def _cli_reference():
+    spec = importlib.util.spec_from_file_location("cli_reference", CLI_REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cli_page_is_what_the_parser_renders_now():
+    rendered = _cli_reference().render()
+    assert CLI_MD.read_text(encoding="utf-8") == rendered, (
+        "docs/cli.md differs from what vaelab's parser gives: run `python docs/cli_reference.py`"
+        " and commit docs/cli.md")
+
+
+def test_every_command_of_the_cli_has_its_section_in_the_cli_page():
+    import argparse
+
+    from vaelab.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    text = CLI_MD.read_text(encoding="utf-8")
+    missing = [name for name in sub.choices if f"\n## vaelab {name}\n" not in text]
+    assert sub.choices and not missing, (
+        f"docs/cli.md has no section for {', '.join(missing)}: run `python docs/cli_reference.py`")
