@@ -32,3 +32,7 @@ def test_the_readmes_python_example_runs(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "runs" / "quick" / "model.safetensors").is_file()
+
+
+def test_the_readme_is_a_short_product_page():
+    assert len((REPO / "README.md").read_text().split()) <= 1500  # the rest lives in docs/
