@@ -11,6 +11,7 @@ import contextlib
 import io
 import dataclasses
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -188,3 +189,29 @@ def assert_resumes_bit_for_bit(tmp_path: Path, config) -> None:
     strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]
     assert strip(resumed.metrics) == strip(whole.metrics)
     assert all(torch.equal(p, q) for p, q in zip(resumed.model.parameters(), whole.model.parameters()))
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def chromium_browser(tmp_path: Path):
+    """Headless Chromium through selenium (Debian's chromium and chromium-driver): skipped without
+    them, except under CI=true, where .ci/run installs them."""
+    try:
+        from selenium import webdriver
+    except ImportError:
+        webdriver = None
+    if webdriver is None or not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs chromium, chromium-driver and selenium: .ci/run installs them")
+        pytest.skip("needs chromium, chromium-driver (Debian) and selenium (pip)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,1000", f"--user-data-dir={tmp_path / 'chrome'}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)

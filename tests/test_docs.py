@@ -112,3 +112,45 @@ def test_every_command_of_the_cli_has_its_section_in_the_cli_page():
     missing = [name for name in sub.choices if f"\n## vaelab {name}\n" not in text]
     assert sub.choices and not missing, (
         f"docs/cli.md has no section for {', '.join(missing)}: run `python docs/cli_reference.py`")
+
+
+@pytest.mark.slow  # starts Chromium
+def test_the_built_site_loads_offline_in_a_browser_and_its_navigation_works(site, tmp_path):
+    from conftest import chromium_browser
+    from selenium.webdriver.common.by import By
+
+    built, out = site
+    assert built.returncode == 0, built.stderr[-4000:]
+    driver = chromium_browser(tmp_path)  # skips, saying why, where there is no browser
+    try:
+        driver.get((out / "index.html").as_uri())
+        assert driver.title.startswith("vaelab")
+        link = next(a for a in driver.find_elements(By.CSS_SELECTOR, "nav a.md-nav__link")
+                    if a.get_attribute("href").endswith("evaluation.html"))
+        driver.execute_script("arguments[0].click();", link)  # the drawer may hide it
+        assert driver.current_url.endswith("evaluation.html")
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Evaluation"
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe  # nothing failed to load
+    finally:
+        driver.quit()
+
+
+# Phrases that tell of how the project was made rather than what it does.
+TELL_TALE = ("against the targets", "happened to", "was lent", "for want of", "measured here",
+             "this session", "when this project began", "the single path", "was not available",
+             "were not available", "no gpu was", "at the time of writing", "ran here", "took here",
+             "not at hand", "was at hand")
+
+
+def product_texts() -> list[Path]:
+    """The README, the docs pages, the results files and the package's source."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")),
+            *sorted((REPO / "benchmarks" / "results").glob("*.md")),
+            *sorted((REPO / "vaelab").rglob("*.py"))]
+
+
+def test_the_product_texts_speak_of_the_product_only():
+    found = [f"{path.relative_to(REPO)}: {phrase!r}" for path in product_texts()
+             for phrase in TELL_TALE if phrase in " ".join(path.read_text().lower().split())]
+    assert not found, found

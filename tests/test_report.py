@@ -1,20 +1,15 @@
 """The HTML report: self-contained, and its latent explorer decodes in a real
 browser exactly as the Python decoder does."""
 
-import os
 import re
-import shutil
 
 import pytest
 import torch
 
+from conftest import chromium_browser
 from vaelab import RunConfig, train
 from vaelab.plots import draw_figures
 from vaelab.report import write_report
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, mnist):
@@ -40,30 +35,10 @@ def test_report_shows_the_interpolation_with_a_caption_saying_what_it_is(report)
     assert figure and "linear paths between the posterior means" in figure.group(1)
 
 
-def _browser(tmp_path):
-    try:
-        from selenium import webdriver
-    except ImportError:
-        webdriver = None
-    if webdriver is None or not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI needs chromium, chromium-driver and selenium: .ci/run installs them")
-        pytest.skip("needs chromium, chromium-driver (Debian) and selenium (pip)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,1000", f"--user-data-dir={tmp_path / 'chrome'}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-
-
 @pytest.mark.slow  # starts Chromium
 def test_the_explorer_draws_what_the_python_decoder_draws(report, tmp_path):
     path, model = report
-    driver = _browser(tmp_path)  # skips, saying why, where there is no browser
+    driver = chromium_browser(tmp_path)  # skips, saying why, where there is no browser
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -99,7 +74,7 @@ def test_sliders_drive_the_explorer_for_a_larger_latent(tmp_path):
     config = tiny_config(model=ModelConfig(z_dim=3, encoder_hidden=(16,), decoder_hidden=(16,)))
     result = train(config, run, synthetic_dataset(), progress=False)
     path = write_report(run, result.model, result.data)
-    driver = _browser(tmp_path)
+    driver = chromium_browser(tmp_path)
     try:
         driver.get(path.as_uri())
         assert driver.execute_script("return document.querySelectorAll('input[type=range]').length") == 3
@@ -121,7 +96,7 @@ def test_sliders_drive_the_explorer_for_a_larger_latent(tmp_path):
 @pytest.mark.slow  # starts Chromium
 def test_the_explorer_names_each_colour_of_the_latent_plane(report, tmp_path):
     path, _ = report
-    driver = _browser(tmp_path)
+    driver = chromium_browser(tmp_path)
     try:
         driver.get(path.as_uri())
         keys = driver.execute_script(
@@ -151,7 +126,7 @@ def test_the_explorer_decodes_a_conv_decoder_in_colour_as_python_does(tmp_path):
     run = tmp_path / "run"
     result = train(tiny_config(model=model, epochs=1, optimizer="adam", lr=1e-2), run, rgb, progress=False)
     path = write_report(run, result.model, result.data)
-    driver = _browser(tmp_path)
+    driver = chromium_browser(tmp_path)
     try:
         driver.get(path.as_uri())
         driver.execute_script("for (const [id, v] of [['z0', 2.5], ['z1', -1.5], ['z2', 0.7]]) {"
