@@ -558,12 +558,25 @@ def test_an_npz_of_grey_images_with_labels_reads_as_written(tmp_path):
     assert got.test_labels.tolist() == y_test.tolist()
 
 
-def test_an_npz_of_rgb_images_reads_channels_first(tmp_path):
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_an_npz_of_rgb_images_reads_channels_first(tmp_path, save):
     x = pixels(4, (8, 8, 3))
-    np.savez(tmp_path / "d.npz", x_train=x, x_test=x[:2], y_train=np.zeros(4, int), y_test=np.ones(2, int))
+    save(tmp_path / "d.npz", x_train=x, x_test=x[:2], y_train=np.zeros(4, int), y_test=np.ones(2, int))
     got = load_data(tmp_path / "d.npz")
     assert got.image_shape == (3, 8, 8)
     assert torch.equal(got.train_images, torch.from_numpy(x).permute(0, 3, 1, 2))
+
+
+def test_rgb_images_are_read_from_the_archive_block_by_block_and_others_by_numpy(tmp_path):
+    import zipfile
+
+    from vaelab.data.arrays import _colour_images
+
+    x = pixels(5, (8, 8, 3))
+    np.savez(tmp_path / "d.npz", x_train=x, x_test=pixels(2, (8, 8)))
+    with zipfile.ZipFile(tmp_path / "d.npz") as archive:
+        assert np.array_equal(_colour_images(archive, "x_train"), x.transpose(0, 3, 1, 2))
+        assert _colour_images(archive, "x_test") is None  # grey: numpy's own read needs no copy
 
 
 def test_an_npz_without_labels_has_none(tmp_path):

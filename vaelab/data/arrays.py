@@ -9,6 +9,7 @@ a file from elsewhere would run its code.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             for key in npz.files:
                 try:
-                    arrays[key] = npz[key]
+                    streamed = _colour_images(npz.zip, key) if key in ("x_train", "x_test") else None
+                    arrays[key] = npz[key] if streamed is None else streamed
                 except ValueError as e:
                     if "allow_pickle" not in str(e):
                         raise
@@ -75,8 +77,40 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+class _ChannelsFirst(np.ndarray):
+    """An (N, C, H, W) array that _colour_images read from an (N, H, W, C) member."""
+
+
+def _colour_images(archive: zipfile.ZipFile, key: str) -> np.ndarray | None:
+    """Member key, when it is a C-ordered (N, H, W, 3) uint8 array, read straight into
+    (N, C, H, W) a block of images at a time, so that the file's layout is never held whole
+    beside the result; None for any other array (numpy reads it, and _images checks it)."""
+    header = {(1, 0): np.lib.format.read_array_header_1_0,
+              (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(f"{key}.npy") as f:
+        read = header.get(np.lib.format.read_magic(f))
+        if read is None:
+            return None
+        shape, fortran, dtype = read(f)
+        if fortran or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or 0 in shape:
+            return None
+        n, h, w, c = shape
+        out = np.empty((n, c, h, w), dtype=np.uint8).view(_ChannelsFirst)
+        block = max(1, (16 << 20) // (h * w * c))  # images per read: 16 MiB
+        for start in range(0, n, block):
+            rows = min(block, n - start)
+            data = f.read(rows * h * w * c)
+            if len(data) != rows * h * w * c:
+                raise ValueError(f"{key} ends early")
+            images = np.frombuffer(data, np.uint8).reshape(rows, h, w, c)
+            out[start:start + rows] = images.transpose(0, 3, 1, 2)
+    return out
+
+
 def _images(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     """x as (N, C, H, W) uint8, contiguous."""
+    if isinstance(x, _ChannelsFirst):
+        return x.view(np.ndarray)
     if x.dtype != np.uint8:
         raise DataError(f"{path}: {key} is {x.dtype}; vaelab needs uint8 grey levels 0-255")
     if x.ndim == 3:
