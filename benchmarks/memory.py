@@ -58,9 +58,12 @@ CHILD = r"""
 import json, re, sys, time
 from pathlib import Path
 
+def status(field):  # VmHWM: the peak resident set size; VmRSS: what is resident now
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(field + r":\s+(\d+) kB", text).group(1)) * 1024
+
 def peak():
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    return status("VmHWM")
 
 spec = json.loads(sys.argv[1])
 from vaelab.config import RunConfig
@@ -70,7 +73,7 @@ start = time.perf_counter()
 config = RunConfig(data_dir=spec["data"], epochs=1, test_size=spec["test"], optimizer="adam",
                    lr=1e-3, **spec["config"])
 training = build(config, progress=False)
-loaded, built = peak(), time.perf_counter()
+loaded, resident, built = peak(), status("VmRSS"), time.perf_counter()
 Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from what is resident
 step = training.step
 full = step.steps_per_epoch
@@ -97,7 +100,7 @@ if steps is not None and steps < full:
 
     step.__class__ = Cut
 fit(training, run_dir=spec["run"], progress=False)
-print(json.dumps({"imported": imported, "load": loaded, "epoch": peak(),
+print(json.dumps({"imported": imported, "load": loaded, "resident": resident, "epoch": peak(),
                   "steps": min(steps or full, full), "steps_per_epoch": full,
                   "chunk_steps": getattr(step, "chunk_steps", None),
                   "load_s": built - start, "epoch_s": time.perf_counter() - built}))
@@ -176,22 +179,25 @@ def table(report: dict) -> str:
         "fresh process per row; the load phase is `train.build` (the .npz read, the model, the "
         "step, the test set), the epoch phase is `train.fit`'s epoch "
         "(cut to its first steps, which follow the draws for the whole epoch: see "
-        "benchmarks/memory.py), its test pass and checkpoint.",
+        "benchmarks/memory.py), its test pass and checkpoint; the epoch phase's peak counts what "
+        "the load left resident, the uint8 images among it. MB are 2^20 bytes.",
         "",
         f"Made by `{report['command']}` in {report['wall_s'] / 60:.1f} min (and "
         f"{report['sets_s'] / 60:.1f} min writing the sets).",
         "",
-        "| tree | objective | images | steps run | peak RSS MB | load phase MB | epoch phase MB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| tree | objective | images | steps run | peak RSS MB | load phase MB | resident after "
+        "load MB | epoch phase MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["rows"]:
         steps = f"{r['steps']} of {r['steps_per_epoch']}"
         lines.append(f"| {r['tree']} | {r['objective']} | {r['images']:,} | {steps} | "
-                     f"{r['peak'] / mb:,.0f} | {r['load'] / mb:,.0f} | {r['epoch'] / mb:,.0f} |")
+                     f"{r['peak'] / mb:,.0f} | {r['load'] / mb:,.0f} | {r['resident'] / mb:,.0f} | "
+                     f"{r['epoch'] / mb:,.0f} |")
     lines += [
         "",
-        "Growth of the peak per added image, in uint8 images (slope over the sizes; target at "
-        "most 1.2):",
+        "Growth of the peak per added image, in uint8 images (the least-squares slope over the"
+        " sizes; 1 is one more copy of the image):",
         "",
         "| tree | objective | sizes | peak RSS | load phase | epoch phase |",
         "| --- | --- | --- | --- | --- | --- |",
