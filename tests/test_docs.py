@@ -52,6 +52,7 @@ def site(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     return built, out
 
 
+@pytest.mark.slow  # builds the site (mkdocs, about 5 s)
 def test_the_site_builds_with_strict_so_a_broken_link_or_missing_page_fails(site):
     built, out = site
     assert built.returncode == 0, f"mkdocs build --strict failed:\n{built.stderr[-4000:]}"
@@ -74,6 +75,7 @@ class _Resources(HTMLParser):
             self.urls.append(value)
 
 
+@pytest.mark.slow  # builds the site (mkdocs, about 5 s)
 def test_the_built_site_loads_nothing_from_the_network(site):
     built, out = site
     assert built.returncode == 0, "the site did not build (see the strict build's test)"

@@ -111,8 +111,10 @@ def test_the_codes_between_are_the_linear_mix_of_the_two_means():
     torch.testing.assert_close(linear_path(a[None], b[None], 3)[0], torch.stack([a, (a + b) / 2, b]))
 
 
-@pytest.mark.parametrize("architecture", ["mlp", "conv"])
-@pytest.mark.parametrize("image_shape", [(1, 28, 28), (3, 32, 32)], ids=["grey", "rgb"])
+@pytest.mark.parametrize("architecture,image_shape", [
+    pytest.param(a, s, id=f"{'grey' if s[0] == 1 else 'rgb'}-{a}",
+                 marks=() if (a, s[0]) == ("conv", 3) else pytest.mark.slow)
+    for a in ("mlp", "conv") for s in ((1, 28, 28), (3, 32, 32))])
 def test_interpolation_png_is_drawn_for_mlp_and_conv_models_grey_and_rgb(tmp_path, architecture,
                                                                          image_shape):
     c, h, w = image_shape

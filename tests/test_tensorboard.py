@@ -139,6 +139,7 @@ def test_a_file_in_the_way_of_the_log_folder_is_refused(tmp_path):
         Board(tmp_path / "tb")
 
 
+@pytest.mark.slow  # trains
 def test_training_with_tensorboard_writes_one_record_per_epoch(tmp_path):
     _need_tensorboard()
     from conftest import synthetic_dataset
@@ -155,6 +156,7 @@ def test_training_with_tensorboard_writes_one_record_per_epoch(tmp_path):
     assert [e.step for e in events.Images("samples")] == [1, 2]
 
 
+@pytest.mark.slow  # trains
 def test_a_resumed_run_writes_each_epoch_once(tmp_path):
     _need_tensorboard()
     from conftest import synthetic_dataset

@@ -30,7 +30,6 @@ from .objectives import negative_elbo
 from .runs import (claim, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
                    save_weights, write_batch_losses, write_metrics)
 from .step import TrainStep
-from .tensorboard import Board, summary_writer
 
 
 # What each epoch records of the test set, per image: the negative ELBO and its KL term.
@@ -200,6 +199,8 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     config, model, world = training.config, training.model, training.world
     progress = progress and world.main  # rank 0 writes and shows; the others only compute
     if tensorboard and world.main:
+        from .tensorboard import Board, summary_writer  # matplotlib and TensorBoard: only when asked
+
         summary_writer()  # a missing extra is said before the run folder is made
     metrics: list[dict] = []
     if resume:
@@ -226,7 +227,9 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     show.write(f"run directory: {run_dir}", progress and run_dir is not None, file=sys.stderr)
 
     batch_losses: list[np.ndarray] = []
-    board = Board(tensorboard, first_epoch=len(metrics) + 1) if tensorboard and world.main else None
+    board = None
+    if tensorboard and world.main:
+        board = Board(tensorboard, first_epoch=len(metrics) + 1)
     try:
         _epochs(training, metrics, batch_losses, run_dir, progress, board)
     finally:
@@ -236,7 +239,7 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
 
 
 def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarray],
-            run_dir: Path | None, progress: bool, board: Board | None) -> None:
+            run_dir: Path | None, progress: bool, board) -> None:  # board: a tensorboard.Board
     """fit's loop: the epochs after those in metrics, each appending its record and losses."""
     config, model, world = training.config, training.model, training.world
     epochs = show.bar(config.epochs - len(metrics), "epochs", progress)
