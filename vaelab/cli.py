@@ -231,6 +231,18 @@ def _parsed(args: argparse.Namespace, cls: type):
     return options
 
 
+def _distributed(args: argparse.Namespace, cls: type, run) -> tuple:
+    """A command that torchrun may share out: its options, run(options, world) on every rank,
+    then the group left. Returns (options, world, result)."""
+    from . import distributed
+
+    options = _parsed(args, cls)
+    world = distributed.from_environment()
+    result = run(options, world)
+    distributed.finish(world)
+    return options, world, result
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .runs import prepare
@@ -256,13 +268,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import distributed
     from .evaluate import evaluate_run
 
-    options = _parsed(args, config.EvaluateOptions)
-    world = distributed.from_environment()
-    r = evaluate_run(options, world)
-    distributed.finish(world)
+    options, world, r = _distributed(args, config.EvaluateOptions, evaluate_run)
     if not world.main:
         return 0
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
@@ -290,13 +298,9 @@ def diagnostics_text(r: dict) -> str:
 
 
 def cmd_gap(args: argparse.Namespace) -> int:
-    from . import distributed
     from .gap import GAP, gap_run
 
-    options = _parsed(args, config.GapOptions)
-    world = distributed.from_environment()
-    r = gap_run(options, world)
-    distributed.finish(world)
+    options, world, r = _distributed(args, config.GapOptions, gap_run)
     if not world.main:
         return 0
     value = lambda name: f"{r[name]['mean']:.3f} ± {r[name]['se'] or 0:.3f}"
@@ -311,26 +315,18 @@ def cmd_gap(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from . import distributed
     from .score import encode_run
 
-    options = _parsed(args, config.EncodeOptions)
-    world = distributed.from_environment()
-    path, csv, n = encode_run(options, world)
-    distributed.finish(world)
+    options, world, (path, csv, n) = _distributed(args, config.EncodeOptions, encode_run)
     if world.main:
         print(f"codes of {n} {options.split} images written to {path} and {csv}")
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from . import distributed
     from .score import score_run
 
-    options = _parsed(args, config.ScoreOptions)
-    world = distributed.from_environment()
-    path, csv, scores = score_run(options, world)
-    distributed.finish(world)
+    options, world, (path, csv, scores) = _distributed(args, config.ScoreOptions, score_run)
     if world.main:
         log_px = scores["log_px"]
         print(f"log p(x) of {len(log_px)} {options.split} images (K={options.k}): mean"

@@ -739,20 +739,14 @@ CODES_HELP = "file to write: FILE.npz, and the same values as FILE.csv beside it
 
 
 @options_dataclass
-class EncodeOptions(Options):
-    """`vaelab encode`: each image's latent code under a run's encoder."""
+class RunImagesOptions(Options):
+    """What `vaelab encode` and `vaelab score` share: a run, the images of a split, the output."""
 
     run: str = option(MISSING, RUN_HELP, positional=True)
     output: str = option(MISSING, CODES_HELP, short="-o", rule=PATH, metavar="FILE")
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
     split: str = option("test", "which of the data's images", choices=SPLITS)
     images: int | None = option(None, "the first N images only", metavar="N", rule=POSITIVE)
-    draws: int = option(
-        100,
-        "keyed draws of z per image for E_q[z] of a flow posterior and of the upper layers",
-        rule=POSITIVE,
-        metavar="S",
-    )
     seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
     device: str = option("auto", choices=DEVICES)
     force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)
@@ -760,20 +754,23 @@ class EncodeOptions(Options):
 
 
 @options_dataclass
-class ScoreOptions(Options):
+class EncodeOptions(RunImagesOptions):
+    """`vaelab encode`: each image's latent code under a run's encoder."""
+
+    draws: int = option(
+        100,
+        "keyed draws of z per image for E_q[z] of a flow posterior and of the upper layers",
+        rule=POSITIVE,
+        metavar="S",
+    )
+
+
+@options_dataclass
+class ScoreOptions(RunImagesOptions):
     """`vaelab score`: each image's log p(x) under a run's model, by importance sampling."""
 
-    run: str = option(MISSING, RUN_HELP, positional=True)
-    output: str = option(MISSING, CODES_HELP, short="-o", rule=PATH, metavar="FILE")
-    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
-    split: str = option("test", "which of the data's images", choices=SPLITS)
-    images: int | None = option(None, "the first N images only", metavar="N", rule=POSITIVE)
     k: int = option(5000, "importance samples per image", rule=POSITIVE)
-    seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
     precision: str = precision_option()
-    device: str = option("auto", choices=DEVICES)
-    force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)
-    quiet: bool = option(False, "no progress bar", rule=SWITCH)
 
 
 @options_dataclass

@@ -142,33 +142,35 @@ def _identity(images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, np
     return out
 
 
-def encode_run(options: EncodeOptions, world: World = SINGLE) -> tuple[Path, Path, int]:
-    """`vaelab encode`: the codes of a split's images under a run's encoder, written by rank 0
-    (index, label where there are labels, then encode's arrays). Returns both files' paths and
-    the number of images."""
+def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
+    """encode_run's and score_run's path: the output checked, the run and its split's images
+    loaded, compute(model, images) on every rank, and its arrays written by rank 0 after each
+    image's index and label. Returns both files' paths and compute's arrays."""
     check(options)
     distributed.start(world)  # under torchrun: join the group (nothing for one process)
     path = distributed.share_result(lambda: _outputs(options.output, options.force), world)
     model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
     images, labels = _images(data, options.split, options.images)
-    codes = encode(model, images, seed=options.seed, draws=options.draws,
-                   progress=not options.quiet, world=world)
+    values = compute(model, images)
     if world.main:
-        write_table(path, {**_identity(images, labels), **codes})
-    return path, path.with_suffix(".csv"), len(images)
+        write_table(path, {**_identity(images, labels), **values})
+    return path, path.with_suffix(".csv"), values
+
+
+def encode_run(options: EncodeOptions, world: World = SINGLE) -> tuple[Path, Path, int]:
+    """`vaelab encode`: the codes of a split's images under a run's encoder, written by rank 0
+    (index, label where there are labels, then encode's arrays). Returns both files' paths and
+    the number of images."""
+    path, csv, codes = _write_for_run(options, world, lambda model, images: encode(
+        model, images, seed=options.seed, draws=options.draws, progress=not options.quiet,
+        world=world))
+    return path, csv, len(codes["mu"])
 
 
 def score_run(options: ScoreOptions, world: World = SINGLE) -> tuple[Path, Path, dict]:
     """`vaelab score`: each image's log p(x) for a split's images, written by rank 0 (index,
     label where there are labels, then score's arrays). Returns both files' paths and the
     scores."""
-    check(options)
-    distributed.start(world)  # under torchrun: join the group (nothing for one process)
-    path = distributed.share_result(lambda: _outputs(options.output, options.force), world)
-    model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
-    images, labels = _images(data, options.split, options.images)
-    scores = score(model, images, k=options.k, seed=options.seed, precision=options.precision,
-                   progress=not options.quiet, world=world)
-    if world.main:
-        write_table(path, {**_identity(images, labels), **scores})
-    return path, path.with_suffix(".csv"), scores
+    return _write_for_run(options, world, lambda model, images: score(
+        model, images, k=options.k, seed=options.seed, precision=options.precision,
+        progress=not options.quiet, world=world))
