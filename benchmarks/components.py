@@ -26,8 +26,8 @@ import vaelab
 from vaelab.evaluate import compare_runs
 from vaelab.runs import read_metrics
 
-from machine import hardware as machine_hardware, write_results  # benchmarks/machine.py, beside this script
-from resumable import evaluate_row, train_row  # benchmarks/resumable.py
+from machine import cpu_and_torch, write_results  # benchmarks/machine.py, beside this script
+from resumable import evaluate_row, threads, train_row  # benchmarks/resumable.py
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("standard-gaussian", "mog-gaussian", "vamp-gaussian", "standard-iaf", "mog-iaf", "vamp-iaf")
@@ -40,8 +40,17 @@ def row_config(row: str, args) -> vaelab.RunConfig:
     model = vaelab.preset("burda1").replace(
         prior=prior, posterior=posterior, flow_steps=2, prior_components=500
     )
-    return vaelab.RunConfig(preset="burda1", model=model, objective="elbo", optimizer="adam", lr=1e-3,
-                            batch_size=100, epochs=args.epochs, seed=args.seed, device="cpu")
+    return vaelab.RunConfig(
+        preset="burda1",
+        model=model,
+        objective="elbo",
+        optimizer="adam",
+        lr=1e-3,
+        batch_size=100,
+        epochs=args.epochs,
+        seed=args.seed,
+        device="cpu",
+    )
 
 
 def train_and_evaluate(row: str, args) -> tuple[Path, dict]:
@@ -84,7 +93,7 @@ def main(argv=None) -> int:
 
 def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
     """The table of the rows evaluated so far; those still to run are named below it."""
-    hardware = machine_hardware()
+    hardware = cpu_and_torch()
     results = []
     for row in records:
         record, metrics = records[row], read_metrics(run_dirs[row])
@@ -99,6 +108,7 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
                 "epochs": len(metrics),
                 "train_seconds": sum(m["seconds"] for m in metrics),
                 "eval_seconds": record.get("seconds"),
+                "threads": threads(run_dirs[row]),
                 "vs_standard": (
                     None
                     if paired is None
@@ -111,16 +121,16 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
             f"Machine: {hardware}. `burda1` network, ELBO, Adam 1e-3, batch 100, {args.epochs}"
             f" epochs, seed {args.seed}, dynamically binarized MNIST; test NLL by importance"
             f" sampling (K={args.k_eval}, all test images, fp32), nats per image, ± its Monte-Carlo"
-            " standard error. The last column is `vaelab compare ROW standard-gaussian`: the"
-            " paired mean difference over test images ± its standard error (negative: ROW is"
-            " better)."
+            " standard error. The column vs standard Gaussian is `vaelab compare ROW"
+            " standard-gaussian`: the paired mean difference over test images ± its standard error"
+            " (negative: ROW is better)."
         ),
         "",
         (
             "| prior | posterior | NLL | negative ELBO | vs standard Gaussian | training |"
-            " evaluation |"
+            " evaluation | threads |"
         ),
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         prior, posterior = r["row"].split("-")
@@ -133,14 +143,24 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
         lines.append(
             f"| {prior} | {posterior} | {r['nll']:.2f} ± {r['nll_se']:.3f} | "
             f"{r['neg_elbo']:.2f} | {versus} | {r['train_seconds'] / 60:.0f} min | "
-            f"{evaluation} |"
+            f"{evaluation} | {r['threads']} |"
         )
     pending = [row for row in rows if row not in records]
     if pending:
         lines += ["", f"Not yet run: {', '.join(pending)}."]
-    lines += ["", "Made by `python benchmarks/components.py` (training and evaluation are wall times)."]
-    report = {"hardware": hardware, "epochs": args.epochs, "k_eval": args.k_eval, "rows": results,
-              "pending": pending}
+    lines += [
+        "",
+        "Made by `python benchmarks/components.py`. Training and evaluation are wall times at the"
+        " torch thread count of the last column, and include any other load on the machine (the"
+        " rows at one thread ran two at a time).",
+    ]
+    report = {
+        "hardware": hardware,
+        "epochs": args.epochs,
+        "k_eval": args.k_eval,
+        "rows": results,
+        "pending": pending,
+    }
     write_results(args.out, args.name, report, "\n".join(lines) + "\n")
 
 

@@ -28,8 +28,8 @@ import vaelab
 from vaelab.evaluate import compare_runs
 from vaelab.runs import read_metrics
 
-from machine import hardware as machine_hardware, write_results  # benchmarks/machine.py, beside this script
-from resumable import evaluate_row, gap_row, train_row  # benchmarks/resumable.py
+from machine import cpu_and_torch, write_results  # benchmarks/machine.py, beside this script
+from resumable import evaluate_row, gap_row, threads, train_row  # benchmarks/resumable.py
 
 HERE = Path(__file__).resolve().parent
 BURDA = dict(optimizer="adam", lr=1e-3, schedule="burda", batch_size=20, device="cpu")
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
 
 def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
-    hardware = machine_hardware()
+    hardware = cpu_and_torch()
     lines = [
         (
             f"Machine: {hardware}. Test NLL by importance sampling (K={args.k_eval}, all test"
@@ -81,10 +81,13 @@ def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
             " layer (Burda et al.'s criterion, variance over test images of E_q[z_d] above 0.01)."
         ),
         "",
-        "Made by `python benchmarks/deeper.py`.",
+        (
+            "Made by `python benchmarks/deeper.py`. Training is wall time at the torch thread"
+            " count of the last column, and includes any other load on the machine."
+        ),
         "",
-        "| row | epochs | NLL | negative ELBO | IWAE k=50 | active units | training |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| row | epochs | NLL | negative ELBO | IWAE k=50 | active units | training | threads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     results = {}
     for row, (run_dir, r) in done.items():
@@ -98,11 +101,12 @@ def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
             "active_units": r["active_units"],
             "epochs": len(metrics),
             "train_minutes": minutes,
+            "threads": threads(run_dir),
         }
         units = "+".join(map(str, r["active_units"]))
         lines.append(
             f"| {row} | {len(metrics)} | {r['nll']:.2f} ± {r['nll_se']:.3f} | {r['neg_elbo']:.2f} |"
-            f" {r['iwae']['50']:.2f} | {units} | {minutes:.0f} min |"
+            f" {r['iwae']['50']:.2f} | {units} | {minutes:.0f} min | {threads(run_dir)} |"
         )
     pairs = [(a, b) for a, b in PAIRS if a in done and b in done]
     if pairs:

@@ -21,17 +21,26 @@ def cpu_description() -> str:
     except OSError:
         return "unknown CPU"
     flags = set(fields.get("flags", "").split())
-    vector = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2")
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     if native_bf16(torch.device("cpu")):  # the test that picks the evaluation's precision
         vector += " with bf16"
-    family = f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
-    return f"{fields.get('model name', 'unknown CPU')} ({', '.join(x for x in (family, vector) if x)})"
+    family = (
+        f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
+    )
+    return (
+        f"{fields.get('model name', 'unknown CPU')} ({', '.join(x for x in (family, vector) if x)})"
+    )
 
 
 def hardware() -> str:
     """The CPU, torch's threads and the PyTorch version, as the result tables name them."""
     threads = torch.get_num_threads()
     return f"{cpu_description()}, {threads} thread{'s' if threads > 1 else ''}, PyTorch {torch.__version__}"
+
+
+def cpu_and_torch() -> str:
+    """The CPU and the PyTorch version, for tables whose rows name their own thread counts."""
+    return f"{cpu_description()}, PyTorch {torch.__version__}"
 
 
 def write_results(out: Path | None, name: str, report: dict, table: str) -> None:
