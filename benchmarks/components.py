@@ -27,7 +27,7 @@ from vaelab.evaluate import compare_runs
 from vaelab.runs import read_metrics
 
 from machine import cpu_and_torch, write_results  # benchmarks/machine.py, beside this script
-from resumable import evaluate_row, threads, train_row  # benchmarks/resumable.py
+from resumable import evaluate_row, finished_eval, threads, train_row  # benchmarks/resumable.py
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("standard-gaussian", "mog-gaussian", "vamp-gaussian", "standard-iaf", "mog-iaf", "vamp-iaf")
@@ -70,6 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="components")
     parser.add_argument("--train-only", action="store_true", help="train the rows, evaluate none")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="write the table from the rows already trained and evaluated; run nothing",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     rows = [row.strip() for row in args.rows.split(",")]
@@ -83,8 +88,17 @@ def main(argv=None) -> int:
         for row in rows:
             train_row(row, row_config(row, args), args.runs / row, args.quiet)
         return 0
-    # Row by row, the table rewritten after each: a run stopped part-way keeps what it finished.
     run_dirs, records = {}, {}
+    if args.table_only:
+        for row in rows:
+            record = finished_eval(args.runs / row, args.epochs, args.k_eval)
+            if record is not None:
+                run_dirs[row], records[row] = args.runs / row, record
+        if BASELINE not in records:
+            parser.error(f"{BASELINE} is not trained and evaluated yet; no row can be paired")
+        write_table(rows, run_dirs, records, args)
+        return 0
+    # Row by row, the table rewritten after each: a run stopped part-way keeps what it finished.
     for row in rows:
         run_dirs[row], records[row] = train_and_evaluate(row, args)
         write_table(rows, run_dirs, records, args)

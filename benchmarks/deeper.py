@@ -29,7 +29,14 @@ from vaelab.evaluate import compare_runs
 from vaelab.runs import read_metrics
 
 from machine import cpu_and_torch, write_results  # benchmarks/machine.py, beside this script
-from resumable import evaluate_row, gap_row, threads, train_row  # benchmarks/resumable.py
+from resumable import (
+    evaluate_row,
+    finished_eval,
+    finished_gap,
+    gap_row,
+    threads,
+    train_row,
+)  # benchmarks/resumable.py
 
 HERE = Path(__file__).resolve().parent
 BURDA = dict(optimizer="adam", lr=1e-3, schedule="burda", batch_size=20, device="cpu")
@@ -55,6 +62,11 @@ def main(argv=None) -> int:
     parser.add_argument("--gap-images", type=int, default=1000)
     parser.add_argument("--runs", type=Path, default=Path("runs/deeper"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="write the tables from the rows already trained and evaluated; run nothing",
+    )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     rows = [row.strip() for row in args.rows.split(",")]
@@ -63,6 +75,18 @@ def main(argv=None) -> int:
         parser.error(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
     done: dict[str, tuple[Path, dict]] = {}
     gaps: dict[str, dict] = {}
+    if args.table_only:
+        for row in rows:
+            run_dir, config = args.runs / row, vaelab.RunConfig(**ROWS[row])
+            record = finished_eval(run_dir, config.epochs, args.k_eval)
+            if record is None:
+                continue
+            done[row] = run_dir, record
+            gap = finished_gap(run_dir, args.gap_images, args.k_eval) if row in GAPS else None
+            if gap is not None:
+                gaps[row] = gap
+        write_tables(rows, done, gaps, args)
+        return 0
     for row in rows:  # the tables rewritten after each row: a stopped run keeps what it finished
         run_dir = train_row(row, vaelab.RunConfig(**ROWS[row]), args.runs / row, args.quiet)
         done[row] = run_dir, evaluate_row(run_dir, args.k_eval, args.quiet)

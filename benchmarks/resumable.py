@@ -70,6 +70,23 @@ def evaluate_row(run_dir: Path, k: int, quiet: bool = True) -> dict:
     return read_eval(run_dir)
 
 
+def finished_eval(run_dir: Path, epochs: int, k: int) -> dict | None:
+    """A row's evaluation when its run has all its epochs and an evaluation of the last one with
+    this K, else None (for tables written while other rows still run)."""
+    if len(read_metrics(run_dir)) < epochs or not _fresh(run_dir, EVAL):
+        return None
+    record = read_eval(run_dir)
+    return record if record["k"] == k else None
+
+
+def finished_gap(run_dir: Path, images: int, k: int) -> dict | None:
+    """A row's gaps when `vaelab gap` ran on its last epoch with these settings, else None."""
+    if not _fresh(run_dir, GAP):
+        return None
+    record = read_gap(run_dir)
+    return record if record["images"] == images and record["k"] == k else None
+
+
 def gap_row(run_dir: Path, images: int, k: int, quiet: bool = True) -> dict:
     """`vaelab gap` on the CPU unless a result for the last epoch with these settings is there."""
     record = read_gap(run_dir)
