@@ -7,6 +7,7 @@ import torch
 
 import numpy as np
 
+from vaelab import evaluate
 from vaelab.errors import VaelabError
 from vaelab.evaluate import TestSet, compare, importance_sampled, mean_loss
 from vaelab.likelihoods import Bernoulli
@@ -172,6 +173,24 @@ def test_a_test_batch_draws_what_the_whole_test_set_draws_for_its_images():
     x, eps = test_set.draw(model, samples=3)
     part_x, part_eps = test_set.draw(model, slice(2, 5), samples=2)
     assert torch.equal(part_x, x[2:5]) and torch.equal(part_eps, eps[:2, 2:5])
+
+
+def test_a_test_pass_holds_at_most_test_rows_images_times_samples_per_call(monkeypatch):
+    model = small_model(z_dim=2).float()
+    images = torch.randint(0, 256, (23, *SHAPE), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(3))
+    test_set = TestSet(images, seed=0)
+    whole = mean_loss(model, test_set, "iwae", samples=10)
+    calls, forward = [], model.forward
+
+    def counted(x, eps, **kw):
+        calls.append(eps.shape[:2])  # (samples, images)
+        return forward(x, eps, **kw)
+
+    monkeypatch.setattr(model, "forward", counted)
+    monkeypatch.setattr(evaluate, "TEST_ROWS", 40)
+    assert mean_loss(model, test_set, "iwae", samples=10) == pytest.approx(whole, rel=1e-6)
+    assert max(s * n for s, n in calls) <= 40 and sum(n for _, n in calls) == 23
 
 
 def test_mean_negative_elbo_uses_the_analytic_kl():

@@ -105,12 +105,19 @@ class TestSet:
         return x, draw_noise(image_keys(self.seed, "noise", index), model.noise_dim, samples)
 
 
+# Images x samples per call of a test pass: 1,000 images of one sample, 200 of the IWAE's 50,
+# so that the pass's memory does not grow with k.
+TEST_ROWS = 10_000
+
+
 @torch.no_grad()
 def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, samples: int = 1,
                batch_size: int = 1000, world: World = SINGLE) -> dict[str, float]:
     """For each name, the mean over the test set of values[name](terms), a function of the model's
-    terms for `samples` draws of z giving (N,) nats; one pass over the test set. Under torchrun
-    the ranks share the batches and add their sums."""
+    terms for `samples` draws of z giving (N,) nats; one pass over the test set, in batches of at
+    most batch_size images and TEST_ROWS images x samples. Under torchrun the ranks share the
+    batches and add their sums."""
+    batch_size = max(1, min(batch_size, TEST_ROWS // samples))
     components = model.prior_components()
     totals = torch.zeros(len(values), dtype=torch.float64, device=test_set.images.device)
     for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
