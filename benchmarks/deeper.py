@@ -149,11 +149,14 @@ def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
             results[f"{a} vs {b}"] = {"difference": c["difference"], "se": c["se"]}
             lines.append(f"| {a} | {b} | {c['difference']:+.3f} ± {c['se']:.3f} |")
     if gaps:
+        fit = next(iter(gaps.values()))["fit"]  # every row's gaps run with the same settings
         lines += [
             "",
             (
-                f"`vaelab gap` ({args.gap_images} test images, K={args.k_eval}, 1,000 Adam steps):"
-                " nats per image ± standard error over images, the gaps paired per image."
+                f"`vaelab gap` ({args.gap_images} test images, K={args.k_eval}; q* fitted by"
+                f" {fit['steps']} steps of {fit['optimizer']}, {fit['samples']} draws a step,"
+                f" the {fit['gradient'].upper()} gradient): nats per image ± standard error over"
+                " images, the gaps paired per image."
             ),
             "",
             "| row | log p(x) | L[q*] | L[q] | approximation gap | amortization gap |",
