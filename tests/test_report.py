@@ -97,11 +97,14 @@ def test_sliders_drive_the_explorer_for_a_larger_latent(tmp_path):
 def test_the_explorer_names_each_colour_of_the_latent_plane(report, tmp_path):
     path, _ = report
     driver = chromium_browser(tmp_path)
+    from selenium.webdriver.support.wait import WebDriverWait
+
     try:
         driver.get(path.as_uri())
-        keys = driver.execute_script(
+        # Polled, not read once: read right after get() on a loaded machine, it has come back empty.
+        keys = WebDriverWait(driver, 60).until(lambda d: d.execute_script(
             "return Array.from(document.querySelectorAll('#legend .key'), k => "
-            "[k.textContent, getComputedStyle(k.querySelector('.swatch')).backgroundColor]);")
+            "[k.textContent, getComputedStyle(k.querySelector('.swatch')).backgroundColor]);"))
     finally:
         driver.quit()
     assert [name for name, _ in keys] == [str(d) for d in range(10)]
