@@ -157,8 +157,8 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
         evaluation = "" if r["eval_seconds"] is None else f"{r['eval_seconds'] / 60:.0f} min"
         lines.append(
             f"| {prior} | {posterior} | {r['nll']:.2f} ± {r['nll_se']:.3f} | "
-            f"{r['neg_elbo']:.2f} | {r['neg_elbo'] - r['nll']:.2f} | {versus} | {r['train_seconds'] / 60:.0f} min | "
-            f"{evaluation} | {r['threads']} |"
+            f"{r['neg_elbo']:.2f} | {r['neg_elbo'] - r['nll']:.2f} | {versus} | "
+            f"{r['train_seconds'] / 60:.0f} min | {evaluation} | {r['threads']} |"
         )
     pending = [row for row in rows if row not in records]
     if pending:

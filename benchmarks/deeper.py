@@ -130,7 +130,7 @@ def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
         units = "+".join(map(str, r["active_units"]))
         lines.append(
             f"| {row} | {len(metrics)} | {r['nll']:.2f} ± {r['nll_se']:.3f} | {r['neg_elbo']:.2f} |"
-            f" {r['iwae']['50']:.2f} | {units} | {minutes:.0f} min | {threads(run_dir)} |"
+            f" {r['iwae']['50']:.2f} | {units} | {minutes:.0f} min | {results[row]['threads']} |"
         )
     pairs = [(a, b) for a, b in PAIRS if a in done and b in done]
     if pairs:

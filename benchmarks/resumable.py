@@ -59,10 +59,17 @@ def _fresh(run_dir: Path, name: str) -> bool:
     return path.is_file() and path.stat().st_mtime > (run_dir / METRICS).stat().st_mtime
 
 
+def _evaluated(run_dir: Path, k: int) -> dict | None:
+    """RUN/eval.json when it evaluates the run's last epoch with this K, else None."""
+    if not _fresh(run_dir, EVAL):
+        return None
+    record = read_eval(run_dir)
+    return record if record["k"] == k else None
+
+
 def evaluate_row(run_dir: Path, k: int, quiet: bool = True) -> dict:
     """`vaelab evaluate` (fp32, CPU) unless an evaluation of the last epoch with this K is there."""
-    record = read_eval(run_dir)
-    if not (_fresh(run_dir, EVAL) and record["k"] == k):
+    if _evaluated(run_dir, k) is None:
         _record_threads(run_dir, "evaluation")
         evaluate_run(
             EvaluateOptions(run=str(run_dir), k=k, precision="fp32", device="cpu", quiet=quiet)
@@ -73,10 +80,7 @@ def evaluate_row(run_dir: Path, k: int, quiet: bool = True) -> dict:
 def finished_eval(run_dir: Path, epochs: int, k: int) -> dict | None:
     """A row's evaluation when its run has all its epochs and an evaluation of the last one with
     this K, else None (for tables written while other rows still run)."""
-    if len(read_metrics(run_dir)) < epochs or not _fresh(run_dir, EVAL):
-        return None
-    record = read_eval(run_dir)
-    return record if record["k"] == k else None
+    return None if len(read_metrics(run_dir)) < epochs else _evaluated(run_dir, k)
 
 
 def finished_gap(run_dir: Path, images: int, k: int) -> dict | None:
@@ -89,8 +93,7 @@ def finished_gap(run_dir: Path, images: int, k: int) -> dict | None:
 
 def gap_row(run_dir: Path, images: int, k: int, quiet: bool = True) -> dict:
     """`vaelab gap` on the CPU unless a result for the last epoch with these settings is there."""
-    record = read_gap(run_dir)
-    if not (_fresh(run_dir, GAP) and record["images"] == images and record["k"] == k):
+    if finished_gap(run_dir, images, k) is None:
         _record_threads(run_dir, "gap")
         gap_run(GapOptions(run=str(run_dir), images=images, k=k, device="cpu", quiet=quiet))
     return read_gap(run_dir)

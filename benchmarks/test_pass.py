@@ -82,11 +82,10 @@ def main(argv=None) -> int:
     from vaelab.evaluate import TEST_ROWS
 
     runs: dict[str, dict[str, list[dict]]] = {c: {"bounded": [], "unbounded": []} for c in CASES}
+    ways = (("bounded", TEST_ROWS), ("unbounded", UNBOUNDED))
     for rep in range(args.reps):
         for case in CASES:
-            for name, rows in (("bounded", TEST_ROWS), ("unbounded", UNBOUNDED))[
-                :: 1 - 2 * (rep % 2)
-            ]:
+            for name, rows in ways if rep % 2 == 0 else ways[::-1]:  # each goes first in turn
                 runs[case][name].append(measure(case, rows))
                 r = runs[case][name][-1]
                 print(
