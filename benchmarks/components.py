@@ -12,7 +12,9 @@ paired with the standard Gaussian row by `vaelab compare`.
 
 A row whose run directory holds a checkpoint resumes it; a finished evaluation is kept. So the
 script can be stopped at any time and run again. Runs go to runs/components/<row>; the table
-goes to benchmarks/results/components.md and components.json.
+goes to benchmarks/results/components.md and components.json, and each finished row's records
+(not its weights) to benchmarks/results/components/<row>/, from which `--table-only` writes the
+table again where runs/ is gone.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from pathlib import Path
 
 import vaelab
 from vaelab.evaluate import compare_runs
-from vaelab.runs import read_metrics
+from vaelab.runs import read_eval, read_metrics
 
-from machine import cpu_and_torch, write_results  # benchmarks/machine.py, beside this script
-from resumable import evaluate_row, finished_eval, threads, train_row  # benchmarks/resumable.py
+from machine import write_results  # benchmarks/machine.py, beside this script
+from resumable import evaluate_row, finished, keep, machines, threads, train_row  # resumable.py
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("standard-gaussian", "mog-gaussian", "vamp-gaussian", "standard-iaf", "mog-iaf", "vamp-iaf")
@@ -55,7 +57,9 @@ def row_config(row: str, args) -> vaelab.RunConfig:
 
 def train_and_evaluate(row: str, args) -> tuple[Path, dict]:
     run_dir = train_row(row, row_config(row, args), args.runs / row, args.quiet)
-    return run_dir, evaluate_row(run_dir, args.k_eval, args.quiet)
+    record = evaluate_row(run_dir, args.k_eval, args.quiet)
+    keep(run_dir, args.out / args.name / row)
+    return run_dir, record
 
 
 def main(argv=None) -> int:
@@ -91,9 +95,9 @@ def main(argv=None) -> int:
     run_dirs, records = {}, {}
     if args.table_only:
         for row in rows:
-            record = finished_eval(args.runs / row, args.epochs, args.k_eval)
-            if record is not None:
-                run_dirs[row], records[row] = args.runs / row, record
+            where = finished(args.runs / row, args.out / args.name / row, args.epochs, args.k_eval)
+            if where is not None:
+                run_dirs[row], records[row] = where, read_eval(where)
         if BASELINE not in records:
             parser.error(f"{BASELINE} is not trained and evaluated yet; no row can be paired")
         write_table(rows, run_dirs, records, args)
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
 
 def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
     """The table of the rows evaluated so far; those still to run are named below it."""
-    hardware = cpu_and_torch()
+    hardware = machines(list(run_dirs.values()))
     results = []
     for row in records:
         record, metrics = records[row], read_metrics(run_dirs[row])

@@ -14,7 +14,9 @@ Every row is evaluated with `vaelab evaluate` (K=5000, all test images, fp32: NL
 active units); the pairs go through `vaelab compare`; the tutorial and burda1-vae models through
 `vaelab gap` (1,000 test images). A row whose run directory holds a checkpoint resumes it, and a
 finished evaluation or gap is kept, so the script can stop at any time and be run again. Runs go
-to runs/deeper/<row>; the tables to benchmarks/results/deeper.md and deeper.json.
+to runs/deeper/<row>; the tables to benchmarks/results/deeper.md and deeper.json; each finished
+row's records (not its weights) to benchmarks/results/deeper/<row>/, from which the tables and
+the comparisons are written again where runs/ is gone (`--table-only`).
 """
 
 from __future__ import annotations
@@ -26,14 +28,17 @@ from pathlib import Path
 
 import vaelab
 from vaelab.evaluate import compare_runs
-from vaelab.runs import read_metrics
+from vaelab.runs import read_eval, read_metrics
 
-from machine import cpu_and_torch, write_results  # benchmarks/machine.py, beside this script
+from machine import write_results  # benchmarks/machine.py, beside this script
 from resumable import (
     evaluate_row,
+    finished,
     finished_eval,
     finished_gap,
     gap_row,
+    keep,
+    machines,
     threads,
     train_row,
 )  # benchmarks/resumable.py
@@ -63,6 +68,12 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/deeper"))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument(
+        "--kept",
+        type=Path,
+        default=HERE / "results" / "deeper",
+        help="where finished rows keep their records (default: benchmarks/results/deeper)",
+    )
+    parser.add_argument(
         "--table-only",
         action="store_true",
         help="write the tables from the rows already trained and evaluated; run nothing",
@@ -73,31 +84,43 @@ def main(argv=None) -> int:
     unknown = [row for row in rows if row not in ROWS]
     if unknown:
         parser.error(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
-    done: dict[str, tuple[Path, dict]] = {}
-    gaps: dict[str, dict] = {}
-    if args.table_only:
-        for row in rows:
-            run_dir, config = args.runs / row, vaelab.RunConfig(**ROWS[row])
-            record = finished_eval(run_dir, config.epochs, args.k_eval)
-            if record is None:
-                continue
-            done[row] = run_dir, record
-            gap = finished_gap(run_dir, args.gap_images, args.k_eval) if row in GAPS else None
-            if gap is not None:
-                gaps[row] = gap
-        write_tables(rows, done, gaps, args)
-        return 0
-    for row in rows:  # the tables rewritten after each row: a stopped run keeps what it finished
+    for row in [] if args.table_only else rows:  # a stopped run keeps the rows it finished
         run_dir = train_row(row, vaelab.RunConfig(**ROWS[row]), args.runs / row, args.quiet)
-        done[row] = run_dir, evaluate_row(run_dir, args.k_eval, args.quiet)
+        evaluate_row(run_dir, args.k_eval, args.quiet)
         if row in GAPS:
-            gaps[row] = gap_row(run_dir, args.gap_images, args.k_eval, args.quiet)
-        write_tables(rows, done, gaps, args)
+            gap_row(run_dir, args.gap_images, args.k_eval, args.quiet)
+        keep(run_dir, args.kept / row)
+        write_tables(*collect(args), args)
+    if args.table_only:
+        write_tables(*collect(args), args)
     return 0
 
 
-def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
-    hardware = cpu_and_torch()
+def collect(args) -> tuple[dict[str, tuple[Path, dict]], dict[str, dict]]:
+    """Every row finished so far, in its run directory or kept beside the table (a finished run
+    is kept again, so the copy is current): row -> (directory, evaluation), row -> gaps."""
+    done, gaps = {}, {}
+    for row, recipe in ROWS.items():
+        run_dir, kept_dir, epochs = (
+            args.runs / row,
+            args.kept / row,
+            vaelab.RunConfig(**recipe).epochs,
+        )
+        if finished_eval(run_dir, epochs, args.k_eval) is not None:
+            if row not in GAPS or finished_gap(run_dir, args.gap_images, args.k_eval):
+                keep(run_dir, kept_dir)
+        where = finished(run_dir, kept_dir, epochs, args.k_eval)
+        if where is None:
+            continue
+        done[row] = where, read_eval(where)
+        gap = finished_gap(where, args.gap_images, args.k_eval, kept=where == kept_dir)
+        if row in GAPS and gap is not None:
+            gaps[row] = gap
+    return done, gaps
+
+
+def write_tables(done: dict, gaps: dict, args) -> None:
+    hardware = machines([where for where, _ in done.values()])
     lines = [
         (
             f"Machine: {hardware}. Test NLL by importance sampling (K={args.k_eval}, all test"
@@ -178,7 +201,7 @@ def write_tables(rows: list[str], done: dict, gaps: dict, args) -> None:
                 f"| {row} | {cell('log_px')} | {cell('elbo_fitted')} | {cell('elbo_encoder')} |"
                 f" {cell('approximation_gap')} | {cell('amortization_gap')} |"
             )
-    pending = [row for row in rows if row not in done]
+    pending = [row for row in ROWS if row not in done]
     if pending:
         lines += ["", f"Not yet run: {', '.join(pending)}."]
     write_results(

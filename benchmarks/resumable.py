@@ -1,10 +1,14 @@
 """Rows of a results table that train for hours: each resumes from its checkpoint, and a finished
 step (training, evaluation, the gaps) is kept, so a table's script can be stopped and run again.
-Shared by components.py and deeper.py."""
+A finished row's records (not its weights) are also copied beside the table, under
+benchmarks/results/<table>/<row>/, so the table and its paired comparisons can be written again
+where the run directory is gone. Shared by components.py and deeper.py."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,28 +18,70 @@ import vaelab
 from vaelab.config import EvaluateOptions, GapOptions
 from vaelab.evaluate import evaluate_run
 from vaelab.gap import GAP, gap_run, read_gap
-from vaelab.runs import CHECKPOINT, EVAL, METRICS, read_eval, read_metrics
+from vaelab.runs import CHECKPOINT, CONFIG, EVAL, LOG_PX, METRICS, read_eval, read_metrics
 
-THREADS = "threads.json"  # beside a row's run: torch's thread counts its wall times were taken at
+from machine import cpu_and_torch  # benchmarks/machine.py, beside this script
+
+HOSTS = "hosts.json"  # beside a row's run: the machines, dates and torch thread counts it ran at
+KEPT = (CONFIG, METRICS, EVAL, LOG_PX, GAP, HOSTS)  # what a finished row keeps beside its table
 
 
-def _record_threads(run_dir: Path, phase: str) -> None:
-    """Add this process's thread count to RUN/threads.json under phase (a row can be trained in
-    parts, at different counts)."""
-    path = run_dir / THREADS
+def _record_host(run_dir: Path, phase: str) -> None:
+    """Add this process's machine, date and thread count to RUN/hosts.json under phase (a row can
+    be trained in parts, on different machines and at different counts)."""
+    record = _hosts(run_dir)
+    record["machines"] = sorted(set(record["machines"]) | {cpu_and_torch()})
+    record["dates"] = sorted(set(record["dates"]) | {datetime.date.today().isoformat()})
+    counts = set(record["threads"].get(phase, [])) | {torch.get_num_threads()}
+    record["threads"][phase] = sorted(counts)
+    (run_dir / HOSTS).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _hosts(run_dir: Path) -> dict:
+    path = run_dir / HOSTS
     record = json.loads(path.read_text()) if path.is_file() else {}
-    counts = set(record.get(phase, [])) | {torch.get_num_threads()}
-    record[phase] = sorted(counts)
-    path.write_text(json.dumps(record) + "\n")
+    return {"machines": [], "dates": [], "threads": {}, **record}
 
 
 def threads(run_dir: Path) -> str:
     """The thread counts a row's training and evaluation ran at, as a table cell ("2", "1-2")."""
-    path = run_dir / THREADS
-    if not path.is_file():
+    counts = sorted({n for phase in _hosts(run_dir)["threads"].values() for n in phase})
+    if not counts:
         return "?"
-    counts = sorted({n for phase in json.loads(path.read_text()).values() for n in phase})
     return "-".join(map(str, (counts[0], counts[-1]) if len(counts) > 1 else counts))
+
+
+def machines(run_dirs: list[Path]) -> str:
+    """The machines (CPU and PyTorch) these rows ran on and the dates, for a table's header."""
+    names: dict[str, None] = {}
+    dates: set[str] = set()
+    for run_dir in run_dirs:
+        names.update(dict.fromkeys(_hosts(run_dir)["machines"]))
+        dates.update(_hosts(run_dir)["dates"])
+    if not names:
+        return "none yet"
+    span = " to ".join(sorted({min(dates), max(dates)})) if dates else "undated"
+    return f"{'; '.join(names)}; {span}"
+
+
+def keep(run_dir: Path, kept_dir: Path) -> None:
+    """Copy a finished row's records (config, metrics, evaluation, per-image log p(x), gaps,
+    machines) to kept_dir, where `finished` finds them once the run directory is gone."""
+    kept_dir.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, kept_dir / name)
+
+
+def finished(run_dir: Path, kept_dir: Path, epochs: int, k: int) -> Path | None:
+    """The directory that holds a row's finished evaluation: its run, else its kept copy (a copy
+    is only made once the row is finished, so its files' times are not checked), else None."""
+    if finished_eval(run_dir, epochs, k) is not None:
+        return run_dir
+    record = read_eval(kept_dir)
+    if record is not None and record["k"] == k and len(read_metrics(kept_dir)) >= epochs:
+        return kept_dir
+    return None
 
 
 def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = True) -> Path:
@@ -48,7 +94,7 @@ def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = 
         file=sys.stderr,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _record_threads(run_dir, "training")
+    _record_host(run_dir, "training")
     vaelab.train(config, run_dir, progress=not quiet, resume=done > 0)
     return run_dir
 
@@ -70,7 +116,7 @@ def _evaluated(run_dir: Path, k: int) -> dict | None:
 def evaluate_row(run_dir: Path, k: int, quiet: bool = True) -> dict:
     """`vaelab evaluate` (fp32, CPU) unless an evaluation of the last epoch with this K is there."""
     if _evaluated(run_dir, k) is None:
-        _record_threads(run_dir, "evaluation")
+        _record_host(run_dir, "evaluation")
         evaluate_run(
             EvaluateOptions(run=str(run_dir), k=k, precision="fp32", device="cpu", quiet=quiet)
         )
@@ -83,9 +129,10 @@ def finished_eval(run_dir: Path, epochs: int, k: int) -> dict | None:
     return None if len(read_metrics(run_dir)) < epochs else _evaluated(run_dir, k)
 
 
-def finished_gap(run_dir: Path, images: int, k: int) -> dict | None:
-    """A row's gaps when `vaelab gap` ran on its last epoch with these settings, else None."""
-    if not _fresh(run_dir, GAP):
+def finished_gap(run_dir: Path, images: int, k: int, kept: bool = False) -> dict | None:
+    """A row's gaps when `vaelab gap` ran on its last epoch with these settings, else None. In a
+    kept copy (kept=True) the gaps are the last epoch's by construction."""
+    if not (kept and (run_dir / GAP).is_file()) and not _fresh(run_dir, GAP):
         return None
     record = read_gap(run_dir)
     return record if record["images"] == images and record["k"] == k else None
@@ -94,6 +141,6 @@ def finished_gap(run_dir: Path, images: int, k: int) -> dict | None:
 def gap_row(run_dir: Path, images: int, k: int, quiet: bool = True) -> dict:
     """`vaelab gap` on the CPU unless a result for the last epoch with these settings is there."""
     if finished_gap(run_dir, images, k) is None:
-        _record_threads(run_dir, "gap")
+        _record_host(run_dir, "gap")
         gap_run(GapOptions(run=str(run_dir), images=images, k=k, device="cpu", quiet=quiet))
     return read_gap(run_dir)
