@@ -55,10 +55,15 @@ def row_config(row: str, args) -> vaelab.RunConfig:
     )
 
 
+def kept_dir(row: str, args) -> Path:
+    """Where a finished row keeps its records: beside the table, results/components/<row>/."""
+    return args.out / args.name / row
+
+
 def train_and_evaluate(row: str, args) -> tuple[Path, dict]:
     run_dir = train_row(row, row_config(row, args), args.runs / row, args.quiet)
     record = evaluate_row(run_dir, args.k_eval, args.quiet)
-    keep(run_dir, args.out / args.name / row)
+    keep(run_dir, kept_dir(row, args))
     return run_dir, record
 
 
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
     run_dirs, records = {}, {}
     if args.table_only:
         for row in rows:
-            where = finished(args.runs / row, args.out / args.name / row, args.epochs, args.k_eval)
+            where = finished(args.runs / row, kept_dir(row, args), args.epochs, args.k_eval)
             if where is not None:
                 run_dirs[row], records[row] = where, read_eval(where)
         if BASELINE not in records:

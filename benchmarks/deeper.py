@@ -34,7 +34,6 @@ from machine import write_results  # benchmarks/machine.py, beside this script
 from resumable import (
     evaluate_row,
     finished,
-    finished_eval,
     finished_gap,
     gap_row,
     keep,
@@ -97,19 +96,12 @@ def main(argv=None) -> int:
 
 
 def collect(args) -> tuple[dict[str, tuple[Path, dict]], dict[str, dict]]:
-    """Every row finished so far, in its run directory or kept beside the table (a finished run
-    is kept again, so the copy is current): row -> (directory, evaluation), row -> gaps."""
+    """Every row finished so far, in its run directory or kept beside the table: row ->
+    (directory, evaluation), row -> gaps."""
     done, gaps = {}, {}
     for row, recipe in ROWS.items():
-        run_dir, kept_dir, epochs = (
-            args.runs / row,
-            args.kept / row,
-            vaelab.RunConfig(**recipe).epochs,
-        )
-        if finished_eval(run_dir, epochs, args.k_eval) is not None:
-            if row not in GAPS or finished_gap(run_dir, args.gap_images, args.k_eval):
-                keep(run_dir, kept_dir)
-        where = finished(run_dir, kept_dir, epochs, args.k_eval)
+        kept_dir = args.kept / row
+        where = finished(args.runs / row, kept_dir, vaelab.RunConfig(**recipe).epochs, args.k_eval)
         if where is None:
             continue
         done[row] = where, read_eval(where)

@@ -56,8 +56,9 @@ def machines(run_dirs: list[Path]) -> str:
     names: dict[str, None] = {}
     dates: set[str] = set()
     for run_dir in run_dirs:
-        names.update(dict.fromkeys(_hosts(run_dir)["machines"]))
-        dates.update(_hosts(run_dir)["dates"])
+        record = _hosts(run_dir)
+        names.update(dict.fromkeys(record["machines"]))
+        dates.update(record["dates"])
     if not names:
         return "none yet"
     span = " to ".join(sorted({min(dates), max(dates)})) if dates else "undated"
@@ -74,14 +75,11 @@ def keep(run_dir: Path, kept_dir: Path) -> None:
 
 
 def finished(run_dir: Path, kept_dir: Path, epochs: int, k: int) -> Path | None:
-    """The directory that holds a row's finished evaluation: its run, else its kept copy (a copy
-    is only made once the row is finished, so its files' times are not checked), else None."""
+    """The directory that holds a row's finished evaluation: its run, else its kept copy, else
+    None."""
     if finished_eval(run_dir, epochs, k) is not None:
         return run_dir
-    record = read_eval(kept_dir)
-    if record is not None and record["k"] == k and len(read_metrics(kept_dir)) >= epochs:
-        return kept_dir
-    return None
+    return kept_dir if finished_eval(kept_dir, epochs, k, kept=True) is not None else None
 
 
 def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = True) -> Path:
@@ -105,9 +103,10 @@ def _fresh(run_dir: Path, name: str) -> bool:
     return path.is_file() and path.stat().st_mtime > (run_dir / METRICS).stat().st_mtime
 
 
-def _evaluated(run_dir: Path, k: int) -> dict | None:
-    """RUN/eval.json when it evaluates the run's last epoch with this K, else None."""
-    if not _fresh(run_dir, EVAL):
+def _evaluated(run_dir: Path, k: int, kept: bool = False) -> dict | None:
+    """RUN/eval.json when it evaluates the run's last epoch with this K, else None. A kept copy
+    (kept=True) is only made once the row is finished, so its files' times are not checked."""
+    if not (kept and (run_dir / EVAL).is_file()) and not _fresh(run_dir, EVAL):
         return None
     record = read_eval(run_dir)
     return record if record["k"] == k else None
@@ -123,15 +122,15 @@ def evaluate_row(run_dir: Path, k: int, quiet: bool = True) -> dict:
     return read_eval(run_dir)
 
 
-def finished_eval(run_dir: Path, epochs: int, k: int) -> dict | None:
+def finished_eval(run_dir: Path, epochs: int, k: int, kept: bool = False) -> dict | None:
     """A row's evaluation when its run has all its epochs and an evaluation of the last one with
     this K, else None (for tables written while other rows still run)."""
-    return None if len(read_metrics(run_dir)) < epochs else _evaluated(run_dir, k)
+    return None if len(read_metrics(run_dir)) < epochs else _evaluated(run_dir, k, kept)
 
 
 def finished_gap(run_dir: Path, images: int, k: int, kept: bool = False) -> dict | None:
-    """A row's gaps when `vaelab gap` ran on its last epoch with these settings, else None. In a
-    kept copy (kept=True) the gaps are the last epoch's by construction."""
+    """A row's gaps when `vaelab gap` ran on its last epoch with these settings, else None (kept
+    as in `_evaluated`)."""
     if not (kept and (run_dir / GAP).is_file()) and not _fresh(run_dir, GAP):
         return None
     record = read_gap(run_dir)
