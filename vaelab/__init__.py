@@ -1,6 +1,8 @@
 """vaelab: variational autoencoders on MNIST or your own images, trained, evaluated and shown."""
 
-from . import rng
+from . import cpu, rng
+
+cpu.settle_vector_maths()  # before any of vaelab's maths runs threaded
 
 from .config import RunConfig
 from .data import Dataset, load_data
@@ -9,6 +11,6 @@ from .models import VAE, ModelConfig, build_model, preset
 from .runs import load_run
 from .train import build, fit, train
 
-__all__ = ["RunConfig", "Dataset", "load_data", "DataError", "RunError", "VaelabError",
-           "VAE", "ModelConfig", "build_model", "preset", "load_run", "build", "fit", "train", "rng"]
+__all__ = ["RunConfig", "Dataset", "load_data", "DataError", "RunError", "VaelabError", "VAE",
+           "ModelConfig", "build_model", "preset", "load_run", "build", "fit", "train", "rng"]
 __version__ = "0.1.0"
