@@ -103,10 +103,16 @@ def _fresh(run_dir: Path, name: str) -> bool:
     return path.is_file() and path.stat().st_mtime > (run_dir / METRICS).stat().st_mtime
 
 
+def _current(run_dir: Path, name: str, kept: bool = False) -> bool:
+    """Whether RUN/name speaks for the run's last epoch: written after it, or, in a kept copy
+    (kept=True, only made once the row is finished), there at all."""
+    return (run_dir / name).is_file() if kept else _fresh(run_dir, name)
+
+
 def _evaluated(run_dir: Path, k: int, kept: bool = False) -> dict | None:
     """RUN/eval.json when it evaluates the run's last epoch with this K, else None. A kept copy
     (kept=True) is only made once the row is finished, so its files' times are not checked."""
-    if not (kept and (run_dir / EVAL).is_file()) and not _fresh(run_dir, EVAL):
+    if not _current(run_dir, EVAL, kept):
         return None
     record = read_eval(run_dir)
     return record if record["k"] == k else None
@@ -131,7 +137,7 @@ def finished_eval(run_dir: Path, epochs: int, k: int, kept: bool = False) -> dic
 def finished_gap(run_dir: Path, images: int, k: int, kept: bool = False) -> dict | None:
     """A row's gaps when `vaelab gap` ran on its last epoch with these settings, else None (kept
     as in `_evaluated`)."""
-    if not (kept and (run_dir / GAP).is_file()) and not _fresh(run_dir, GAP):
+    if not _current(run_dir, GAP, kept):
         return None
     record = read_gap(run_dir)
     return record if record["images"] == images and record["k"] == k else None
