@@ -239,20 +239,36 @@ PRECISIONS = ("auto", "fp32", "bf16")
 EVAL_SEED = 1234
 ON_OFF = {"on": True, "off": False}
 
+INITS = ("torch", "glorot")
+SKIP_LIMIT = 0.5  # an epoch that skips more of its steps than this share stops the run
+OUTPUT_INITS = ("data", "none")
+KL_ESTIMATES = ("analytic", "sampled")
+BURDA_RECIPE = dict(
+    init="glorot", output_init="data", kl="sampled", optimizer="adam", lr=1e-3, adam_eps=1e-4,
+    schedule="burda", batch_size=20, epochs=3280,
+)
+
 # Named sets of option values, applied under what was set explicitly (see resolve).
 PRESETS = {
-    # The tutorial's network: 784-256-128 encoder, z-128-256-784 decoder (the defaults).
+    # The tutorial's network: 784-256-128 encoder, z-128-256-784 decoder (the defaults), and its
+    # initialisation: PyTorch's, the output bias included (a bare `vaelab train` is the notebook).
     "tutorial": dict(
-        encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2
+        encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2,
+        output_init="none",
     ),
-    # Burda, Grosse & Salakhutdinov (2015), one stochastic layer.
+    # Burda, Grosse & Salakhutdinov (2015), one stochastic layer, with their recipe (their code,
+    # github.com/yburda/iwae: nnet.py, datasets.py, experiments.py; the paper's section 5): Glorot
+    # uniform weights and zero biases, the decoder's output bias at the logit of the training
+    # pixels' mean, every KL term from the draws, Adam (eps 1e-4) at 1e-3 under their schedule
+    # with batch 20 for 3,280 epochs. docs/models.md says where vaelab departs from their code.
     "burda1": dict(
-        encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50
+        encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50,
+        **BURDA_RECIPE
     ),
     # Burda et al.'s two stochastic layers: x -200-200- z1 (100) -100-100- z2 (50), tanh.
     "burda2": dict(
         encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=100,
-        upper_z_dims=(50,), upper_hidden=(100, 100)
+        upper_z_dims=(50,), upper_hidden=(100, 100), **BURDA_RECIPE
     ),
     # Two stride-2 4x4 convolutions (32 and 64 channels) and a dense layer of 256 each way, for
     # images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels. Adam: the tutorial's
@@ -342,6 +358,14 @@ class ModelConfig(Options):
         choices=POSTERIORS,
     )
     flow_steps: int = option(2, "autoregressive steps of --posterior iaf", rule=POSITIVE, metavar="T")
+    kl: str = option(
+        "analytic",
+        "the KL term of the ELBO: analytic, the closed form where q(z|x) and p(z) have one (a"
+        " Gaussian posterior, N(0, I) and one stochastic layer), else from the draws; sampled,"
+        " always log q(z|x) - log p(z) at the draws (Burda et al.'s and the VampPrior's code)",
+        choices=KL_ESTIMATES,
+        default_text="analytic; the preset's",
+    )
     # Checked in validate: () is one stochastic layer.
     upper_z_dims: tuple[int, ...] = option(
         (),
@@ -419,6 +443,8 @@ class ModelConfig(Options):
 # Options of earlier versions that chose among training paths now gone; a saved
 # config.json that names them still loads, and they are ignored.
 RETIRED = ("backward", "kernels")
+# Options added since, with the value a config.json written before them meant.
+ABSENT = {"output_init": "none"}
 DATA_DIR_HELP = (
     "the four IDX files' folder, a folder of PNG or JPEG images (classes in subfolders, "
     "optionally below train/ and test/) or a .npz file with x_train and x_test"
@@ -461,6 +487,16 @@ class RunConfig(Options):
         metavar="E",
         default_text="0, no warm-up",
     )
+    free_bits: float = option(
+        0.0,
+        "free bits (Kingma et al. 2016): each latent dimension's KL, averaged over the batch, costs"
+        " at least LAMBDA nats in the training objective, so that a KL below it earns nothing"
+        " (where q and p do not factorize over dimensions, the layer's KL costs at least LAMBDA"
+        " x its size); test_loss and evaluate stay the true negative ELBO and NLL",
+        rule=NUMBER_AT_LEAST_0,
+        metavar="LAMBDA",
+        default_text="0, off",
+    )
     samples: int = option(
         1, "Monte-Carlo samples of z per image in the ELBO", rule=POSITIVE, metavar="L"
     )
@@ -481,8 +517,46 @@ class RunConfig(Options):
         "i = 0, 1, ... (Burda et al. 2015; 3280 epochs for i up to 7)",
         choices=SCHEDULES,
     )
+    adam_eps: float = option(
+        1e-8, "Adam's epsilon (Burda et al.: 1e-4)", rule=POSITIVE_NUMBER,
+        default_text="1e-08; the preset's",
+    )
+    init: str = option(
+        "torch",
+        "initial weights of vaelab's networks (encoder, head, decoder, the layers between"
+        " stochastic layers): torch, PyTorch's; glorot, Glorot & Bengio's uniform with zero biases"
+        " (Burda et al.)",
+        choices=INITS,
+        default_text="torch; the preset's",
+    )
+    output_init: str = option(
+        "data",
+        "the decoder's output bias: data, set from the training images (the likelihood's rule: the"
+        " logit of each pixel's mean for bernoulli, the mean and spread of its grey levels for the"
+        " others), as in Burda et al.'s code; none, the network's own initialisation",
+        choices=OUTPUT_INITS,
+        default_text="data; none with --preset tutorial",
+    )
     batch_size: int = option(100, rule=POSITIVE)
-    epochs: int = option(20, rule=POSITIVE, resume=True)
+    epochs: int = option(20, rule=POSITIVE, resume=True, default_text="20; the preset's")
+    grad_clip: float | None = option(
+        None,
+        "scale each step's gradient down to this global norm where it is larger",
+        rule=POSITIVE_NUMBER,
+        metavar="NORM",
+        default_text="no clipping",
+        resume=True,
+    )
+    skip_threshold: float | None = option(
+        None,
+        "skip the update of a step whose gradient norm (before --grad-clip) is above NORM or not"
+        " finite, as in VDVAE; metrics.jsonl counts the skips, and an epoch that skips more than"
+        f" {SKIP_LIMIT:.0%} of its steps stops the run",
+        rule=POSITIVE_NUMBER,
+        metavar="NORM",
+        default_text="skip none",
+        resume=True,
+    )
     seed: int = option(0, "seed for weights, batches and noise", rule=INTEGER)
     device: str = option("auto", choices=DEVICES, resume=True)
     cuda_graph: bool = option(
@@ -549,10 +623,10 @@ class RunConfig(Options):
                 f"fixed, which needs the inverse of --posterior {config.model.posterior}; use "
                 "--posterior gaussian"
             )
-        if config.objective == "iwae" and (config.beta != 1 or config.kl_warmup):
+        if config.objective == "iwae" and (config.beta != 1 or config.kl_warmup or config.free_bits):
             raise VaelabError(
-                "--beta and --kl-warmup weight the ELBO's KL term, which the iwae bound does not "
-                "have; leave them out with --objective iwae"
+                "--beta, --kl-warmup and --free-bits act on the ELBO's KL term, which the iwae "
+                "bound does not have; leave them out with --objective iwae"
             )
 
     def to_dict(self) -> dict:
@@ -567,7 +641,7 @@ class RunConfig(Options):
     @property
     def weighted(self) -> bool:
         """Whether training optimizes another objective than the plain ELBO or IWAE bound."""
-        return self.beta != 1 or self.kl_warmup > 0
+        return self.beta != 1 or self.kl_warmup > 0 or self.free_bits > 0
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of epoch (1-based) under the schedule."""
@@ -590,7 +664,7 @@ class RunConfig(Options):
     def from_dict(cls, d: dict) -> "RunConfig":
         """The inverse of to_dict, every field counted as set (a saved run is never re-preset);
         missing keys take their defaults, retired ones are ignored."""
-        d = {k: v for k, v in d.items() if k not in RETIRED}
+        d = {**ABSENT, **{k: v for k, v in d.items() if k not in RETIRED}}
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise VaelabError(f"config has unknown keys: {', '.join(sorted(unknown))}")

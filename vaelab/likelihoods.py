@@ -84,6 +84,28 @@ class Likelihood:
     def describe(self) -> str:
         return self.name
 
+    def output_bias(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The decoder output that fits the training images before any training, from each
+        value's mean and standard deviation over them: mean, std (C, H', W') in [0, 1] ->
+        (C * channels, H', W'); H' = W' = 1 for statistics per channel.
+
+        The location is the logit of the mean, clamped to [1e-3, 1 - 1e-3] as in Burda et
+        al.'s code: an output that starts there leaves the hidden units nothing to saturate.
+        """
+        return _logit(mean)
+
+
+def _logit(mean: torch.Tensor) -> torch.Tensor:
+    """log p / (1 - p) of p clamped to [1e-3, 1 - 1e-3]."""
+    return torch.logit(mean.clamp(OUTPUT_CLAMP, 1 - OUTPUT_CLAMP))
+
+
+OUTPUT_CLAMP = 1e-3
+# The narrowest starting spread of the continuous likelihoods: one grey level. A pixel that
+# never varies (a border) would otherwise start at the floor of the scale, where its gradient
+# is clamped away.
+MIN_START_STD = 1 / 255
+
 
 class Bernoulli(Likelihood):
     """Pixels binarized afresh for every draw (dynamic binarization); logits out."""
@@ -177,6 +199,10 @@ class GaussianLearned(Likelihood):
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
 
+    def output_bias(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The logit of the mean, and log sigma at the grey levels' standard deviation."""
+        return torch.cat([_logit(mean), std.clamp(min=MIN_START_STD).log()])
+
 
 class DiscretizedLogistic(Likelihood):
     """Each channel's 256 grey levels as bins of a logistic distribution (as in PixelCNN++, one
@@ -218,6 +244,12 @@ class DiscretizedLogistic(Likelihood):
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
+
+    def output_bias(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """The logit of the mean, and the log-scale of the logistic with the grey levels'
+        standard deviation (s = std * sqrt(3) / pi)."""
+        scale = std.clamp(min=MIN_START_STD) * (math.sqrt(3) / math.pi)
+        return torch.cat([_logit(mean), scale.log()])
 
 
 # By name, in the order the command line lists them.

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from . import likelihoods, posteriors, priors
+from . import likelihoods, nets, posteriors, priors
 from .config import ARCHITECTURES, CUSTOM, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 from .errors import VaelabError
 from .hierarchy import Hierarchy
@@ -239,7 +239,7 @@ class VAE(nn.Module):
             z, upper = self.hierarchy.sample_up(z, upper_eps)
             z1 = upper.bottom(z)
         log_px_z = self.likelihood.log_prob(self.decode(z1, workspace), x, workspace)
-        if self.prior.analytic_kl and self.flow is None and self.hierarchy is None:
+        if self.analytic_kl:
             return Terms(
                 log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar, mu=mu
             )
@@ -258,6 +258,36 @@ class VAE(nn.Module):
         )
         return terms._replace(kl=(terms.log_qz - terms.log_pz).mean(0))
 
+    @property
+    def analytic_kl(self) -> bool:
+        """Whether forward takes KL(q(z|x) || p(z)) in closed form (config.kl, where q and p
+        have one) rather than from the draws."""
+        return (self.config.kl == "analytic" and self.prior.analytic_kl and self.flow is None
+                and self.hierarchy is None)
+
+    def set_output_bias(self, images: torch.Tensor) -> str | None:
+        """Set the decoder's output bias so that p(x|z) fits the images' statistics before any
+        training (the likelihood's rule, likelihoods.Likelihood.output_bias): per value where
+        the output layer is linear, per channel where it is a convolution.
+
+        images: (N, C, H, W) uint8, the training split. Returns None, or why it cannot be done.
+        """
+        layer = nets.output_layer(self.decoder)
+        bias = getattr(layer, "bias", None)
+        channels = self.out_shape[0]
+        if isinstance(layer, nn.Linear) and bias is not None and len(bias) == math.prod(self.out_shape):
+            dims = (0,)
+        elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and bias is not None and len(bias) == channels:
+            dims = (0, 2, 3)
+        else:
+            return (f"the decoder's last layer ({type(layer).__name__}) is not a linear layer with "
+                    f"{math.prod(self.out_shape)} outputs or a convolution with {channels} channels, "
+                    "each with a bias")
+        mean, std = pixel_moments(images, dims)
+        with torch.no_grad():
+            bias.copy_(self.likelihood.output_bias(mean, std).flatten())
+        return None
+
     def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
         """x -> (N, z_dim): mu, or with an IAF the flow applied to it (its draw at eps = 0)."""
         mu, logvar, *context = self.encode_posterior(x)
@@ -272,6 +302,35 @@ class VAE(nn.Module):
         """n draws z ~ p(z): (n, z_dim), with a hierarchy drawn down from its top layer."""
         z = self.prior.sample(n, generator, self.encode)
         return z if self.hierarchy is None else self.hierarchy.sample_down(z, generator)
+
+
+def pixel_moments(images: torch.Tensor, dims: tuple[int, ...], rows: int = 4096
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of images / 255 over dims (0: per value; 0, 2, 3: per
+    channel), kept as size-1 dimensions but the first, which goes: images (N, C, H, W) uint8 ->
+    mean, std (C, H, W) or (C, 1, 1) float32. In float64, a block of rows at a time."""
+    total = square = 0
+    for start in range(0, len(images), rows):
+        x = images[start:start + rows].to(torch.float64).div_(255)
+        total = total + x.sum(dims, keepdim=True)
+        square = square + x.square().sum(dims, keepdim=True)
+    count = images.numel() / math.prod(total.shape)
+    mean = total / count
+    std = (square / count - mean.square()).clamp(min=0).sqrt()
+    return mean[0].float(), std[0].float()
+
+
+def initialise(model: VAE, init: str, output_init: str, images: torch.Tensor, seed: int) -> str | None:
+    """Set a fresh model's weights in place by the run's recipe (config.INITS, OUTPUT_INITS):
+    init "glorot" redraws the layers of the encoder, head, decoder and hierarchy, keyed by seed;
+    output_init "data" sets the decoder's output bias from images (N, C, H, W) uint8, the
+    training split. Returns None, or why the output bias could not be set."""
+    if init == "glorot":
+        generator = torch.Generator().manual_seed(seed)
+        for net in (model.encoder, model.head, model.decoder, model.hierarchy):
+            if net is not None:
+                nets.glorot_(net, generator)
+    return model.set_output_bias(images) if output_init == "data" else None
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:
@@ -294,6 +353,7 @@ COMPONENT_OPTIONS = (
     "prior_components",
     "posterior",
     "flow_steps",
+    "kl",
 )
 
 

@@ -143,3 +143,24 @@ class ConvDecoder(nn.Module):
     def forward(self, z: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
         h = self.dense(z.reshape(-1, z.shape[-1]), workspace)
         return self.convs(h.view(len(h), *self.start))
+
+
+# Layers whose weights an initialisation scheme sets, and which may be a decoder's output layer.
+LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+
+
+def glorot_(net: nn.Module, generator: torch.Generator) -> None:
+    """Glorot & Bengio's uniform weights, U(-a, a) with a = sqrt(6 / (fan_in + fan_out)), and
+    zero biases, for every linear and convolutional layer of net, in place, in module order."""
+    for layer in net.modules():
+        if isinstance(layer, LAYERS):
+            nn.init.xavier_uniform_(layer.weight, generator=generator)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
+def output_layer(net: nn.Module) -> nn.Module | None:
+    """The last module of net (in registration order) that holds parameters of its own: its
+    output layer, for vaelab's networks and for most of your own."""
+    holders = [m for m in net.modules() if next(m.parameters(recurse=False), None) is not None]
+    return holders[-1] if holders else None

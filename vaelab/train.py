@@ -25,7 +25,7 @@ from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
 from .evaluate import TestSet, mean_loss, test_means
-from .models import VAE, build_model
+from .models import VAE, build_model, initialise
 from .objectives import negative_elbo
 from .runs import (claim, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
                    save_weights, write_batch_losses, write_metrics)
@@ -71,7 +71,8 @@ def make_optimizer(config: RunConfig, model: VAE, lr: torch.Tensor) -> torch.opt
     """
     if config.optimizer == "adam":
         # capturable: its step count stays on the GPU, so a CUDA graph can hold the update
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=lr.device.type == "cuda")
+        return torch.optim.Adam(model.parameters(), lr=lr, eps=config.adam_eps, fused=True,
+                                capturable=lr.device.type == "cuda")
     return torch.optim.SGD(model.parameters(), lr=lr, fused=True)
 
 
@@ -130,10 +131,18 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
                           f"but the data's are {data.image_shape}")
     if model is None:  # resolved again for these images: a likelihood's recommendations may differ
         config = config.replace(model=config.model.replace(image_shape=data.image_shape))
+    asked = "output_init" in explicit(config)
     config = resolve(config)
     config.validate()
     config.data_dir = data_dir
     model = build_model(config.model, seed=config.seed) if model is None else copy.deepcopy(model)
+    why_not = initialise(model, config.init, config.output_init, data.train_images, config.seed)
+    if why_not:
+        if asked:
+            raise VaelabError(f"--output-init data cannot be applied: {why_not}")
+        show.write(f"vaelab: the decoder's output bias keeps its own initialisation: {why_not}",
+                   progress and world.main, file=sys.stderr)
+        config.output_init = "none"  # what config.json records is what was done
     model = model.to(device)
     lr = torch.tensor(config.lr_at(1), dtype=torch.float32, device=device)
     optimizer = make_optimizer(config, model, lr)
