@@ -301,7 +301,7 @@ def test_a_saved_run_loads_to_exactly_its_recorded_fields_and_is_never_re_preset
             "--encoder-hidden must be positive integers",
         ),
         (dict(cuda_graph="yes"), "--cuda-graph must be true or false"),
-        (dict(objective="iwae", beta=0.5), "--beta and --kl-warmup weight the ELBO's KL term"),
+        (dict(objective="iwae", beta=0.5), "--beta, --kl-warmup and --free-bits act on the ELBO's KL term"),
     ],
 )
 def test_python_configs_get_the_command_lines_one_line_errors(changes, says):

@@ -202,7 +202,7 @@ def test_the_training_loss_is_the_weighted_objective():
 
 
 def test_a_kl_weight_with_the_iwae_bound_is_refused_in_one_line():
-    with pytest.raises(Exception, match="--beta and --kl-warmup weight the ELBO's KL term"):
+    with pytest.raises(Exception, match="--beta, --kl-warmup and --free-bits act on the ELBO's KL term"):
         tiny_config(objective="iwae", beta=2.0).validate()
     with pytest.raises(Exception, match="--beta must be a number >= 0"):
         tiny_config(beta=-1.0).validate()

@@ -128,6 +128,22 @@ def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, sa
     return dict(zip(values, totals.tolist()))
 
 
+@torch.no_grad()
+def active_units(model: VAE, test_set: TestSet, *, batch_size: int = 1000, world: World = SINGLE) -> int:
+    """Units of z_1 in use: those whose q(z_1|x) mean (an IAF's base Gaussian's) varies over
+    the test images by more than ACTIVE_THRESHOLD (Burda et al.'s criterion, from mu: no draws).
+    Under torchrun the ranks share the batches and add their sums."""
+    moments = torch.zeros(2, model.config.z_dim, dtype=torch.float64, device=test_set.images.device)
+    for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
+        x, _ = test_set.draw(model, slice(start, start + batch_size), samples=0)
+        mu = model.encode(x)[0].double()
+        moments += torch.stack([mu.sum(0), mu.square().sum(0)])
+    total, square = distributed.all_sum(moments, world)
+    n = len(test_set)
+    variance = (square - total.square() / n) / max(n - 1, 1)  # unbiased, as diagnostics' var(0)
+    return int((variance > ACTIVE_THRESHOLD).sum())
+
+
 def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples: int = 1,
               batch_size: int = 1000, world: World = SINGLE) -> float:
     """Mean over the test set of the negative ELBO (`samples` draws of z; the KL as the model's

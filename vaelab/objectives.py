@@ -114,6 +114,34 @@ def negative_elbo(terms: Terms, kl_weight: float | torch.Tensor | None = None) -
     return kl - terms.log_px_z.mean(0)
 
 
+def kl_per_dim(terms: Terms) -> torch.Tensor | None:
+    """Each latent dimension's KL term, (N, z_dim) nats, where q(z|x) and p(z) factorize over
+    dimensions (a Gaussian posterior with its own parameters, N(0, I), one layer): in closed
+    form where the terms hold the analytic KL, else the draws' mean of log q - log p per
+    dimension. None elsewhere."""
+    if terms.prior is None:  # the analytic KL: forward computed no log-densities
+        return kl_normal_per_dim(terms.mu, terms.logvar)
+    if terms.prior.analytic_kl and terms.log_det is None and terms.upper is None and not terms.q_fixed:
+        return (0.5 * (terms.z.square() - terms.eps.square() - terms.logvar)).mean(0)
+    return None
+
+
+def free_bits_negative_elbo(terms: Terms, free_bits: float,
+                            kl_weight: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's mean negative ELBO with free bits (Kingma et al. 2016): each dimension's KL,
+    averaged over the batch, counts as at least free_bits nats, so that a KL below it earns
+    nothing. Where the KL does not factorize (kl_per_dim is None), the whole KL counts as at
+    least free_bits x its dimensions. Not a bound on log p(x): a 0-d training objective only.
+    kl_weight: as in negative_elbo."""
+    per_dim = kl_per_dim(terms)
+    if per_dim is None:
+        kl = terms.kl.mean().clamp(min=free_bits * terms.z.shape[-1])
+    else:
+        kl = per_dim.mean(0).clamp(min=free_bits).sum()
+    kl = kl if kl_weight is None else kl_weight * kl
+    return kl - terms.log_px_z.mean(0).mean()
+
+
 def negative_iwae(terms: Terms) -> torch.Tensor:
     """Negative importance-weighted bound of Burda et al. (2015) with k = S samples:
     -log (1/k) sum_s w_s, (N,) nats. With k = 1 it is the ELBO with a sampled KL."""

@@ -11,13 +11,14 @@ the whole step at once.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 
 from . import rng
 from .distributed import SINGLE, World
 from .models import VAE
-from .objectives import estimated, negative_elbo, negative_iwae
+from .objectives import estimated, free_bits_negative_elbo, negative_elbo, negative_iwae
 
 
 class TrainStep:
@@ -36,7 +37,9 @@ class TrainStep:
     def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
                  objective: str, samples: int, batch_size: int, cuda_graph: bool = True,
                  world: World = SINGLE, forward: torch.nn.Module | None = None,
-                 beta: float = 1.0, kl_warmup_epochs: int = 0, estimator: str = "reparam"):
+                 beta: float = 1.0, kl_warmup_epochs: int = 0, estimator: str = "reparam",
+                 free_bits: float = 0.0, grad_clip: float | None = None,
+                 skip_threshold: float | None = None):
         device = images.device
         self.model, self.optimizer, self.images = model, optimizer, images
         self.forward = forward or model
@@ -46,6 +49,12 @@ class TrainStep:
         # steps). It lives in a tensor the step itself updates, so a captured step follows it too.
         self.beta, self.warmup_steps = beta, kl_warmup_epochs * (len(images) // batch_size)
         self.weighted = beta != 1.0 or kl_warmup_epochs > 0  # else the plain ELBO, with no multiply
+        self.free_bits, self.grad_clip, self.skip_threshold = free_bits, grad_clip, skip_threshold
+        # What the last step measured, in tensors a captured step writes too: the gradient's
+        # global norm before clipping, and whether the update was skipped (--skip-threshold).
+        self.grad_norm = torch.zeros((), dtype=torch.float32, device=device)
+        self.skipped = torch.zeros((), dtype=torch.bool, device=device)
+        self._held: tuple[list, list] | None = None  # the update's tensors and their copies
         self.kl_weight = torch.full((), beta, dtype=torch.float32, device=device)
         self.steps_done = torch.zeros((), dtype=torch.int64, device=device)  # counted from the run's start while a warm-up runs
         self.samples, self.batch_size = samples, batch_size
@@ -118,8 +127,9 @@ class TrainStep:
         eps = self.eps.index_select(0, self.positions).view(-1, self.samples, self.model.noise_dim)
         return self.x.index_select(0, self.positions), eps.transpose(0, 1)
 
-    def eager(self) -> torch.Tensor:
-        """The step itself, run op by op."""
+    def eager(self, check: Callable[[str, object], None] | None = None) -> torch.Tensor:
+        """The step itself, run op by op. check(stage, value), when given, sees the terms and
+        the loss ("terms"), the gradients ("gradients") and the updated weights ("update")."""
         x, eps = self.draw()
         terms = estimated(self.forward(x, eps), self.estimator)
         if self.iwae:
@@ -129,17 +139,59 @@ class TrainStep:
                 ramp = self.steps_done.to(torch.float32).div_(self.warmup_steps).clamp_(max=1.0)
                 self.kl_weight.copy_(ramp.mul_(self.beta))
                 self.steps_done.add_(1)
-            loss = negative_elbo(terms, self.kl_weight if self.weighted else None).mean()
+            weight = self.kl_weight if self.weighted else None
+            loss = (free_bits_negative_elbo(terms, self.free_bits, weight) if self.free_bits
+                    else negative_elbo(terms, weight).mean())
+        if check:
+            check("terms", (terms, loss))
         self.optimizer.zero_grad(set_to_none=True)  # backward then writes the gradients, not adds to zeros
         loss.backward()
-        self.optimizer.step()
+        if check:
+            check("gradients", None)
+        self._update()
+        if check:
+            check("update", None)
         self.positions.add_(self.batch_size)
         return loss.detach()
 
-    def __call__(self) -> torch.Tensor:
+    def _update(self) -> None:
+        """Measure the gradient's norm, clip it (--grad-clip), and take the optimizer's step, or
+        leave every weight and the optimizer's state as they were (--skip-threshold)."""
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip, foreach=True)
+        self.grad_norm.copy_(norm)
+        if self.skip_threshold is None:
+            self.optimizer.step()
+            return
+        torch.logical_not(norm <= self.skip_threshold, out=self.skipped)  # NaN skips too
+        if self._held is None and not self.optimizer.state:
+            # The optimizer makes its state in its first step, so there is nothing yet to put
+            # back: this once (a fresh run's first step, never captured), decide on the host.
+            if not self.skipped.item():
+                self.optimizer.step()
+            return
+        if self._held is None:
+            state = [v for s in self.optimizer.state.values() for v in s.values()
+                     if isinstance(v, torch.Tensor)]
+            held = [*self.model.parameters(), *state]
+            self._held = held, [t.clone() for t in held]
+        held, copies = self._held
+        for t, before in zip(held, copies):
+            before.copy_(t)
+        self.optimizer.step()
+        for t, before in zip(held, copies):
+            t.copy_(torch.where(self.skipped, before, t))
+
+    def __call__(self, check: Callable[[str, object], None] | None = None) -> torch.Tensor:
+        """The next step of the epoch; with check (see eager), run eagerly and watched."""
         if self._next_step and self._next_step % self.chunk_steps == 0:
             self._draw_chunk(self._next_step)
         self._next_step += 1
+        if check is not None:
+            return self.eager(check)
         if self.graph is not None:
             self.graph.replay()
             return self._loss
@@ -158,8 +210,9 @@ class TrainStep:
         return self() if self.graph is not None else self.eager()
 
     def forget_graph(self) -> None:
-        """Drop a captured graph (the next steps warm up and capture again)."""
-        self.graph, self._loss, self._eager_steps = None, None, 0
+        """Drop a captured graph (the next steps warm up and capture again), and the tensors a
+        skipped update puts back (a restored checkpoint replaces the optimizer's state)."""
+        self.graph, self._loss, self._eager_steps, self._held = None, None, 0, None
 
     def _capture(self) -> None:
         """Record the step as a CUDA graph (nothing runs while recording); on failure, say why

@@ -24,7 +24,8 @@ from .config import ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
-from .evaluate import TestSet, mean_loss, test_means
+from .config import SKIP_LIMIT
+from .evaluate import TestSet, active_units, mean_loss, test_means
 from .models import VAE, build_model, initialise
 from .objectives import negative_elbo
 from .runs import (claim, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
@@ -154,27 +155,53 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     step = TrainStep(model, optimizer, data.train_images.to(device), objective=config.objective,
                      samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph,
                      world=world, forward=forward, beta=config.beta, kl_warmup_epochs=config.kl_warmup,
-                     estimator=config.estimator)
+                     estimator=config.estimator, free_bits=config.free_bits, grad_clip=config.grad_clip,
+                     skip_threshold=config.skip_threshold)
     test_set = TestSet(data.test_images.to(device), seed=config.eval_seed)
     return Training(config, data, model, optimizer, lr, step, test_set, world)
 
 
-def train_epoch(training: Training, epoch: int, progress: bool) -> torch.Tensor:
-    """One pass over the training images in the epoch's order. Returns the (steps,) losses of
-    the global batches (averaged over the ranks), kept on the device until the epoch ends: no
-    per-step synchronisation."""
+@dataclass
+class EpochSteps:
+    """What each step of an epoch measured, (steps,) tensors on the device: the global batch's
+    mean loss (averaged over the ranks), the gradient's norm before clipping, and whether the
+    update was skipped (--skip-threshold)."""
+
+    losses: torch.Tensor
+    grad_norms: torch.Tensor
+    skipped: torch.Tensor
+
+    def summary(self) -> dict:
+        """The epoch's record of them: train_loss over the updates taken, the gradient norm's
+        median and largest finite value, and the skips where a threshold is set."""
+        taken = ~self.skipped
+        norms = self.grad_norms[torch.isfinite(self.grad_norms)]
+        return {"train_loss": self.losses[taken].mean().item() if taken.any() else math.nan,
+                "grad_norm_median": norms.median().item() if len(norms) else math.nan,
+                "grad_norm_max": norms.max().item() if len(norms) else math.nan}
+
+
+def train_epoch(training: Training, epoch: int, progress: bool) -> EpochSteps:
+    """One pass over the training images in the epoch's order, its measurements kept on the
+    device until the epoch ends: no per-step synchronisation."""
     step, config = training.step, training.config
     step.begin_epoch(config.seed, epoch)
-    losses = torch.empty(step.steps_per_epoch, device=step.images.device)
-    bar = show.bar(len(losses), f"epoch {epoch}", progress, leave=False)
+    device = step.images.device
+    measured = EpochSteps(*(torch.zeros(step.steps_per_epoch, dtype=dtype, device=device)
+                            for dtype in (torch.float32, torch.float32, torch.bool)))
+    bar = show.bar(step.steps_per_epoch, f"epoch {epoch}", progress, leave=False)
     live = progress and show.interactive()  # reading a loss waits for the device: only for a bar on screen
-    for i in range(len(losses)):
-        losses[i] = step()
+    for i in range(step.steps_per_epoch):
+        measured.losses[i] = step()
+        measured.grad_norms[i] = step.grad_norm
+        if config.skip_threshold is not None:
+            measured.skipped[i] = step.skipped
         bar.update()
         if live and i % 50 == 49:
-            bar.set_postfix(loss=f"{losses[i].item():.2f}")
+            bar.set_postfix(loss=f"{measured.losses[i].item():.2f}")
     bar.close()
-    return distributed.all_sum(losses, training.world).div_(training.world.size)
+    distributed.all_sum(measured.losses, training.world).div_(training.world.size)
+    return measured
 
 
 def _advice(config: RunConfig, epoch: int, run_dir: Path | None) -> str:
@@ -252,30 +279,32 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
     """fit's loop: the epochs after those in metrics, each appending its record and losses."""
     config, model, world = training.config, training.model, training.world
     epochs = show.bar(config.epochs - len(metrics), "epochs", progress)
+    collapsed = False  # said once as it happens, again only after a recovery
     for epoch in range(len(metrics) + 1, config.epochs + 1):
         start = time.perf_counter()
         training.lr.fill_(config.lr_at(epoch))
         model.train()
-        losses = train_epoch(training, epoch, progress)
-        train_loss = losses.mean().item()  # the same on every rank: they stop together
-        if not math.isfinite(train_loss):
-            bad = int((~torch.isfinite(losses)).nonzero()[0])
-            raise TrainingDiverged(f"the loss became {losses[bad].item()} at epoch {epoch}, step {bad + 1} "
-                                   f"of {len(losses)}: training diverged; {_advice(config, epoch, run_dir)}")
+        before = _snapshot(training)  # to find a divergence's first non-finite value
+        measured = train_epoch(training, epoch, progress)
+        record = {"epoch": epoch, **measured.summary()}
+        _check_epoch(training, epoch, measured, record["train_loss"], before, run_dir)
         model.eval()
         test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples, world=world)
         test_loss = test["test_loss"]
         if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
                                    f"{_advice(config, epoch, run_dir)}")
-        record = {"epoch": epoch, "train_loss": train_loss, **test}
+        record.update(test)
+        record["active_units"] = active_units(model, training.test_set, world=world)
+        if config.skip_threshold is not None:
+            record["skipped"] = int(measured.skipped.sum())
         if config.weighted:  # train_loss is then the weighted objective, not the negative ELBO
             record["kl_weight"] = training.step.kl_weight.item()  # at the epoch's last step
         if config.objective == "iwae":
             record["test_iwae"] = mean_loss(model, training.test_set, "iwae", samples=config.k, world=world)
         record["seconds"] = time.perf_counter() - start
         metrics.append(record)
-        batch_losses.append(losses.cpu().numpy())
+        batch_losses.append(measured.losses.cpu().numpy())
         if run_dir is not None and world.main:
             save_checkpoint(Path(run_dir), model, training.optimizer, metrics)
             write_batch_losses(Path(run_dir), epoch, batch_losses[-1])
@@ -283,9 +312,106 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
             board.write_epoch(epoch, record, lr=config.lr_at(epoch), model=model,
                               images=training.test_set.images, seed=config.eval_seed)
         epochs.update()
-        show.write(f"epoch {epoch:3d}  train {train_loss:8.3f}  test {test_loss:8.3f} "
+        show.write(f"epoch {epoch:3d}  train {record['train_loss']:8.3f}  test {test_loss:8.3f} "
                    f"nats  ({record['seconds']:.1f} s)", progress)
+        now = record["active_units"] == 0 or record["test_kl"] < COLLAPSED_KL
+        show.write(collapse_warning(record), now and not collapsed and world.main, file=sys.stderr)
+        collapsed = now
     epochs.close()
+
+
+# A test KL below this many nats (or no active unit) after an epoch: the posterior has collapsed.
+COLLAPSED_KL = 0.1
+
+
+def collapse_warning(record: dict) -> str:
+    """One line naming a posterior collapse after an epoch, and the remedies."""
+    return (f"vaelab: warning: the posterior collapsed in epoch {record['epoch']}: test KL "
+            f"{record['test_kl']:.3f} nats, {record['active_units']} active units, so the decoder "
+            "ignores z; remedies: --kl-warmup E, --free-bits LAMBDA, --output-init data, a lower --lr")
+
+
+def _snapshot(training: Training) -> tuple[dict, dict]:
+    """Copies of the model's and the optimizer's state: an epoch's starting point."""
+    return (copy.deepcopy(training.model.state_dict()),
+            copy.deepcopy(training.optimizer.state_dict()))
+
+
+def _check_epoch(training: Training, epoch: int, measured: EpochSteps, train_loss: float,
+                 before: tuple[dict, dict], run_dir: Path | None) -> None:
+    """Stop the run after an epoch that skipped too many of its updates or whose loss went
+    non-finite, naming the first non-finite value (the checkpoint of the epoch before stays)."""
+    config, steps = training.config, len(measured.losses)
+    if config.skip_threshold is not None:
+        skipped = int(measured.skipped.sum())
+        if skipped > SKIP_LIMIT * steps:
+            raise TrainingDiverged(
+                f"epoch {epoch} skipped {skipped} of its {steps} updates (gradient norm above "
+                f"--skip-threshold {config.skip_threshold} or not finite; median norm "
+                f"{measured.summary()['grad_norm_median']:.3g}): raise the threshold or "
+                f"{_advice(config, epoch, run_dir)}")
+    finite = torch.isfinite(measured.losses) | measured.skipped
+    if bool(finite.all()):
+        return
+    bad = int((~finite).nonzero()[0])
+    source = find_nonfinite(training, epoch, bad, before)
+    raise TrainingDiverged(f"the loss became {measured.losses[bad].item()} at epoch {epoch}, step {bad + 1} "
+                           f"of {steps}: {source}; training diverged; {_advice(config, epoch, run_dir)}")
+
+
+def find_nonfinite(training: Training, epoch: int, last: int, before: tuple[dict, dict]) -> str:
+    """Replay steps 0..last of the epoch from its starting state, eagerly, watching every
+    module's output, the terms, the gradients and the updated weights; say where the first
+    non-finite value appeared. The keyed draws make the replay the same computation."""
+    model, optimizer, step = training.model, training.optimizer, training.step
+    model.load_state_dict(before[0])
+    optimizer.load_state_dict(before[1])
+    step.forget_graph()
+    step.begin_epoch(training.config.seed, epoch)
+    found: list[str] = []
+
+    def watch(name: str):
+        def hook(module, inputs, output):
+            outputs = output if isinstance(output, tuple) else (output,)
+            for t in outputs:
+                if isinstance(t, torch.Tensor) and not found and not bool(torch.isfinite(t).all()):
+                    found.append(f"the output of {name} ({type(module).__name__}) was the first "
+                                 f"non-finite value ({_kind(t)})")
+        return hook
+
+    def check(stage: str, value) -> None:
+        if found:
+            return
+        if stage == "terms":
+            terms, loss = value
+            for name, t in (("log p(x|z)", terms.log_px_z), ("KL", terms.kl), ("loss", loss)):
+                if not bool(torch.isfinite(t).all()):
+                    found.append(f"the term {name} was the first non-finite value ({_kind(t)})")
+                    return
+        for name, p in model.named_parameters():
+            t = p.grad if stage == "gradients" else p if stage == "update" else None
+            if t is not None and not bool(torch.isfinite(t).all()):
+                what = "gradient of" if stage == "gradients" else "parameter"
+                found.append(f"the {what} {name} was the first non-finite value ({_kind(t)})"
+                             + (" after the update" if stage == "update" else ""))
+                return
+
+    hooks = [m.register_forward_hook(watch(name)) for name, m in model.named_modules() if name]
+    try:
+        for i in range(last + 1):
+            step(check)
+            if found:
+                return f"{found[0]} in step {i + 1}"
+    finally:
+        for h in hooks:
+            h.remove()
+    return "its replay stayed finite, so the first non-finite value could not be named"
+
+
+def _kind(t: torch.Tensor) -> str:
+    """'nan' or 'inf' (or both), for the first non-finite tensor."""
+    kinds = [k for k, has in (("nan", torch.isnan(t).any()), ("inf", torch.isinf(t).any())) if has]
+    return " and ".join(kinds)
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
