@@ -147,3 +147,19 @@ def test_the_learned_gaussian_sees_dequantized_grey_levels_inside_their_bins():
     assert ((x >= k / 256) & (x < (k + 1) / 256)).all()
     assert x.std(0).min() > 0  # noise, not the level itself
     assert torch.equal(x.view(50, 1, 16, 16), GaussianLearned().observe(levels, keys(50)))  # keyed
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "gaussian", "gaussian-learned", "logistic"])
+def test_the_output_bias_puts_each_likelihoods_mean_at_the_pixels_mean(name):
+    likelihood = make(name)
+    mean = torch.tensor([[[0.0, 0.2], [0.5, 1.0]]])
+    std = torch.tensor([[[0.0, 0.1], [0.3, 0.0]]])
+    out = likelihood.output_bias(mean, std)
+    assert out.shape == (likelihood.channels, 2, 2)
+    torch.testing.assert_close(likelihood.mean(out), mean.clamp(1e-3, 1 - 1e-3))
+
+
+def test_the_logistics_starting_scale_has_the_pixels_spread_floored_at_one_grey_level():
+    out = make("logistic").output_bias(torch.full((1, 1, 2), 0.5), torch.tensor([[[0.3, 0.0]]]))
+    std = out[1].exp() * math.pi / math.sqrt(3)  # a logistic's standard deviation from its scale
+    torch.testing.assert_close(std, torch.tensor([[0.3, 1 / 255]]))

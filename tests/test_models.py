@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -134,3 +136,55 @@ def test_the_architecture_round_trips_through_the_saved_config():
     config = preset("conv", conv_channels=(8, 16), image_shape=(3, 32, 32))
     again = ModelConfig.from_dict(config.to_dict())
     assert again == config and again.architecture == "conv" and again.conv_channels == (8, 16)
+
+
+def test_build_sets_a_burda1_output_bias_at_the_clamped_logit_of_the_training_pixel_means(mnist):
+    from vaelab import RunConfig
+    from vaelab.train import build
+
+    training = build(RunConfig(preset="burda1", train_size=6000, device="cpu"), mnist, progress=False)
+    means = training.data.train_images.double().div(255).mean(0).flatten()
+    expected = torch.logit(means.clamp(1e-3, 1 - 1e-3)).float()
+    torch.testing.assert_close(training.model.decoder[-1].bias.detach(), expected)
+    assert training.config.output_init == "data" and training.config.init == "glorot"
+
+
+def test_glorot_draws_uniform_weights_of_the_right_width_and_zero_biases():
+    from vaelab.models import initialise
+
+    model = build_model(preset("burda1"), seed=0)
+    initialise(model, "glorot", "none", torch.zeros(1, 1, 28, 28, dtype=torch.uint8), seed=0)
+    layer = model.encoder[0]  # 784 -> 200
+    bound = math.sqrt(6 / (784 + 200))
+    assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.99 * bound
+    assert not layer.bias.any()
+
+
+def test_a_conv_decoders_output_bias_is_set_per_channel():
+    from vaelab.models import initialise
+
+    model = build_model(preset("conv", image_shape=(3, 8, 8), conv_channels=(4,)), seed=0)
+    images = torch.zeros(10, 3, 8, 8, dtype=torch.uint8)
+    images[:, 0] = 255  # the red channel always on, the others always off
+    assert initialise(model, "torch", "data", images, seed=0) is None
+    torch.testing.assert_close(model.decoder.convs[-1].bias.detach(),
+                               torch.logit(torch.tensor([1 - 1e-3, 1e-3, 1e-3])))
+
+
+def test_an_output_bias_that_cannot_be_set_says_why():
+    from torch import nn
+
+    from vaelab.models import VAE
+
+    decoder = _Squared(nn.Linear(2, 16, bias=False))
+    model = VAE(nn.Flatten(), decoder, z_dim=2, image_shape=(1, 4, 4))
+    assert "not a linear layer with 16 outputs" in model.set_output_bias(torch.zeros(3, 1, 4, 4, dtype=torch.uint8))
+
+
+class _Squared(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, z):
+        return self.layer(z).square()

@@ -232,3 +232,30 @@ def test_estimators_that_do_not_apply_are_refused_in_one_line(tmp_path, args, sa
     from conftest import assert_refused_in_one_line
 
     assert_refused_in_one_line(tmp_path, args, says)
+
+
+def test_kl_per_dim_from_the_draws_averages_to_the_analytic_kl_per_dimension():
+    from vaelab.objectives import kl_normal_per_dim, kl_per_dim
+    from vaelab.priors import StandardNormal
+
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    eps = torch.randn(200_000, 3, 4, generator=g, dtype=torch.float64).float()
+    z = reparametrize(mu, logvar, eps)
+    terms = Terms(log_px_z=torch.zeros(len(eps), 3), kl=None, z=z, eps=eps, logvar=logvar, mu=mu,
+                  prior=StandardNormal(4))
+    torch.testing.assert_close(kl_per_dim(terms), kl_normal_per_dim(mu, logvar), atol=0.02, rtol=0)
+
+
+def test_free_bits_charge_each_dimension_at_least_lambda_over_the_batch():
+    from vaelab.objectives import free_bits_negative_elbo, kl_normal_per_dim
+
+    mu = torch.tensor([[0.0, 2.0], [0.0, 1.0]])  # dimension 0 has no KL, dimension 1 some
+    logvar = torch.zeros(2, 2)
+    log_px_z = torch.tensor([[-10.0, -20.0]])
+    terms = Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=mu[None], eps=torch.zeros(1, 2, 2),
+                  logvar=logvar, mu=mu)
+    per_dim = kl_normal_per_dim(mu, logvar).mean(0)  # (0, 1.25)
+    expected = 15.0 + max(0.5, per_dim[0].item()) + max(0.5, per_dim[1].item())
+    assert free_bits_negative_elbo(terms, 0.5).item() == pytest.approx(expected)
+    assert free_bits_negative_elbo(terms, 0.0).item() == pytest.approx(negative_elbo(terms).mean().item())

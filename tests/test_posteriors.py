@@ -186,3 +186,14 @@ def test_the_command_line_trains_evaluates_samples_plots_and_reports_an_iaf(tmp_
 ])
 def test_a_bad_posterior_option_is_one_line_and_status_2(tmp_path, args, says):
     assert_refused_in_one_line(tmp_path, args, says)
+
+
+@pytest.mark.slow
+def test_the_vampprior_with_an_iaf_posterior_keeps_its_kl_on_burda1(mnist):
+    from vaelab import preset, train
+
+    model = preset("burda1").replace(prior="vamp", posterior="iaf")
+    config = RunConfig(preset="burda1", model=model, train_size=30000, test_size=2000, epochs=2,
+                       batch_size=100, optimizer="adam", lr=1e-3, schedule="constant", device="cpu")
+    result = train(config, data=mnist, progress=False)  # 600 steps
+    assert result.metrics[-1]["test_kl"] > 3.0

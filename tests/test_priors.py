@@ -197,3 +197,14 @@ def test_the_command_line_trains_evaluates_samples_plots_and_reports_a_learned_p
 ])
 def test_a_bad_prior_option_is_one_line_and_status_2(tmp_path, args, says):
     assert_refused_in_one_line(tmp_path, args, says)
+
+
+def test_the_mixture_prior_starts_within_a_nat_of_the_standard_normal():
+    # KL(N(0, I) || mixture) = E_{z ~ N(0, I)}[log N(z) - log mixture(z)], by Monte Carlo
+    torch.manual_seed(0)
+    prior = MixtureOfGaussians(z_dim=50, k=500)
+    z = torch.randn(20000, 50, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gap = StandardNormal(50).log_prob(z) - prior.log_prob(z)
+    kl, se = gap.mean().item(), gap.std().item() / math.sqrt(len(gap))
+    assert kl + 4 * se < 1.0

@@ -163,3 +163,56 @@ def test_off_cuda_the_step_is_never_captured(images):
     step.begin_epoch(seed=0, epoch=1)
     step()
     assert not step.capture and step.graph is None
+
+
+def adam_step(images, **kwargs):
+    step = make_step(images, **kwargs)
+    step.optimizer = torch.optim.Adam(step.model.parameters(), lr=1e-2)
+    step.begin_epoch(seed=0, epoch=1)
+    return step
+
+
+def state_of(step) -> list[torch.Tensor]:
+    """Copies of every weight and every tensor of the optimizer's state."""
+    state = [v for s in step.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return [t.detach().clone() for t in (*step.model.parameters(), *state)]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_a_step_whose_gradient_norm_is_above_the_skip_threshold_changes_nothing(images, first):
+    step = adam_step(images, skip_threshold=1e9)
+    if not first:
+        step()  # the optimizer has its state now
+    step.skip_threshold = 1e-9  # every gradient is above it
+    before = state_of(step)
+    step()
+    assert step.skipped.item() and step.grad_norm.item() > 1e-9
+    assert all(torch.equal(a, b) for a, b in zip(before, state_of(step), strict=True))
+
+
+def test_a_step_under_the_skip_threshold_is_the_plain_step_bit_for_bit(images):
+    plain, guarded = adam_step(images), adam_step(images, skip_threshold=1e9)
+    for _ in range(3):
+        assert torch.equal(plain(), guarded())
+        assert not guarded.skipped.item()
+    assert all(torch.equal(a, b) for a, b in zip(state_of(plain), state_of(guarded), strict=True))
+
+
+def test_a_non_finite_gradient_is_skipped_whatever_the_threshold(images):
+    step = adam_step(images, skip_threshold=1e9)
+    step()
+    before = state_of(step)
+    step.eps.fill_(float("nan"))  # every later draw of z is NaN, and so is the gradient
+    step()
+    assert step.skipped.item()
+    assert all(torch.equal(a, b) for a, b in zip(before, state_of(step), strict=True))
+
+
+def test_grad_clip_scales_the_gradient_to_the_norm_and_reports_the_norm_before(images):
+    clipped = make_step(images, grad_clip=1e-3)
+    clipped.begin_epoch(seed=0, epoch=1)
+    weights = [p.detach().clone() for p in clipped.model.parameters()]
+    clipped()
+    moved = torch.cat([(p.detach() - w).flatten() for p, w in zip(clipped.model.parameters(), weights)])
+    assert clipped.grad_norm.item() > 1e-3
+    assert moved.norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-3)  # SGD at lr 0.1

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import synthetic_dataset, tinted_rgb
+from conftest import run_vaelab, synthetic_dataset, tinted_rgb
 import json
 
 from vaelab import RunConfig, train
@@ -227,3 +227,105 @@ def test_the_learned_gaussian_trains():
     result = train(config, data=synthetic_dataset(), progress=False)
     assert all(math.isfinite(m["test_loss"]) for m in result.metrics)
     assert result.metrics[-1]["test_loss"] < result.metrics[0]["test_loss"]
+
+
+# --- training health -----------------------------------------------------------------------------
+
+
+def test_each_epoch_records_the_gradient_norms_median_and_maximum_and_the_active_units():
+    result = train(tiny_config(), data=synthetic_dataset(), progress=False)
+    for m in result.metrics:
+        assert 0 < m["grad_norm_median"] <= m["grad_norm_max"] < math.inf
+        assert 0 <= m["active_units"] <= 2
+
+
+def test_free_bits_train_while_test_loss_stays_the_true_negative_elbo():
+    config = tiny_config(free_bits=2.0)
+    result = train(config, data=synthetic_dataset(), progress=False)
+    plain = train(tiny_config(), data=synthetic_dataset(), progress=False)
+    test_set = TestSet(result.data.test_images, seed=config.eval_seed)
+    assert result.metrics[-1]["test_loss"] == pytest.approx(mean_loss(result.model, test_set), rel=1e-6)
+    assert result.metrics[-1]["train_loss"] != plain.metrics[-1]["train_loss"]
+
+
+def test_an_epoch_that_skips_most_of_its_updates_stops_the_run_in_one_line(tmp_path):
+    result = run_vaelab("train", "--skip-threshold", "1e-9", "--data-dir", _synthetic_npz(tmp_path),
+                        "--epochs", "2", "--quiet", "--no-plots", "--out", tmp_path / "run")
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert "epoch 1 skipped 1 of its 1 updates" in line and "--skip-threshold" in line
+
+
+def test_the_skipped_updates_are_counted_in_each_epochs_record():
+    result = train(tiny_config(skip_threshold=1e9), data=synthetic_dataset(), progress=False)
+    assert [m["skipped"] for m in result.metrics] == [0, 0]
+    plain = train(tiny_config(), data=synthetic_dataset(), progress=False)
+    assert [m["test_loss"] for m in result.metrics] == [m["test_loss"] for m in plain.metrics]
+
+
+def test_the_health_options_resume_bit_for_bit(tmp_path):
+    from conftest import assert_resumes_bit_for_bit
+
+    assert_resumes_bit_for_bit(tmp_path, lambda epochs: tiny_config(
+        epochs=epochs, optimizer="adam", lr=1e-2, free_bits=0.5, grad_clip=20.0, skip_threshold=40.0))
+
+
+class _FailingDecoder(torch.nn.Module):
+    """A decoder whose output turns NaN from its `after`-th call in training mode."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.net = torch.nn.Linear(2, 64)
+        self.after, self.calls = after, 0
+
+    def forward(self, z):
+        out = self.net(z)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                return out * float("nan")
+        return out
+
+
+def test_a_non_finite_decoder_output_is_named_in_the_divergence_error(tmp_path):
+    from vaelab.models import VAE
+
+    model = VAE(torch.nn.Flatten(), _FailingDecoder(after=9), z_dim=2, image_shape=(1, 8, 8))
+    with pytest.raises(TrainingDiverged) as error:  # 6 steps an epoch: the 9th call is in epoch 2
+        train(RunConfig(epochs=2, batch_size=50, device="cpu"), tmp_path / "run", synthetic_dataset(),
+              progress=False, model=model)
+    message = str(error.value)
+    assert "epoch 2" in message and "the output of decoder (_FailingDecoder)" in message and "nan" in message
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()  # epoch 1's, kept
+
+
+def test_a_collapsed_posterior_is_named_in_one_warning_line(capsys):
+    train(tiny_config(beta=50.0, epochs=3, optimizer="adam", lr=1e-2), data=synthetic_dataset(), progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "collapsed" in line]
+    assert len(warnings) == 1 and "--free-bits" in warnings[0] and "--kl-warmup" in warnings[0]
+
+
+def _synthetic_npz(tmp_path) -> str:
+    import numpy as np
+
+    data = synthetic_dataset(n_train=100, n_test=50)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=data.train_images.numpy()[:, 0], x_test=data.test_images.numpy()[:, 0])
+    return str(path)
+
+
+@pytest.mark.slow
+def test_one_epoch_of_burda1_keeps_most_decoder_tanh_units_unsaturated(mnist):
+    result = train(RunConfig(preset="burda1", train_size=6000, epochs=1, device="cpu"), data=mnist,
+                   progress=False)
+    model = result.model
+    activations = []
+    hooks = [m.register_forward_hook(lambda m, i, out: activations.append(out))
+             for m in model.decoder if isinstance(m, torch.nn.Tanh)]
+    with torch.no_grad():
+        x, _ = TestSet(mnist.test_images[:1000], seed=0).draw(model)
+        model.decode(model.encode(x)[0])
+    for h in hooks:
+        h.remove()
+    saturated = torch.cat([a.flatten() for a in activations]).abs().gt(0.99).float().mean().item()
+    assert saturated < 0.5

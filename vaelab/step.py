@@ -179,11 +179,12 @@ class TrainStep:
             held = [*self.model.parameters(), *state]
             self._held = held, [t.clone() for t in held]
         held, copies = self._held
-        for t, before in zip(held, copies):
-            before.copy_(t)
-        self.optimizer.step()
-        for t, before in zip(held, copies):
-            t.copy_(torch.where(self.skipped, before, t))
+        with torch.no_grad():
+            for t, before in zip(held, copies):
+                before.copy_(t)
+            self.optimizer.step()
+            for t, before in zip(held, copies):
+                t.copy_(torch.where(self.skipped, before, t))
 
     def __call__(self, check: Callable[[str, object], None] | None = None) -> torch.Tensor:
         """The next step of the epoch; with check (see eager), run eagerly and watched."""

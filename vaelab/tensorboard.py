@@ -29,6 +29,10 @@ TAGS = {
     "train_kl": "kl/train",
     "test_kl": "kl/test",
     "kl_weight": "kl_weight",
+    "active_units": "kl/active_units",
+    "grad_norm_median": "grad_norm/median",
+    "grad_norm_max": "grad_norm/max",
+    "skipped": "grad_norm/skipped_updates",
 }
 NOT_SCALARS = ("epoch", "seconds")  # the step itself, and a wall time, not the model's
 
