@@ -341,9 +341,10 @@ class ModelConfig(Options):
     )
     prior: str = option(
         "standard",
-        "p(z): standard, N(0, I) with the analytic KL; mog, a mixture of --prior-components learned"
+        "p(z): standard, N(0, I) (the KL analytic unless --kl sampled); mog, a mixture of --prior-components learned"
         " Gaussians with learned weights; vamp, the VampPrior: the posterior at --prior-components"
-        " learned pseudo-inputs (Tomczak & Welling 2018; with --posterior iaf, its base Gaussian);"
+        " learned pseudo-inputs (Tomczak & Welling 2018; with --posterior iaf, the mixture of the"
+        " base Gaussians q_0(z|u_k) before the flow);"
         " mog and vamp take the KL from the draws",
         choices=PRIORS,
     )
