@@ -58,6 +58,8 @@ RECIPES = {
     "adam-two-layers-elbo-mog": dict(optimizer="adam", lr=1e-3, model=ModelConfig(
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), upper_z_dims=(2,),
         upper_hidden=(16,), prior="mog", prior_components=5)),
+    "adam-health": dict(optimizer="adam", lr=1e-3, free_bits=0.2, grad_clip=5.0, skip_threshold=50.0),
+    "adam-skip-every-update": dict(optimizer="adam", lr=1e-3, skip_threshold=1e-9),
     "adam-elbo-stl-vamp": dict(optimizer="adam", lr=1e-3, estimator="stl", model=ModelConfig(
         z_dim=3, encoder_hidden=(32,), decoder_hidden=(32,), image_shape=(1, 8, 8), prior="vamp", prior_components=20)),
 }
