@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
-from .config import ModelConfig, RunConfig, explicit, resolve
+from .config import SKIP_LIMIT, ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
-from .config import SKIP_LIMIT
 from .evaluate import TestSet, active_units, mean_loss, test_means
 from .models import VAE, build_model, initialise
 from .objectives import negative_elbo
@@ -287,7 +286,7 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         before = _snapshot(training)  # to find a divergence's first non-finite value
         measured = train_epoch(training, epoch, progress)
         record = {"epoch": epoch, **measured.summary()}
-        _check_epoch(training, epoch, measured, record["train_loss"], before, run_dir)
+        _check_epoch(training, epoch, measured, before, run_dir)
         model.eval()
         test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples, world=world)
         test_loss = test["test_loss"]
@@ -337,8 +336,8 @@ def _snapshot(training: Training) -> tuple[dict, dict]:
             copy.deepcopy(training.optimizer.state_dict()))
 
 
-def _check_epoch(training: Training, epoch: int, measured: EpochSteps, train_loss: float,
-                 before: tuple[dict, dict], run_dir: Path | None) -> None:
+def _check_epoch(training: Training, epoch: int, measured: EpochSteps, before: tuple[dict, dict],
+                 run_dir: Path | None) -> None:
     """Stop the run after an epoch that skipped too many of its updates or whose loss went
     non-finite, naming the first non-finite value (the checkpoint of the epoch before stays)."""
     config, steps = training.config, len(measured.losses)
