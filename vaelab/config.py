@@ -524,7 +524,7 @@ class RunConfig(Options):
     )
     init: str = option(
         "torch",
-        "initial weights of vaelab's networks (encoder, head, decoder, the layers between"
+        "initial weights of the networks (encoder, head, decoder, the layers between"
         " stochastic layers): torch, PyTorch's; glorot, Glorot & Bengio's uniform with zero biases"
         " (Burda et al.)",
         choices=INITS,
