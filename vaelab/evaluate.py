@@ -112,36 +112,32 @@ TEST_ROWS = 10_000
 
 @torch.no_grad()
 def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, samples: int = 1,
-               batch_size: int = 1000, world: World = SINGLE) -> dict[str, float]:
+               batch_size: int = 1000, world: World = SINGLE, active: bool = False) -> dict[str, float]:
     """For each name, the mean over the test set of values[name](terms), a function of the model's
     terms for `samples` draws of z giving (N,) nats; one pass over the test set, in batches of at
     most batch_size images and TEST_ROWS images x samples. Under torchrun the ranks share the
-    batches and add their sums."""
+    batches and add their sums. With active, also "active_units": the units of z_1 whose
+    posterior mean mu varies over the test images by more than ACTIVE_THRESHOLD (Burda et al.'s
+    criterion, from the same pass: an IAF's base Gaussian's mu, no draws)."""
     batch_size = max(1, min(batch_size, TEST_ROWS // samples))
     components = model.prior_components()
-    totals = torch.zeros(len(values), dtype=torch.float64, device=test_set.images.device)
+    device = test_set.images.device
+    totals = torch.zeros(len(values), dtype=torch.float64, device=device)
+    moments = torch.zeros(2, model.config.z_dim, dtype=torch.float64, device=device)
     for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
         x, eps = test_set.draw(model, slice(start, start + batch_size), samples)
         terms = model(x, eps, components=components)
         totals += torch.stack([f(terms).sum(dtype=torch.float64) for f in values.values()])
-    totals = distributed.all_sum(totals, world).div_(len(test_set))
-    return dict(zip(values, totals.tolist()))
-
-
-@torch.no_grad()
-def active_units(model: VAE, test_set: TestSet, *, batch_size: int = 1000, world: World = SINGLE) -> int:
-    """Units of z_1 in use: those whose q(z_1|x) mean (an IAF's base Gaussian's) varies over
-    the test images by more than ACTIVE_THRESHOLD (Burda et al.'s criterion, from mu: no draws).
-    Under torchrun the ranks share the batches and add their sums."""
-    moments = torch.zeros(2, model.config.z_dim, dtype=torch.float64, device=test_set.images.device)
-    for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
-        x, _ = test_set.draw(model, slice(start, start + batch_size), samples=0)
-        mu = model.encode(x)[0].double()
-        moments += torch.stack([mu.sum(0), mu.square().sum(0)])
-    total, square = distributed.all_sum(moments, world)
+        if active:
+            mu = terms.mu.double()
+            moments += torch.stack([mu.sum(0), mu.square().sum(0)])
     n = len(test_set)
-    variance = (square - total.square() / n) / max(n - 1, 1)  # unbiased, as diagnostics' var(0)
-    return int((variance > ACTIVE_THRESHOLD).sum())
+    means = dict(zip(values, distributed.all_sum(totals, world).div_(n).tolist()))
+    if active:
+        total, square = distributed.all_sum(moments, world)
+        variance = (square - total.square() / n) / max(n - 1, 1)  # unbiased, as diagnostics' var(0)
+        means["active_units"] = int((variance > ACTIVE_THRESHOLD).sum())
+    return means
 
 
 def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples: int = 1,

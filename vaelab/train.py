@@ -24,7 +24,7 @@ from .config import SKIP_LIMIT, ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
-from .evaluate import TestSet, active_units, mean_loss, test_means
+from .evaluate import TestSet, mean_loss, test_means
 from .models import VAE, build_model, initialise
 from .objectives import negative_elbo
 from .runs import (claim, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
@@ -288,13 +288,13 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         record = {"epoch": epoch, **measured.summary()}
         _check_epoch(training, epoch, measured, before, run_dir)
         model.eval()
-        test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples, world=world)
+        test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples, world=world,
+                          active=True)
         test_loss = test["test_loss"]
         if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
                                    f"{_advice(config, epoch, run_dir)}")
         record.update(test)
-        record["active_units"] = active_units(model, training.test_set, world=world)
         if config.skip_threshold is not None:
             record["skipped"] = int(measured.skipped.sum())
         if config.weighted:  # train_loss is then the weighted objective, not the negative ELBO
