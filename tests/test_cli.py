@@ -29,7 +29,7 @@ def assert_readable_png(path, min_size=(100, 100)):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    result = vaelab("train", "--epochs", 2, "--train-size", 3000, "--test-size", 500, "--out", run, "--quiet")
+    result = vaelab("train", "--epochs", 2, "--train-size", 3000, "--test-size", 500, "--out", run)
     assert result.returncode == 0, result.stderr
     return run, result
 
@@ -49,7 +49,7 @@ def test_train_writes_every_artifact(cli_run):
 
 def test_evaluate_prints_and_writes_eval_json(cli_run):
     run, _ = cli_run
-    result = vaelab("evaluate", run, "--k", 100, "--test-size", 300, "--quiet")
+    result = vaelab("evaluate", run, "--k", 100, "--test-size", 300)
     assert result.returncode == 0, result.stderr
     record = json.loads((run / "eval.json").read_text())
     assert {"k", "nll", "nll_se", "neg_elbo", "iwae"} <= set(record)
