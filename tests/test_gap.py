@@ -116,7 +116,7 @@ def gapped(tmp_path_factory):
     )
     result = train(config, root / "run", synthetic_dataset(), progress=False)
     data = write_idx_dir(root / "data", synthetic_dataset())
-    args = ["--images", 20, "--k", 50, "--steps", 10, "--quiet", "--data-dir", data]
+    args = ["--images", 20, "--k", 50, "--steps", 10, "--data-dir", data]
     return root / "run", result.model, run_vaelab("gap", root / "run", *args)
 
 
