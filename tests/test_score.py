@@ -196,3 +196,18 @@ def test_score_and_encode_take_the_folder_options_their_errors_suggest(run, tmp_
         done = run_vaelab(*command, run, "--data-dir", folder, "--image-size", 8, "-o",
                           tmp_path / f"{command[0]}.npz", "--quiet")
         assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+
+
+def test_a_folder_of_another_kind_and_size_is_told_the_options_that_read_it_to_the_model(run, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    refused = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10)
+    assert refused.returncode == 2 and "read the folder with --channels grey --image-size 8" in refused.stderr
+    done = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10,
+                      "--channels", "grey", "--image-size", 8, "--test-fraction", 0.5, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert len(np.load(tmp_path / "s.npz")["log_px"]) == 5

@@ -462,9 +462,24 @@ def skip_bad_option(help_tail: str = "") -> Any:
                   " read" + help_tail, rule=SWITCH)
 
 
-# The options that say how an image folder is read, besides its split (`vaelab encode` and
-# `vaelab score` take them too, defaulting to the run's).
+def test_fraction_option(default: float | None, default_text: str | None = None) -> Any:
+    """Image folders without train/ and test/: the fraction held out as the test set."""
+    return option(default, "image folders without train/ and test/: hold out this fraction as the"
+                  " test set", metavar="F", rule=FRACTION, default_text=default_text)
+
+
+def split_seed_option(default: int | None, default_text: str | None = None) -> Any:
+    """Image folders without train/ and test/: the seed of their split."""
+    return option(default, "image folders without train/ and test/: seed of the train/test split,"
+                  " apart from --seed so that runs with different seeds share one test set",
+                  rule=WHOLE, default_text=default_text)
+
+
+# The options that say how an image folder is read, besides its split.
 FOLDER_OPTIONS = ("image_size", "channels", "background", "skip_bad")
+# All that says how a folder is read and split: `vaelab encode` and `vaelab score` take them too,
+# defaulting to the run's.
+READ_OPTIONS = (*FOLDER_OPTIONS, "test_fraction", "split_seed")
 
 
 @options_dataclass
@@ -548,18 +563,8 @@ class RunConfig(Options):
     channels: str | None = channels_option()
     background: str | None = background_option()
     skip_bad: bool = skip_bad_option()
-    test_fraction: float = option(
-        0.1,
-        "image folders without train/ and test/: hold out this fraction as the test set",
-        metavar="F",
-        rule=FRACTION,
-    )
-    split_seed: int = option(
-        0,
-        "image folders without train/ and test/: seed of the train/test split, apart "
-        "from --seed so that runs with different seeds share one test set",
-        rule=WHOLE,
-    )
+    test_fraction: float = test_fraction_option(0.1)
+    split_seed: int = split_seed_option(0)
     train_size: int | None = option(
         None, "train on the first N training images only", metavar="N", rule=POSITIVE
     )
@@ -804,6 +809,8 @@ class RunImagesOptions(Options):
     channels: str | None = channels_option("the run's")
     background: str | None = background_option("the run's")
     skip_bad: bool = skip_bad_option(" (default: the run's)")
+    test_fraction: float | None = test_fraction_option(None, "the run's")
+    split_seed: int | None = split_seed_option(None, "the run's")
     seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
     device: str = option("auto", choices=DEVICES)
     force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)

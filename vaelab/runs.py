@@ -480,23 +480,29 @@ def load_run_and_data(run_dir: str | Path, data_dir: str | Path | None = None, d
                       world: World = SINGLE, progress: bool = True,
                       **folder: Any) -> tuple[VAE, Dataset]:
     """A run's model and the data it fits (the run's own data folder unless data_dir is given).
-    folder: how to read an image folder (config.FOLDER_OPTIONS: image_size, channels, background,
-    skip_bad), each given as None (or False) taking the run's own. progress: a bar while a folder
-    is decoded, and its report of skipped files. Under torchrun rank 0 reads the run and passes
-    the weights on; every rank reads its own data."""
+    folder: how to read and split an image folder (config.READ_OPTIONS: image_size, channels,
+    background, skip_bad, test_fraction, split_seed), each given as None (or False) taking the
+    run's own. progress: a bar while a folder is decoded, and its report of skipped files. Under
+    torchrun rank 0 reads the run and passes the weights on; every rank reads its own data."""
     config, model = distributed.share_result(lambda: (load_config(run_dir), load_run(run_dir)), world)
     model = model.to(distributed.pick_device(device, world))
     options = config.data_options()
-    unknown = set(folder) - set(configs.FOLDER_OPTIONS)
+    unknown = set(folder) - set(configs.READ_OPTIONS)
     if unknown:
         raise TypeError(f"load_run_and_data has no folder option {', '.join(sorted(unknown))}")
-    options.update({name: value for name, value in folder.items() if value})
+    options.update({name: value for name, value in folder.items()
+                    if value is not None and value is not False})
     if data_dir and folder.get("image_size") is None and config.image_size and not Path(data_dir).is_dir():
         raise VaelabError(f"{run_dir} was trained on an image folder resized to {config.image_size} pixels "
                           f"(config.json); --data-dir {data_dir} is not a folder of images")
     data = load_data(data_dir or config.data_dir, progress=progress and world.main, **options)
     if data.image_shape != model.config.image_shape:
         shape = lambda s: "x".join(map(str, s))
+        (c, h, w), (mc, mh, mw) = data.image_shape, model.config.image_shape
+        fixes = [] if data.source != "folder" else [
+            *([f"--channels {'grey' if mc == 1 else 'rgb'}"] if c != mc and mc in (1, 3) else []),
+            *([f"--image-size {mh}"] if (h, w) != (mh, mw) and mh == mw else [])]
+        fix = f"; read the folder with {' '.join(fixes)}" if fixes else ""
         raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x height x "
-                          f"width) but the model in {run_dir} expects {shape(model.config.image_shape)}")
+                          f"width) but the model in {run_dir} expects {shape(model.config.image_shape)}{fix}")
     return model, data

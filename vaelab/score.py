@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
-from .config import FOLDER_OPTIONS, EncodeOptions, ScoreOptions, check, check_option
+from .config import READ_OPTIONS, EncodeOptions, ScoreOptions, check, check_option
 from .data import Dataset
 from .distributed import SINGLE, World
 from .errors import VaelabError
@@ -196,7 +196,7 @@ def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
     path = distributed.share_result(lambda: _outputs(options.output, options.force), world)
     model, data = load_run_and_data(options.run, options.data_dir, options.device, world,
                                     progress=not options.quiet,
-                                    **{name: getattr(options, name) for name in FOLDER_OPTIONS})
+                                    **{name: getattr(options, name) for name in READ_OPTIONS})
     images, identity = listing(data, options.split, options.images)
     table = {**identity, **compute(model, images)}
     if world.main:
