@@ -315,23 +315,23 @@ def small_npz(path, n_train=200, n_test=50):
     return path
 
 
-SMALL = ["--z-dim", 2, "--encoder-hidden", 16, "--decoder-hidden", 16, "--batch-size", 50, "--no-plots",
-         "--device", "cpu"]
+SMALL = ["--z-dim", 2, "--encoder-hidden", 16, "--decoder-hidden", 16, "--batch-size", 50,
+         "--no-plots", "--device", "cpu"]
 
 
 def test_an_iwae_runs_lines_show_train_and_test_of_the_same_bound_and_the_elbo_labelled(tmp_path):
     run = tmp_path / "run"
-    result = vaelab("train", "--data-dir", small_npz(tmp_path / "d.npz"), *SMALL, "--objective", "iwae",
-                    "--k", 5, "--epochs", 2, "--out", run)
+    result = vaelab("train", "--data-dir", small_npz(tmp_path / "d.npz"), *SMALL,
+                    "--objective", "iwae", "--k", 5, "--epochs", 2, "--out", run)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
     for line, r in zip(lines, records, strict=True):
-        assert (f"negative IWAE bound (k=5): train {r['train_loss']:8.3f}  test {r['test_iwae']:8.3f};"
-                f"  test negative ELBO {r['test_loss']:8.3f} nats") in line
+        assert (f"negative IWAE bound (k=5): train {r['train_loss']:8.3f}  test"
+                f" {r['test_iwae']:8.3f};  test negative ELBO {r['test_loss']:8.3f} nats") in line
     assert result.stdout.splitlines()[-1].startswith(
-        f"test negative IWAE bound (k=5) after 2 epochs: {records[-1]['test_iwae']:.2f} nats per image"
-        f" (negative ELBO {records[-1]['test_loss']:.2f}); run saved in {run}")
+        f"test negative IWAE bound (k=5) after 2 epochs: {records[-1]['test_iwae']:.2f} nats per"
+        f" image (negative ELBO {records[-1]['test_loss']:.2f}); run saved in {run}")
 
 
 def test_the_final_line_counts_one_epoch_in_the_singular(tmp_path):
@@ -342,7 +342,8 @@ def test_the_final_line_counts_one_epoch_in_the_singular(tmp_path):
 
 def test_quiet_prints_nothing_but_errors(tmp_path):
     data = small_npz(tmp_path / "d.npz")
-    trained = vaelab("train", "--data-dir", data, *SMALL, "--epochs", 1, "--out", tmp_path / "run", "--quiet")
+    trained = vaelab("train", "--data-dir", data, *SMALL, "--epochs", 1, "--out", tmp_path / "run",
+                     "--quiet")
     assert trained.returncode == 0 and (trained.stdout, trained.stderr) == ("", "")
     evaluated = vaelab("evaluate", tmp_path / "run", "--k", 10, "--quiet")
     assert evaluated.returncode == 0 and (evaluated.stdout, evaluated.stderr) == ("", "")

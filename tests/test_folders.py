@@ -668,7 +668,8 @@ def test_a_folder_mixing_grey_and_rgb_reads_as_one_kind_with_channels(tmp_path):
 
 
 @pytest.mark.parametrize("background, level", [("white", 255), ("black", 0)])
-def test_transparent_images_are_flattened_onto_the_background_asked_for(tmp_path, background, level):
+def test_transparent_images_are_flattened_onto_the_background_asked_for(tmp_path, background,
+                                                                        level):
     folder = tmp_path / "alpha"
     save_all(folder, pixels(3, (8, 8, 3), seed=1))
     see_through = np.zeros((8, 8, 4), np.uint8)
@@ -745,5 +746,6 @@ def test_the_skip_report_is_printed_once_and_quiet_prints_nothing(tmp_path):
     assert "4 files skipped" in described.stdout
     trained = subprocess.run([sys.executable, "-m", "vaelab", "train", "--data-dir", str(folder),
                               "--skip-bad", "--epochs", "1", "--batch-size", "10", "--no-plots",
-                              "--out", str(tmp_path / "run"), "--quiet"], capture_output=True, text=True)
+                              "--out", str(tmp_path / "run"), "--quiet"],
+                             capture_output=True, text=True)
     assert trained.returncode == 0 and trained.stdout == "" and trained.stderr == "", trained.stderr

@@ -144,7 +144,7 @@ def test_the_report_shows_the_gaps(gapped):
 
     run, model, _ = gapped
     page = build_report(run, model)
-    assert "Approximation and amortization gaps" in page and "amortization_gap.mean" in page
+    assert "Approximation and amortization gaps" in page and "amortization gap, L[q*] - L[q]" in page
 
 
 def test_a_rerun_gives_the_same_numbers():

@@ -158,7 +158,8 @@ def test_the_evaluation_section_reads_as_labelled_rows_not_raw_keys(tmp_path):
     result = train(tiny_config(epochs=1), run, synthetic_dataset(), progress=False)
     # the run's data is in memory only: its evaluation record written by hand
     record = {"k": 50, "nll": 40.0, "nll_se": 0.01, "nll_se_images": 0.5, "neg_elbo": 42.0,
-              "iwae": {"1": 42.0, "5": 41.0, "50": 40.5}, "test_images": 100, "test_set_sha256": "ab12",
+              "iwae": {"1": 42.0, "5": 41.0, "50": 40.5}, "test_images": 100,
+              "test_set_sha256": "ab12",
               "seed": 1234, "unit": "nats per image", "precision": "fp32", "active_units": [2],
               "latent_variance": [[0.5, 0.25]], "kl_per_dim": [1.5, 0.5]}
     (run / "eval.json").write_text(json.dumps(record))

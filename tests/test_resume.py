@@ -104,7 +104,8 @@ def test_a_non_finite_test_loss_also_stops_before_the_checkpoint(tmp_path, monke
 def test_resuming_a_run_with_no_finished_epoch_starts_it_again_in_its_folder(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(tiny_config(epochs=1).to_dict()))
-    again = train(tiny_config(epochs=1), tmp_path / "run", synthetic_dataset(), progress=False, resume=True)
+    again = train(tiny_config(epochs=1), tmp_path / "run", synthetic_dataset(), progress=False,
+                  resume=True)
     fresh = train(tiny_config(epochs=1), tmp_path / "fresh", synthetic_dataset(), progress=False)
     assert [m["epoch"] for m in again.metrics] == [1]
     assert [m["test_loss"] for m in again.metrics] == [m["test_loss"] for m in fresh.metrics]
@@ -121,7 +122,8 @@ def test_a_new_run_into_a_run_with_no_finished_epoch_is_told_to_resume_it(tmp_pa
 def interrupted(tmp_path: Path, args: list, ready) -> tuple[subprocess.CompletedProcess, Path]:
     """`vaelab train ARGS --out RUN`, sent a real SIGINT (Ctrl-C) once ready(RUN) holds."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "vaelab", "train", *map(str, args), "--out", str(run)],
+    command = [sys.executable, "-m", "vaelab", "train", *map(str, args), "--out", str(run)]
+    proc = subprocess.Popen(command,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
@@ -134,13 +136,13 @@ def interrupted(tmp_path: Path, args: list, ready) -> tuple[subprocess.Completed
 
 
 @pytest.mark.slow  # a real MNIST run, stopped by SIGINT (about 5 s)
-def test_ctrl_c_in_the_first_epoch_says_nothing_is_trained_and_how_to_start_again_in_place(tmp_path):
+def test_ctrl_c_in_the_first_epoch_says_nothing_is_trained_and_how_to_start_it_in_place(tmp_path):
     args = ["--batch-size", 1, "--epochs", 2, "--no-plots", "--quiet", "--device", "cpu"]
     result, run = interrupted(tmp_path, args, lambda run: (run / "config.json").is_file())
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"vaelab: interrupted; no epoch had finished, so {run} holds nothing trained; start it again"
-        f" there with: vaelab train --resume {run}")
+        f"vaelab: interrupted; no epoch had finished, so {run} holds nothing trained; start it"
+        f" again there with: vaelab train --resume {run}")
     assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # resumable: see the test above
     refused = run_vaelab("train", "--out", run, "--quiet")
     assert refused.returncode == 2 and f"vaelab train --resume {run}" in refused.stderr
@@ -148,8 +150,8 @@ def test_ctrl_c_in_the_first_epoch_says_nothing_is_trained_and_how_to_start_agai
 
 @pytest.mark.slow  # a real MNIST run, stopped by SIGINT after its first epoch (about 8 s)
 def test_ctrl_c_after_an_epoch_names_the_epoch_saved_and_the_resume_command(tmp_path):
-    args = ["--train-size", 100, "--test-size", 100, "--batch-size", 1, "--epochs", 50, "--no-plots", "--quiet",
-            "--device", "cpu"]
+    args = ["--train-size", 100, "--test-size", 100, "--batch-size", 1, "--epochs", 50, "--no-plots",
+            "--quiet", "--device", "cpu"]
     result, run = interrupted(tmp_path, args, lambda run: (run / "metrics.jsonl").is_file())
     assert result.returncode == 130, result.stderr
     done = len((run / "metrics.jsonl").read_text().splitlines())

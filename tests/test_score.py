@@ -70,10 +70,12 @@ def test_scores_hold_index_split_label_log_px_its_error_elbo_and_bits_per_dim(ru
     assert np.allclose(arrays["bits_per_dim"], -arrays["log_px"] / (64 * np.log(2)))
     header, columns = read_csv(csv_path)
     assert header == names and columns["split"] == ["test"] * 60
-    assert all(np.array_equal(floats(columns[name]), arrays[name]) for name in names if name != "split")
+    assert all(np.array_equal(floats(columns[name]), arrays[name])
+               for name in names if name != "split")
 
 
-def test_an_npz_is_scored_whole_by_default_its_test_images_first_with_their_own_values(run, tmp_path):
+def test_an_npz_is_scored_whole_by_default_its_test_images_first_keeping_their_values(run,
+                                                                                     tmp_path):
     _, _, whole = score_run(ScoreOptions(run=str(run), output=str(tmp_path / "all.npz"), k=50,
                                          device="cpu", quiet=True))
     _, _, test = score_run(ScoreOptions(run=str(run), output=str(tmp_path / "test.npz"), k=50,
@@ -85,8 +87,9 @@ def test_an_npz_is_scored_whole_by_default_its_test_images_first_with_their_own_
 
 
 def test_codes_are_the_encoders_mu_and_logvar_of_the_keyed_observations(run, tmp_path):
-    path, csv_path, table = encode_run(EncodeOptions(run=str(run), output=str(tmp_path / "c.npz"),
-                                                     split="train", images=30, device="cpu", quiet=True))
+    options = EncodeOptions(run=str(run), output=str(tmp_path / "c.npz"), split="train", images=30,
+                            device="cpu", quiet=True)
+    path, csv_path, table = encode_run(options)
     model, arrays = load_run(run), np.load(path)
     images = torch.from_numpy(np.load(run.parent / "data.npz")["x_train"][:30, None])
     with torch.no_grad():
@@ -136,7 +139,8 @@ def test_the_same_images_as_uint8_and_as_floats_get_the_same_scores_and_codes(ru
     for a, b in zip(score(model, images, k=60).values(), score(model, floats, k=60).values()):
         assert np.array_equal(a, b)
     codes, again = encode(model, images), encode(model, floats)
-    assert np.array_equal(codes["mu"], again["mu"]) and np.array_equal(codes["logvar"], again["logvar"])
+    assert np.array_equal(codes["mu"], again["mu"])
+    assert np.array_equal(codes["logvar"], again["logvar"])
     assert len(np.unique(codes["mu"], axis=0)) == 12  # twelve images, twelve codes
 
 
@@ -154,7 +158,8 @@ def grey_folder(folder, n=12, size=8, seed=0):
 
     g = np.random.default_rng(seed)
     for i in range(n):
-        name = folder / ("a" if i % 2 else "b") / (f"img {i:02d}, copy.png" if i == 3 else f"img{i:02d}.png")
+        file = f"img {i:02d}, copy.png" if i == 3 else f"img{i:02d}.png"
+        name = folder / ("a" if i % 2 else "b") / file
         name.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(g.integers(0, 256, (size, size), dtype=np.uint8)).save(name)
     return folder
@@ -181,7 +186,8 @@ def test_a_scored_folders_csv_maps_every_file_to_its_score(run, tmp_path):
     assert "log p(x) of 12 images (1 test, 11 train)" in result.stdout
     header, columns = read_csv(tmp_path / "s.csv")
     assert header[:4] == ["index", "split", "file", "label"] and "log_px" in header
-    assert sorted(columns["file"]) == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert sorted(columns["file"]) == files
     assert np.isfinite(floats(columns["log_px"])).all()
 
 
@@ -198,7 +204,8 @@ def test_score_and_encode_take_the_folder_options_their_errors_suggest(run, tmp_
         assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
 
 
-def test_a_folder_of_another_kind_and_size_is_told_the_options_that_read_it_to_the_model(run, tmp_path):
+def test_a_folder_of_another_kind_and_size_is_told_the_options_that_fit_it_to_the_model(run,
+                                                                                        tmp_path):
     from PIL import Image
 
     folder = tmp_path / "photos"
@@ -206,7 +213,8 @@ def test_a_folder_of_another_kind_and_size_is_told_the_options_that_read_it_to_t
     for i in range(5):
         Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
     refused = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10)
-    assert refused.returncode == 2 and "read the folder with --channels grey --image-size 8" in refused.stderr
+    assert refused.returncode == 2
+    assert "read the folder with --channels grey --image-size 8" in refused.stderr
     done = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10,
                       "--channels", "grey", "--image-size", 8, "--test-fraction", 0.5, "--quiet")
     assert done.returncode == 0, done.stderr

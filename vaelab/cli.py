@@ -254,19 +254,16 @@ def _distributed(args: argparse.Namespace, cls: type, run) -> tuple:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .runs import prepare
-    from .train import train
-
-    from . import progress
-    from .runs import interrupted_note
-    from .train import summary
+    from . import distributed, progress
+    from .runs import interrupted_note, prepare
+    from .train import summary, train
 
     launch = _parsed(args, config.Launch)
     world = distributed.from_environment()
     run_dir = None
     try:
-        run, run_dir, resume = prepare(given(args, config.RunConfig), launch.out, launch.resume, world)
+        run, run_dir, resume = prepare(given(args, config.RunConfig), launch.out, launch.resume,
+                                       world)
         result = train(run, run_dir, progress=not launch.quiet, resume=resume, world=world,
                        tensorboard=launch.tensorboard)
     except KeyboardInterrupt:
@@ -342,7 +339,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _counted(table: dict) -> str:
-    """'10000 test images', '70000 images (10000 test, 60000 train)', from a table's split column."""
+    """'10000 test images', or '70000 images (10000 test, 60000 train)': a table's split column
+    counted."""
     names, counts = np.unique(table["split"], return_counts=True)
     if len(names) == 1:
         return f"{counts[0]} {names[0]} images"

@@ -456,10 +456,10 @@ def background_option(default_text: str = "none: transparent images are refused"
 
 def skip_bad_option(help_tail: str = "") -> Any:
     """Image folders: skip the files that cannot be read or do not fit, and list them."""
-    return option(False, "image folders: skip every file that cannot be read or does not fit (another"
-                  " size or kind than the first readable image, transparency, 16-bit pixels) and list"
-                  " them all, with a count, in one report; without it the first such file stops the"
-                  " read" + help_tail, rule=SWITCH)
+    return option(False, "image folders: skip every file that cannot be read or does not fit"
+                  " (another size or kind than the first readable image, transparency, 16-bit"
+                  " pixels) and list them all, with a count, in one report; without it the first"
+                  " such file stops the read" + help_tail, rule=SWITCH)
 
 
 def test_fraction_option(default: float | None, default_text: str | None = None) -> Any:

@@ -61,7 +61,7 @@ def _levels(images: torch.Tensor) -> torch.Tensor:
             raise VaelabError("images given as floats must be finite values in [0, 1]; these hold"
                               " NaN or infinity")
         if low < 0 or high > 1:
-            raise VaelabError(f"images given as floats must lie in [0, 1] (grey level / 255); these"
-                              f" range from {low:g} to {high:g}: divide uint8 levels by 255, or pass"
-                              " them as uint8")
+            raise VaelabError(f"images given as floats must lie in [0, 1] (grey level / 255);"
+                              f" these range from {low:g} to {high:g}: divide uint8 levels by 255,"
+                              " or pass them as uint8")
     return images.detach().mul(255).round_().to(torch.uint8)

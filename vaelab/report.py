@@ -142,7 +142,8 @@ def evaluation_rows(r: dict) -> list[tuple[str, str]]:
     rows = []
     for key, value in r.items():
         if key == "iwae":
-            rows += [(f"negative IWAE bound, k={j}, from the same draws", _nats(v)) for j, v in value.items()]
+            rows += [(f"negative IWAE bound, k={j}, from the same draws", _nats(v))
+                     for j, v in value.items()]
         elif key in known:
             if known[key] is not None:
                 label, text = known[key]
@@ -220,7 +221,8 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
         "<p>Not evaluated yet: run <code>vaelab evaluate RUN</code>, then the report again.</p>"
     gap = read_gap(run_dir)
     if gap:
-        eval_html += "<h3>Approximation and amortization gaps (vaelab gap)</h3>" + _table(gap_rows(gap))
+        eval_html += ("<h3>Approximation and amortization gaps (vaelab gap)</h3>"
+                      + _table(gap_rows(gap)))
     figures_html = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_png(p)}'>"
                            f"<figcaption>{html.escape(_caption(p.name))}</figcaption></figure>"
                            for p in figures)
@@ -410,7 +412,8 @@ if (DATA.decoder === null) {
     for (let d = 0; d < DATA.sliders; d++) {
       const row = document.createElement("label");
       row.className = "slider";
-      row.innerHTML = "z_" + d + " <input type='range' min='-3' max='3' step='0.05' value='0' id='z" + d + "'>";
+      row.innerHTML = "z_" + d +
+        " <input type='range' min='-3' max='3' step='0.05' value='0' id='z" + d + "'>";
       controls.appendChild(row);
       row.querySelector("input").addEventListener("input", e => { z[d] = parseFloat(e.target.value); show(z); });
     }

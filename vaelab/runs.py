@@ -87,19 +87,21 @@ def check_new_run_dir(path: Path, name: str = "run_dir") -> None:
     if (path / CONFIG).is_file() and not started(path):
         again = (f"vaelab train --resume {path}" if name == "--out"
                  else f"train(config, run_dir={str(path)!r}, resume=True)")
-        raise RunError(f"{path} holds a run with no finished epoch: start it again there with {again},"
-                       f" or choose another {name}")
+        raise RunError(f"{path} holds a run with no finished epoch: start it again there with"
+                       f" {again}, or choose another {name}")
     taken = [file for file in RUN_FILES if (path / file).exists()]
     if taken:
         raise RunError(f"{path} already holds a run ({', '.join(taken)}); choose another {name}")
-    others = sorted(entry.name for entry in path.iterdir() if entry.name not in (TORCHRUN_ID, PROBE))
+    others = sorted(entry.name for entry in path.iterdir()
+                    if entry.name not in (TORCHRUN_ID, PROBE))
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise RunError(f"{name} {path} is a folder of other files ({shown}), not a run; choose an empty"
-                       f" or new folder")
+        raise RunError(f"{name} {path} is a folder of other files ({shown}), not a run; choose an"
+                       " empty or new folder")
 
 
-def new_run_dir(out: str | Path | None = None, root: str | Path = "runs", name: str = "run_dir") -> Path:
+def new_run_dir(out: str | Path | None = None, root: str | Path = "runs",
+                name: str = "run_dir") -> Path:
     """Create the directory for a new run and return it.
 
     Without `out`, a fresh runs/<timestamp>. A folder that is not empty is refused
@@ -492,7 +494,8 @@ def load_run_and_data(run_dir: str | Path, data_dir: str | Path | None = None, d
         raise TypeError(f"load_run_and_data has no folder option {', '.join(sorted(unknown))}")
     options.update({name: value for name, value in folder.items()
                     if value is not None and value is not False})
-    if data_dir and folder.get("image_size") is None and config.image_size and not Path(data_dir).is_dir():
+    resized = folder.get("image_size") is None and config.image_size
+    if data_dir and resized and not Path(data_dir).is_dir():
         raise VaelabError(f"{run_dir} was trained on an image folder resized to {config.image_size} pixels "
                           f"(config.json); --data-dir {data_dir} is not a folder of images")
     data = load_data(data_dir or config.data_dir, progress=progress and world.main, **options)
@@ -503,6 +506,7 @@ def load_run_and_data(run_dir: str | Path, data_dir: str | Path | None = None, d
             *([f"--channels {'grey' if mc == 1 else 'rgb'}"] if c != mc and mc in (1, 3) else []),
             *([f"--image-size {mh}"] if (h, w) != (mh, mw) and mh == mw else [])]
         fix = f"; read the folder with {' '.join(fixes)}" if fixes else ""
-        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x height x "
-                          f"width) but the model in {run_dir} expects {shape(model.config.image_shape)}{fix}")
+        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x"
+                          f" height x width) but the model in {run_dir} expects"
+                          f" {shape(model.config.image_shape)}{fix}")
     return model, data

@@ -27,8 +27,9 @@ from .errors import VaelabError
 from .evaluate import TestSet, mean_loss, test_means
 from .models import VAE, build_model
 from .objectives import negative_elbo
-from .runs import (claim, load_config, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint,
-                   save_config, save_weights, started, write_batch_losses, write_metrics)
+from .runs import (claim, load_config, new_run_dir, read_checkpoint, restore_checkpoint,
+                   save_checkpoint, save_config, save_weights, started, write_batch_losses,
+                   write_metrics)
 from .step import TrainStep
 
 
@@ -292,8 +293,8 @@ def epoch_line(config: RunConfig, record: dict) -> str:
     seconds = f"({record['seconds']:.1f} s)"
     if "test_iwae" in record:
         return (f"epoch {record['epoch']:3d}  negative IWAE bound (k={config.k}): train"
-                f" {record['train_loss']:8.3f}  test {record['test_iwae']:8.3f};  test negative ELBO"
-                f" {record['test_loss']:8.3f} nats  {seconds}")
+                f" {record['train_loss']:8.3f}  test {record['test_iwae']:8.3f};  test negative"
+                f" ELBO {record['test_loss']:8.3f} nats  {seconds}")
     return (f"epoch {record['epoch']:3d}  train {record['train_loss']:8.3f}  test"
             f" {record['test_loss']:8.3f} nats  {seconds}")
 

@@ -68,9 +68,9 @@ class Dataset:
         labels = ("no labels" if self.train_labels is None else
                   f"{len(self.label_names)} classes" if self.label_names else "labelled")
         skipped = f"; {len(self.skipped)} files skipped" if self.skipped else ""
+        channels = "greyscale" if c == 1 else f"{c} channels"
         return (f"{self.directory}: {kind}; {len(self.train_images)} training and {len(self.test_images)} "
-                f"test images of {w}x{h} pixels, {'greyscale' if c == 1 else f'{c} channels'}, {labels}"
-                f"{skipped}")
+                f"test images of {w}x{h} pixels, {channels}, {labels}{skipped}")
 
     def skipped_report(self) -> str:
         """The files skip_bad left out, all of them with why, after a count ('' when none)."""

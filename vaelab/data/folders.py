@@ -351,9 +351,9 @@ def _to_grey_or_rgb(im: Image.Image, path: Path, background: str | None = None) 
     mode = im.mode
     if mode in _ALPHA_MODES or "transparency" in im.info or (mode == "P" and im.palette.mode == "RGBA"):
         if background is None:
-            raise DataError(f"{path}: has transparency (mode {mode}); vaelab reads opaque greyscale or "
-                            "RGB images, so flatten it onto a background (--background white or black)"
-                            " or save it without alpha")
+            raise DataError(f"{path}: has transparency (mode {mode}); vaelab reads opaque greyscale"
+                            " or RGB images, so flatten it onto a background (--background white or"
+                            " black) or save it without alpha")
         return _flatten(im, _BACKGROUNDS[background])
     if mode.startswith(("I", "F")):
         raise DataError(f"{path}: has 16- or 32-bit pixels (mode {mode}); "
@@ -430,8 +430,8 @@ def _decode_all(directory: Path, files: list[ImageFile], rows: np.ndarray, param
         ci = 1 if image.ndim == 2 else image.shape[2]
         first_path = paths[reference]
         if ci != c:
-            raise DataError(f"{paths[i]} is {_KIND[ci]} but {first_path} is {_KIND[c]}; convert them to"
-                            " one kind (--channels grey or rgb)")
+            raise DataError(f"{paths[i]} is {_KIND[ci]} but {first_path} is {_KIND[c]}; convert them"
+                            " to one kind (--channels grey or rgb)")
         if image.shape[:2] != first.shape[:2]:
             (h, w), (h0, w0) = image.shape[:2], first.shape[:2]
             raise DataError(f"{paths[i]} is {w}x{h} but {first_path} is {w0}x{h0}; "
@@ -555,7 +555,8 @@ def _npz_cache_path(directory: Path, params: tuple) -> Path:
 
 
 def _skipped_path(directory: Path, params: tuple) -> Path:
-    """Where the files that skip_bad left out of this folder, read with these options, are listed."""
+    """Where the files that skip_bad left out of this folder, read with these options, are
+    listed."""
     slot = hashlib.sha256(f"vaelab skipped\0{directory.resolve()}\0{params!r}".encode()).hexdigest()
     return cache_root() / "folders" / f"{slot}.skipped.json"
 
