@@ -249,7 +249,7 @@ def test_a_conv_run_on_a_folder_of_pngs_trains_evaluates_plots_and_reports(tmp_p
     assert config["data_dir"] == str(mnist_pngs.resolve())
     assert {p.name for p in (run / "figures").iterdir()} == FIGURES_2D - {"manifold.png", "latent.png"} | {"tsne.png"}
 
-    evaluated = vaelab_env(cache, "evaluate", run, "--k", 20, "--quiet")
+    evaluated = vaelab_env(cache, "evaluate", run, "--k", 20)
     assert evaluated.returncode == 0, evaluated.stderr
     record = json.loads((run / "eval.json").read_text())
     assert record["test_images"] == 200
