@@ -81,7 +81,7 @@ def main() -> None:
         out = args.work / f"scores_{name}.npz"
         out.unlink(missing_ok=True), out.with_suffix(".csv").unlink(missing_ok=True)
         options = ScoreOptions(run=str(run), output=str(out), data_dir=str(path), k=args.k,
-                               quiet=True)
+                               split="test", quiet=True)
         nll[name] = -score_run(options)[2]["log_px"]
     rows = [dict(novel="held-out 9s", images=len(nll["nines"]),
                  mean_nll=float(nll["nines"].mean()), auroc=auroc(nll["nines"], nll["known"])),

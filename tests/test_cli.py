@@ -29,7 +29,7 @@ def assert_readable_png(path, min_size=(100, 100)):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    result = vaelab("train", "--epochs", 2, "--train-size", 3000, "--test-size", 500, "--out", run, "--quiet")
+    result = vaelab("train", "--epochs", 2, "--train-size", 3000, "--test-size", 500, "--out", run)
     assert result.returncode == 0, result.stderr
     return run, result
 
@@ -49,7 +49,7 @@ def test_train_writes_every_artifact(cli_run):
 
 def test_evaluate_prints_and_writes_eval_json(cli_run):
     run, _ = cli_run
-    result = vaelab("evaluate", run, "--k", 100, "--test-size", 300, "--quiet")
+    result = vaelab("evaluate", run, "--k", 100, "--test-size", 300)
     assert result.returncode == 0, result.stderr
     record = json.loads((run / "eval.json").read_text())
     assert {"k", "nll", "nll_se", "neg_elbo", "iwae"} <= set(record)
@@ -249,7 +249,7 @@ def test_a_conv_run_on_a_folder_of_pngs_trains_evaluates_plots_and_reports(tmp_p
     assert config["data_dir"] == str(mnist_pngs.resolve())
     assert {p.name for p in (run / "figures").iterdir()} == FIGURES_2D - {"manifold.png", "latent.png"} | {"tsne.png"}
 
-    evaluated = vaelab_env(cache, "evaluate", run, "--k", 20, "--quiet")
+    evaluated = vaelab_env(cache, "evaluate", run, "--k", 20)
     assert evaluated.returncode == 0, evaluated.stderr
     record = json.loads((run / "eval.json").read_text())
     assert record["test_images"] == 200
@@ -306,3 +306,59 @@ def test_vaelab_data_describes_a_folder(mnist_pngs, cache):
     assert described.returncode == 0, described.stderr
     assert "a folder of images; 1000 training and 200 test images of 28x28 pixels, greyscale, 10 classes" \
         in described.stdout
+
+
+def small_npz(path, n_train=200, n_test=50):
+    g = np.random.default_rng(0)
+    np.savez(path, x_train=g.integers(0, 256, (n_train, 8, 8), dtype=np.uint8),
+             x_test=g.integers(0, 256, (n_test, 8, 8), dtype=np.uint8))
+    return path
+
+
+SMALL = ["--z-dim", 2, "--encoder-hidden", 16, "--decoder-hidden", 16, "--batch-size", 50,
+         "--no-plots", "--device", "cpu"]
+
+
+def test_an_iwae_runs_lines_show_train_and_test_of_the_same_bound_and_the_elbo_labelled(tmp_path):
+    run = tmp_path / "run"
+    result = vaelab("train", "--data-dir", small_npz(tmp_path / "d.npz"), *SMALL,
+                    "--objective", "iwae", "--k", 5, "--epochs", 2, "--out", run)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
+    for line, r in zip(lines, records, strict=True):
+        assert (f"negative IWAE bound (k=5): train {r['train_loss']:8.3f}  test"
+                f" {r['test_iwae']:8.3f};  test negative ELBO {r['test_loss']:8.3f} nats") in line
+    assert result.stdout.splitlines()[-1].startswith(
+        f"test negative IWAE bound (k=5) after 2 epochs: {records[-1]['test_iwae']:.2f} nats per"
+        f" image (negative ELBO {records[-1]['test_loss']:.2f}); run saved in {run}")
+
+
+def test_the_final_line_counts_one_epoch_in_the_singular(tmp_path):
+    result = vaelab("train", "--data-dir", small_npz(tmp_path / "d.npz"), *SMALL, "--epochs", 1,
+                    "--out", tmp_path / "run")
+    assert "test negative ELBO after 1 epoch: " in result.stdout
+
+
+def test_quiet_prints_nothing_but_errors(tmp_path):
+    data = small_npz(tmp_path / "d.npz")
+    trained = vaelab("train", "--data-dir", data, *SMALL, "--epochs", 1, "--out", tmp_path / "run",
+                     "--quiet")
+    assert trained.returncode == 0 and (trained.stdout, trained.stderr) == ("", "")
+    evaluated = vaelab("evaluate", tmp_path / "run", "--k", 10, "--quiet")
+    assert evaluated.returncode == 0 and (evaluated.stdout, evaluated.stderr) == ("", "")
+
+
+def test_out_refuses_a_folder_of_other_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = vaelab("train", "--out", tmp_path, "--quiet")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"--out {tmp_path} is a folder of other files (notes.txt), not a run" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_version_prints_vaelabs_version():
+    import vaelab as package
+
+    result = vaelab("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"vaelab {package.__version__}"

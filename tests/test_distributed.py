@@ -59,7 +59,8 @@ def one_and_two(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     one = vaelab("train", *TRAIN, "--train-size", 3000, "--epochs", 2, "--out", root / "one")
     assert one.returncode == 0, one.stderr
-    two = torchrun("train", *TRAIN, "--train-size", 3000, "--epochs", 2, "--out", root / "two")
+    logged = [a for a in TRAIN if a != "--quiet"]  # its lines are looked at below
+    two = torchrun("train", *logged, "--train-size", 3000, "--epochs", 2, "--out", root / "two")
     assert two.returncode == 0, two.stderr
     return root / "one", root / "two", two
 
@@ -295,8 +296,8 @@ def test_a_restart_before_the_first_checkpoint_starts_afresh_in_the_same_folder(
     claim(run_dir, "job-1")
     restarted = World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-1")
     again, same_dir, resume = plan(options, out, world=restarted)
-    assert again == config and same_dir == run_dir and not resume
-    assert not (run_dir / "config.json").exists()  # fit writes it anew
+    assert again == config and same_dir == run_dir and resume  # fit: no checkpoint, so from epoch 1
+    assert (run_dir / "config.json").exists() and not (run_dir / "checkpoint.safetensors").exists()
 
     save_config(run_dir, config)
     with pytest.raises(VaelabError, match="describes another run"):
@@ -311,8 +312,9 @@ def test_a_restart_never_takes_over_a_folder_another_job_created(tmp_path):
     run_dir.mkdir()
     save_config(run_dir, config)
     claim(run_dir, "someone-else")
-    _, _, resume = plan(options, out, world=World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-2"))
-    assert not resume and (run_dir / "config.json").exists()  # left alone: the fresh start refuses it
+    with pytest.raises(VaelabError, match="holds a run with no finished epoch"):  # refused as new
+        plan(options, out, world=World(rank=0, size=2, restarts=1, torchrun=True, run_id="job-2"))
+    assert (run_dir / "config.json").exists()  # left alone
 
 
 @pytest.mark.slow

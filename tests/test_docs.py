@@ -156,3 +156,16 @@ def test_the_product_texts_speak_of_the_product_only():
     found = [f"{path.relative_to(REPO)}: {phrase!r}" for path in product_texts()
              for phrase in TELL_TALE if phrase in " ".join(path.read_text().lower().split())]
     assert not found, found
+
+
+@pytest.mark.slow  # builds the site (mkdocs, about 5 s)
+def test_formulas_show_no_escapes_and_the_api_pages_no_stray_links(site):
+    built, out = site
+    assert built.returncode == 0, "the site did not build (see the strict build's test)"
+    models = (out / "models.html").read_text(encoding="utf-8")
+    assert "sum_l log p(x|z_l) + KL(q(z|x) || N(0, I))" in models
+    for page in sorted(out.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        assert "\\frac" not in text and "\\|" not in text, page.name
+    evaluation = (out / "api" / "evaluation.html").read_text(encoding="utf-8")
+    assert 'href="terms"' not in evaluation

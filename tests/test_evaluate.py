@@ -139,7 +139,7 @@ def test_iwae_with_k1_is_the_single_sample_elbo_with_the_same_random_numbers():
     eps = torch.randn(1, 10, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     loss = negative_iwae(model(x, eps))
 
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode_observed(x)
     z = reparametrize(mu, logvar, eps)[0]
     log_q = torch.distributions.Normal(mu, torch.exp(logvar / 2)).log_prob(z).sum(-1)
     log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
@@ -200,7 +200,7 @@ def test_mean_negative_elbo_uses_the_analytic_kl():
     value = mean_loss(model, test_set, "elbo", samples=1)
 
     x, eps = test_set.draw(model)  # the same draws
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode_observed(x)
     z = reparametrize(mu, logvar, eps)[0]
     log_lik = bernoulli_log_likelihood(x, model.decode(z))
     analytic = (kl_normal(mu, logvar) - log_lik).mean().item()
@@ -251,7 +251,7 @@ def test_active_units_count_the_dimensions_whose_posterior_mean_varies_over_imag
         model.head.weight[2:4].zero_()
     images = binary_images(60)
     r = importance_sampled(model, images, k=50, progress=False)
-    mu, _ = model.encode(model.observe(images, torch.arange(len(images))))
+    mu, _ = model.encode_observed(model.observe(images, torch.arange(len(images))))
     variance = mu.double().var(0)
     assert r["active_units"] == [int((variance > 0.01).sum())] and r["active_units"][0] <= 2
     torch.testing.assert_close(torch.tensor(r["latent_variance"][0], dtype=torch.float64), variance)
@@ -263,7 +263,7 @@ def test_the_kl_per_dimension_is_each_dimensions_mean_kl_over_images():
     model = small_model(z_dim=3).float()
     images = binary_images(40)
     r = importance_sampled(model, images, k=50, progress=False)
-    mu, logvar = model.encode(model.observe(images, torch.arange(len(images))))
+    mu, logvar = model.encode_observed(model.observe(images, torch.arange(len(images))))
     expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).mean(0)
     torch.testing.assert_close(torch.tensor(r["kl_per_dim"]), expected.double().float(), rtol=1e-5, atol=1e-6)
 

@@ -648,3 +648,104 @@ def test_other_splits_of_one_folder_share_one_cache_entry(tmp_path, cache):
     b = load_data(tmp_path / "flat", split_seed=1, test_fraction=0.3, progress=False)
     assert len(entries(cache)) == 1 and len(list(cache.glob("*.rows.npy"))) == 1
     assert len(b.test_images) == 6 and not torch.equal(a.test_images[:2], b.test_images[:2])
+
+
+# --- forgiving on request ----------------------------------------------------------------
+
+def test_a_folder_mixing_grey_and_rgb_reads_as_one_kind_with_channels(tmp_path):
+    folder = tmp_path / "mixed"
+    _mixed_channels(folder)
+    with pytest.raises(DataError, match="convert them to one kind") as refused:
+        load_data(folder, progress=False)
+    assert "--channels" in one_line_error(refused)
+    rgb = pixels(1, (8, 8, 3))[0]
+    grey = load_data(folder, progress=False, channels="grey")
+    assert grey.image_shape == (1, 8, 8)
+    images = torch.cat([grey.train_images, grey.test_images])
+    expected = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert any(np.array_equal(image[0].numpy(), expected) for image in images)
+    assert load_data(folder, progress=False, channels="rgb").image_shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("background, level", [("white", 255), ("black", 0)])
+def test_transparent_images_are_flattened_onto_the_background_asked_for(tmp_path, background,
+                                                                        level):
+    folder = tmp_path / "alpha"
+    save_all(folder, pixels(3, (8, 8, 3), seed=1))
+    see_through = np.zeros((8, 8, 4), np.uint8)
+    see_through[..., 1] = 200  # green, fully transparent but for one opaque pixel
+    see_through[0, 0, 3] = 255
+    save(folder / "zz.png", see_through)
+    data = load_data(folder, progress=False, background=background, test_fraction=0.25)
+    assert data.image_shape == (3, 8, 8)  # the opaque pixel is green: RGB
+    images = torch.cat([data.train_images, data.test_images])
+    names = data.train_files + data.test_files
+    flat = images[names.index("zz.png")].permute(1, 2, 0).numpy()
+    assert flat[0, 0].tolist() == [0, 200, 0] and (flat.reshape(-1, 3)[1:] == level).all()
+
+
+def test_a_grey_image_with_alpha_flattens_to_grey(tmp_path):
+    folder = tmp_path / "alpha"
+    _la(folder)
+    assert load_data(folder, progress=False, background="white").image_shape == (1, 8, 8)
+
+
+def broken_folder(folder: Path) -> list[str]:
+    """Good 8x8 grey images and four bad files; returns the bad files' names."""
+    save_all(folder, pixels(20, (8, 8), seed=3))
+    (folder / "garbage.png").write_bytes(b"not a png at all")
+    save(folder / "larger.png", pixels(1, (9, 9))[0])
+    save(folder / "colour.png", pixels(1, (8, 8, 3))[0])
+    save(folder / "see-through.png", pixels(1, (8, 8, 4))[0])
+    return ["colour.png", "garbage.png", "larger.png", "see-through.png"]
+
+
+def test_skip_bad_leaves_out_every_unfit_file_and_lists_them_all_with_why(tmp_path):
+    folder = tmp_path / "broken"
+    bad = broken_folder(folder)
+    with pytest.raises(DataError):
+        load_data(folder, progress=False)  # strict by default: the first bad file stops the read
+    data = load_data(folder, progress=False, skip_bad=True)
+    assert [name for name, _ in data.skipped] == bad
+    reasons = dict(data.skipped)
+    assert "not a PNG or JPEG" in reasons["garbage.png"] and "9x9" in reasons["larger.png"]
+    assert "RGB" in reasons["colour.png"] and "transparency" in reasons["see-through.png"]
+    assert len(data.train_images) + len(data.test_images) == 20
+    report = data.skipped_report().splitlines()
+    assert report[0] == f"{folder}: skipped 4 of 24 files:" and len(report) == 5
+
+
+def test_skip_bad_reads_the_other_files_as_a_folder_without_the_bad_ones(tmp_path):
+    bad = broken_folder(tmp_path / "broken")
+    save_all(tmp_path / "clean", pixels(20, (8, 8), seed=3))
+    skipped = load_data(tmp_path / "broken", progress=False, skip_bad=True)
+    clean = load_data(tmp_path / "clean", progress=False)
+    assert torch.equal(skipped.train_images, clean.train_images)
+    assert torch.equal(skipped.test_images, clean.test_images)
+    assert skipped.test_files == clean.test_files and not set(bad) & set(skipped.train_files)
+
+
+def test_a_second_read_with_skip_bad_decodes_nothing(tmp_path, monkeypatch):
+    folder = tmp_path / "broken"
+    broken_folder(folder)
+    first = load_data(folder, progress=False, skip_bad=True)
+    opened = counting_opens(monkeypatch)
+    again = load_data(folder, progress=False, skip_bad=True)
+    assert opened == [] and again.skipped == first.skipped
+    assert torch.equal(again.train_images, first.train_images)
+
+
+def test_the_skip_report_is_printed_once_and_quiet_prints_nothing(tmp_path):
+    folder = tmp_path / "broken"
+    broken_folder(folder)
+    described = subprocess.run([sys.executable, "-m", "vaelab", "data", "--data-dir", str(folder),
+                                "--skip-bad"], capture_output=True, text=True)
+    assert described.returncode == 0, described.stderr
+    assert described.stderr.count("skipped 4 of 24 files") == 1
+    assert all(name in described.stderr for name in ("garbage.png", "larger.png", "colour.png"))
+    assert "4 files skipped" in described.stdout
+    trained = subprocess.run([sys.executable, "-m", "vaelab", "train", "--data-dir", str(folder),
+                              "--skip-bad", "--epochs", "1", "--batch-size", "10", "--no-plots",
+                              "--out", str(tmp_path / "run"), "--quiet"],
+                             capture_output=True, text=True)
+    assert trained.returncode == 0 and trained.stdout == "" and trained.stderr == "", trained.stderr

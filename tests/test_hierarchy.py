@@ -73,7 +73,7 @@ def test_the_terms_are_the_layers_densities_from_torch_distributions():
     x = (torch.rand(4, *SHAPE) < 0.5).float()
     eps = torch.randn(6, 4, 5)
     terms = model(x, eps)
-    mu1, logvar1 = model.encode(x)
+    mu1, logvar1 = model.encode_observed(x)
     z1 = mu1 + torch.exp(0.5 * logvar1) * eps[..., :3]
     mu2, logvar2 = model.hierarchy.up[0](z1)
     z2 = mu2 + torch.exp(0.5 * logvar2) * eps[..., 3:]

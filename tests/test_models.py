@@ -188,3 +188,26 @@ class _Squared(torch.nn.Module):
 
     def forward(self, z):
         return self.layer(z).square()
+
+
+SMALL = ModelConfig(image_shape=(1, 4, 4), encoder_hidden=(8,), decoder_hidden=(8,))
+
+
+def test_encode_takes_stored_uint8_images_and_the_same_as_floats_with_one_meaning():
+    model = build_model(SMALL, seed=0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        for a, b in zip(model.encode(images), model.encode(images.float() / 255)):
+            assert torch.equal(a, b)
+
+
+def test_encode_refuses_grey_levels_given_as_floats():
+    model = build_model(SMALL, seed=0)
+    with pytest.raises(VaelabError, match=r"must lie in \[0, 1\]"):
+        model.encode(torch.full((2, 1, 4, 4), 200.0))
+
+
+def test_sample_prior_draws_without_a_generator():
+    model = build_model(SMALL, seed=0)
+    assert model.sample_prior(16).shape == (16, 2)

@@ -120,7 +120,7 @@ def test_negative_elbo_uses_the_gaussian_likelihood_when_configured():
     x = torch.rand(3, 1, 2, 3, generator=torch.Generator().manual_seed(5))
     eps = torch.randn(1, 3, 2, generator=torch.Generator().manual_seed(6))
     loss = negative_elbo(model(x, eps))
-    mu, logvar = model.encode(x)
+    mu, logvar = model.encode_observed(x)
     logits = model.decoder(mu + torch.exp(logvar / 2) * eps)[0]
     expected = kl_normal(mu, logvar) - Normal(torch.sigmoid(logits), 0.5).log_prob(x.view(3, 6)).sum(-1)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)

@@ -126,3 +126,25 @@ def test_interpolation_png_is_drawn_for_mlp_and_conv_models_grey_and_rgb(tmp_pat
     with Image.open(path) as image:
         grey = np.asarray(image.convert("L"))
     assert grey.shape[0] > 100 and grey.shape[1] > 300 and grey.min() < grey.max()
+
+
+def test_the_figures_count_latent_dimensions_from_0_as_the_csv_columns_do():
+    from vaelab.plots import kl_figure, latent_figure, manifold_figure
+
+    model = build_model(_tiny(), seed=0)
+    data = synthetic_dataset(100, 50)
+    axes = latent_figure(model, data).axes[0]
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("mu_0", "mu_1")  # encode's CSV: mu_0, mu_1
+    axes = manifold_figure(model, n=3).axes[0]
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("z_0", "z_1")
+    ticks = [t.get_text() for t in kl_figure([0.5, 2.0]).axes[0].get_xticklabels()]
+    assert ticks == ["1", "0"]  # largest first
+
+
+def test_an_iwae_runs_figure_plots_the_bound_train_and_test_and_the_test_elbo():
+    from vaelab.plots import elbo_figure
+
+    metrics = [{"epoch": e, "train_loss": 100.0 - e, "test_loss": 110.0 - e, "test_iwae": 104.0 - e}
+               for e in (1, 2)]
+    labels = [line.get_label() for line in elbo_figure(metrics).axes[0].get_lines()]
+    assert labels == ["IWAE bound, train", "IWAE bound, test", "ELBO, test"]

@@ -74,8 +74,8 @@ def test_the_vampprior_is_the_uniform_mixture_of_the_posterior_at_its_pseudo_inp
     )
     u = model.prior.inputs()
     assert u.shape == (3, *SHAPE) and u.min() >= 0 and u.max() <= 1
-    mu, logvar, log_w = model.prior.components(model.encode)
-    torch.testing.assert_close((mu, logvar), model.encode(u))
+    mu, logvar, log_w = model.prior.components(model.encode_observed)
+    torch.testing.assert_close((mu, logvar), model.encode_observed(u))
     torch.testing.assert_close(log_w, torch.full((3,), -math.log(3)))
 
 
@@ -134,7 +134,7 @@ def test_the_vampprior_models_importance_sampled_log_px_agrees_with_quadrature()
     x = images.double() / 255
     z = torch.linspace(-12, 12, 24001, dtype=torch.float64).unsqueeze(-1)  # (G, 1)
     with torch.no_grad():
-        log_pz = model.prior.log_prob(z, model.prior.components(model.encode))  # (G,)
+        log_pz = model.prior.log_prob(z, model.prior.components(model.encode_observed))  # (G,)
         log_joint = Bernoulli().log_prob(model.decode(z).unsqueeze(1), x) + log_pz.unsqueeze(1)
     exact_nll = -(torch.logsumexp(log_joint, dim=0) + math.log((z[1] - z[0]).item())).mean().item()
     r = importance_sampled(model.float(), images, k=5000, progress=False)

@@ -145,3 +145,28 @@ def test_the_explorer_decodes_a_conv_decoder_in_colour_as_python_does(tmp_path):
     shown = torch.tensor(rgba, dtype=torch.float64).view(8, 8, 4)[..., :3].permute(2, 0, 1) / 255
     assert (shown - expected).abs().max() <= 1 / 255 + 1e-4
     assert (expected[0] - expected[1]).abs().max() > 0.01  # the channels differ: colour, not grey
+
+
+def test_the_evaluation_section_reads_as_labelled_rows_not_raw_keys(tmp_path):
+    import json
+
+    from conftest import synthetic_dataset
+    from test_train import tiny_config
+    from vaelab.report import build_report, evaluation_rows
+
+    run = tmp_path / "run"
+    result = train(tiny_config(epochs=1), run, synthetic_dataset(), progress=False)
+    # the run's data is in memory only: its evaluation record written by hand
+    record = {"k": 50, "nll": 40.0, "nll_se": 0.01, "nll_se_images": 0.5, "neg_elbo": 42.0,
+              "iwae": {"1": 42.0, "5": 41.0, "50": 40.5}, "test_images": 100,
+              "test_set_sha256": "ab12",
+              "seed": 1234, "unit": "nats per image", "precision": "fp32", "active_units": [2],
+              "latent_variance": [[0.5, 0.25]], "kl_per_dim": [1.5, 0.5]}
+    (run / "eval.json").write_text(json.dumps(record))
+    text = build_report(run, result.model)
+    for raw in ("nll_se_images", "iwae.50", "test_set_sha256", "neg_elbo"):
+        assert raw not in text.split("<h2>Evaluation")[1].split("<h2>")[0]
+    rows = dict(evaluation_rows(record))
+    assert rows["test NLL, -log p(x) by importance sampling (K=50)"] == "40.000 nats per image"
+    assert rows["negative IWAE bound, k=50, from the same draws"] == "40.500 nats per image"
+    assert rows["active units (per stochastic layer)"] == "2 of 2"

@@ -101,7 +101,60 @@ def test_a_non_finite_test_loss_also_stops_before_the_checkpoint(tmp_path, monke
     assert (run / "checkpoint.safetensors").read_bytes() == before
 
 
-def test_resume_needs_a_checkpoint(tmp_path):
+def test_resuming_a_run_with_no_finished_epoch_starts_it_again_in_its_folder(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(tiny_config(epochs=1).to_dict()))
+    again = train(tiny_config(epochs=1), tmp_path / "run", synthetic_dataset(), progress=False,
+                  resume=True)
+    fresh = train(tiny_config(epochs=1), tmp_path / "fresh", synthetic_dataset(), progress=False)
+    assert [m["epoch"] for m in again.metrics] == [1]
+    assert [m["test_loss"] for m in again.metrics] == [m["test_loss"] for m in fresh.metrics]
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
+
+
+def test_a_new_run_into_a_run_with_no_finished_epoch_is_told_to_resume_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
-    result = run_vaelab("train", "--resume", tmp_path, "--quiet")
-    assert result.returncode == 2 and "no checkpoint.safetensors" in result.stderr
+    result = run_vaelab("train", "--out", tmp_path, "--quiet")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"start it again there with vaelab train --resume {tmp_path}" in result.stderr
+
+
+def interrupted(tmp_path: Path, args: list, ready) -> tuple[subprocess.CompletedProcess, Path]:
+    """`vaelab train ARGS --out RUN`, sent a real SIGINT (Ctrl-C) once ready(RUN) holds."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "vaelab", "train", *map(str, args), "--out", str(run)]
+    proc = subprocess.Popen(command,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready(run):
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the epoch's steps
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), run
+
+
+@pytest.mark.slow  # a real MNIST run, stopped by SIGINT (about 5 s)
+def test_ctrl_c_in_the_first_epoch_says_nothing_is_trained_and_how_to_start_it_in_place(tmp_path):
+    args = ["--batch-size", 1, "--epochs", 2, "--no-plots", "--quiet", "--device", "cpu"]
+    result, run = interrupted(tmp_path, args, lambda run: (run / "config.json").is_file())
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"vaelab: interrupted; no epoch had finished, so {run} holds nothing trained; start it"
+        f" again there with: vaelab train --resume {run}")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # resumable: see the test above
+    refused = run_vaelab("train", "--out", run, "--quiet")
+    assert refused.returncode == 2 and f"vaelab train --resume {run}" in refused.stderr
+
+
+@pytest.mark.slow  # a real MNIST run, stopped by SIGINT after its first epoch (about 8 s)
+def test_ctrl_c_after_an_epoch_names_the_epoch_saved_and_the_resume_command(tmp_path):
+    args = ["--train-size", 100, "--test-size", 100, "--batch-size", 1, "--epochs", 50, "--no-plots",
+            "--quiet", "--device", "cpu"]
+    result, run = interrupted(tmp_path, args, lambda run: (run / "metrics.jsonl").is_file())
+    assert result.returncode == 130, result.stderr
+    done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"vaelab: interrupted; epoch {done} of 50 is saved in {run}; continue with: vaelab train"
+        f" --resume {run}")

@@ -10,7 +10,7 @@ from conftest import run_vaelab as vaelab, synthetic_dataset
 from test_train import tiny_config
 from vaelab import load_run, train
 from vaelab.config import resolve
-from vaelab.errors import RunError
+from vaelab.errors import RunError, VaelabError
 from vaelab.runs import load_config, new_run_dir, read_metrics
 
 
@@ -145,3 +145,16 @@ def test_batch_losses_keep_the_rows_of_earlier_epochs_when_one_is_missing(tmp_pa
     rows = np.load(tmp_path / "batch_losses.npy")
     np.testing.assert_array_equal(rows[[0, 1, 3]], [[1, 2], [3, 4], [7, 8]])
     assert np.isnan(rows[2]).all()
+
+
+def test_from_python_a_taken_run_dir_is_named_run_dir(trained_run):
+    run_dir, _ = trained_run
+    with pytest.raises(RunError, match="already holds a run .*; choose another run_dir$"):
+        new_run_dir(run_dir)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_load_run_on_cuda_without_a_gpu_says_so_in_one_line(trained_run):
+    run_dir, _ = trained_run
+    with pytest.raises(VaelabError, match="no CUDA GPU is available; use device 'cpu'"):
+        load_run(run_dir, device="cuda")

@@ -11,9 +11,10 @@ import torch
 from conftest import run_vaelab
 from vaelab import RunConfig, train
 from vaelab.config import EncodeOptions, EvaluateOptions, ModelConfig, ScoreOptions
-from vaelab.evaluate import evaluate_run, image_keys
+from vaelab.evaluate import evaluate_run
 from vaelab.runs import load_run, read_log_px
-from vaelab.score import encode, encode_run, score_run
+from vaelab.errors import VaelabError
+from vaelab.score import encode, encode_run, score, score_run
 
 SHAPE = (8, 8)
 
@@ -40,44 +41,65 @@ def run(tmp_path_factory):
 
 
 def read_csv(path):
-    with open(path) as f:
+    """The header and the columns by name (text as written)."""
+    with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    return rows[0], np.array(rows[1:], dtype=np.float64)
+    return rows[0], {name: [row[i] for row in rows[1:]] for i, name in enumerate(rows[0])}
+
+
+def floats(column):
+    return np.array(column, dtype=np.float64)
 
 
 def test_scoring_the_runs_test_set_gives_evaluates_per_image_values_bitwise(run, tmp_path):
-    evaluate_run(EvaluateOptions(run=str(run), k=100, test_size=40, device="cpu", quiet=True))
+    evaluate_run(EvaluateOptions(run=str(run), k=100, images=40, device="cpu", quiet=True))
     path, _, scores = score_run(ScoreOptions(run=str(run), output=str(tmp_path / "s.npz"), k=100,
                                              images=40, device="cpu", quiet=True))
     assert np.array_equal(np.load(path)["log_px"], read_log_px(run))
     assert np.array_equal(scores["log_px"], read_log_px(run))
 
 
-def test_scores_hold_index_label_log_px_its_error_elbo_and_bits_per_dim(run, tmp_path):
+def test_scores_hold_index_split_label_log_px_its_error_elbo_and_bits_per_dim(run, tmp_path):
     path, csv_path, _ = score_run(ScoreOptions(run=str(run), output=str(tmp_path / "s.npz"), k=50,
-                                               device="cpu", quiet=True))
+                                               split="test", device="cpu", quiet=True))
     arrays = np.load(path)
-    assert set(arrays.files) == {"index", "label", "log_px", "log_px_se", "elbo", "bits_per_dim"}
-    assert np.array_equal(arrays["index"], np.arange(60))
+    names = ["index", "split", "label", "log_px", "log_px_se", "elbo", "bits_per_dim"]
+    assert arrays.files == names
+    assert np.array_equal(arrays["index"], np.arange(60)) and set(arrays["split"]) == {"test"}
     assert (arrays["elbo"] <= arrays["log_px"] + 1e-9).all() and (arrays["log_px_se"] >= 0).all()
     assert np.allclose(arrays["bits_per_dim"], -arrays["log_px"] / (64 * np.log(2)))
-    names, values = read_csv(csv_path)
-    assert names == ["index", "label", "log_px", "log_px_se", "elbo", "bits_per_dim"]
-    assert all(np.array_equal(values[:, i], arrays[name]) for i, name in enumerate(names))
+    header, columns = read_csv(csv_path)
+    assert header == names and columns["split"] == ["test"] * 60
+    assert all(np.array_equal(floats(columns[name]), arrays[name])
+               for name in names if name != "split")
+
+
+def test_an_npz_is_scored_whole_by_default_its_test_images_first_keeping_their_values(run,
+                                                                                     tmp_path):
+    _, _, whole = score_run(ScoreOptions(run=str(run), output=str(tmp_path / "all.npz"), k=50,
+                                         device="cpu", quiet=True))
+    _, _, test = score_run(ScoreOptions(run=str(run), output=str(tmp_path / "test.npz"), k=50,
+                                        split="test", device="cpu", quiet=True))
+    assert list(whole["split"]) == ["test"] * 60 + ["train"] * 200
+    assert np.array_equal(whole["log_px"][:60], test["log_px"])
+    labels = np.load(run.parent / "data.npz")
+    assert np.array_equal(whole["label"], np.concatenate([labels["y_test"], labels["y_train"]]))
 
 
 def test_codes_are_the_encoders_mu_and_logvar_of_the_keyed_observations(run, tmp_path):
-    path, csv_path, n = encode_run(EncodeOptions(run=str(run), output=str(tmp_path / "c.npz"),
-                                                 split="train", images=30, device="cpu", quiet=True))
+    options = EncodeOptions(run=str(run), output=str(tmp_path / "c.npz"), split="train", images=30,
+                            device="cpu", quiet=True)
+    path, csv_path, table = encode_run(options)
     model, arrays = load_run(run), np.load(path)
     images = torch.from_numpy(np.load(run.parent / "data.npz")["x_train"][:30, None])
     with torch.no_grad():
-        mu, logvar = model.encode(model.observe(images, image_keys(1234, "observe", torch.arange(30))))
-    assert n == 30 and set(arrays.files) == {"index", "label", "mu", "logvar"}  # no z_mean: it is mu
+        mu, logvar = model.encode(images)  # keyed by (1234, i), as encode_run
+    assert len(table["index"]) == 30  # no z_mean: it is mu
+    assert arrays.files == ["index", "split", "label", "mu", "logvar"]
     assert np.array_equal(arrays["mu"], mu.numpy()) and np.array_equal(arrays["logvar"], logvar.numpy())
-    names, values = read_csv(csv_path)
-    assert names == ["index", "label", "mu_0", "mu_1", "logvar_0", "logvar_1"]
-    assert np.array_equal(values[:, 2:4], arrays["mu"].astype(np.float64))
+    header, columns = read_csv(csv_path)
+    assert header == ["index", "split", "label", "mu_0", "mu_1", "logvar_0", "logvar_1"]
+    assert np.array_equal(floats(columns["mu_0"]), arrays["mu"][:, 0].astype(np.float64))
 
 
 @pytest.mark.parametrize("options", [dict(posterior="iaf", flow_steps=1), dict(upper_z_dims=(3,))])
@@ -108,3 +130,92 @@ def test_the_commands_write_both_files_and_refuse_to_overwrite_them(run, tmp_pat
         again = run_vaelab(*command, run, "-o", tmp_path / "out.npz", "--quiet")
         assert again.returncode == 2 and "exists; pass --force" in again.stderr
         (tmp_path / "out.npz").unlink(), (tmp_path / "out.csv").unlink()
+
+
+def test_the_same_images_as_uint8_and_as_floats_get_the_same_scores_and_codes(run):
+    model = load_run(run)
+    images = torch.from_numpy(np.load(run.parent / "data.npz")["x_test"][:12, None])
+    floats = images.float() / 255
+    for a, b in zip(score(model, images, k=60).values(), score(model, floats, k=60).values()):
+        assert np.array_equal(a, b)
+    codes, again = encode(model, images), encode(model, floats)
+    assert np.array_equal(codes["mu"], again["mu"])
+    assert np.array_equal(codes["logvar"], again["logvar"])
+    assert len(np.unique(codes["mu"], axis=0)) == 12  # twelve images, twelve codes
+
+
+def test_floats_outside_0_1_are_refused_by_score_and_encode(run):
+    model = load_run(run)
+    levels = torch.from_numpy(np.load(run.parent / "data.npz")["x_test"][:4, None]).float()
+    for function in (score, encode):
+        with pytest.raises(VaelabError, match=r"must lie in \[0, 1\]"):
+            function(model, levels)  # grey levels 0..255 as floats: the silent wrong scale
+
+
+def grey_folder(folder, n=12, size=8, seed=0):
+    """n distinct 8x8 grey PNGs in two class folders, one name with a comma."""
+    from PIL import Image
+
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        file = f"img {i:02d}, copy.png" if i == 3 else f"img{i:02d}.png"
+        name = folder / ("a" if i % 2 else "b") / file
+        name.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (size, size), dtype=np.uint8)).save(name)
+    return folder
+
+
+def test_each_listed_image_is_the_one_in_the_file_it_names(tmp_path):
+    from PIL import Image
+
+    from vaelab.data import load_data
+    from vaelab.score import listing
+
+    folder = grey_folder(tmp_path / "pictures")
+    images, identity = listing(load_data(folder, progress=False))
+    assert sorted(identity["file"]) == sorted(str(p.relative_to(folder).as_posix())
+                                              for p in folder.rglob("*.png"))
+    for row, name in enumerate(identity["file"]):
+        assert np.array_equal(images[row, 0].numpy(), np.asarray(Image.open(folder / name)))
+
+
+def test_a_scored_folders_csv_maps_every_file_to_its_score(run, tmp_path):
+    folder = grey_folder(tmp_path / "pictures")
+    result = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10)
+    assert result.returncode == 0, result.stderr
+    assert "log p(x) of 12 images (1 test, 11 train)" in result.stdout
+    header, columns = read_csv(tmp_path / "s.csv")
+    assert header[:4] == ["index", "split", "file", "label"] and "log_px" in header
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    assert sorted(columns["file"]) == files
+    assert np.isfinite(floats(columns["log_px"])).all()
+
+
+def test_score_and_encode_take_the_folder_options_their_errors_suggest(run, tmp_path):
+    from PIL import Image
+
+    folder = grey_folder(tmp_path / "pictures")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "a" / "larger.png")
+    refused = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10)
+    assert refused.returncode == 2 and "pass --image-size S" in refused.stderr
+    for command in (("score", "--k", "10"), ("encode",)):
+        done = run_vaelab(*command, run, "--data-dir", folder, "--image-size", 8, "-o",
+                          tmp_path / f"{command[0]}.npz", "--quiet")
+        assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stderr
+
+
+def test_a_folder_of_another_kind_and_size_is_told_the_options_that_fit_it_to_the_model(run,
+                                                                                        tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    refused = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10)
+    assert refused.returncode == 2
+    assert "read the folder with --channels grey --image-size 8" in refused.stderr
+    done = run_vaelab("score", run, "--data-dir", folder, "-o", tmp_path / "s.npz", "--k", 10,
+                      "--channels", "grey", "--image-size", 8, "--test-fraction", 0.5, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert len(np.load(tmp_path / "s.npz")["log_px"]) == 5

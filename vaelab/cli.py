@@ -14,6 +14,8 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import numpy as np
+
 from . import config
 from .config import Options, flag_of
 from .errors import VaelabError
@@ -84,7 +86,7 @@ def add_options(
         if meta["positional"]:
             parser.add_argument(f.name, metavar=meta["metavar"], help=_help(f, meta, resume_note))
             continue
-        spellings = [s for s in (meta["short"], flag_of(f)) if s]
+        spellings = [s for s in (meta["short"], flag_of(f), *meta["aliases"]) if s]
         annotation = (
             f.type.__name__ if isinstance(f.type, type) else str(f.type)
         )  # a string under PEP 563
@@ -116,11 +118,19 @@ def given(args: argparse.Namespace, cls: type) -> dict:
     return out
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="vaelab", description="Variational autoencoders: MNIST, your own images, MLP or conv."
     )
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    parser.add_argument("--version", action="version", version=f"vaelab {_version()}",
+                        help="print vaelab's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(
@@ -244,25 +254,30 @@ def _distributed(args: argparse.Namespace, cls: type, run) -> tuple:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .runs import prepare
-    from .train import train
+    from . import distributed, progress
+    from .runs import interrupted_note, prepare
+    from .train import summary, train
 
     launch = _parsed(args, config.Launch)
     world = distributed.from_environment()
-    run, run_dir, resume = prepare(given(args, config.RunConfig), launch.out, launch.resume, world)
-    result = train(run, run_dir, progress=not launch.quiet, resume=resume, world=world,
-                   tensorboard=launch.tensorboard)
+    run_dir = None
+    try:
+        run, run_dir, resume = prepare(given(args, config.RunConfig), launch.out, launch.resume,
+                                       world)
+        result = train(run, run_dir, progress=not launch.quiet, resume=resume, world=world,
+                       tensorboard=launch.tensorboard)
+    except KeyboardInterrupt:
+        if world.main:
+            progress.close_bars()
+            print(f"vaelab: interrupted; {interrupted_note(run_dir)}", file=sys.stderr)
+        return 130
     if world.main:
         if not launch.no_plots:
             from .plots import draw_figures  # matplotlib: only once there is something to draw
 
             draw_figures(run_dir, result.model, result.data, result.metrics)
-        last = result.metrics[-1]
-        print(
-            f"test negative ELBO after {last['epoch']} epochs: {last['test_loss']:.2f} nats per"
-            f" image; run saved in {run_dir}"
-        )
+        if not launch.quiet:
+            print(f"{summary(run, result.metrics[-1])}; run saved in {run_dir}")
     distributed.finish(world)
     return 0
 
@@ -271,7 +286,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
     options, world, r = _distributed(args, config.EvaluateOptions, evaluate_run)
-    if not world.main:
+    if not world.main or options.quiet:
         return 0
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     bits = f" ({r['bits_per_dim']:.4f} bits per dimension)" if "bits_per_dim" in r else ""
@@ -301,7 +316,7 @@ def cmd_gap(args: argparse.Namespace) -> int:
     from .gap import GAP, gap_run
 
     options, world, r = _distributed(args, config.GapOptions, gap_run)
-    if not world.main:
+    if not world.main or options.quiet:
         return 0
     value = lambda name: f"{r[name]['mean']:.3f} ± {r[name]['se'] or 0:.3f}"
     print(
@@ -317,21 +332,29 @@ def cmd_gap(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from .score import encode_run
 
-    options, world, (path, csv, n) = _distributed(args, config.EncodeOptions, encode_run)
-    if world.main:
-        print(f"codes of {n} {options.split} images written to {path} and {csv}")
+    options, world, (path, csv, table) = _distributed(args, config.EncodeOptions, encode_run)
+    if world.main and not options.quiet:
+        print(f"codes of {_counted(table)} written to {path} and {csv}")
     return 0
+
+
+def _counted(table: dict) -> str:
+    """'10000 test images', or '70000 images (10000 test, 60000 train)': a table's split column
+    counted."""
+    names, counts = np.unique(table["split"], return_counts=True)
+    if len(names) == 1:
+        return f"{counts[0]} {names[0]} images"
+    return f"{counts.sum()} images ({', '.join(f'{c} {n}' for n, c in sorted(zip(names, counts)))})"
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .score import score_run
 
-    options, world, (path, csv, scores) = _distributed(args, config.ScoreOptions, score_run)
-    if world.main:
-        log_px = scores["log_px"]
-        print(f"log p(x) of {len(log_px)} {options.split} images (K={options.k}): mean"
-              f" {log_px.mean():.3f}, from {log_px.min():.3f} to {log_px.max():.3f} nats;"
-              f" written to {path} and {csv}")
+    options, world, (path, csv, table) = _distributed(args, config.ScoreOptions, score_run)
+    if world.main and not options.quiet:
+        log_px = table["log_px"]
+        print(f"log p(x) of {_counted(table)} (K={options.k}): mean {log_px.mean():.3f}, from"
+              f" {log_px.min():.3f} to {log_px.max():.3f} nats; written to {path} and {csv}")
     return 0
 
 

@@ -85,6 +85,7 @@ def option(
     rule: Rule | None = None,
     flag: str | None = None,
     short: str | None = None,
+    aliases: tuple[str, ...] = (),
     metavar: str | None = None,
     default_text: str | None = None,
     values: dict | None = None,
@@ -96,7 +97,8 @@ def option(
 
     choices: the allowed values; rule: what the value must be (None passes for an option whose
     default is None); flag / short: its spellings (default `--name-with-dashes`); metavar and
-    default_text: what --help shows; values: the command line's words for the values
+    default_text: what --help shows; aliases: other spellings the command line also accepts;
+    values: the command line's words for the values
     ({"on": True, "off": False}); resume: whether `vaelab train --resume` may change it;
     positional: a command-line argument without a flag; command_line=False: set from Python and
     config.json only.
@@ -107,6 +109,7 @@ def option(
         rule=rule,
         flag=flag,
         short=short,
+        aliases=aliases,
         metavar=metavar,
         default_text=default_text,
         values=values,
@@ -453,6 +456,59 @@ DATA_DIR_HELP = (
 DATA_DIR_DEFAULT = "$VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist"
 
 
+# What image folders may be converted to, and the backgrounds transparency may be flattened onto.
+CHANNELS = ("grey", "rgb")
+BACKGROUNDS = ("white", "black")
+
+
+def image_size_option(default_text: str = "keep the size; all must agree") -> Any:
+    """Image folders: the side every image is resized to."""
+    return option(None, "image folders: resize every image to S x S pixels", metavar="S",
+                  rule=PIXELS, default_text=default_text)
+
+
+def channels_option(default_text: str = "keep the kind; all must agree") -> Any:
+    """Image folders: one kind for every image, grey or RGB."""
+    return option(None, "image folders: convert every image to grey (1 channel, ITU-R 601 luma) or"
+                  " rgb (3 channels), so that a folder mixing the two reads as one kind",
+                  choices=CHANNELS, default_text=default_text)
+
+
+def background_option(default_text: str = "none: transparent images are refused") -> Any:
+    """Image folders: what transparent images are flattened onto."""
+    return option(None, "image folders: flatten transparent images (RGBA, LA, a palette with"
+                  " transparency) onto a white or black background", choices=BACKGROUNDS,
+                  default_text=default_text)
+
+
+def skip_bad_option(help_tail: str = "") -> Any:
+    """Image folders: skip the files that cannot be read or do not fit, and list them."""
+    return option(False, "image folders: skip every file that cannot be read or does not fit"
+                  " (another size or kind than the first readable image, transparency, 16-bit"
+                  " pixels) and list them all, with a count, in one report; without it the first"
+                  " such file stops the read" + help_tail, rule=SWITCH)
+
+
+def test_fraction_option(default: float | None, default_text: str | None = None) -> Any:
+    """Image folders without train/ and test/: the fraction held out as the test set."""
+    return option(default, "image folders without train/ and test/: hold out this fraction as the"
+                  " test set", metavar="F", rule=FRACTION, default_text=default_text)
+
+
+def split_seed_option(default: int | None, default_text: str | None = None) -> Any:
+    """Image folders without train/ and test/: the seed of their split."""
+    return option(default, "image folders without train/ and test/: seed of the train/test split,"
+                  " apart from --seed so that runs with different seeds share one test set",
+                  rule=WHOLE, default_text=default_text)
+
+
+# The options that say how an image folder is read, besides its split.
+FOLDER_OPTIONS = ("image_size", "channels", "background", "skip_bad")
+# All that says how a folder is read and split: `vaelab encode` and `vaelab score` take them too,
+# defaulting to the run's.
+READ_OPTIONS = (*FOLDER_OPTIONS, "test_fraction", "split_seed")
+
+
 @options_dataclass
 class RunConfig(Options):
     """A training run. The defaults are the tutorial's recipe. Its fields are keywords; to change
@@ -578,25 +634,12 @@ class RunConfig(Options):
         None, DATA_DIR_HELP, default_text=DATA_DIR_DEFAULT, rule=PATH, resume=True
     )
     # Image folders only. The split has its own seed: runs with different seeds share a test set.
-    image_size: int | None = option(
-        None,
-        "image folders: resize every image to S x S pixels",
-        metavar="S",
-        rule=PIXELS,
-        default_text="keep the size; all must agree",
-    )
-    test_fraction: float = option(
-        0.1,
-        "image folders without train/ and test/: hold out this fraction as the test set",
-        metavar="F",
-        rule=FRACTION,
-    )
-    split_seed: int = option(
-        0,
-        "image folders without train/ and test/: seed of the train/test split, apart "
-        "from --seed so that runs with different seeds share one test set",
-        rule=WHOLE,
-    )
+    image_size: int | None = image_size_option()
+    channels: str | None = channels_option()
+    background: str | None = background_option()
+    skip_bad: bool = skip_bad_option()
+    test_fraction: float = test_fraction_option(0.1)
+    split_seed: int = split_seed_option(0)
     train_size: int | None = option(
         None, "train on the first N training images only", metavar="N", rule=POSITIVE
     )
@@ -635,9 +678,8 @@ class RunConfig(Options):
 
     def data_options(self) -> dict:
         """What load_data needs besides the folder."""
-        return dict(
-            image_size=self.image_size, test_fraction=self.test_fraction, split_seed=self.split_seed
-        )
+        return dict(test_fraction=self.test_fraction, split_seed=self.split_seed,
+                    **{name: getattr(self, name) for name in FOLDER_OPTIONS})
 
     @property
     def weighted(self) -> bool:
@@ -751,6 +793,17 @@ def precision_option() -> Any:
     )
 
 
+def first_images_option(default: int | None, what: str, aliases: tuple[str, ...] = ()) -> Any:
+    """`--images N`: the first N images only (evaluate, gap, encode, score)."""
+    return option(default, f"the first N {what}", flag="--images", aliases=aliases, metavar="N",
+                  rule=POSITIVE, default_text=None if default else "all")
+
+
+def quiet_option() -> Any:
+    """`--quiet`: nothing on the terminal but errors."""
+    return option(False, "print nothing but errors: no progress, no summary", rule=SWITCH)
+
+
 @options_dataclass
 class Launch(Options):
     """How `vaelab train` runs, apart from what it trains (not in config.json)."""
@@ -773,7 +826,7 @@ class Launch(Options):
         rule=PATH,
     )
     no_plots: bool = option(False, "skip drawing the figures", rule=SWITCH)
-    quiet: bool = option(False, "no progress bars", rule=SWITCH)
+    quiet: bool = quiet_option()
 
 
 @options_dataclass
@@ -783,13 +836,11 @@ class EvaluateOptions(Options):
     run: str = option(MISSING, RUN_HELP, positional=True)
     k: int = option(5000, "importance samples per test image", rule=POSITIVE)
     seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
-    test_size: int | None = option(
-        None, "evaluate the first N test images only", metavar="N", rule=POSITIVE
-    )
+    images: int | None = first_images_option(None, "test images only", aliases=("--test-size",))
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
     device: str = option("auto", choices=DEVICES)
     precision: str = precision_option()
-    quiet: bool = option(False, "no progress bar", rule=SWITCH)
+    quiet: bool = quiet_option()
 
 
 @options_dataclass
@@ -797,7 +848,7 @@ class GapOptions(Options):
     """`vaelab gap`: the approximation and amortization gaps of a run (Cremer et al. 2018)."""
 
     run: str = option(MISSING, RUN_HELP, positional=True)
-    images: int = option(1000, "the first N test images", rule=POSITIVE, metavar="N")
+    images: int = first_images_option(1000, "test images")
     k: int = option(5000, "importance samples per image for log p(x) and the ELBOs", rule=POSITIVE)
     # A fixed budget, the same for every image: an image's result does not depend on the others.
     steps: int = option(1000, "Adam steps fitting each image's posterior", rule=POSITIVE)
@@ -806,10 +857,10 @@ class GapOptions(Options):
     seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
     device: str = option("auto", choices=DEVICES)
-    quiet: bool = option(False, "no progress bars", rule=SWITCH)
+    quiet: bool = quiet_option()
 
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "all")
 CODES_HELP = "file to write: FILE.npz, and the same values as FILE.csv beside it"
 
 
@@ -820,12 +871,25 @@ class RunImagesOptions(Options):
     run: str = option(MISSING, RUN_HELP, positional=True)
     output: str = option(MISSING, CODES_HELP, short="-o", rule=PATH, metavar="FILE")
     data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
-    split: str = option("test", "which of the data's images", choices=SPLITS)
-    images: int | None = option(None, "the first N images only", metavar="N", rule=POSITIVE)
+    split: str | None = option(
+        None,
+        "which of the data's images: train, test, or all (the test images first, so that theirs"
+        " are the values of --split test and of `vaelab evaluate`)",
+        choices=SPLITS,
+        default_text="all for a folder of images or an .npz file, every image you brought; test for"
+        " IDX files such as MNIST, whose test set is the benchmark that `vaelab evaluate` scores",
+    )
+    images: int | None = first_images_option(None, "images of the split only")
+    image_size: int | None = image_size_option("the run's, from its config.json")
+    channels: str | None = channels_option("the run's")
+    background: str | None = background_option("the run's")
+    skip_bad: bool = skip_bad_option(" (default: the run's)")
+    test_fraction: float | None = test_fraction_option(None, "the run's")
+    split_seed: int | None = split_seed_option(None, "the run's")
     seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
     device: str = option("auto", choices=DEVICES)
     force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)
-    quiet: bool = option(False, "no progress bar", rule=SWITCH)
+    quiet: bool = quiet_option()
 
 
 @options_dataclass
@@ -887,7 +951,7 @@ class ReportOptions(Options):
 
 
 # `vaelab data` takes these options of a run (the same defaults and rules as `vaelab train`).
-DATA_COMMAND_OPTIONS = ("data_dir", "image_size", "test_fraction", "split_seed")
+DATA_COMMAND_OPTIONS = ("data_dir", *FOLDER_OPTIONS, "test_fraction", "split_seed")
 
 # One flat namespace of option names across a run and its model (the command line's flags).
 assert not {f.name for f in fields(RunConfig)} & {f.name for f in fields(ModelConfig)}

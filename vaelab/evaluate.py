@@ -31,9 +31,11 @@ from . import distributed, progress as show, rng
 from .config import EvaluateOptions, check, check_option
 from .distributed import SINGLE, World
 from .errors import VaelabError
+from .images import stored
 from .models import VAE
 from .nets import Workspace
 from .objectives import OBJECTIVES, kl_normal_per_dim, log_weights
+from .rng import image_keys  # noqa: F401  (re-exported: the keys of test image i)
 from .runs import check_writable, load_run_and_data, read_eval, read_log_px, write_eval
 
 TILE_IMAGES = 50
@@ -65,11 +67,6 @@ def resolve_precision(precision: str, device: torch.device, own_decoder: bool = 
     if precision == "auto":
         return "bf16" if own_decoder and native_bf16(device) else "fp32"
     return precision
-
-
-def image_keys(seed: int, purpose: str, index: torch.Tensor) -> torch.Tensor:
-    """Keys of test images `index` for a purpose ("observe" or "noise"): (N,) int64."""
-    return rng.row_keys(rng.key(seed, purpose), index)
 
 
 def draw_noise(keys: torch.Tensor, z_dim: int, samples: int, first: int = 0) -> torch.Tensor:
@@ -113,7 +110,7 @@ TEST_ROWS = 10_000
 @torch.no_grad()
 def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, samples: int = 1,
                batch_size: int = 1000, world: World = SINGLE, active: bool = False) -> dict[str, float]:
-    """For each name, the mean over the test set of values[name](terms), a function of the model's
+    """For each name, the mean over the test set of `values[name](terms)`, a function of the model's
     terms for `samples` draws of z giving (N,) nats; one pass over the test set, in batches of at
     most batch_size images and TEST_ROWS images x samples. Under torchrun the ranks share the
     batches and add their sums. With active, also "active_units": the units of z_1 whose
@@ -240,7 +237,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
                        iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int | None = None,
                        chunk: int | None = None, precision: str = "fp32", progress: bool = True,
                        world: World = SINGLE, posterior: tuple[torch.Tensor, ...] | None = None) -> dict:
-    """Importance-sampled test log-likelihood of images: (N, C, H, W) uint8.
+    """Importance-sampled test log-likelihood of images: (N, C, H, W), uint8 or floats in [0, 1]
+    (images.stored).
 
     Returns a dict (all in nats per image):
       nll           mean over images of -log p_hat(x), K = k samples each
@@ -267,6 +265,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     if posterior is not None and any(len(t) != len(images) for t in posterior):
         raise ValueError(f"posterior= needs one row per image ({len(images)})")
     model.eval()
+    images = stored(images, model.config.image_shape)
     device = model.device
     iwae_ks = tuple(sorted({j for j in (*iwae_ks, 1) if j <= k}))
     odd = [j for j in iwae_ks if TILE_SAMPLES % j and j % TILE_SAMPLES]
@@ -406,8 +405,9 @@ def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
     the number of processes."""
     check(options)
     distributed.start(world)  # under torchrun: join the group (nothing for one process)
-    model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
-    data = data.subset(None, options.test_size)
+    model, data = load_run_and_data(options.run, options.data_dir, options.device, world,
+                                    progress=not options.quiet)
+    data = data.subset(None, options.images)
     run = Path(options.run)  # found writable before minutes of work
     distributed.share_result(lambda: check_writable(run, "eval.json goes there: make it writable"), world)
     start = time.perf_counter()

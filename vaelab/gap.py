@@ -34,6 +34,7 @@ from . import distributed, progress as show, rng
 from .config import GapOptions, check
 from .distributed import SINGLE, World
 from .evaluate import draw_noise, image_keys, importance_sampled
+from .images import stored
 from .fileio import atomic_write_json
 from .models import VAE
 from .objectives import estimated, negative_elbo
@@ -109,10 +110,12 @@ def amortization_gap(
     progress: bool = True,
     world: World = SINGLE,
 ) -> dict:
-    """The two gaps over images: (N, C, H, W) uint8 (see the module's docstring). Returns
+    """The two gaps over images: (N, C, H, W), uint8 or floats in [0, 1] (images.stored; see the
+    module's docstring). Returns
     log_px, elbo_fitted (L[q*]), elbo_encoder (L[q]), approximation_gap and amortization_gap,
     each {"mean", "se"} in nats per image, with what fixes them and the fit's course."""
     model.eval()
+    images = stored(images, model.config.image_shape)
     n, device = len(images), model.device
     images = images.to(device)
     index = torch.arange(n, device=device)
@@ -199,7 +202,8 @@ def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
     RUN/gap.json. Returns the result, with the seconds it took."""
     check(options)
     distributed.start(world)
-    model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
+    model, data = load_run_and_data(options.run, options.data_dir, options.device, world,
+                                    progress=not options.quiet)
     images = data.subset(None, options.images).test_images
     run = Path(options.run)
     distributed.share_result(

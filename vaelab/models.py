@@ -22,10 +22,13 @@ from torch import nn
 
 from . import likelihoods, nets, posteriors, priors
 from .config import ARCHITECTURES, CUSTOM, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
+from .config import EVAL_SEED
 from .errors import VaelabError
 from .hierarchy import Hierarchy
+from .images import stored
 from .nets import MLP, ConvDecoder, ConvEncoder, ImageMLP, Workspace, conv_check
 from .objectives import Terms, kl_normal, reparametrize
+from .rng import image_keys
 
 
 class VAE(nn.Module):
@@ -172,16 +175,32 @@ class VAE(nn.Module):
         return self.head.weight.device
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        """Stored images (N, C, H, W) uint8 -> what the model sees, float32 (see likelihoods)."""
-        return self.likelihood.observe(images, keys)
+        """Images (N, C, H, W) or flat, uint8 or floats in [0, 1] (images.stored) -> what the
+        model sees, x: (N, C, H, W) float32 (see likelihoods). keys: (N,) one per image, for
+        the likelihoods that draw (rng.image_keys)."""
+        return self.likelihood.observe(stored(images, self.config.image_shape), keys)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, C, H, W) or flat (N, D), float -> mu, logvar: (N, z_dim) each (with an IAF
-        posterior, its base Gaussian's)."""
+    def encode(self, images: torch.Tensor, *,
+               seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (N, C, H, W) or flat (N, C * H * W), uint8 or floats in [0, 1] (one meaning:
+        images.stored) -> mu, logvar: (N, z_dim) each, q(z|x)'s Gaussian (with an IAF posterior,
+        its base Gaussian's).
+
+        Image i is observed as `vaelab.score.encode` and evaluation observe it: with the draws
+        keyed by (seed, i) where the likelihood draws (a Bernoulli's binarization). For what the
+        model sees already (VAE.observe's x), use encode_observed."""
+        images = stored(images, self.config.image_shape).to(self.device)
+        index = torch.arange(len(images), device=self.device)
+        return self.encode_observed(self.observe(images, image_keys(seed, "observe", index)))
+
+    def encode_observed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, C, H, W) or flat (N, D), float32 as the model sees it (VAE.observe) -> mu,
+        logvar: (N, z_dim) each (with an IAF posterior, its base Gaussian's)."""
         return self.encode_posterior(x)[:2]
 
     def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x -> everything q(z|x) needs: (mu, logvar), and an IAF's context h (N, context)."""
+        """x, as the model sees it -> everything q(z|x) needs: (mu, logvar), and an IAF's
+        context h (N, context)."""
         out = self.head(self.encoder(x.reshape(len(x), *self.config.image_shape)))
         if self.flow is None:
             return tuple(out.chunk(2, dim=-1))
@@ -295,12 +314,17 @@ class VAE(nn.Module):
 
     def prior_components(self):
         """What log p(z) needs besides z, for one call or many (priors.Prior.components)."""
-        return self.prior.components(self.encode)
+        return self.prior.components(self.encode_observed)
 
     @torch.no_grad()
-    def sample_prior(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n draws z ~ p(z): (n, z_dim), with a hierarchy drawn down from its top layer."""
-        z = self.prior.sample(n, generator, self.encode)
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws z ~ p(z): (n, z_dim), with a hierarchy drawn down from its top layer.
+        generator: a torch.Generator on the model's device, for draws that repeat; without one,
+        fresh draws each call."""
+        if generator is None:
+            generator = torch.Generator(self.device)
+            generator.seed()
+        z = self.prior.sample(n, generator, self.encode_observed)
         return z if self.hierarchy is None else self.hierarchy.sample_down(z, generator)
 
 

@@ -20,6 +20,7 @@ from .data import Dataset
 from .errors import VaelabError
 from .evaluate import image_keys
 from .fileio import check_output
+from .images import stored
 from .models import VAE
 from .runs import read_eval
 
@@ -80,19 +81,26 @@ def _grid_figure(grid: np.ndarray, title: str, inches: float = 6.0) -> Figure:
 
 
 def elbo_figure(metrics: list[dict]) -> Figure:
-    """Train and test ELBO (nats per image) against epoch."""
+    """Train and test ELBO (nats per image) against epoch; for a run of the IWAE bound, the
+    bound's train and test values, and the test ELBO beside them."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     epochs = [m["epoch"] for m in metrics]
+    iwae = all("test_iwae" in m for m in metrics)
     weighted = any("kl_weight" in m for m in metrics)  # then train_loss is the beta-weighted objective
     train_label = ("train: the objective with the KL weighted (not an ELBO)" if weighted
                    else "train (mean over the epoch's batches)")
-    ax.plot(epochs, [-m["train_loss"] for m in metrics], "o-", label=train_label)
-    ax.plot(epochs, [-m["test_loss"] for m in metrics], "s-", label="test")
+    if iwae:
+        ax.plot(epochs, [-m["train_loss"] for m in metrics], "o-", label="IWAE bound, train")
+        ax.plot(epochs, [-m["test_iwae"] for m in metrics], "s-", label="IWAE bound, test")
+        ax.plot(epochs, [-m["test_loss"] for m in metrics], "^--", label="ELBO, test")
+    else:
+        ax.plot(epochs, [-m["train_loss"] for m in metrics], "o-", label=train_label)
+        ax.plot(epochs, [-m["test_loss"] for m in metrics], "s-", label="test")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO (nats per image)")
-    ax.set_title("Evidence lower bound")
+    ax.set_ylabel(f"{'bound' if iwae else 'ELBO'} (nats per image)")
+    ax.set_title("IWAE bound and ELBO" if iwae else "Evidence lower bound")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -107,9 +115,10 @@ def data_figure(data: Dataset, n: int = 100) -> Figure:
 
 @torch.no_grad()
 def reconstruction_images(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """images: (N, C, H, W) uint8 -> (2N, H, W) or (2N, H, W, 3) in [0, 1]: the N images as the
-    model sees them (observed with the seed's keys), then their reconstructions E[x | z = mu(x)]."""
-    images = images.to(model.device)
+    """images: (N, C, H, W), uint8 or floats in [0, 1] (images.stored) -> (2N, H, W) or
+    (2N, H, W, 3) in [0, 1]: the N images as the model sees them (observed with the seed's
+    keys), then their reconstructions E[x | z = mu(x)]."""
+    images = stored(images, model.config.image_shape).to(model.device)
     x = model.observe(images, image_keys(seed, "observe", torch.arange(len(images), device=model.device)))
     recon = model.decode_mean(model.posterior_mean(x))
     shape = model.config.image_shape
@@ -271,15 +280,15 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
     if model.config.z_dim != 2:
         raise ValueError("the latent manifold needs z_dim = 2")
     values = torch.linspace(-limit, limit, n)
-    z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")  # z2 grows upwards
-    z = torch.stack([z1.flatten(), z2.flatten()], dim=1).to(model.device)
+    z1, z0 = torch.meshgrid(values.flip(0), values, indexing="ij")  # z_1 grows upwards
+    z = torch.stack([z0.flatten(), z1.flatten()], dim=1).to(model.device)
     images = _as_images(model.decode_mean(z), model.config.image_shape)
     grid = image_grid(images, nrow=n, pad=0)
     fig = Figure(figsize=(8, 8))
     ax = fig.subplots()
     _show(ax, grid, extent=(-limit, limit, -limit, limit), aspect=grid.shape[0] / grid.shape[1])  # images unstretched
-    ax.set_xlabel("z1")
-    ax.set_ylabel("z2")
+    ax.set_xlabel("z_0")
+    ax.set_ylabel("z_1")
     ax.set_title(f"Latent manifold: decoder means on a {n} x {n} grid")
     fig.tight_layout()
     return fig
@@ -335,7 +344,7 @@ def latent_figure(model: VAE, data: Dataset) -> Figure:
         raise ValueError("the latent scatter needs z_dim = 2; use tsne_figure")
     mu = latent_means(model, data)
     return _scatter_by_label(mu, data.test_labels, data, f"Posterior means of {len(mu)} test images",
-                             "mu_1", "mu_2")
+                             "mu_0", "mu_1")
 
 
 def tsne_figure(model: VAE, data: Dataset, n: int = 3000, seed: int = 0) -> Figure:
@@ -358,8 +367,8 @@ def kl_figure(kl_per_dim: list[float]) -> Figure:
     ax = fig.subplots()
     ax.bar(np.arange(len(values)), values, color="#4c72b0")
     if len(values) <= 50:  # room for each dimension's number
-        ax.set_xticks(np.arange(len(values)), [str(d + 1) for d in order], fontsize=7)
-    ax.set_xlabel("latent dimension, by KL")
+        ax.set_xticks(np.arange(len(values)), [str(d) for d in order], fontsize=7)
+    ax.set_xlabel("latent dimension d (from 0, as the CSV's mu_d), by KL")
     ax.set_ylabel("KL(q(z_d|x) || N(0, 1)) (nats)")
     ax.set_title(f"KL per latent dimension: {values.sum():.2f} nats in all")
     ax.grid(axis="y", alpha=0.3)

@@ -68,3 +68,10 @@ def write(message: str, enabled: bool = True, file=None) -> None:
     """A line of progress (on stdout unless `file`) that does not break a bar being drawn."""
     if enabled:
         tqdm.write(message, file=file or sys.stdout)
+
+
+def close_bars() -> None:
+    """Close every bar still drawn (left behind by an interrupt), so that a message that follows
+    starts on a line of its own."""
+    for live in list(getattr(tqdm, "_instances", ())):
+        live.close()

@@ -101,6 +101,89 @@ def _rounded(v):
     return round(v, 4) if isinstance(v, float) else v
 
 
+def _nats(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f} nats per image"
+
+
+def _listed(values: list) -> str:
+    return ", ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in values)
+
+
+def evaluation_rows(r: dict) -> list[tuple[str, str]]:
+    """`vaelab evaluate`'s record (eval.json) as labelled rows for reading; keys this page does
+    not know come after them as they are."""
+    k = r.get("k")
+    known = {
+        "nll": (f"test NLL, -log p(x) by importance sampling (K={k})", _nats),
+        "nll_se": ("its Monte-Carlo standard error", _nats),
+        "nll_se_images": ("its standard error over the test images", _nats),
+        "neg_elbo": ("negative ELBO, from the same draws", _nats),
+        "bits_per_dim": ("test NLL in bits per dimension", lambda v: f"{v:.4f}"),
+        "test_images": ("test images", str),
+        "test_set_sha256": ("test images' SHA-256", str),
+        "seed": ("seed of the binarization and noise", str),
+        "estimator": ("estimator", str),
+        "precision": ("decoder precision", str),
+        "unit": None,
+        "k": None,
+        "active_units": ("active units (per stochastic layer)", lambda v: ", ".join(
+            f"{a} of {len(d)}" for a, d in zip(v, r.get("latent_variance", [[]] * len(v))))),
+        "active_threshold": ("a unit is active where the variance of E_q[z_d] over images exceeds",
+                             str),
+        "latent_variance": ("variance of E_q[z_d] over test images, d = 0, 1, ...",
+                            lambda v: "; ".join(_listed(layer) for layer in v)),
+        "posterior_mean": ("E_q[z] taken as", str),
+        "kl_per_dim": ("KL(q(z_d|x) || N(0, 1)) per dimension d = 0, 1, ... (nats)", _listed),
+        "kl_per_dim_note": ("KL per dimension", str),
+        "seconds": ("time taken", lambda v: f"{v:.0f} s"),
+        "device": ("device", str),
+        "processes": ("processes", str),
+    }
+    rows = []
+    for key, value in r.items():
+        if key == "iwae":
+            rows += [(f"negative IWAE bound, k={j}, from the same draws", _nats(v))
+                     for j, v in value.items()]
+        elif key in known:
+            if known[key] is not None:
+                label, text = known[key]
+                rows.append((label, text(value)))
+        else:
+            rows += _flatten({key: value})
+    return rows
+
+
+def gap_rows(r: dict) -> list[tuple[str, str]]:
+    """`vaelab gap`'s record (gap.json) as labelled rows; keys this page does not know follow."""
+    spread = lambda v: f"{v['mean']:.3f} ± {v['se'] or 0:.3f} nats per image (s.e. over images)"
+    known = {
+        "images": ("test images", str),
+        "k": ("importance samples per image, K", str),
+        "seed": ("seed of the binarization and noise", str),
+        "log_px": ("log p(x)", spread),
+        "elbo_fitted": ("ELBO of the fitted posteriors, L[q*]", spread),
+        "elbo_encoder": ("ELBO of the encoder, L[q]", spread),
+        "approximation_gap": ("approximation gap, log p(x) - L[q*]", spread),
+        "amortization_gap": ("amortization gap, L[q*] - L[q]", spread),
+        "proposal": ("proposal of log p(x)", str),
+        "precision": ("decoder precision", str),
+        "seconds": ("time taken", lambda v: f"{v:.0f} s"),
+        "unit": None,
+    }
+    rows = []
+    for key, value in r.items():
+        if key in known:
+            if known[key] is not None:
+                label, text = known[key]
+                rows.append((label, text(value)))
+        elif key == "fit" and isinstance(value, dict):
+            rows += [(f"fit: {name.replace('_', ' ')}", v if isinstance(v, str) else
+                      f"{v:.4f}" if isinstance(v, float) else str(v)) for name, v in value.items()]
+        else:
+            rows += _flatten({key: value})
+    return rows
+
+
 def _metrics_table(metrics: list[dict]) -> str:
     if not metrics:
         return "<p>No finished epoch.</p>"
@@ -134,11 +217,12 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
         labels = [-1] * len(mu) if data.test_labels is None else data.test_labels[:len(mu)].tolist()
         points = [[round(float(a), 3), round(float(b), 3), int(c)] for (a, b), c in zip(mu, labels)]
 
-    eval_html = _table(_flatten(evaluation)) if evaluation else \
+    eval_html = _table(evaluation_rows(evaluation)) if evaluation else \
         "<p>Not evaluated yet: run <code>vaelab evaluate RUN</code>, then the report again.</p>"
     gap = read_gap(run_dir)
     if gap:
-        eval_html += "<h3>Approximation and amortization gaps (vaelab gap)</h3>" + _table(_flatten(gap))
+        eval_html += ("<h3>Approximation and amortization gaps (vaelab gap)</h3>"
+                      + _table(gap_rows(gap)))
     figures_html = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='data:image/png;base64,{_png(p)}'>"
                            f"<figcaption>{html.escape(_caption(p.name))}</figcaption></figure>"
                            for p in figures)
@@ -328,7 +412,8 @@ if (DATA.decoder === null) {
     for (let d = 0; d < DATA.sliders; d++) {
       const row = document.createElement("label");
       row.className = "slider";
-      row.innerHTML = "z" + (d + 1) + " <input type='range' min='-3' max='3' step='0.05' value='0' id='z" + d + "'>";
+      row.innerHTML = "z_" + d +
+        " <input type='range' min='-3' max='3' step='0.05' value='0' id='z" + d + "'>";
       controls.appendChild(row);
       row.querySelector("input").addEventListener("input", e => { z[d] = parseFloat(e.target.value); show(z); });
     }

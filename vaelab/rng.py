@@ -62,6 +62,12 @@ def row_keys(base: int | torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return mix(index.to(torch.int64).mul(GAMMA).add_(base))
 
 
+def image_keys(seed: int, purpose: str, index: torch.Tensor) -> torch.Tensor:
+    """Keys of images `index` (their positions in a test set or a listing) for a purpose
+    ("observe" or "noise"): (N,) int64. What image i draws depends on (seed, i) alone."""
+    return row_keys(key(seed, purpose), index)
+
+
 def bits(keys: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
     """64 random bits for counters start .. start+n-1 of each key: (...,) int64 -> (..., n) int64."""
     counters = torch.arange(start + 1, start + n + 1, dtype=torch.int64, device=keys.device).mul_(GAMMA)

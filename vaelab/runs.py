@@ -20,8 +20,10 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ LOG_PX = "log_px.npy"
 BATCH_LOSSES = "batch_losses.npy"
 FIGURES = "figures"
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, METRICS)
+PROBE = ".vaelab-write-test"  # check_writable's file, there only for an instant
 
 
 def fresh_run_path(root: str | Path = "runs") -> Path:
@@ -65,30 +68,80 @@ def check_writable(path: Path, hint: str) -> None:
     """
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".vaelab-write-test"
+        probe = path / PROBE
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise RunError(f"cannot write to {path} ({e.strerror or e}); {hint}") from None
 
 
-def new_run_dir(out: str | Path | None = None, root: str | Path = "runs") -> Path:
+def check_new_run_dir(path: Path, name: str = "run_dir") -> None:
+    """Refuse path as a new run's folder, naming the argument that gave it (`name`: "--out" on
+    the command line, "run_dir" from Python): a file, a folder that holds a run (a run never
+    overwrites another's files), and a folder of other files (a run's files would mix with
+    them). A missing or empty folder passes."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunError(f"{name} {path} is a file, not a directory; choose another {name}")
+    if (path / CONFIG).is_file() and not started(path):
+        again = (f"vaelab train --resume {path}" if name == "--out"
+                 else f"train(config, run_dir={str(path)!r}, resume=True)")
+        raise RunError(f"{path} holds a run with no finished epoch: start it again there with"
+                       f" {again}, or choose another {name}")
+    taken = [file for file in RUN_FILES if (path / file).exists()]
+    if taken:
+        raise RunError(f"{path} already holds a run ({', '.join(taken)}); choose another {name}")
+    others = sorted(entry.name for entry in path.iterdir()
+                    if entry.name not in (TORCHRUN_ID, PROBE))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise RunError(f"{name} {path} is a folder of other files ({shown}), not a run; choose an"
+                       " empty or new folder")
+
+
+def new_run_dir(out: str | Path | None = None, root: str | Path = "runs",
+                name: str = "run_dir") -> Path:
     """Create the directory for a new run and return it.
 
-    Without `out`, a fresh runs/<timestamp>. A directory that already holds a
-    run is refused: a run never overwrites another's files.
+    Without `out`, a fresh runs/<timestamp>. A folder that is not empty is refused
+    (check_new_run_dir; `name` is how the caller called it).
     """
-    if out is None:
-        path = fresh_run_path(root)
-    else:
-        path = Path(out)
-        if path.exists() and not path.is_dir():
-            raise RunError(f"--out {path} is a file, not a directory; choose another --out")
-        taken = [name for name in RUN_FILES if (path / name).exists()]
-        if taken:
-            raise RunError(f"{path} already holds a run ({', '.join(taken)}); choose another --out")
-    check_writable(path, "choose another --out")
+    path = fresh_run_path(root) if out is None else Path(out)
+    check_new_run_dir(path, name)
+    check_writable(path, f"choose another {name}")
     return path
+
+
+def started(run_dir: str | Path) -> bool:
+    """Whether a run has finished an epoch (it has a checkpoint to resume from)."""
+    return (Path(run_dir) / CHECKPOINT).is_file()
+
+
+def finished_epochs(run_dir: str | Path) -> int:
+    """The epochs a run's checkpoint holds (0 when it has none or it cannot be read)."""
+    try:
+        with open(Path(run_dir) / CHECKPOINT, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return int(json.loads(f.read(n))["__metadata__"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def interrupted_note(run_dir: str | Path | None) -> str:
+    """What an interrupted `vaelab train` left in run_dir, and the command that goes on."""
+    if run_dir is None or not (Path(run_dir) / CONFIG).is_file():
+        return "nothing was saved"
+    command = f"vaelab train --resume {shlex.quote(str(run_dir))}"
+    done = finished_epochs(run_dir)
+    if not done:
+        return (f"no epoch had finished, so {run_dir} holds nothing trained; start it again there"
+                f" with: {command}")
+    try:
+        total = f" of {load_config(run_dir).epochs}"
+    except RunError:
+        total = ""
+    return f"epoch {done}{total} is saved in {run_dir}; continue with: {command}"
 
 
 def claim(run_dir: Path, run_id: str) -> None:
@@ -148,7 +201,8 @@ def load_weights(run_dir: Path, model: VAE) -> None:
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              encoder: torch.nn.Module | None = None, decoder: torch.nn.Module | None = None) -> VAE:
-    """The trained model of a run, ready for `encode(x)` and `decode(z)`, in eval mode.
+    """The trained model of a run, ready for `encode(images)` and `decode(z)`, in eval mode, on
+    `device` ("cpu", "cuda", "auto" or a torch.device).
 
     A model trained from your own networks comes back from modules built as they were: give
     fresh ones as encoder and decoder, and the run's weights are loaded into them (and into
@@ -166,6 +220,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     else:
         model = VAE(copy.deepcopy(encoder), copy.deepcopy(decoder), config.model)
     load_weights(Path(run_dir), model)
+    device = distributed.pick_device(device) if device == "auto" else torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VaelabError(f"device {str(device)!r} was asked for but no CUDA GPU is available; use "
+                          "device 'cpu'")
     return model.to(device).eval()
 
 
@@ -386,7 +444,8 @@ def plan(options: dict, out: str | Path | None = None, resume: str | Path | None
     rank 0, which holds the folder). options: the options set explicitly (name -> value).
 
     After torchrun restarted the group (same command line), the run resumes from its folder's
-    checkpoint, or starts afresh there if none was written yet.
+    checkpoint, or starts afresh there if none was written yet (as `--resume` of a run with no
+    finished epoch does: train.fit). A new run's --out must be new or empty (check_new_run_dir).
     """
     if resume:
         if out:
@@ -400,9 +459,8 @@ def plan(options: dict, out: str | Path | None = None, resume: str | Path | None
         if not _same_run(saved, config):
             raise VaelabError(f"torchrun restarted this job, but {run_dir / CONFIG} describes another run; "
                               "choose another --out")
-        if (run_dir / CHECKPOINT).is_file():
-            return saved, run_dir, True
-        (run_dir / CONFIG).unlink()  # no epoch finished: start afresh in the same folder
+        return saved, run_dir, True  # with no epoch finished, fit starts afresh in the same folder
+    check_new_run_dir(run_dir, "--out")
     return config, run_dir, False
 
 
@@ -421,17 +479,34 @@ def prepare(options: dict, out: str | Path | None = None, resume: str | Path | N
 
 
 def load_run_and_data(run_dir: str | Path, data_dir: str | Path | None = None, device: str = "cpu",
-                      world: World = SINGLE) -> tuple[VAE, Dataset]:
+                      world: World = SINGLE, progress: bool = True,
+                      **folder: Any) -> tuple[VAE, Dataset]:
     """A run's model and the data it fits (the run's own data folder unless data_dir is given).
-    Under torchrun rank 0 reads the run and passes the weights on; every rank reads its own data."""
+    folder: how to read and split an image folder (config.READ_OPTIONS: image_size, channels,
+    background, skip_bad, test_fraction, split_seed), each given as None (or False) taking the
+    run's own. progress: a bar while a folder is decoded, and its report of skipped files. Under
+    torchrun rank 0 reads the run and passes the weights on; every rank reads its own data."""
     config, model = distributed.share_result(lambda: (load_config(run_dir), load_run(run_dir)), world)
     model = model.to(distributed.pick_device(device, world))
-    if data_dir and config.image_size and not Path(data_dir).is_dir():
+    options = config.data_options()
+    unknown = set(folder) - set(configs.READ_OPTIONS)
+    if unknown:
+        raise TypeError(f"load_run_and_data has no folder option {', '.join(sorted(unknown))}")
+    options.update({name: value for name, value in folder.items()
+                    if value is not None and value is not False})
+    resized = folder.get("image_size") is None and config.image_size
+    if data_dir and resized and not Path(data_dir).is_dir():
         raise VaelabError(f"{run_dir} was trained on an image folder resized to {config.image_size} pixels "
                           f"(config.json); --data-dir {data_dir} is not a folder of images")
-    data = load_data(data_dir or config.data_dir, progress=world.main, **config.data_options())
+    data = load_data(data_dir or config.data_dir, progress=progress and world.main, **options)
     if data.image_shape != model.config.image_shape:
         shape = lambda s: "x".join(map(str, s))
-        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x height x "
-                          f"width) but the model in {run_dir} expects {shape(model.config.image_shape)}")
+        (c, h, w), (mc, mh, mw) = data.image_shape, model.config.image_shape
+        fixes = [] if data.source != "folder" else [
+            *([f"--channels {'grey' if mc == 1 else 'rgb'}"] if c != mc and mc in (1, 3) else []),
+            *([f"--image-size {mh}"] if (h, w) != (mh, mw) and mh == mw else [])]
+        fix = f"; read the folder with {' '.join(fixes)}" if fixes else ""
+        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x"
+                          f" height x width) but the model in {run_dir} expects"
+                          f" {shape(model.config.image_shape)}{fix}")
     return model, data

@@ -6,26 +6,31 @@
   evaluate` (evaluate.importance_sampled), so scoring a run's own test set with evaluate's k,
   seed and precision gives its per-image values bitwise on the CPU.
 
-`encode_run` and `score_run` (the commands) write FILE.npz and the same columns as FILE.csv.
-What image i draws is keyed by (seed, i), i its position in the chosen split, as in evaluation.
+`encode_run` and `score_run` (the commands) write FILE.npz and the same columns as FILE.csv,
+after what identifies each image: its index, split, file (for a folder) and label (`listing`).
+What image i draws is keyed by (seed, i), i its position in the listing, as in evaluation.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import math
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from . import distributed, progress as show
-from .config import EncodeOptions, ScoreOptions, check
+from .config import READ_OPTIONS, EncodeOptions, ScoreOptions, check, check_option
 from .data import Dataset
 from .distributed import SINGLE, World
 from .errors import VaelabError
 from .evaluate import draw_noise, image_keys, importance_sampled
 from .fileio import atomic_write_bytes, check_output
+from .images import stored
 from .models import VAE
 from .runs import load_run_and_data
 
@@ -35,7 +40,8 @@ BATCH = 500  # images encoded at a time
 @torch.no_grad()
 def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 100,
            progress: bool = False, world: World = SINGLE) -> dict[str, np.ndarray]:
-    """The latent codes of images: (N, C, H, W) uint8.
+    """The latent codes of images: (N, C, H, W), uint8 or floats in [0, 1] (images.stored: the
+    same images in either form give the same codes).
 
     Returns float32 arrays:
       mu, logvar  (N, z_dim) q(z_1|x)'s Gaussian: with --posterior iaf, the flow's base Gaussian
@@ -44,6 +50,7 @@ def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 1
     Under torchrun the ranks share the batches and every rank gets every image's values.
     """
     model.eval()
+    images = stored(images, model.config.image_shape)
     device, n = model.device, len(images)
     drawn = model.flow is not None or model.hierarchy is not None
     width = 2 * model.config.z_dim + (model.noise_dim if drawn else 0)
@@ -75,12 +82,14 @@ def score(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
           precision: str = "fp32", progress: bool = False, world: World = SINGLE
           ) -> dict[str, np.ndarray]:
     """Each image's log p(x) by importance sampling with K = k draws from q(z|x): images
-    (N, C, H, W) uint8 -> float64 arrays (N,):
+    (N, C, H, W), uint8 or floats in [0, 1] (images.stored: the same images in either form give
+    the same scores) -> float64 arrays (N,):
       log_px          the estimate, nats
       log_px_se       its Monte-Carlo standard error
       elbo            the ELBO from the same draws
       bits_per_dim    -log p(x) / (C H W log 2), for the discrete likelihoods only
     """
+    images = stored(images, model.config.image_shape)
     r = importance_sampled(model, images, k=k, seed=seed, precision=precision,
                            progress=progress, world=world)
     out = {"log_px": r["log_px"], "log_px_se": np.sqrt(r["per_image"]["log_px_variance"]),
@@ -90,13 +99,44 @@ def score(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
     return out
 
 
-def _images(data: Dataset, split: str, first: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The chosen split's first images (all when first is None), and their labels."""
-    images, labels = (data.test_images, data.test_labels) if split == "test" else \
-        (data.train_images, data.train_labels)
-    if not len(images):
+def default_split(data: Dataset) -> str:
+    """The split `vaelab encode` and `vaelab score` take when none is given: "all" for a folder of
+    images or an .npz file (every image you brought; the train/test split is only vaelab's own
+    hold-out), "test" for IDX files such as MNIST, whose test set is the benchmark and whose values
+    are then `vaelab evaluate`'s."""
+    return "test" if data.source == "idx" else "all"
+
+
+def listing(data: Dataset, split: str | None = None,
+            first: int | None = None) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """The images of a split (None: default_split), the first `first` of them (all when None),
+    with what identifies each: images (N, C, H, W) uint8 and (N,) arrays index (its position,
+    which keys its draws), split ("train" or "test"), file (a folder's, relative to it) and label
+    where the data has them. "all" lists the test images first, so that theirs are the values of
+    "test" and of `vaelab evaluate`, then the training images."""
+    split = split or default_split(data)
+    check_option(ScoreOptions, "split", split)
+    parts = {"test": (data.test_images, data.test_labels, data.test_files),
+             "train": (data.train_images, data.train_labels, data.train_files)}
+    chosen = ("test", "train") if split == "all" else (split,)
+    if not sum(len(parts[name][0]) for name in chosen):
         raise VaelabError(f"the data in {data.directory} has no {split} images")
-    return images[:first], None if labels is None else labels[:first]
+    images, labels, files, names = [], [], [], []
+    left = first
+    for name in chosen:
+        part_images, part_labels, part_files = (p if p is None else p[:left] for p in parts[name])
+        left = None if left is None else left - len(part_images)
+        images.append(part_images)
+        labels.append(part_labels)
+        files.append(part_files)
+        names += [name] * len(part_images)
+    images = images[0] if len(images) == 1 else torch.cat(images)
+    out = {"index": np.arange(len(images), dtype=np.int64), "split": np.array(names, dtype=str)}
+    if data.test_files is not None:
+        out["file"] = np.array([f for part in files for f in part], dtype=str)
+    if data.test_labels is not None:
+        out["label"] = torch.cat(labels).cpu().numpy().astype(np.int64)
+    return images, out
 
 
 def _columns(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,22 +150,34 @@ def _columns(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return columns
 
 
+def _cell(kind: str) -> Callable:
+    """How a CSV cell writes a value of numpy kind `kind`: integers as integers, floats by repr
+    (every bit kept), text as it is (the csv module quotes it where it must)."""
+    if kind in "iu":
+        return lambda v: str(int(v))
+    if kind in "US":
+        return str
+    return lambda v: repr(float(v))
+
+
 def write_table(path: Path, values: dict[str, np.ndarray]) -> tuple[Path, Path]:
     """values (each with one row per image) as path (.npz) and the same columns as path's .csv,
     both written atomically."""
     buffer = io.BytesIO()
-    np.savez(buffer, **values)
+    with zipfile.ZipFile(buffer, "w") as archive:  # np.savez, which takes no key named "file"
+        for name, array in values.items():
+            with archive.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
     atomic_write_bytes(path, buffer.getvalue())
     columns = _columns(values)
-    rows = np.column_stack([c.astype(np.float64) for c in columns.values()])
+    cells = [list(map(_cell(c.dtype.kind), c.tolist())) for c in columns.values()]
     text = io.StringIO()
-    integer = [c.dtype.kind in "iu" for c in columns.values()]
-    text.write(",".join(columns) + "\n")
-    for row in rows:
-        text.write(",".join(str(int(v)) if i else repr(float(v)) for v, i in zip(row, integer)) + "\n")
-    csv = path.with_suffix(".csv")
-    atomic_write_bytes(csv, text.getvalue().encode())
-    return path, csv
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(zip(*cells))
+    path_csv = path.with_suffix(".csv")
+    atomic_write_bytes(path_csv, text.getvalue().encode())
+    return path, path_csv
 
 
 def _outputs(output: str, force: bool) -> Path:
@@ -135,42 +187,36 @@ def _outputs(output: str, force: bool) -> Path:
     return path
 
 
-def _identity(images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, np.ndarray]:
-    out = {"index": np.arange(len(images), dtype=np.int64)}
-    if labels is not None:
-        out["label"] = labels.cpu().numpy().astype(np.int64)
-    return out
-
-
 def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
     """encode_run's and score_run's path: the output checked, the run and its split's images
-    loaded, compute(model, images) on every rank, and its arrays written by rank 0 after each
-    image's index and label. Returns both files' paths and compute's arrays."""
+    loaded, compute(model, images) on every rank, and its arrays written by rank 0 after what
+    identifies each image (`listing`). Returns both files' paths and the table written."""
     check(options)
     distributed.start(world)  # under torchrun: join the group (nothing for one process)
     path = distributed.share_result(lambda: _outputs(options.output, options.force), world)
-    model, data = load_run_and_data(options.run, options.data_dir, options.device, world)
-    images, labels = _images(data, options.split, options.images)
-    values = compute(model, images)
+    model, data = load_run_and_data(options.run, options.data_dir, options.device, world,
+                                    progress=not options.quiet,
+                                    **{name: getattr(options, name) for name in READ_OPTIONS})
+    images, identity = listing(data, options.split, options.images)
+    table = {**identity, **compute(model, images)}
     if world.main:
-        write_table(path, {**_identity(images, labels), **values})
-    return path, path.with_suffix(".csv"), values
+        write_table(path, table)
+    return path, path.with_suffix(".csv"), table
 
 
-def encode_run(options: EncodeOptions, world: World = SINGLE) -> tuple[Path, Path, int]:
+def encode_run(options: EncodeOptions, world: World = SINGLE) -> tuple[Path, Path, dict]:
     """`vaelab encode`: the codes of a split's images under a run's encoder, written by rank 0
-    (index, label where there are labels, then encode's arrays). Returns both files' paths and
-    the number of images."""
-    path, csv, codes = _write_for_run(options, world, lambda model, images: encode(
+    (index, split, file for a folder, label where there are labels, then encode's arrays).
+    Returns both files' paths and the table written, by column."""
+    return _write_for_run(options, world, lambda model, images: encode(
         model, images, seed=options.seed, draws=options.draws, progress=not options.quiet,
         world=world))
-    return path, csv, len(codes["mu"])
 
 
 def score_run(options: ScoreOptions, world: World = SINGLE) -> tuple[Path, Path, dict]:
     """`vaelab score`: each image's log p(x) for a split's images, written by rank 0 (index,
-    label where there are labels, then score's arrays). Returns both files' paths and the
-    scores."""
+    split, file for a folder, label where there are labels, then score's arrays). Returns both
+    files' paths and the table written, by column."""
     return _write_for_run(options, world, lambda model, images: score(
         model, images, k=options.k, seed=options.seed, precision=options.precision,
         progress=not options.quiet, world=world))

@@ -27,8 +27,9 @@ from .errors import VaelabError
 from .evaluate import TestSet, mean_loss, test_means
 from .models import VAE, build_model, initialise
 from .objectives import negative_elbo
-from .runs import (claim, new_run_dir, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
-                   save_weights, write_batch_losses, write_metrics)
+from .runs import (claim, load_config, new_run_dir, read_checkpoint, restore_checkpoint,
+                   save_checkpoint, save_config, save_weights, started, write_batch_losses,
+                   write_metrics)
 from .step import TrainStep
 
 
@@ -220,7 +221,9 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     (rank 0; needs the `tensorboard` extra).
 
     With resume=True, training continues from the run directory's checkpoint; on
-    the CPU the result is bit for bit that of an uninterrupted run.
+    the CPU the result is bit for bit that of an uninterrupted run. A run with no finished
+    epoch (no checkpoint: interrupted in its first) starts again from its first epoch in its
+    own folder.
 
     Returns the trained model (in eval mode) and one metrics record per epoch:
     epoch, train_loss (the training objective's mean over the epoch's batches:
@@ -238,9 +241,14 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
 
         summary_writer()  # a missing extra is said before the run folder is made
     metrics: list[dict] = []
-    if resume:
-        if run_dir is None:
-            raise VaelabError("resuming needs the run directory")
+    if resume and run_dir is None:
+        raise VaelabError("resuming needs the run directory")
+    if resume and not distributed.share_result(lambda: started(run_dir), world):
+        resume = False  # nothing trained yet: start again in the run's folder
+        # (a folder that is not a run is refused by load_config, not written into)
+        distributed.share_result(lambda: save_config(Path(run_dir), config) if load_config(run_dir)
+                                 else None, world)
+    elif resume:
         # Rank 0 holds the run folder; the others get its checkpoint from it (no shared disk needed).
         data = distributed.share_result(lambda: read_checkpoint(Path(run_dir)), world)
         metrics = restore_checkpoint(data, Path(run_dir), model, training.optimizer, config.optimizer)
@@ -253,7 +261,7 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
             write_metrics(Path(run_dir), metrics)
             save_config(Path(run_dir), config)  # records a longer --epochs, another device or data folder
     elif run_dir is not None:
-        # created if need be; one holding a run is refused
+        # created if need be; one holding a run, or other files, is refused
         run_dir = distributed.share_result(lambda: new_run_dir(run_dir), world)
         if world.main:
             save_config(run_dir, config)
@@ -311,8 +319,7 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
             board.write_epoch(epoch, record, lr=config.lr_at(epoch), model=model,
                               images=training.test_set.images, seed=config.eval_seed)
         epochs.update()
-        show.write(f"epoch {epoch:3d}  train {record['train_loss']:8.3f}  test {test_loss:8.3f} "
-                   f"nats  ({record['seconds']:.1f} s)", progress)
+        show.write(epoch_line(config, record), progress)
         now = record["active_units"] == 0 or record["test_kl"] < COLLAPSED_KL
         show.write(collapse_warning(record), now and not collapsed and world.main, file=sys.stderr)
         collapsed = now
@@ -411,6 +418,29 @@ def _kind(t: torch.Tensor) -> str:
     """'nan' or 'inf' (or both), for the first non-finite tensor."""
     kinds = [k for k, has in (("nan", torch.isnan(t).any()), ("inf", torch.isinf(t).any())) if has]
     return " and ".join(kinds)
+
+
+def epoch_line(config: RunConfig, record: dict) -> str:
+    """An epoch's printed line, nats per image: the training objective's mean over the epoch's
+    batches beside its test value. Under --objective iwae both are the negative IWAE bound with
+    the run's k, and the test negative ELBO follows, labelled."""
+    seconds = f"({record['seconds']:.1f} s)"
+    if "test_iwae" in record:
+        return (f"epoch {record['epoch']:3d}  negative IWAE bound (k={config.k}): train"
+                f" {record['train_loss']:8.3f}  test {record['test_iwae']:8.3f};  test negative"
+                f" ELBO {record['test_loss']:8.3f} nats  {seconds}")
+    return (f"epoch {record['epoch']:3d}  train {record['train_loss']:8.3f}  test"
+            f" {record['test_loss']:8.3f} nats  {seconds}")
+
+
+def summary(config: RunConfig, record: dict) -> str:
+    """What a run reports after its last epoch (record): the test value of the bound it trained,
+    named, in nats per image (under --objective iwae with the negative ELBO beside it)."""
+    epochs = f"{record['epoch']} epoch{'' if record['epoch'] == 1 else 's'}"
+    if "test_iwae" in record:
+        return (f"test negative IWAE bound (k={config.k}) after {epochs}: {record['test_iwae']:.2f}"
+                f" nats per image (negative ELBO {record['test_loss']:.2f})")
+    return f"test negative ELBO after {epochs}: {record['test_loss']:.2f} nats per image"
 
 
 def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,

@@ -32,7 +32,10 @@ class Dataset:
     .npz file) the data came from. `verified` is True when the files were
     checked against MNIST's SHA-256s. label_names[i] names label i (the class
     folders' names, the digits for MNIST); None where labels are their own names
-    or there are none. `source` is "idx", "folder" or "npz".
+    or there are none. `source` is "idx", "folder" or "npz". For a folder,
+    train_files[i] and test_files[i] name each image's file (its path relative to
+    the folder, '/'-separated; None for the other sources), and `skipped` lists the
+    files left out by skip_bad as (path, why) pairs.
     """
 
     train_images: torch.Tensor
@@ -43,6 +46,9 @@ class Dataset:
     verified: bool
     label_names: tuple[str, ...] | None = None
     source: str = "idx"
+    train_files: tuple[str, ...] | None = None
+    test_files: tuple[str, ...] | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -61,8 +67,18 @@ class Dataset:
         c, h, w = self.image_shape
         labels = ("no labels" if self.train_labels is None else
                   f"{len(self.label_names)} classes" if self.label_names else "labelled")
+        skipped = f"; {len(self.skipped)} files skipped" if self.skipped else ""
+        channels = "greyscale" if c == 1 else f"{c} channels"
         return (f"{self.directory}: {kind}; {len(self.train_images)} training and {len(self.test_images)} "
-                f"test images of {w}x{h} pixels, {'greyscale' if c == 1 else f'{c} channels'}, {labels}")
+                f"test images of {w}x{h} pixels, {channels}, {labels}{skipped}")
+
+    def skipped_report(self) -> str:
+        """The files skip_bad left out, all of them with why, after a count ('' when none)."""
+        if not self.skipped:
+            return ""
+        n = len(self.skipped) + len(self.train_images) + len(self.test_images)
+        lines = [f"{self.directory}: skipped {len(self.skipped)} of {n} files:"]
+        return "\n".join(lines + [f"  {path}: {why}" for path, why in self.skipped])
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
         """The first n_train training and n_test test examples (None keeps all)."""
@@ -73,6 +89,7 @@ class Dataset:
             self,
             train_images=self.train_images[:n_train], train_labels=first(self.train_labels, n_train),
             test_images=self.test_images[:n_test], test_labels=first(self.test_labels, n_test),
+            train_files=first(self.train_files, n_train), test_files=first(self.test_files, n_test),
         )
 
 
@@ -107,16 +124,19 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> tuple[Path, bool]:
 
 def load_data(data_dir: str | Path | None = None, *, fetch: bool = True, progress: bool = True,
               image_size: int | None = None, test_fraction: float = 0.1,
-              split_seed: int = 0) -> Dataset:
+              split_seed: int = 0, channels: str | None = None, background: str | None = None,
+              skip_bad: bool = False) -> Dataset:
     """Read the data set at data_dir (see `resolve_data_dir`) into memory.
 
     The cache is MNIST, fetched first if `fetch`. A path the user names may be
     an .npz file, a folder with the four IDX files, or a folder of images.
     image_size (S: resize every image to S x S) applies to image folders only;
+    channels, background and skip_bad too, and are ignored for the other sources;
     test_fraction and split_seed only to image folders without train/ and
     test/ (see `folders.load_folder`), but are checked whatever the source.
+    progress: show a bar while a folder is decoded, and the report of skipped files.
     """
-    check_folder_options(image_size, test_fraction, split_seed)
+    check_folder_options(image_size, test_fraction, split_seed, channels, background, skip_bad)
     path, named = resolve_data_dir(data_dir)
 
     def refuse_image_size(what: str) -> None:
@@ -144,4 +164,5 @@ def load_data(data_dir: str | Path | None = None, *, fetch: bool = True, progres
         refuse_image_size("a folder of IDX files")
         return load_idx(path, named=True)
     return load_folder(path, image_size=image_size, test_fraction=test_fraction,
-                       split_seed=split_seed, progress=progress)
+                       split_seed=split_seed, progress=progress, channels=channels,
+                       background=background, skip_bad=skip_bad)

@@ -23,6 +23,14 @@ YCbCr are RGB; P (palette) is grey when every palette colour is grey, else RGB.
 Refused: transparency (RGBA, LA, PA, or a `transparency` entry), 16-bit and
 float modes (I;16, I, F), and anything Pillow cannot decode.
 
+Forgiving on request, strict by default:
+- `channels` ("grey" or "rgb") converts every image to that kind (grey by ITU-R 601 luma);
+- `background` ("white" or "black") flattens transparent images onto it;
+- `skip_bad` leaves out every file that cannot be read or does not fit (another size or kind
+  than the first readable file, in path order) and lists them all in `Dataset.skipped`; the
+  others are split and laid out as a folder without those files would be. The list is kept
+  beside the cache, so a second read decodes nothing again.
+
 Decoded images are cached in $XDG_CACHE_HOME/vaelab/folders as a .npy file that
 is memory-mapped, not read into memory: the returned tensors are views of the map,
 so a folder larger than memory can be read (see `_cache_path` and `_build`).
@@ -32,8 +40,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import socket
+import sys
 import uuid
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -45,6 +55,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .. import progress as show
 from ..errors import DataError, VaelabError, one_line
 from . import Dataset
 from .fetch import cache_root
@@ -101,48 +112,85 @@ class Layout:
     label_names: tuple[str, ...] | None
 
 
-def check_folder_options(image_size: int | None, test_fraction: float, split_seed: int) -> None:
+def check_folder_options(image_size: int | None, test_fraction: float, split_seed: int,
+                         channels: str | None = None, background: str | None = None,
+                         skip_bad: bool = False) -> None:
     """Refuse nonsensical folder options, one line each: the rules of their declarations (config.py)."""
     from ..config import RunConfig, check_option
 
     try:
         for name, value in (("image_size", image_size), ("test_fraction", test_fraction),
-                            ("split_seed", split_seed)):
+                            ("split_seed", split_seed), ("channels", channels),
+                            ("background", background), ("skip_bad", skip_bad)):
             check_option(RunConfig, name, value)
     except VaelabError as e:
         raise DataError(str(e)) from None
 
 
+class _Unfit(Exception):
+    """Files that skip_bad leaves out, found while decoding: {relative path: why}."""
+
+    def __init__(self, files: dict[str, str]):
+        super().__init__(f"{len(files)} files do not fit")
+        self.files = files
+
+
 def load_folder(directory: Path, *, image_size: int | None = None, test_fraction: float = 0.1,
-                split_seed: int = 0, progress: bool = True) -> Dataset:
+                split_seed: int = 0, progress: bool = True, channels: str | None = None,
+                background: str | None = None, skip_bad: bool = False) -> Dataset:
     """Read a folder of images (see the module's docstring) into a Dataset.
 
     image_size S resizes every image to S x S; without it all images must have
-    one size. The decoded images come from the cache when nothing in the folder
-    changed since they were cached; nothing is kept unless the read succeeds.
-    The images are a read-only memory map of the cache (in memory only when
-    the cache cannot be written): training images (N_train, C, H, W) and test
-    images (N_test, C, H, W) are two contiguous slices of it, not copies.
+    one size. channels, background and skip_bad: see the module's docstring. The
+    decoded images come from the cache when nothing in the folder changed since
+    they were cached; nothing is kept unless the read succeeds. The images are a
+    read-only memory map of the cache (in memory only when the cache cannot be
+    written): training images (N_train, C, H, W) and test images (N_test, C, H, W)
+    are two contiguous slices of it, not copies. progress: a bar while decoding,
+    and the report of the files skipped (on stderr).
     """
-    check_folder_options(image_size, test_fraction, split_seed)
-    layout = _layout(directory, _scan(directory), test_fraction, split_seed)
-    # A plain Python number: a numpy int must key the same cache entry as an int.
+    check_folder_options(image_size, test_fraction, split_seed, channels, background, skip_bad)
+    files = _scan(directory)
+    # A plain Python number: a numpy int must key the same cache entry as an int. The options
+    # that convert join the key only when given, so the entries of strict reads keep their names.
     params = (None if image_size is None else int(image_size),)
-    fingerprint = _fingerprint(directory, layout.files, params)
-    path = _cache_path(directory, params, fingerprint, layout.rows)
-
-    images = _read_cache(path, len(layout.files))
-    if images is None:
-        images = _build(directory, layout, params, fingerprint, path, progress)
+    if channels or background:
+        params += (channels, background)
+    skipped = _read_skipped(directory, files, params) if skip_bad else {}
+    while True:
+        kept = [f for f in files if "/".join(f.rel) not in skipped]
+        if files and not kept:
+            raise DataError(f"{directory}: none of its {len(files)} image files can be read as one "
+                            f"kind and size; the first: {min(skipped.items())}")
+        layout = _layout(directory, kept, test_fraction, split_seed)
+        fingerprint = _fingerprint(directory, layout.files, params)
+        path = _cache_path(directory, params, fingerprint, layout.rows)
+        images = _read_cache(path, len(layout.files))
+        if images is not None:
+            break
+        try:
+            images = _build(directory, layout, params, fingerprint, path, progress, skip_bad)
+            break
+        except _Unfit as e:  # laid out again without them: as a folder without those files
+            skipped.update(e.files)
+            _write_skipped(directory, files, params, skipped)
 
     n = layout.n_train
     all_images = _as_tensor(images)  # (N, C, H, W); train and test are views of it
+    names: list[str] = [""] * len(layout.files)
+    for f, row in zip(layout.files, layout.rows):
+        names[row] = "/".join(f.rel)
 
     def labels(rows: slice) -> torch.Tensor | None:
         return None if layout.labels is None else torch.from_numpy(layout.labels[rows].copy())
 
-    return Dataset(all_images[:n], labels(slice(0, n)), all_images[n:], labels(slice(n, None)),
-                   directory, verified=False, label_names=layout.label_names, source="folder")
+    data = Dataset(all_images[:n], labels(slice(0, n)), all_images[n:], labels(slice(n, None)),
+                   directory, verified=False, label_names=layout.label_names, source="folder",
+                   train_files=tuple(names[:n]), test_files=tuple(names[n:]),
+                   skipped=tuple(sorted(skipped.items())))
+    if progress and data.skipped:
+        print(data.skipped_report(), file=sys.stderr, flush=True)
+    return data
 
 
 def _as_tensor(images: np.ndarray) -> torch.Tensor:
@@ -273,8 +321,11 @@ def _labels(names: list[str] | None, classes: list[tuple[str, ...]],
 
 # --- decoding ----------------------------------------------------------------------------
 
-def decode_image(path: Path, image_size: int | None = None) -> np.ndarray:
-    """One image as uint8 (H, W) for grey or (H, W, 3) for RGB, resized to S x S if image_size."""
+def decode_image(path: Path, image_size: int | None = None, channels: str | None = None,
+                 background: str | None = None) -> np.ndarray:
+    """One image as uint8 (H, W) for grey or (H, W, 3) for RGB, resized to S x S if image_size;
+    converted to channels ("grey" or "rgb") if given, and with transparency flattened onto
+    background ("white" or "black") if given."""
     try:
         with Image.open(path, formats=_FORMATS) as im:
             if image_size is not None:
@@ -284,15 +335,26 @@ def decode_image(path: Path, image_size: int | None = None) -> np.ndarray:
                 im = ImageOps.exif_transpose(im)
     except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, ... for damaged files
         raise DataError(f"{path}: cannot be read as an image ({_reason(e)})") from None
-    return np.asarray(_resize(_to_grey_or_rgb(im, path), image_size))
+    im = _to_grey_or_rgb(im, path, background)
+    if channels is not None:
+        im = im.convert(_CHANNEL_MODES[channels])
+    return np.asarray(_resize(im, image_size))
 
 
-def _to_grey_or_rgb(im: Image.Image, path: Path) -> Image.Image:
-    """im as mode L or RGB, or a DataError for what has no faithful 8-bit grey or RGB form."""
+_CHANNEL_MODES = {"grey": "L", "rgb": "RGB"}
+_BACKGROUNDS = {"white": 255, "black": 0}
+
+
+def _to_grey_or_rgb(im: Image.Image, path: Path, background: str | None = None) -> Image.Image:
+    """im as mode L or RGB, or a DataError for what has no faithful 8-bit grey or RGB form;
+    a transparent image flattened onto background ("white" or "black") when one is given."""
     mode = im.mode
     if mode in _ALPHA_MODES or "transparency" in im.info or (mode == "P" and im.palette.mode == "RGBA"):
-        raise DataError(f"{path}: has transparency (mode {mode}); vaelab reads opaque greyscale or RGB "
-                        "images, so flatten it onto a background or save it without alpha")
+        if background is None:
+            raise DataError(f"{path}: has transparency (mode {mode}); vaelab reads opaque greyscale"
+                            " or RGB images, so flatten it onto a background (--background white or"
+                            " black) or save it without alpha")
+        return _flatten(im, _BACKGROUNDS[background])
     if mode.startswith(("I", "F")):
         raise DataError(f"{path}: has 16- or 32-bit pixels (mode {mode}); "
                         "vaelab reads 8-bit images, so convert it to 8 bits per channel")
@@ -303,6 +365,16 @@ def _to_grey_or_rgb(im: Image.Image, path: Path) -> Image.Image:
     if mode not in _CONVERT:
         raise DataError(f"{path}: has the unsupported mode {mode}; save it as 8-bit greyscale or RGB")
     return im if mode == _CONVERT[mode] else im.convert(_CONVERT[mode])
+
+
+def _flatten(im: Image.Image, level: int) -> Image.Image:
+    """A transparent image composited over an opaque background of grey level `level`: mode L
+    when every colour in it is grey, else RGB."""
+    rgba = im.convert("RGBA")
+    flat = Image.alpha_composite(Image.new("RGBA", im.size, (level, level, level, 255)), rgba)
+    rgb = flat.convert("RGB")
+    r, g, b = (np.asarray(band) for band in rgb.split())
+    return rgb.convert("L") if (r == g).all() and (g == b).all() else rgb
 
 
 def _resize(im: Image.Image, image_size: int | None) -> Image.Image:
@@ -318,56 +390,83 @@ def _reason(e: Exception) -> str:
     return one_line(e)
 
 
-def _decode_all(directory: Path, files: list[ImageFile], rows: np.ndarray, image_size: int | None,
-                progress: bool, allocate: Callable[[tuple[int, ...]], np.ndarray]) -> np.ndarray:
+def _decode_all(directory: Path, files: list[ImageFile], rows: np.ndarray, params: tuple,
+                progress: bool, allocate: Callable[[tuple[int, ...]], np.ndarray],
+                skip_bad: bool = False) -> np.ndarray:
     """Every file decoded into one (N, C, H, W) uint8 array, file i into row rows[i].
 
     allocate(shape) gives the array, written one image at a time (the cache's
-    memory map). The first file sets the shape every other must have.
+    memory map). The first file sets the shape every other must have. With skip_bad,
+    the first readable file sets it, and the files that cannot be read or do not fit
+    are all found and raised together as _Unfit.
     Decoding runs in a thread pool (Pillow releases the GIL while it decodes and resizes), except
     for small files, where threads only slow it down (see `_workers`).
+    params: (image_size,) or (image_size, channels, background).
     """
-    from tqdm.auto import tqdm
-
     paths = [directory / Path(*f.rel) for f in files]
-    first = decode_image(paths[0], image_size)
+    unfit: dict[str, str] = {}
+
+    def decode(i: int) -> np.ndarray:
+        return decode_image(paths[i], *params)
+
+    def note(i: int, e: DataError) -> None:
+        unfit["/".join(files[i].rel)] = str(e).removeprefix(str(paths[i])).lstrip(": ")
+
+    reference = 0
+    while True:
+        try:
+            first = decode(reference)
+            break
+        except DataError as e:
+            if not skip_bad or reference == len(paths) - 1:
+                raise
+            note(reference, e)
+            reference += 1
     c = 1 if first.ndim == 2 else first.shape[2]
     out = allocate((len(paths), c, *first.shape[:2]))
 
     def fit(i: int, image: np.ndarray) -> None:
         """Put image i in its row, unless its kind or size differ from the first one's."""
         ci = 1 if image.ndim == 2 else image.shape[2]
+        first_path = paths[reference]
         if ci != c:
-            raise DataError(f"{paths[i]} is {_KIND[ci]} but {paths[0]} is {_KIND[c]}; convert them to one kind")
+            raise DataError(f"{paths[i]} is {_KIND[ci]} but {first_path} is {_KIND[c]}; convert them"
+                            " to one kind (--channels grey or rgb)")
         if image.shape[:2] != first.shape[:2]:
             (h, w), (h0, w0) = image.shape[:2], first.shape[:2]
-            raise DataError(f"{paths[i]} is {w}x{h} but {paths[0]} is {w0}x{h0}; "
+            raise DataError(f"{paths[i]} is {w}x{h} but {first_path} is {w0}x{h0}; "
                             "pass --image-size S to resize all to SxS")
         out[rows[i]] = image[None] if ci == 1 else image.transpose(2, 0, 1)
 
     def decode_range(start: int, stop: int) -> tuple[int, DataError | None]:
-        """Decode files [start, stop); the number done and the error that stopped it, if any."""
+        """Decode files [start, stop); the number done and the error that stopped it, if any
+        (with skip_bad, each error is noted and the range goes on)."""
         for i in range(start, stop):
             try:
-                fit(i, decode_image(paths[i], image_size))
+                fit(i, decode(i))
             except DataError as e:
-                return i - start, e
+                if not skip_bad:
+                    return i - start, e
+                note(i, e)
         return stop - start, None
 
-    fit(0, first)
+    fit(reference, first)
     # Chunks amortise the per-task cost over many tiny images yet keep the bar moving.
     workers = _workers(files)
     chunk = max(1, min(256, len(paths) // (4 * workers)))
-    starts = range(1, len(paths), chunk)
+    starts = range(reference + 1, len(paths), chunk)
     errors: list[tuple[int, DataError]] = []
-    with tqdm(total=len(paths), initial=1, desc="reading images", unit="img",
-              disable=not progress, leave=False) as bar:
+    bar = show.bar(len(paths), "reading images", progress, unit="img", leave=False,
+                   initial=reference + 1)
+    try:
         if workers == 1:
             for start in starts:
                 count, error = decode_range(start, min(start + chunk, len(paths)))
                 bar.update(count)
                 if error is not None:
                     raise error
+            if unfit:
+                raise _Unfit(unfit)
             return out
         with ThreadPoolExecutor(workers) as pool:
             pending: dict[Future, int] = {pool.submit(decode_range, s, min(s + chunk, len(paths))): s
@@ -384,8 +483,12 @@ def _decode_all(directory: Path, files: list[ImageFile], rows: np.ndarray, image
             finally:  # on an error (or Ctrl-C) drop the chunks not yet started
                 for future in pending:
                     future.cancel()
+    finally:
+        bar.close()
     if errors:
         raise min(errors, key=lambda e: e[0])[1]  # the earliest failing chunk's error among those seen
+    if unfit:
+        raise _Unfit(unfit)
     return out
 
 
@@ -451,6 +554,38 @@ def _npz_cache_path(directory: Path, params: tuple) -> Path:
     return cache_root() / "folders" / f"{_slot(directory, params, NPZ_CACHE_VERSION)}.npz"
 
 
+def _skipped_path(directory: Path, params: tuple) -> Path:
+    """Where the files that skip_bad left out of this folder, read with these options, are
+    listed."""
+    slot = hashlib.sha256(f"vaelab skipped\0{directory.resolve()}\0{params!r}".encode()).hexdigest()
+    return cache_root() / "folders" / f"{slot}.skipped.json"
+
+
+def _read_skipped(directory: Path, files: list[ImageFile], params: tuple) -> dict[str, str]:
+    """The files found unfit when these same files were read before ({} when not known)."""
+    try:
+        record = json.loads(_skipped_path(directory, params).read_text())
+        if record["fingerprint"] == _fingerprint(directory, files, params):
+            return {str(k): str(v) for k, v in record["files"].items()}
+    except Exception:  # missing or damaged: found again by decoding
+        pass
+    return {}
+
+
+def _write_skipped(directory: Path, files: list[ImageFile], params: tuple,
+                   skipped: dict[str, str]) -> None:
+    """Keep the list of unfit files for the next read of the same files (when the cache can)."""
+    path = _skipped_path(directory, params)
+    record = {"fingerprint": _fingerprint(directory, files, params), "files": skipped}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(path)
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _fingerprint(directory: Path, files: list[ImageFile], params: tuple) -> str:
     """SHA-256 over the format version, the folder, every file's relative path,
     size and mtime_ns, and the options (image_size; the split's row order is in `_entry_name`)."""
@@ -476,7 +611,7 @@ def _read_cache(path: Path, n: int) -> np.ndarray | None:
 
 
 def _build(directory: Path, layout: Layout, params: tuple, fingerprint: str, path: Path,
-           progress: bool) -> np.ndarray:
+           progress: bool, skip_bad: bool = False) -> np.ndarray:
     """Write the entry at path and return its images (N, C, H, W), memory-mapped read-only.
 
     An entry of the same files in another split's order is copied row by row
@@ -492,8 +627,8 @@ def _build(directory: Path, layout: Layout, params: tuple, fingerprint: str, pat
     writer = _EntryWriter(path)
     try:
         if earlier is None:
-            images = _decode_all(directory, layout.files, layout.rows, params[0], progress,
-                                 writer.allocate)
+            images = _decode_all(directory, layout.files, layout.rows, params, progress,
+                                 writer.allocate, skip_bad)
         else:
             images = _reorder(*earlier, layout.rows, writer.allocate, progress)
         images = writer.finish(images, layout.rows)
@@ -538,20 +673,18 @@ def _reorder(images: np.ndarray, rows: np.ndarray, new_rows: np.ndarray,
 
     A chunk of rows at a time, so that memory holds a chunk, not the array.
     """
-    from tqdm.auto import tqdm
-
     source = np.empty(len(rows), dtype=np.int64)
     source[new_rows] = rows  # new row j takes old row source[j]
     out = allocate(images.shape)
     chunk = max(1, COPY_BYTES // max(1, images[0].nbytes))
-    with tqdm(total=len(rows), desc="arranging cached images", unit="img", disable=not progress,
-              leave=False) as bar:
-        for start in range(0, len(rows), chunk):
-            stop = min(start + chunk, len(rows))
-            wanted = source[start:stop]
-            order = np.argsort(wanted)
-            out[start + order] = images[wanted[order]]  # read in ascending rows: front to back
-            bar.update(stop - start)
+    bar = show.bar(len(rows), "arranging cached images", progress, unit="img", leave=False)
+    for start in range(0, len(rows), chunk):
+        stop = min(start + chunk, len(rows))
+        wanted = source[start:stop]
+        order = np.argsort(wanted)
+        out[start + order] = images[wanted[order]]  # read in ascending rows: front to back
+        bar.update(stop - start)
+    bar.close()
     return out
 
 
