@@ -300,7 +300,7 @@ def test_a_non_finite_decoder_output_is_named_in_the_divergence_error(tmp_path):
 
 
 def test_a_collapsed_posterior_is_named_in_one_warning_line(capsys):
-    train(tiny_config(beta=50.0, epochs=3, optimizer="adam", lr=1e-2), data=synthetic_dataset(), progress=False)
+    train(tiny_config(beta=50.0, epochs=3, optimizer="adam", lr=1e-2), data=synthetic_dataset())
     warnings = [line for line in capsys.readouterr().err.splitlines() if "collapsed" in line]
     assert len(warnings) == 1 and "--free-bits" in warnings[0] and "--kl-warmup" in warnings[0]
 

@@ -321,7 +321,7 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         epochs.update()
         show.write(epoch_line(config, record), progress)
         now = record["active_units"] == 0 or record["test_kl"] < COLLAPSED_KL
-        show.write(collapse_warning(record), now and not collapsed and world.main, file=sys.stderr)
+        show.write(collapse_warning(record), now and not collapsed and progress, file=sys.stderr)
         collapsed = now
     epochs.close()
 
@@ -333,7 +333,8 @@ COLLAPSED_KL = 0.1
 def collapse_warning(record: dict) -> str:
     """One line naming a posterior collapse after an epoch, and the remedies."""
     return (f"vaelab: warning: the posterior collapsed in epoch {record['epoch']}: test KL "
-            f"{record['test_kl']:.3f} nats, {record['active_units']} active units, so the decoder "
+            f"{record['test_kl']:.3f} nats, {record['active_units']} active "
+            f"unit{'' if record['active_units'] == 1 else 's'}, so the decoder "
             "ignores z; remedies: --kl-warmup E, --free-bits LAMBDA, --output-init data, a lower --lr")
 
 
