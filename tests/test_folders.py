@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import synthetic_dataset, write_idx_dir, write_png_dir
+from conftest import run_vaelab, synthetic_dataset, write_idx_dir, write_png_dir
 from vaelab.data import Dataset, load_data
 from vaelab.data import folders
 from vaelab.errors import DataError
@@ -738,14 +738,11 @@ def test_a_second_read_with_skip_bad_decodes_nothing(tmp_path, monkeypatch):
 def test_the_skip_report_is_printed_once_and_quiet_prints_nothing(tmp_path):
     folder = tmp_path / "broken"
     broken_folder(folder)
-    described = subprocess.run([sys.executable, "-m", "vaelab", "data", "--data-dir", str(folder),
-                                "--skip-bad"], capture_output=True, text=True)
+    described = run_vaelab("data", "--data-dir", folder, "--skip-bad")
     assert described.returncode == 0, described.stderr
     assert described.stderr.count("skipped 4 of 24 files") == 1
     assert all(name in described.stderr for name in ("garbage.png", "larger.png", "colour.png"))
     assert "4 files skipped" in described.stdout
-    trained = subprocess.run([sys.executable, "-m", "vaelab", "train", "--data-dir", str(folder),
-                              "--skip-bad", "--epochs", "1", "--batch-size", "10", "--no-plots",
-                              "--out", str(tmp_path / "run"), "--quiet"],
-                             capture_output=True, text=True)
+    trained = run_vaelab("train", "--data-dir", folder, "--skip-bad", "--epochs", 1, "--batch-size", 10,
+                         "--no-plots", "--out", tmp_path / "run", "--quiet")
     assert trained.returncode == 0 and trained.stdout == "" and trained.stderr == "", trained.stderr
