@@ -344,10 +344,10 @@ class ModelConfig(Options):
     )
     prior: str = option(
         "standard",
-        "p(z): standard, N(0, I) (the KL analytic unless --kl sampled); mog, a mixture of --prior-components learned"
-        " Gaussians with learned weights; vamp, the VampPrior: the posterior at --prior-components"
-        " learned pseudo-inputs (Tomczak & Welling 2018; with --posterior iaf, the mixture of the"
-        " base Gaussians q_0(z|u_k) before the flow);"
+        "p(z): standard, N(0, I) (the KL analytic unless --kl sampled); mog, a mixture of"
+        " --prior-components learned Gaussians with learned weights; vamp, the VampPrior: the"
+        " posterior at --prior-components learned pseudo-inputs (Tomczak & Welling 2018; with"
+        " --posterior iaf, the mixture of the base Gaussians q_0(z|u_k) before the flow);"
         " mog and vamp take the KL from the draws",
         choices=PRIORS,
     )
@@ -667,7 +667,8 @@ class RunConfig(Options):
                 f"fixed, which needs the inverse of --posterior {config.model.posterior}; use "
                 "--posterior gaussian"
             )
-        if config.objective == "iwae" and (config.beta != 1 or config.kl_warmup or config.free_bits):
+        acts_on_kl = config.beta != 1 or config.kl_warmup or config.free_bits
+        if config.objective == "iwae" and acts_on_kl:
             raise VaelabError(
                 "--beta, --kl-warmup and --free-bits act on the ELBO's KL term, which the iwae "
                 "bound does not have; leave them out with --objective iwae"

@@ -109,7 +109,8 @@ TEST_ROWS = 10_000
 
 @torch.no_grad()
 def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, samples: int = 1,
-               batch_size: int = 1000, world: World = SINGLE, active: bool = False) -> dict[str, float]:
+               batch_size: int = 1000, world: World = SINGLE,
+               active: bool = False) -> dict[str, float]:
     """For each name, the mean over the test set of `values[name](terms)`, a function of the model's
     terms for `samples` draws of z giving (N,) nats; one pass over the test set, in batches of at
     most batch_size images and TEST_ROWS images x samples. Under torchrun the ranks share the

@@ -294,14 +294,16 @@ class VAE(nn.Module):
         layer = nets.output_layer(self.decoder)
         bias = getattr(layer, "bias", None)
         channels = self.out_shape[0]
-        if isinstance(layer, nn.Linear) and bias is not None and len(bias) == math.prod(self.out_shape):
+        values = math.prod(self.out_shape)
+        if isinstance(layer, nn.Linear) and bias is not None and len(bias) == values:
             dims = (0,)
-        elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and bias is not None and len(bias) == channels:
+        elif (isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and bias is not None
+              and len(bias) == channels):
             dims = (0, 2, 3)
         else:
             return (f"the decoder's last layer ({type(layer).__name__}) is not a linear layer with "
-                    f"{math.prod(self.out_shape)} outputs or a convolution with {channels} channels, "
-                    "each with a bias")
+                    f"{values} outputs or a convolution with {channels} channels, each with a "
+                    "bias")
         mean, std = pixel_moments(images, dims)
         with torch.no_grad():
             bias.copy_(self.likelihood.output_bias(mean, std).flatten())
@@ -344,7 +346,8 @@ def pixel_moments(images: torch.Tensor, dims: tuple[int, ...], rows: int = 4096
     return mean[0].float(), std[0].float()
 
 
-def initialise(model: VAE, init: str, output_init: str, images: torch.Tensor, seed: int) -> str | None:
+def initialise(model: VAE, init: str, output_init: str, images: torch.Tensor,
+               seed: int) -> str | None:
     """Set a fresh model's weights in place by the run's recipe (config.INITS, OUTPUT_INITS):
     init "glorot" redraws the layers of the encoder, head, decoder and hierarchy, keyed by seed;
     output_init "data" sets the decoder's output bias from images (N, C, H, W) uint8, the

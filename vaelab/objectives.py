@@ -121,7 +121,8 @@ def kl_per_dim(terms: Terms) -> torch.Tensor | None:
     dimension. None elsewhere."""
     if terms.prior is None:  # the analytic KL: forward computed no log-densities
         return kl_normal_per_dim(terms.mu, terms.logvar)
-    if terms.prior.analytic_kl and terms.log_det is None and terms.upper is None and not terms.q_fixed:
+    factorized = terms.log_det is None and terms.upper is None and not terms.q_fixed
+    if terms.prior.analytic_kl and factorized:
         return (0.5 * (terms.z.square() - terms.eps.square() - terms.logvar)).mean(0)
     return None
 

@@ -506,7 +506,7 @@ def load_run_and_data(run_dir: str | Path, data_dir: str | Path | None = None, d
             *([f"--channels {'grey' if mc == 1 else 'rgb'}"] if c != mc and mc in (1, 3) else []),
             *([f"--image-size {mh}"] if (h, w) != (mh, mw) and mh == mw else [])]
         fix = f"; read the folder with {' '.join(fixes)}" if fixes else ""
-        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)} (channels x"
-                          f" height x width) but the model in {run_dir} expects"
+        raise VaelabError(f"the images in {data.directory} are {shape(data.image_shape)}"
+                          f" (channels x height x width) but the model in {run_dir} expects"
                           f" {shape(model.config.image_shape)}{fix}")
     return model, data

@@ -155,8 +155,8 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     step = TrainStep(model, optimizer, data.train_images.to(device), objective=config.objective,
                      samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph,
                      world=world, forward=forward, beta=config.beta, kl_warmup_epochs=config.kl_warmup,
-                     estimator=config.estimator, free_bits=config.free_bits, grad_clip=config.grad_clip,
-                     skip_threshold=config.skip_threshold)
+                     estimator=config.estimator, free_bits=config.free_bits,
+                     grad_clip=config.grad_clip, skip_threshold=config.skip_threshold)
     test_set = TestSet(data.test_images.to(device), seed=config.eval_seed)
     return Training(config, data, model, optimizer, lr, step, test_set, world)
 
@@ -296,8 +296,8 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         record = {"epoch": epoch, **measured.summary()}
         _check_epoch(training, epoch, measured, before, run_dir)
         model.eval()
-        test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples, world=world,
-                          active=True)
+        test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples,
+                          world=world, active=True)
         test_loss = test["test_loss"]
         if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
@@ -335,7 +335,8 @@ def collapse_warning(record: dict) -> str:
     return (f"vaelab: warning: the posterior collapsed in epoch {record['epoch']}: test KL "
             f"{record['test_kl']:.3f} nats, {record['active_units']} active "
             f"unit{'' if record['active_units'] == 1 else 's'}, so the decoder "
-            "ignores z; remedies: --kl-warmup E, --free-bits LAMBDA, --output-init data, a lower --lr")
+            "ignores z; remedies: --kl-warmup E, --free-bits LAMBDA, --output-init data, a lower"
+            " --lr")
 
 
 def _snapshot(training: Training) -> tuple[dict, dict]:
@@ -362,8 +363,9 @@ def _check_epoch(training: Training, epoch: int, measured: EpochSteps, before: t
         return
     bad = int((~finite).nonzero()[0])
     source = find_nonfinite(training, epoch, bad, before)
-    raise TrainingDiverged(f"the loss became {measured.losses[bad].item()} at epoch {epoch}, step {bad + 1} "
-                           f"of {steps}: {source}; training diverged; {_advice(config, epoch, run_dir)}")
+    raise TrainingDiverged(f"the loss became {measured.losses[bad].item()} at epoch {epoch}, step "
+                           f"{bad + 1} of {steps}: {source}; training diverged; "
+                           f"{_advice(config, epoch, run_dir)}")
 
 
 def find_nonfinite(training: Training, epoch: int, last: int, before: tuple[dict, dict]) -> str:

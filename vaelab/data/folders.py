@@ -430,8 +430,8 @@ def _decode_all(directory: Path, files: list[ImageFile], rows: np.ndarray, param
         ci = 1 if image.ndim == 2 else image.shape[2]
         first_path = paths[reference]
         if ci != c:
-            raise DataError(f"{paths[i]} is {_KIND[ci]} but {first_path} is {_KIND[c]}; convert them"
-                            " to one kind (--channels grey or rgb)")
+            raise DataError(f"{paths[i]} is {_KIND[ci]} but {first_path} is {_KIND[c]};"
+                            " convert them to one kind (--channels grey or rgb)")
         if image.shape[:2] != first.shape[:2]:
             (h, w), (h0, w0) = image.shape[:2], first.shape[:2]
             raise DataError(f"{paths[i]} is {w}x{h} but {first_path} is {w0}x{h0}; "
