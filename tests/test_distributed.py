@@ -83,7 +83,7 @@ def test_two_processes_train_as_one_up_to_the_order_of_sums(one_and_two):
      "adam", "--lr", "1e-3"],
     ["--objective", "iwae", "--k", "10", "--estimator", "dreg", "--optimizer", "adam", "--lr", "1e-3"],
     ["--preset", "burda2", "--objective", "iwae", "--k", "5", "--estimator", "dreg", "--optimizer", "adam",
-     "--lr", "1e-3"],
+     "--lr", "1e-3", "--batch-size", "100"],
     ["--free-bits", "0.2", "--grad-clip", "50", "--skip-threshold", "1000", "--optimizer", "adam", "--lr", "1e-3"],
 ], ids=["conv-logistic", "mlp-gaussian-learned-beta", "vamp-iaf", "iwae-dreg", "burda2-iwae-dreg", "health"])
 def test_the_conv_preset_and_new_likelihoods_train_as_one_in_two_processes(tmp_path, recipe):
