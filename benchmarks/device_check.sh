@@ -3,8 +3,8 @@
 #   cp ../shared/mnist/*.gz .mnist/   # here, once; .mnist is git-ignored and carried
 #   device run: bash benchmarks/device_check.sh [cuda|bench|suite]   (carry: .mnist)
 # With no argument, everything, most telling first, inside one call's 600 s: the CUDA tests (the
-# captured step against eager, resume, evaluation), the GPU benchmark (benchmarks/gpu.py), where a
-# default run's wall time goes (benchmarks/startup.py), torchrun on the card, burda2 with IWAE
+# captured step against eager, resume, evaluation), the GPU benchmark (benchmarks.perf.gpu), where
+# a default run's wall time goes (benchmarks.perf.startup), torchrun on the card, burda2 with IWAE
 # k=50 and DReG for 121 epochs, then the rest of the suite in the time left. An argument runs that part alone. Results go to $OUT.
 set -uo pipefail
 export PYTHONPATH=. VAELAB_DATA_DIR="${VAELAB_DATA_DIR:-$PWD/.mnist}" PYTHONUNBUFFERED=1
@@ -23,9 +23,11 @@ if want cuda; then
 fi
 
 if want bench; then
-  timeout 200 python3 benchmarks/gpu.py --out "$OUT" --run-dir /tmp/gpu_run 2>&1 | tee "$OUT/gpu.log" | tail -30
+  timeout 200 python3 -m benchmarks.perf.gpu --out "$OUT" --run-dir /tmp/gpu_run 2>&1 \
+    | tee "$OUT/gpu.log" | tail -30
   # where a whole default run's wall time goes: imports, CUDA's first touch, data, build, epochs, figures
-  timeout 60 python3 benchmarks/startup.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/startup.log" | tail -14
+  timeout 60 python3 -m benchmarks.perf.startup --device cuda --out "$OUT" 2>&1 \
+    | tee "$OUT/startup.log" | tail -14
 fi
 
 if [ "$part" = all ]; then

@@ -6,7 +6,7 @@ machine alike; at the deadline every process is killed, and its run keeps the ep
 finished (a checkpoint is written after each). Then `vaelab evaluate` runs on each, one at a
 time with every core.
 
-    python benchmarks/same_time.py --minutes 12 --name conv-vs-mlp \
+    python -m benchmarks.decisions.same_time --minutes 12 --name conv-vs-mlp \
         "conv=--preset conv --optimizer adam --lr 1e-3" \
         "mlp=--z-dim 16 --optimizer adam --lr 1e-3"
 
@@ -27,9 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_description, write_results
-
-HERE = Path(__file__).resolve().parent
+from benchmarks.lib.machine import RESULTS, cpu_description, write_results
 
 
 def vaelab(*args: str, threads: int | None = None, **kwargs) -> subprocess.Popen:
@@ -108,7 +106,7 @@ def main() -> None:
                      f"{r['nll']:.2f} ± {r['nll_se']:.2f} | {bits} | {paired} |")
     lines += ["", "The last column is each recipe's NLL minus the first's, per test image, from `vaelab compare` "
               "(negative: lower NLL than the first), with the standard error over images."]
-    write_results(HERE / "results", args.name, {"machine": cpu_description(), "minutes": args.minutes,
+    write_results(RESULTS, args.name, {"machine": cpu_description(), "minutes": args.minutes,
                                                 "k": args.k, "test_size": args.test_size, "results": results},
                   "\n".join(lines) + "\n")
 

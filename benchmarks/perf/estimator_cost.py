@@ -1,9 +1,9 @@
 """What the DReG estimator costs per training epoch, against the plain IWAE gradient, in one run.
 
-    PYTHONPATH=. python benchmarks/estimator_cost.py [--reps 5] [--train-size 3000] [--out DIR]
+    python -m benchmarks.perf.estimator_cost [--reps 5] [--train-size 3000] [--out DIR]
 
 The burda1 and burda2 networks, Adam, batch 20, --objective iwae --k 50, with --estimator reparam
-and dreg alternating within each repetition (benchmarks/epoch_cost.py). Reports each one's median
+and dreg alternating within each repetition (benchmarks.lib.epoch_cost). Reports each one's median
 epoch time and the median over repetitions of dreg's ratio to reparam's (a paired ratio).
 """
 
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from epoch_cost import alternate, host  # benchmarks/epoch_cost.py, beside this script
-from machine import write_results
+from benchmarks.lib.epoch_cost import alternate, host
+from benchmarks.lib.machine import write_results
 
 ESTIMATORS = ("reparam", "dreg")
 
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     table = (
         f"Host: {host_text}. IWAE k=50, Adam 1e-3, batch 20, {args.train_size} training images;"
         f" epoch time ({timed}, then the median of {args.reps} alternating"
-        " repetitions), and the median of the paired ratios.\n\nMade by `python"
-        f" benchmarks/estimator_cost.py --reps {args.reps} --epochs {args.epochs} --train-size"
+        " repetitions), and the median of the paired ratios.\n\nMade by `python -m"
+        f" benchmarks.perf.estimator_cost --reps {args.reps} --epochs {args.epochs} --train-size"
         f" {args.train_size}`.\n\n| network | estimator | s per epoch | against reparam"
         " |\n| --- | --- | --- | --- |\n" + rows
     )

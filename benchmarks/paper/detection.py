@@ -1,8 +1,8 @@
 """Novelty detection by likelihood: train on MNIST without the digit 9, then ask how well
 -log p(x) (`vaelab score`) tells held-out images from the test digits it was trained on.
 
-    python benchmarks/detection.py [--out benchmarks/results] [--work /tmp/vaelab-detection] \\
-        [--epochs 20] [--k 1000] [--noise 1000]
+    python -m benchmarks.paper.detection [--out benchmarks/results] \\
+        [--work /tmp/vaelab-detection] [--epochs 20] [--k 1000] [--noise 1000]
 
 Writes three .npz data sets into --work (MNIST without 9s; the test set's 9s; uniform noise
 images), trains the default recipe on the first, scores the test images of each with the same
@@ -14,20 +14,17 @@ the Mann-Whitney statistic, ties counted as halves. Writes detection.md and .jso
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from machine import hardware, write_results
+from vaelab import RunConfig, train
+from vaelab.config import ScoreOptions
+from vaelab.data import load_data
+from vaelab.score import score_run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vaelab import RunConfig, train  # noqa: E402
-from vaelab.config import ScoreOptions  # noqa: E402
-from vaelab.data import load_data  # noqa: E402
-from vaelab.score import score_run  # noqa: E402
+from benchmarks.lib.machine import hardware, write_results
 
 HELD_OUT = 9
 
@@ -101,7 +98,8 @@ def main() -> None:
         *(f"| {r['novel']} | {r['images']} | {r['mean_nll']:.2f} | {r['auroc']:.3f} |"
           for r in rows),
         "",
-        f"Training took {trained / 60:.1f} min (wall). Made by `python benchmarks/detection.py`.",
+        f"Training took {trained / 60:.1f} min (wall). Made by"
+        " `python -m benchmarks.paper.detection`.",
     ]
     report = {"rows": rows, "known_images": len(nll["known"]), "epochs": args.epochs,
               "known_mean_nll": float(nll["known"].mean()), "k": args.k}

@@ -1,6 +1,6 @@
 """The signal-to-noise ratio of the inference network's gradient against k, IWAE against DReG.
 
-    PYTHONPATH=. python benchmarks/gradient_snr.py [--draws 200] [--out DIR]
+    python -m benchmarks.paper.gradient_snr [--draws 200] [--out DIR]
 
 As in Rainforth et al. (2018), "Tighter variational bounds are not necessarily better": a model
 (the tutorial's network with a 10-dimensional latent) is trained briefly on MNIST with the IWAE
@@ -26,9 +26,8 @@ import vaelab
 from vaelab import rng
 from vaelab.objectives import estimated, negative_iwae
 
-from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+from benchmarks.lib.machine import RESULTS, cpu_description, write_results
 
-HERE = Path(__file__).resolve().parent
 KS = (1, 3, 10, 30, 100, 300, 1000)
 
 
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--images", type=int, default=1, help="the fixed batch")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     config = vaelab.RunConfig(
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
         ),
         "",
         (
-            "Made by `python benchmarks/gradient_snr.py`. Figure:"
+            "Made by `python -m benchmarks.paper.gradient_snr`. Figure:"
             " [gradient_snr.png](gradient_snr.png)."
         ),
         "",

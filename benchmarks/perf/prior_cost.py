@@ -1,6 +1,6 @@
 """What a learned prior costs per training epoch, against the standard normal, in one run.
 
-    PYTHONPATH=. python benchmarks/prior_cost.py [--reps 3] [--train-size 6000] [--out DIR]
+    python -m benchmarks.perf.prior_cost [--reps 3] [--train-size 6000] [--out DIR]
 
 The burda1 network with Adam, at batch 100 and at batch 20, for --prior standard, mog and vamp
 (K = 500, the default), each run in a fresh interpreter, the priors alternating within each
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from epoch_cost import alternate, host  # benchmarks/epoch_cost.py, beside this script
+from benchmarks.lib.epoch_cost import alternate, host
 
 PRIORS = ("standard", "mog", "vamp")
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         base = ["--preset", "burda1", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", str(batch),
                 "--train-size", str(args.train_size), "--test-size", "1000"]
         report[str(batch)] = alternate({p: [*base, "--prior", p] for p in PRIORS}, args.reps)
-    from machine import write_results
+    from benchmarks.lib.machine import write_results
 
     host_text = host()
     rows = "".join(

@@ -1,7 +1,7 @@
 """Training and evaluation speed, vaelab against the tutorial's pipeline, in one process.
 
-    python benchmarks/speed.py                  # everything (about 6 minutes on 2 cores)
-    python benchmarks/speed.py --reps 5 --eval-images 1000
+    python -m benchmarks.perf.speed             # everything (about 6 minutes on 2 cores)
+    python -m benchmarks.perf.speed --reps 5 --eval-images 1000
 
 Measures, alternating over repetitions so that a noisy machine hurts all alike:
   notebook   the tutorial notebook's loop as it is written, rewritten here for the benchmark:
@@ -46,9 +46,8 @@ from tqdm import tqdm
 import vaelab
 from vaelab.evaluate import importance_sampled, resolve_precision
 
-from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+from benchmarks.lib.machine import RESULTS, cpu_description, write_results
 
-HERE = Path(__file__).resolve().parent
 BATCH, LR, Z = 100, 5e-3, 2
 
 
@@ -220,7 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--train-run", action="store_true", help="also time whole default `vaelab train` runs")
     parser.add_argument("--train-runs", type=int, default=3, help="how many (the median is reported)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     data = vaelab.load_data(progress=False)

@@ -7,7 +7,7 @@ second read gave (the cache is memory-mapped, so the read itself touches none), 
 runs `vaelab train` and `vaelab evaluate` on the folder and writes
 benchmarks/results/image_folder.md and .json.
 
-    python benchmarks/image_folder.py --folder /tmp/mnist_pngs
+    python -m benchmarks.perf.image_folder --folder /tmp/mnist_pngs
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_description, write_results
+from benchmarks.lib.machine import RESULTS, cpu_description, write_results
 
-HERE = Path(__file__).resolve().parent
 
 
 def write_pngs(folder: Path) -> None:
@@ -95,7 +94,7 @@ def main() -> None:
         f"| `vaelab evaluate RUN --k {args.k}`: test NLL | {evaluation['nll']:.2f} ± {evaluation['nll_se']:.3f} nats "
         f"({evaluation['bits_per_dim']:.4f} bits/dim), {evaluation['test_images']} images |",
     ]) + "\n"
-    write_results(HERE / "results", "image_folder",
+    write_results(RESULTS, "image_folder",
                   {"machine": cpu_description(), "files": files, "read_seconds": reads,
                    "first_pass_seconds": first_pass, "cache_bytes": cache_bytes,
                    "train_wall": train_wall,

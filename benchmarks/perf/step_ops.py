@@ -1,6 +1,6 @@
 """Operations one training step launches, per recipe: a proxy for a captured step's GPU time.
 
-    PYTHONPATH=. python benchmarks/step_ops.py [--out benchmarks/results]
+    python -m benchmarks.perf.step_ops [--out benchmarks/results]
 
 At the tutorial's sizes a CUDA-graph replay costs about as many microseconds per kernel as
 it holds, whatever they compute, so the count of operations a step dispatches (views, which
@@ -22,8 +22,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import vaelab
 from vaelab.data import Dataset
 from vaelab.train import build
-
-HERE = Path(__file__).resolve().parent
 # name -> (preset and its overrides, the run's options)
 RECIPES = {
     "tutorial (ELBO, SGD)": ({"name": "tutorial"}, {}),
@@ -71,8 +69,7 @@ def main(argv=None) -> int:
              "| recipe | operations per step |\n| --- | --- |\n"
              + "".join(f"| {name} | {n} |\n" for name, n in counts.items()))
     if args.out:
-        sys.path.insert(0, str(HERE))
-        from machine import write_results  # benchmarks/machine.py, beside this script
+        from benchmarks.lib.machine import write_results
 
         write_results(args.out, "step_ops", {"torch": torch.__version__, "counts": counts}, table)
     else:

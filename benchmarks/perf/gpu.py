@@ -1,12 +1,12 @@
 """vaelab on a CUDA GPU against the tutorial's own pipeline on the same card, in one process.
 
-    PYTHONPATH=. python benchmarks/gpu.py --out benchmarks/results
+    python -m benchmarks.perf.gpu --out benchmarks/results
 
 Measures, alternating over repetitions (all in the same process, on the same card):
   notebook   the tutorial notebook's loop as written, on the GPU: per-image Dataset, shuffling
              DataLoaders whose 8 workers start afresh every epoch, the notebook's model, a
              progress bar, each step's loss read back to the host, manual SGD
-             (benchmarks/speed.py has it)
+             (benchmarks.perf.speed has it)
   lean       the same loop tuned: persistent workers, pinned memory, no per-step read-back or bar
   eager      vaelab's trainer, tutorial recipe, --cuda-graph off
   captured   the same with the step captured as a CUDA graph (the default)
@@ -34,10 +34,9 @@ import torch
 
 import vaelab
 
-from machine import write_results  # benchmarks/machine.py, beside this script
-from speed import TutorialVAE, baseline_epoch, tutorial_loaders  # benchmarks/speed.py, beside this script
+from benchmarks.lib.machine import RESULTS, write_results
+from benchmarks.perf.speed import TutorialVAE, baseline_epoch, tutorial_loaders
 
-HERE = Path(__file__).resolve().parent
 BURDA_EPOCHS = 3280
 
 
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=4, help="epochs per vaelab run (the first is reported apart)")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--run-dir", type=Path, default=Path("gpu_default_run"),
                         help="where the default run is written (and evaluated)")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Deeper latents, better gradients and the diagnostics, each pair under one recipe.
 
-    python benchmarks/deeper.py                        # every row; hours on a CPU
-    python benchmarks/deeper.py --rows burda1-vae,burda2-vae
+    python -m benchmarks.paper.deeper                  # every row; hours on a CPU
+    python -m benchmarks.paper.deeper --rows burda1-vae,burda2-vae
 
 Rows (Adam 1e-3 with the `burda` schedule, batch 20, dynamically binarized MNIST, seed 0):
 - burda1-vae, burda2-vae: the ELBO, 121 epochs (the schedule's first five stages), one and two
@@ -30,8 +30,8 @@ import vaelab
 from vaelab.evaluate import compare_runs
 from vaelab.runs import read_eval, read_metrics
 
-from machine import write_results  # benchmarks/machine.py, beside this script
-from resumable import (
+from benchmarks.lib.machine import RESULTS, write_results
+from benchmarks.lib.resumable import (
     evaluate_row,
     finished,
     finished_gap,
@@ -40,9 +40,8 @@ from resumable import (
     machines,
     threads,
     train_row,
-)  # benchmarks/resumable.py
+)
 
-HERE = Path(__file__).resolve().parent
 BURDA = dict(optimizer="adam", lr=1e-3, schedule="burda", batch_size=20, device="cpu")
 ROWS = {
     "burda1-vae": dict(preset="burda1", epochs=121, **BURDA),
@@ -67,11 +66,11 @@ def main(argv=None) -> int:
     parser.add_argument("--k-eval", type=int, default=5000)
     parser.add_argument("--gap-images", type=int, default=1000)
     parser.add_argument("--runs", type=Path, default=Path("runs/deeper"))
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--kept",
         type=Path,
-        default=HERE / "results" / "deeper",
+        default=RESULTS / "deeper",
         help="where finished rows keep their records (default: benchmarks/results/deeper)",
     )
     parser.add_argument(
@@ -123,11 +122,11 @@ def write_tables(done: dict, gaps: dict, args) -> None:
         ),
         "",
         (
-            "Made by `python benchmarks/deeper.py`. The `burda` rows train with their presets'"
-            " recipe (Glorot weights, the output bias at the logit of the training pixels' mean,"
-            " every KL from the draws, Adam at 1e-3 with eps 1e-4, batch 20) for the first stages"
-            " of Burda et al.'s schedule: 121 epochs (stages 0-4) for the VAEs, 40 (0-3) for the"
-            " IWAEs, where the paper trains 3,280 (0-7); its Table 1 figure is beside each."
+            "Made by `python -m benchmarks.paper.deeper`. The `burda` rows train with their"
+            " presets' recipe (Glorot weights, the output bias at the logit of the training pixels'"
+            " mean, every KL from the draws, Adam at 1e-3 with eps 1e-4, batch 20) for the first"
+            " stages of Burda et al.'s schedule: 121 epochs (stages 0-4) for the VAEs, 40 (0-3) for"
+            " the IWAEs, where the paper trains 3,280 (0-7); its Table 1 figure is beside each."
             " Training is wall time at the torch thread count of the last column, and includes any"
             " other load on the machine."
         ),

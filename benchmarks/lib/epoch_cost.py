@@ -1,9 +1,9 @@
 """Epoch times of a few variants of one training command, alternated, in one run.
 
-Shared by the cost benchmarks (prior_cost.py, estimator_cost.py): each variant trains in a fresh
-interpreter for a few epochs on the CPU; its time is the median epoch after the first (which
-warms up), and the variants alternate within each repetition, so a slower or busier stretch of
-the machine falls on all of them.
+Shared by the cost benchmarks (benchmarks.perf.prior_cost and .estimator_cost): each variant
+trains in a fresh interpreter for a few epochs on the CPU; its time is the median epoch after
+the first (which warms up), and the variants alternate within each repetition, so a slower or
+busier stretch of the machine falls on all of them.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def alternate(variants: dict[str, list[str]], reps: int, epochs: int = 3) -> dic
 def host() -> str:
     import torch
 
-    from machine import cpu_description  # benchmarks/machine.py, beside this script
+    from benchmarks.lib.machine import cpu_description
 
     return (
         f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch"

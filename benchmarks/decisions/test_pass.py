@@ -1,6 +1,6 @@
 """Memory and time of the per-epoch test pass under IWAE k=50, its calls bounded in rows or not.
 
-    PYTHONPATH=. python benchmarks/test_pass.py [--reps 5] [--out benchmarks/results]
+    python -m benchmarks.decisions.test_pass [--reps 5] [--out benchmarks/results]
 
 After each epoch, training measures the test loss and, under `--objective iwae`, the IWAE bound
 with k samples of every test image: `evaluate.test_means`. Its calls hold at most
@@ -25,9 +25,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from machine import hardware, write_results  # benchmarks/machine.py, beside this script
+from benchmarks.lib.machine import REPO, hardware, write_results
 
-HERE = Path(__file__).resolve().parent
 CASES = ("mnist-burda1", "rgb64-tutorial")
 UNBOUNDED = 10**9
 
@@ -61,7 +60,8 @@ def child(case: str, test_rows: int) -> dict:
 
 def measure(case: str, test_rows: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--child", case, str(test_rows)],
+        [sys.executable, "-m", __spec__.name, "--child", case, str(test_rows)],  # this module
+        cwd=REPO,
         check=True,
         capture_output=True,
         text=True,
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         summary[case]["time_ratio"] = (
             summary[case]["bounded"]["seconds"] / summary[case]["unbounded"]["seconds"]
         )
-    lines += ["", "Made by `PYTHONPATH=. python benchmarks/test_pass.py`."]
+    lines += ["", "Made by `python -m benchmarks.decisions.test_pass`."]
     report = {
         "hardware": hardware(),
         "reps": args.reps,

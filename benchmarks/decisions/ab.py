@@ -1,6 +1,6 @@
 """Before and after: one `vaelab` command run by two checkouts in turn, timed.
 
-    PYTHONPATH=. python benchmarks/ab.py BASELINE_TREE [--reps 5] [--name NAME] [--out DIR] \\
+    python -m benchmarks.decisions.ab BASELINE_TREE [--reps 5] [--name NAME] [--out DIR] \\
         -- train --epochs 3 --quiet --no-plots --out {run}
 
 Each repetition runs `python -m vaelab ARGS` once with the baseline tree's vaelab (another
@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent.parent
+import torch
+
+from benchmarks.lib.machine import REPO, cpu_description, write_results
 
 
 def run_once(tree: Path, args: list[str]) -> dict:
@@ -58,7 +60,7 @@ def compare(baseline: Path, args: list[str], reps: int) -> dict:
     """Alternate the two trees reps times; per side the medians, and the median ratios."""
     pairs = []
     for i in range(reps):
-        order = [("baseline", baseline), ("this", HERE)]
+        order = [("baseline", baseline), ("this", REPO)]
         if i % 2:
             order.reverse()
         pairs.append({side: run_once(tree, args) for side, tree in order})
@@ -119,9 +121,6 @@ def main(argv=None) -> int:
     if not args or options.reps < 1:
         parser.error("give the vaelab command after --, and --reps of at least 1")
     report = compare(options.baseline.resolve(), args, options.reps)
-    import torch
-    from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
-
     host = (
         f"{cpu_description()}, {torch.get_num_threads()} torch threads, PyTorch"
         f" {torch.__version__}, {time.strftime('%Y-%m-%d')}"

@@ -2,7 +2,7 @@
 step (training, evaluation, the gaps) is kept, so a table's script can be stopped and run again.
 A finished row's records (not its weights) are also copied beside the table, under
 benchmarks/results/<table>/<row>/, so the table and its paired comparisons can be written again
-where the run directory is gone. Shared by components.py and deeper.py."""
+where the run directory is gone. Shared by benchmarks.paper.components and .deeper."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vaelab.evaluate import evaluate_run
 from vaelab.gap import GAP, gap_run, read_gap
 from vaelab.runs import CHECKPOINT, CONFIG, EVAL, LOG_PX, METRICS, read_eval, read_metrics
 
-from machine import cpu_and_torch  # benchmarks/machine.py, beside this script
+from benchmarks.lib.machine import cpu_and_torch
 
 HOSTS = "hosts.json"  # beside a row's run: the machines, dates and torch thread counts it ran at
 KEPT = (CONFIG, METRICS, EVAL, LOG_PX, GAP, HOSTS)  # what a finished row keeps beside its table

@@ -1,6 +1,6 @@
 """One process against two under torchrun, on this machine's CPU (gloo, one thread per process).
 
-    python benchmarks/scaling.py                # about 6 minutes on 2 cores
+    python -m benchmarks.perf.scaling           # about 6 minutes on 2 cores
 
 Alternating over repetitions: a training run of the tutorial recipe in one process and the same
 under `torchrun --standalone --nproc-per-node 2` (s/epoch as metrics.jsonl records it, the first
@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+from benchmarks.lib.machine import RESULTS, cpu_description, write_results
 
-HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--k", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     train = {1: [], 2: []}

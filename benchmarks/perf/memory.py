@@ -1,6 +1,6 @@
 """Peak memory of a training epoch against the size of the data set.
 
-    PYTHONPATH=. python benchmarks/memory.py [--sizes 20000,40000,80000] \\
+    python -m benchmarks.perf.memory [--sizes 20000,40000,80000] \\
         [--baseline TREE --baseline-sizes 20000,40000] [--full 20000] [--out benchmarks/results]
 
 Synthetic sets of 64x64 RGB images (smooth random colour blobs with pixel noise, uint8; 500
@@ -42,9 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from machine import hardware, write_results  # benchmarks/machine.py, beside this script
+from benchmarks.lib.machine import REPO, hardware, write_results
 
-HERE = Path(__file__).resolve().parent.parent
 SIDE, TEST_IMAGES = 64, 500
 IMAGE_BYTES = SIDE * SIDE * 3
 PHASES = ("peak", "load", "epoch")  # the process's peak, and each phase's
@@ -179,8 +178,8 @@ def table(report: dict) -> str:
         "fresh process per row; the load phase is `train.build` (the .npz read, the model, the "
         "step, the test set), the epoch phase is `train.fit`'s epoch "
         "(cut to its first steps, which follow the draws for the whole epoch: see "
-        "benchmarks/memory.py), its test pass and checkpoint; the epoch phase's peak counts what "
-        "the load left resident, the uint8 images among it. MB are 2^20 bytes.",
+        "benchmarks/perf/memory.py), its test pass and checkpoint; the epoch phase's peak counts "
+        "what the load left resident, the uint8 images among it. MB are 2^20 bytes.",
         "",
         f"Made by `{report['command']}` in {report['wall_s'] / 60:.1f} min (and "
         f"{report['sets_s'] / 60:.1f} min writing the sets).",
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     sets = make_sets(args.sets, sorted({*sizes, *full, *(baseline_sizes if args.baseline else [])}))
     made = time.perf_counter()
-    trees = [("this", HERE, sizes)]
+    trees = [("this", REPO, sizes)]
     if args.baseline:
         rev = ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"]
         label = "baseline " + subprocess.run(rev, capture_output=True, text=True).stdout.strip()
@@ -248,10 +247,10 @@ def main(argv=None) -> int:
                             **{k: growth(group, k) for k in PHASES}})
     for n in full:
         r = {"tree": "this", "objective": "elbo (full epoch)", "images": n,
-             **measure(HERE, sets[n], "elbo", full=True)}
+             **measure(REPO, sets[n], "elbo", full=True)}
         print(json.dumps(r), file=sys.stderr)
         rows.append(r)
-    command = "PYTHONPATH=. python benchmarks/memory.py " + " ".join(
+    command = "python -m benchmarks.perf.memory " + " ".join(
         argv if argv is not None else sys.argv[1:])
     report = {"machine": hardware(), "date": time.strftime("%Y-%m-%d"), "command": command.strip(),
               "image_bytes": IMAGE_BYTES, "test_images": TEST_IMAGES,

@@ -1,14 +1,14 @@
 """Where the wall time of a whole default `vaelab train` goes, phase by phase.
 
-    PYTHONPATH=. python benchmarks/startup.py [--device cuda] [--epochs 20] [--reps 3] [--out DIR]
-    PYTHONPATH=. python benchmarks/startup.py --baseline OLD_TREE --epochs 1 --reps 7 [--out DIR]
+    python -m benchmarks.perf.startup [--device cuda] [--epochs 20] [--reps 3] [--out DIR]
+    python -m benchmarks.perf.startup --baseline OLD_TREE --epochs 1 --reps 7 [--out DIR]
 
-Runs itself again in a fresh interpreter (so that the imports are cold, as on the command
-line), which does what `vaelab train` does, in the same order, with a clock between the
-phases: the imports, the device's first touch, reading MNIST, build (model, optimizer, data on
-the device, the test set's draws), fit (the epochs as metrics.jsonl records them, the first
-one's warm-up and capture included, and the rest: checkpoints and the run folder's files), the
-figures (matplotlib's import included). The outer
+Runs its own file again in a fresh interpreter, with this checkout's vaelab on PYTHONPATH (so
+that the imports are cold, as on the command line), which does what `vaelab train` does, in the
+same order, with a clock between the phases: the imports, the device's first touch, reading
+MNIST, build (model, optimizer, data on the device, the test set's draws), fit (the epochs as
+metrics.jsonl records them, the first one's warm-up and capture included, and the rest:
+checkpoints and the run folder's files), the figures (matplotlib's import included). The outer
 process times the whole child, so interpreter start and exit appear too. Medians over --reps
 runs; with --out, writes startup_<device>.json and .md there, naming the machine.
 
@@ -28,6 +28,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The checkout. Not from benchmarks.lib: the timed child imports nothing before its clock starts.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def phases(device: str, epochs: int, run_dir: Path) -> dict:
@@ -74,9 +77,9 @@ STARTUP = ("imports", "parse", "device", "data", "build")  # before the first ep
 
 
 def timed_child(device: str, epochs: int, tree: Path | None = None) -> dict:
-    """One default run in a fresh interpreter (with tree's vaelab when given): its phases, and
-    the wall time around it."""
-    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None
+    """One default run in a fresh interpreter (with tree's vaelab, by default this checkout's):
+    its phases, and the wall time around it."""
+    env = {**os.environ, "PYTHONPATH": str(tree or REPO)}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         child = subprocess.run([sys.executable, __file__, "--device", device, "--epochs", str(epochs),
@@ -93,11 +96,10 @@ def timed_child(device: str, epochs: int, tree: Path | None = None) -> dict:
 def against_baseline(args) -> int:
     """Alternate the baseline tree's children with this tree's; paired medians and ratios."""
     import torch
-    from machine import cpu_description, write_results
+    from benchmarks.lib.machine import cpu_description, write_results
 
-    here = Path(__file__).resolve().parent.parent
-    pairs = [(timed_child(args.device, args.epochs, args.baseline), timed_child(args.device, args.epochs, here))
-             for _ in range(args.reps)]
+    pairs = [(timed_child(args.device, args.epochs, args.baseline),
+              timed_child(args.device, args.epochs, REPO)) for _ in range(args.reps)]
     keys = ("startup", *STARTUP, "interpreter_start_and_exit")
     median = {side: {k: statistics.median(p[i][k] for p in pairs) for k in keys}
               for i, side in enumerate(("baseline", "this"))}
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
     print(json.dumps(median))
     if args.out:
         import torch
-        from machine import cpu_description, write_results  # benchmarks/machine.py, beside this script
+        from benchmarks.lib.machine import cpu_description, write_results
 
         cuda = args.device != "cpu" and torch.cuda.is_available()
         host = (f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}, CUDA {torch.version.cuda}" if cuda

@@ -1,7 +1,7 @@
 """Reproduce Burda, Grosse & Salakhutdinov (2015), Table 1, one stochastic layer, MNIST.
 
-    python benchmarks/reproduce_burda.py                       # the paper's 3280 epochs (GPU-sized)
-    python benchmarks/reproduce_burda.py --epochs 13 --rows vae  # a short CPU run: stages 0-2
+    python -m benchmarks.paper.reproduce_burda          # the paper's 3280 epochs (GPU-sized)
+    python -m benchmarks.paper.reproduce_burda --epochs 13 --rows vae  # a short CPU run
 
 Each row trains the `burda1` network (784-200-200-50 tanh encoder, 50-200-200-784
 decoder) with Adam, batch 20 and the paper's schedule (lr 1e-3 * 10^(-i/7) for 3^i
@@ -29,9 +29,8 @@ from vaelab.evaluate import importance_sampled
 from vaelab.runs import CHECKPOINT
 from vaelab.train import pick_device
 
-from machine import cpu_description  # benchmarks/machine.py, beside this script
+from benchmarks.lib.machine import RESULTS, cpu_description
 
-HERE = Path(__file__).resolve().parent
 PAPER = {"vae": ("VAE, k=1", "elbo", 1, 86.76), "iwae5": ("IWAE, k=5", "iwae", 5, 85.54),
          "iwae50": ("IWAE, k=50", "iwae", 50, 84.78)}
 
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=Path("runs/burda"))
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 

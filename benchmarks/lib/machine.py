@@ -9,6 +9,9 @@ import torch
 
 from vaelab.evaluate import native_bf16
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout the benchmarks belong to
+RESULTS = REPO / "benchmarks" / "results"  # where the tables and their figures are kept
+
 
 def cpu_description() -> str:
     """The CPU's model name plus what its name hides: the vector extensions that

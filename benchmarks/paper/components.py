@@ -1,7 +1,7 @@
 """Priors and posteriors under one recipe: the test NLL of each, paired against N(0, I).
 
-    python benchmarks/components.py                          # all seven rows, 100 epochs each
-    python benchmarks/components.py --rows standard-gaussian,vamp-gaussian --epochs 5
+    python -m benchmarks.paper.components                 # all seven rows, 100 epochs each
+    python -m benchmarks.paper.components --rows standard-gaussian,vamp-gaussian --epochs 5
 
 Every row trains the `burda1` network (784-200-200-50 tanh encoder, 50-200-200-784 decoder) with
 its initialisation (Glorot weights, the decoder's output bias at the logit of the training
@@ -31,10 +31,9 @@ import vaelab
 from vaelab.evaluate import compare_runs
 from vaelab.runs import read_eval, read_metrics
 
-from machine import write_results  # benchmarks/machine.py, beside this script
-from resumable import evaluate_row, finished, keep, machines, threads, train_row  # resumable.py
+from benchmarks.lib.machine import RESULTS, write_results
+from benchmarks.lib.resumable import evaluate_row, finished, keep, machines, threads, train_row
 
-HERE = Path(__file__).resolve().parent
 # prior-posterior, and -analytic for the closed-form KL (the others take it from the draws)
 ROWS = ("standard-gaussian", "standard-gaussian-analytic", "mog-gaussian", "vamp-gaussian",
         "standard-iaf", "mog-iaf", "vamp-iaf")
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k-eval", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=Path, default=Path("runs/components"))
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="components")
     parser.add_argument("--train-only", action="store_true", help="train the rows, evaluate none")
     parser.add_argument(
@@ -188,9 +187,9 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
         lines += ["", f"Not yet run: {', '.join(pending)}."]
     lines += [
         "",
-        "Made by `python benchmarks/components.py`. Training and evaluation are wall times at the"
-        " torch thread count of the last column, and include any other load on the machine (the"
-        " rows at one thread ran two at a time).",
+        "Made by `python -m benchmarks.paper.components`. Training and evaluation are wall times"
+        " at the torch thread count of the last column, and include any other load on the machine"
+        " (the rows at one thread ran two at a time).",
     ]
     report = {
         "hardware": hardware,

@@ -1,0 +1,1 @@
+"""Benchmarks of vaelab, run as modules from the repository root (see README.md here)."""

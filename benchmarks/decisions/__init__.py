@@ -1,0 +1,1 @@
+"""Records behind design decisions: one way against another, measured once."""

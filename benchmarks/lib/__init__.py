@@ -1,0 +1,1 @@
+"""Helpers the benchmarks share: the machine's description, result files, resumable rows."""

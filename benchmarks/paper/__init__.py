@@ -1,0 +1,1 @@
+"""Model quality against published results: reproductions of papers' tables and findings."""

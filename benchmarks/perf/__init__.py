@@ -1,0 +1,1 @@
+"""Speed and memory: time per epoch, start-up, evaluation, memory, processes and GPUs."""
