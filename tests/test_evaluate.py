@@ -284,9 +284,9 @@ def test_a_flows_posterior_mean_is_the_mean_of_its_keyed_draws():
     model = build_model(config, seed=0)
     images = binary_images(20)
     r = importance_sampled(model, images, k=100, seed=3, progress=False)
-    mu, logvar, h = model.encode_posterior(model.observe(images, torch.arange(len(images))))
+    mu, logvar, h = model.posterior_params(model.observe(images, torch.arange(len(images))))
     eps = draw_noise(image_keys(3, "noise", torch.arange(20)), 2, 100)
-    z, _ = model.flow(reparametrize(mu, logvar, eps), h)
+    z, _ = model.posterior.flow(reparametrize(mu, logvar, eps), h)
     assert "K=100 importance samples" in r["posterior_mean"]
     torch.testing.assert_close(torch.tensor(r["latent_variance"][0], dtype=torch.float64), z.mean(0).double().var(0), rtol=1e-4,
                                atol=1e-7)

@@ -54,12 +54,12 @@ def test_burda2_is_the_papers_two_stochastic_layer_network():
         (200, 200),
         (200, 200),
     ]
-    assert linear_sizes(model.hierarchy.up) == [
+    assert linear_sizes(model.posterior.layers.up) == [
         (100, 100),
         (100, 100),
         (100, 100),
     ]  # q(z2|z1): mu, logvar of 50
-    assert linear_sizes(model.hierarchy.down) == [
+    assert linear_sizes(model.posterior.layers.down) == [
         (50, 100),
         (100, 100),
         (100, 200),
@@ -75,14 +75,14 @@ def test_the_terms_are_the_layers_densities_from_torch_distributions():
     terms = model(x, eps)
     mu1, logvar1 = model.encode_observed(x)
     z1 = mu1 + torch.exp(0.5 * logvar1) * eps[..., :3]
-    mu2, logvar2 = model.hierarchy.up[0](z1)
+    mu2, logvar2 = model.posterior.layers.up[0](z1)
     z2 = mu2 + torch.exp(0.5 * logvar2) * eps[..., 3:]
     normal = lambda mu, logvar: D.Independent(D.Normal(mu, torch.exp(0.5 * logvar)), 1)
     torch.testing.assert_close(terms.z, torch.cat([z1, z2], -1))
     torch.testing.assert_close(
         terms.log_qz, normal(mu1, logvar1).log_prob(z1) + normal(mu2, logvar2).log_prob(z2)
     )
-    mu_p, logvar_p = model.hierarchy.down[0](z2)
+    mu_p, logvar_p = model.posterior.layers.down[0](z2)
     expected_pz = D.Independent(D.Normal(0.0, torch.ones(2)), 1).log_prob(z2) + normal(
         mu_p, logvar_p
     ).log_prob(z1)
@@ -93,10 +93,11 @@ def test_the_terms_are_the_layers_densities_from_torch_distributions():
 def test_with_fixed_parameters_log_q_has_the_same_value_and_no_gradient_to_q_but_through_z():
     model = build_model(two_layers(), seed=0)
     x = (torch.rand(4, *SHAPE) < 0.5).float()
-    terms = model(x, torch.randn(6, 4, 5))
-    fixed = estimated(terms, "stl")
+    eps = torch.randn(6, 4, 5)
+    terms = model(x, eps)
+    fixed = estimated(model, x, eps, "stl")
     torch.testing.assert_close(fixed.log_qz, terms.log_qz, rtol=1e-5, atol=1e-5)
-    up = list(model.hierarchy.up.parameters())
+    up = list(model.posterior.layers.up.parameters())
     # Held fixed, q(z2|z1)'s weights get from log q only what flows back through the draws they
     # made; the plain log q also depends on them directly.
     for terms, through_z_alone in ((fixed, True), (terms, False)):
@@ -115,7 +116,7 @@ def test_the_two_layer_models_importance_sampled_log_px_agrees_with_quadrature()
     model = build_model(two_layers(z_dim=1, upper_z_dims=(1,)), seed=0).double()
     with torch.no_grad():
         model.decoder[-1].weight.mul_(4)  # a decoder and a conditional that matter
-        model.hierarchy.down[0].head.weight.mul_(3)
+        model.posterior.layers.down[0].head.weight.mul_(3)
     images = (torch.rand(20, *SHAPE, generator=torch.Generator().manual_seed(0)) < 0.5).to(
         torch.uint8
     ) * 255
@@ -124,7 +125,7 @@ def test_the_two_layer_models_importance_sampled_log_px_agrees_with_quadrature()
     z2 = torch.linspace(-8, 8, 1601, dtype=torch.float64).unsqueeze(-1)  # (G2, 1)
     with torch.no_grad():
         log_px_z1 = Bernoulli().log_prob(model.decode(z1).unsqueeze(1), x)  # (G1, N)
-        mu, logvar = model.hierarchy.down[0](z2)  # (G2, 1)
+        mu, logvar = model.posterior.layers.down[0](z2)  # (G2, 1)
         log_p_z1_z2 = D.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z1.T)  # (G2, G1)
         log_p_z2 = D.Normal(0.0, 1.0).log_prob(z2)  # (G2, 1)
         log_pz1 = torch.logsumexp(log_p_z1_z2 + log_p_z2, 0) + math.log(

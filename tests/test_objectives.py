@@ -129,7 +129,10 @@ def test_negative_elbo_uses_the_gaussian_likelihood_when_configured():
 def test_objectives_are_functions_of_the_terms_alone():
     log_px_z = torch.tensor([[-3.0, -1.0], [-5.0, -2.0]])
     z = torch.randn(2, 2, 3)  # drawn from the prior itself (mu 0, logvar 0): log p(z) = log q(z|x)
-    terms = Terms(log_px_z=log_px_z, kl=torch.tensor([0.5, 1.0]), z=z, eps=z, logvar=torch.zeros(2, 3))
+    from vaelab.objectives import log_standard_normal
+
+    log_q = log_standard_normal(z)
+    terms = Terms(log_px_z=log_px_z, kl=torch.tensor([0.5, 1.0]), z=z, log_qz=log_q, log_pz=log_q)
     torch.testing.assert_close(negative_elbo(terms), torch.tensor([4.5, 2.5]))
     expected = math.log(2) - torch.logsumexp(log_px_z, 0)
     torch.testing.assert_close(negative_iwae(terms), expected)
@@ -159,15 +162,15 @@ def gradients(model, x, objective: str, estimator: str, k: int, draws: int, part
     """(draws, P): the gradient of the batch's objective for `part`'s parameters, one row per
     keyed draw of the noise (draw r is the same for every estimator)."""
     from vaelab import rng
-    from vaelab.objectives import OBJECTIVES, estimated
+    from vaelab.objectives import BOUNDS, estimated
 
     params = list(model.get_submodule(part).parameters())
     rows = []
     for r in range(draws):
         d = model.noise_dim
         eps = rng.normal(rng.row_keys(rng.key(7, "draw", r), torch.arange(len(x))), k * d).view(len(x), k, d)
-        terms = estimated(model(x, eps.transpose(0, 1)), estimator)
-        grads = torch.autograd.grad(OBJECTIVES[objective](terms).sum(), params)
+        terms = estimated(model, x, eps.transpose(0, 1), estimator)
+        grads = torch.autograd.grad(BOUNDS[objective](terms).sum(), params)
         rows.append(torch.cat([g.flatten() for g in grads]))
     return torch.stack(rows)
 
@@ -198,15 +201,16 @@ def test_stl_is_unbiased_for_the_elbo_gradient(trained_iwae):
 
 @pytest.mark.parametrize("objective, estimator", [("iwae", "dreg"), ("iwae", "stl"), ("elbo", "stl")])
 def test_the_estimators_leave_the_decoders_gradient_and_the_loss(trained_iwae, objective, estimator):
-    from vaelab.objectives import OBJECTIVES, estimated
+    from vaelab.objectives import BOUNDS, estimated
 
     model, x = trained_iwae
     eps = torch.randn(10, len(x), 2, generator=torch.Generator().manual_seed(0))
-    plain, ours = model(x, eps), estimated(model(x, eps), estimator)
-    loss = OBJECTIVES[objective]
-    torch.testing.assert_close(loss(ours), loss(plain if objective == "iwae" else estimated(plain, "stl")))
+    plain, ours = model(x, eps), estimated(model, x, eps, estimator)
+    loss = BOUNDS[objective]
+    stl = estimated(model, x, eps, "stl")
+    torch.testing.assert_close(loss(ours), loss(plain if objective == "iwae" else stl))
     decoder = list(model.decoder.parameters())
-    expected = torch.autograd.grad(loss(plain._replace(kl=ours.kl)).sum(), decoder)
+    expected = torch.autograd.grad(loss(plain.replace(kl=ours.kl)).sum(), decoder)
     for g, e in zip(torch.autograd.grad(loss(ours).sum(), decoder), expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
@@ -234,17 +238,19 @@ def test_estimators_that_do_not_apply_are_refused_in_one_line(tmp_path, args, sa
     assert_refused_in_one_line(tmp_path, args, says)
 
 
-def test_kl_per_dim_from_the_draws_averages_to_the_analytic_kl_per_dimension():
-    from vaelab.objectives import kl_normal_per_dim, kl_per_dim
-    from vaelab.priors import StandardNormal
+def test_the_terms_kl_per_dim_averages_to_the_kl_from_the_draws_per_dimension():
+    from vaelab.objectives import log_normal_from_eps, log_standard_normal
 
     g = torch.Generator().manual_seed(0)
     mu, logvar = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     eps = torch.randn(200_000, 3, 4, generator=g, dtype=torch.float64).float()
     z = reparametrize(mu, logvar, eps)
-    terms = Terms(log_px_z=torch.zeros(len(eps), 3), kl=None, z=z, eps=eps, logvar=logvar, mu=mu,
-                  prior=StandardNormal(4))
-    torch.testing.assert_close(kl_per_dim(terms), kl_normal_per_dim(mu, logvar), atol=0.02, rtol=0)
+    model = build_model(ModelConfig(image_shape=(1, 2, 2), z_dim=4, encoder_hidden=(5,),
+                                    decoder_hidden=(5,)), seed=0)
+    per_dim = model.kl_per_dim((mu, logvar))
+    drawn = torch.stack([(log_normal_from_eps(eps[..., d:d + 1], logvar[:, d:d + 1])
+                          - log_standard_normal(z[..., d:d + 1])).mean(0) for d in range(4)], -1)
+    torch.testing.assert_close(per_dim, drawn, atol=0.02, rtol=0)
 
 
 def test_free_bits_charge_each_dimension_at_least_lambda_over_the_batch():
@@ -253,8 +259,8 @@ def test_free_bits_charge_each_dimension_at_least_lambda_over_the_batch():
     mu = torch.tensor([[0.0, 2.0], [0.0, 1.0]])  # dimension 0 has no KL, dimension 1 some
     logvar = torch.zeros(2, 2)
     log_px_z = torch.tensor([[-10.0, -20.0]])
-    terms = Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=mu[None], eps=torch.zeros(1, 2, 2),
-                  logvar=logvar, mu=mu)
+    terms = Terms(log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=mu[None], log_qz=None,
+                  log_pz=None, kl_per_dim=kl_normal_per_dim(mu, logvar))
     per_dim = kl_normal_per_dim(mu, logvar).mean(0)  # (0, 1.25)
     expected = 15.0 + max(0.5, per_dim[0].item()) + max(0.5, per_dim[1].item())
     assert free_bits_negative_elbo(terms, 0.5).item() == pytest.approx(expected)

@@ -78,8 +78,8 @@ def test_log_q_is_the_base_gaussians_minus_the_log_determinant():
     x = torch.rand(4, *SHAPE).round()
     eps = torch.randn(2, 4, 3)
     terms = model(x, eps)
-    mu, logvar, h = model.encode_posterior(x)
-    z, log_det = model.flow(mu + torch.exp(0.5 * logvar) * eps, h)
+    mu, logvar, h = model.posterior_params(x)
+    z, log_det = model.posterior.flow(mu + torch.exp(0.5 * logvar) * eps, h)
     torch.testing.assert_close(terms.z, z)
     torch.testing.assert_close(terms.log_qz, log_normal_from_eps(eps, logvar) - log_det)
     torch.testing.assert_close(terms.kl, (terms.log_qz - terms.log_pz).mean(0))
@@ -92,7 +92,7 @@ def test_the_iaf_models_importance_sampled_log_px_agrees_with_quadrature():
     model = iaf_model().double()
     with torch.no_grad():  # a sharper decoder, and a flow that shrinks and shifts z: log q must
         model.decoder[-1].weight.mul_(4)  # count its log-determinant, here -0.40 nats a draw
-        for made in model.flow.steps:  # (the proposal stays wide enough for K = 5000 to find p(x))
+        for made in model.posterior.steps:  # (the proposal stays wide enough for K = 5000 to find p(x))
             made.m.bias.fill_(0.5)
             made.s.bias.fill_(1.5)
     g = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def test_on_a_2d_latent_the_iaf_models_log_px_agrees_with_quadrature():
     model = iaf_model(z_dim=2).double()
     with torch.no_grad():  # steps that depend on z (their log-determinant is -0.9 nats a draw),
         model.decoder[-1].weight.mul_(3)  # and a base Gaussian wide enough for K = 5000
-        for made in model.flow.steps:
+        for made in model.posterior.steps:
             made.m.weight.mul_(3)
             made.s.weight.mul_(3)
         model.head.bias[2:4].fill_(1.0)  # the head gives mu, logvar, context: logvar + 1
@@ -168,7 +168,7 @@ def test_an_iaf_posterior_resumes_bit_for_bit(tmp_path):
 def test_a_flow_that_breaks_is_caught_by_the_divergence_guard():
     training = build(tiny(epochs=1), synthetic_dataset(), progress=False)
     with torch.no_grad():
-        training.model.flow.steps[0].s.bias.fill_(float("nan"))
+        training.model.posterior.steps[0].s.bias.fill_(float("nan"))
     with pytest.raises(TrainingDiverged, match="training diverged"):
         fit(training, progress=False)
 

@@ -10,6 +10,8 @@ from vaelab import rng
 from vaelab.distributed import World
 from vaelab.models import ModelConfig, build_model
 from vaelab.objectives import negative_elbo, negative_iwae
+from vaelab.config import RunConfig
+from vaelab.objectives import OBJECTIVES
 from vaelab.step import TrainStep
 
 N_IMAGES = 130  # batches of 20: six whole ones, the last ten images dropped
@@ -28,12 +30,14 @@ def make_step(images, *, lr=0.1, objective="elbo", samples=1, batch_size=20, **k
         seed=0,
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    # the objective's own options, as a run's config gives them
+    own = {name: kwargs.pop(name) for name in ("estimator", "free_bits") if name in kwargs}
+    config = RunConfig(objective=objective, samples=samples, k=samples, **own)
     return TrainStep(
         model,
         optimizer,
         images,
-        objective=objective,
-        samples=samples,
+        OBJECTIVES[objective](config),
         batch_size=batch_size,
         **kwargs,
     )

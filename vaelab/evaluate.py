@@ -34,7 +34,7 @@ from .errors import VaelabError
 from .images import stored
 from .models import VAE
 from .nets import Workspace
-from .objectives import OBJECTIVES, kl_normal_per_dim, log_weights
+from .objectives import BOUNDS, log_weights
 from .rng import image_keys  # noqa: F401  (re-exported: the keys of test image i)
 from .runs import check_writable, load_run_and_data, read_eval, read_log_px, write_eval
 
@@ -89,9 +89,14 @@ class TestSet:
 
     images: torch.Tensor
     seed: int
+    labels: torch.Tensor | None = None  # (N,), kept for a conditional model only
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def y(self, rows: slice = slice(None)) -> torch.Tensor | None:
+        """The labels of images `rows`, or None where the set keeps none."""
+        return None if self.labels is None else self.labels[rows]
 
     def draw(self, model: VAE, rows: slice = slice(None), samples: int = 1
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,18 +121,23 @@ def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, sa
     most batch_size images and TEST_ROWS images x samples. Under torchrun the ranks share the
     batches and add their sums. With active, also "active_units": the units of z_1 whose
     posterior mean mu varies over the test images by more than ACTIVE_THRESHOLD (Burda et al.'s
-    criterion, from the same pass: an IAF's base Gaussian's mu, no draws)."""
+    criterion, from the same pass: the closed-form E_q[z_1], or a flow's base Gaussian's mu)."""
     batch_size = max(1, min(batch_size, TEST_ROWS // samples))
-    components = model.prior_components()
+    unconditional = test_set.labels is None
+    components = model.prior_components() if unconditional else None
     device = test_set.images.device
     totals = torch.zeros(len(values), dtype=torch.float64, device=device)
     moments = torch.zeros(2, model.config.z_dim, dtype=torch.float64, device=device)
     for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
-        x, eps = test_set.draw(model, slice(start, start + batch_size), samples)
-        terms = model(x, eps, components=components)
+        rows = slice(start, start + batch_size)
+        x, eps = test_set.draw(model, rows, samples)
+        y = test_set.y(rows)
+        q = model.posterior_params(x, y)
+        terms = model(x, eps, posterior=q, components=components, y=y)
         totals += torch.stack([f(terms).sum(dtype=torch.float64) for f in values.values()])
         if active:
-            mu = terms.mu.double()
+            mean = model.latent_means(q)
+            mu = (q[0] if mean is None else mean[:, :model.config.z_dim]).double()
             moments += torch.stack([mu.sum(0), mu.square().sum(0)])
     n = len(test_set)
     means = dict(zip(values, distributed.all_sum(totals, world).div_(n).tolist()))
@@ -143,7 +153,7 @@ def mean_loss(model: VAE, test_set: TestSet, objective: str = "elbo", *, samples
     """Mean over the test set of the negative ELBO (`samples` draws of z; the KL as the model's
     terms hold it: analytic for N(0, I) and a Gaussian posterior) or the
     negative IWAE bound (k = samples), nats per image."""
-    loss = {objective: OBJECTIVES[objective]}
+    loss = {objective: BOUNDS[objective]}
     return test_means(model, test_set, loss, samples=samples, batch_size=batch_size, world=world)[objective]
 
 
@@ -237,7 +247,8 @@ def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int)
 def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
                        iwae_ks: tuple[int, ...] = (1, 5, 50), batch_size: int | None = None,
                        chunk: int | None = None, precision: str = "fp32", progress: bool = True,
-                       world: World = SINGLE, posterior: tuple[torch.Tensor, ...] | None = None) -> dict:
+                       world: World = SINGLE, posterior: tuple[torch.Tensor, ...] | None = None,
+                       labels: torch.Tensor | None = None) -> dict:
     """Importance-sampled test log-likelihood of images: (N, C, H, W), uint8 or floats in [0, 1]
     (images.stored).
 
@@ -258,8 +269,9 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     ("auto": where the hardware has it natively). Under torchrun the ranks share the
     launches and every rank gets every image's values: each is computed as one process
     would compute it, so the result is the same. posterior: q's parameters for each image,
-    as VAE.encode_posterior gives them (N, ...) each, to sample from instead of the encoder's
-    (the amortization gap's fitted posteriors).
+    as VAE.posterior_params gives them (N, ...) each, to sample from instead of the encoder's
+    (the amortization gap's fitted posteriors). labels: (N,) the images' labels, which a
+    conditional model reads (and needs).
     """
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
@@ -268,6 +280,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     model.eval()
     images = stored(images, model.config.image_shape)
     device = model.device
+    if model.conditional and labels is None:
+        raise VaelabError("this model is conditional: evaluating it needs the images' labels")
     iwae_ks = tuple(sorted({j for j in (*iwae_ks, 1) if j <= k}))
     odd = [j for j in iwae_ks if TILE_SAMPLES % j and j % TILE_SAMPLES]
     if odd:  # their groups would straddle tiles
@@ -292,15 +306,21 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     padded[:n] = images.to(device)
     index = torch.arange(len(padded), device=device)
     observe_keys, noise_keys = image_keys(seed, "observe", index), image_keys(seed, "noise", index)
+    y_all = None
+    if model.conditional:  # padded as the images are: the padding rows' values are dropped
+        y_all = labels.to(device)[index.clamp(max=n - 1)]
     z_dim, noise_dim = model.config.z_dim, model.noise_dim
-    components = model.prior_components()  # once for the whole evaluation (a VampPrior's encodings)
+    # Once for the whole evaluation (a VampPrior's encodings); per call where y conditions them.
+    components = None if model.conditional else model.prior_components()
     workspace = Workspace() if model.own_decoder else None
     # Per image: log p(x), its variance, and each IWAE bound; rows this rank does not compute stay 0.
     values = torch.zeros((2 + len(iwae_ks), len(padded)), dtype=torch.float64, device=device)
     # Per image, for the diagnostics: E_q[z] of every layer (noise_dim), and the KL of each
-    # dimension where it is defined (z_dim).
-    factorized = model.prior.analytic_kl and model.flow is None and model.hierarchy is None
-    drawn_means = model.flow is not None or model.hierarchy is not None  # E_q[z] from the draws
+    # dimension where it is defined (z_dim). E_q[z] comes in closed form where the posterior
+    # has one, for its first columns (z_1's mu of a hierarchy); the rest from the draws.
+    factorized = model.kl_per_dim_note() is None
+    closed_means = model.latent_mean_columns
+    drawn_means = closed_means < noise_dim
     latent = torch.zeros((len(padded), noise_dim + (z_dim if factorized else 0)), dtype=torch.float64,
                          device=device)
     launches = range(0, len(padded), nb)
@@ -311,25 +331,26 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         for start in mine:
             rows = slice(start, min(start + nb, len(padded)))
             x = model.observe(padded[rows], observe_keys[rows])
-            q = model.encode_posterior(x) if posterior is None else _rows(posterior, rows, n)
+            y = None if y_all is None else y_all[rows]
+            q = model.posterior_params(x, y) if posterior is None else _rows(posterior, rows, n)
             acc = _Accumulator(len(x), iwae_ks, device)
             z_sum = torch.zeros((len(x), noise_dim), dtype=torch.float64, device=device)
             for first in range(0, k, ns):
                 eps = draw_noise(noise_keys[rows], noise_dim, ns, first)
-                calls = [model(x, eps[s:s + per_call], workspace, q, components) for s in range(0, ns, per_call)]
+                calls = [model(x, eps[s:s + per_call], workspace, q, components, y=y)
+                         for s in range(0, ns, per_call)]
                 keep = k - first  # the last launch's padding samples are dropped
                 acc.add(torch.cat([log_weights(terms) for terms in calls])[:keep])
                 if drawn_means:  # E_q[z] has no closed form: the mean of the K draws
                     z_sum += torch.cat([terms.z for terms in calls])[:keep].sum(0, dtype=torch.float64)
                 bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
             values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
-            mu, logvar = q[:2]
             if drawn_means:
                 latent[rows, :noise_dim] = z_sum / k
-            if model.flow is None:  # a Gaussian z_1's mean is mu
-                latent[rows, :z_dim] = mu.double()
+            if closed_means:
+                latent[rows, :closed_means] = model.latent_means(q).double()
             if factorized:
-                latent[rows, noise_dim:] = kl_normal_per_dim(mu, logvar).double()
+                latent[rows, noise_dim:] = model.kl_per_dim(q, y).double()
     bar.close()
     values = distributed.all_sum(values, world)[:, :n]  # adding zeros is exact: one value per image
     latent = distributed.all_sum(latent, world)[:n]
@@ -350,7 +371,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "estimator": (f"importance sampling with {'q(z|x)' if posterior is None else 'the given posteriors'}"
                       f" as proposal, K={k} samples per image"),
         "precision": precision,
-        **diagnostics(model, latent[:, :noise_dim], latent[:, noise_dim:] if factorized else None, k),
+        **diagnostics(model, latent[:, :noise_dim], latent[:, noise_dim:] if factorized else None, k,
+                      closed_means),
         "log_px": log_px_all.cpu().numpy(),
         "per_image": {"elbo": iwae[1].cpu().numpy(), "log_px_variance": var.cpu().numpy()},
     }
@@ -367,7 +389,7 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. (2015): a unit is active if Cov_x(E_q[z_
 
 
 def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.Tensor | None,
-                k: int) -> dict:
+                k: int, closed_means: int | None = None) -> dict:
     """What the latent code is used for, over the test images.
 
     posterior_means: (N, noise_dim) E_q[z] of each image, every layer's; kl_per_image: (N, z_dim)
@@ -377,8 +399,10 @@ def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.T
     how E_q[z] was found, and kl_per_dim (mean over images, nats) or the reason it is left out.
     A mean from K draws carries Var_q / K of Monte-Carlo noise into the variance: negligible at
     the default K=5000, but it can lift a unit over the threshold at K below a hundred or so.
+    closed_means: how many of the first columns are in closed form (default: all of them).
     """
-    sizes = (model.config.z_dim,) if model.hierarchy is None else model.hierarchy.sizes
+    sizes = model.sizes
+    closed = sum(sizes) if closed_means is None else closed_means
     n = len(posterior_means)
     layers = posterior_means.split(sizes, dim=-1)
     variance = [m.var(0) if n > 1 else torch.zeros(m.shape[1], dtype=m.dtype) for m in layers]
@@ -387,16 +411,13 @@ def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.T
         "active_units": [int((v > ACTIVE_THRESHOLD).sum()) for v in variance],
         "active_threshold": ACTIVE_THRESHOLD,
         "latent_variance": [v.tolist() for v in variance],
-        "posterior_mean": ("mu of q(z|x)" if model.flow is None and model.hierarchy is None else
-                           drawn if model.hierarchy is None else f"layer 1: mu of q(z_1|x); above: {drawn}"),
+        "posterior_mean": ("mu of q(z|x)" if closed >= sum(sizes) else
+                           drawn if closed == 0 else f"layer 1: mu of q(z_1|x); above: {drawn}"),
     }
     if kl_per_image is not None:
         out["kl_per_dim"] = kl_per_image.mean(0).tolist()
     else:
-        why = ("the layers of a hierarchy depend on each other" if model.hierarchy is not None else
-               f"the {model.config.prior} prior does not factorize over dimensions" if not model.prior.analytic_kl
-               else "an IAF posterior does not factorize over dimensions")
-        out["kl_per_dim_note"] = f"KL per dimension left out: {why}"
+        out["kl_per_dim_note"] = f"KL per dimension left out: {model.kl_per_dim_note()}"
     return out
 
 
@@ -413,13 +434,11 @@ def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
     distributed.share_result(lambda: check_writable(run, "eval.json goes there: make it writable"), world)
     start = time.perf_counter()
     r = importance_sampled(model, data.test_images, k=options.k, seed=options.seed, precision=options.precision,
-                           progress=not options.quiet, world=world)
+                           progress=not options.quiet, world=world,
+                           labels=data.test_labels if model.conditional else None)
     r["seconds"], r["device"], r["processes"] = time.perf_counter() - start, str(model.device), world.size
     if world.main:
         write_eval(run, r)
-        from .plots import draw_kl_figure  # plots imports this module
-
-        draw_kl_figure(run, r)
     return r
 
 

@@ -34,10 +34,11 @@ from . import distributed, progress as show, rng
 from .config import GapOptions, check
 from .distributed import SINGLE, World
 from .evaluate import draw_noise, image_keys, importance_sampled
+from .errors import VaelabError
 from .images import stored
 from .fileio import atomic_write_json
 from .models import VAE
-from .objectives import estimated, negative_elbo
+from .objectives import negative_elbo
 from .runs import check_writable, load_run_and_data, read_record
 
 GAP = "gap.json"
@@ -54,14 +55,16 @@ def fit_posteriors(
     lr: float,
     seed: int,
     progress: bool = False,
+    y: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], list]:
     """q* for each image: Adam on its ELBO from the encoder's q. x: (N, C, H, W) as the model
-    sees them; index: (N,) the images' numbers, which key their noise. Returns the fitted
-    parameters (as VAE.encode_posterior gives them, (N, ...) each) and each step's sum over the
+    sees them; index: (N,) the images' numbers, which key their noise; y: their labels (N,), for
+    a conditional model. Returns the fitted
+    parameters (as VAE.posterior_params gives them, (N, ...) each) and each step's sum over the
     images of the negative ELBO on the fit's own draws, (steps,)."""
     with torch.no_grad():
-        start = model.encode_posterior(x)
-        components = model.prior_components()
+        start = model.posterior_params(x, y)
+        components = model.prior_components(y)
     params = tuple(t.detach().clone().requires_grad_() for t in start)
     optimizer = torch.optim.Adam(params, lr=lr)
     # The rate falls linearly to 0, so that the last steps settle rather than jitter about q*.
@@ -71,7 +74,8 @@ def fit_posteriors(
     bar = show.bar(steps, "fitting each image's posterior", progress)
     for step in range(steps):
         eps = draw_noise(rng.row_keys(rng.key(seed, "gap fit", step), index), noise_dim, samples)
-        terms = estimated(model(x, eps, posterior=params, components=components), estimator)
+        terms = model(x, eps, posterior=params, components=components, y=y,
+                      fixed_q=estimator == "stl")
         loss = negative_elbo(terms).sum()
         for p, g in zip(params, torch.autograd.grad(loss, params)):
             p.grad = g
@@ -87,7 +91,7 @@ def fit_posteriors(
 def fit_gradient(model: VAE) -> str:
     """A Gaussian family's ELBO gradient sticks the landing (no noise at the true posterior);
     an IAF's has no fixed-parameter log q, so it takes the plain one."""
-    return "stl" if model.flow is None else "reparam"
+    return "stl" if model.posterior.has_log_prob else "reparam"
 
 
 def _mean_se(values: torch.Tensor) -> dict:
@@ -109,12 +113,17 @@ def amortization_gap(
     seed: int = 1234,
     progress: bool = True,
     world: World = SINGLE,
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """The two gaps over images: (N, C, H, W), uint8 or floats in [0, 1] (images.stored; see the
     module's docstring). Returns
     log_px, elbo_fitted (L[q*]), elbo_encoder (L[q]), approximation_gap and amortization_gap,
-    each {"mean", "se"} in nats per image, with what fixes them and the fit's course."""
+    each {"mean", "se"} in nats per image, with what fixes them and the fit's course. labels: (N,)
+    the images' labels, which a conditional model reads (and needs)."""
     model.eval()
+    if model.conditional and labels is None:
+        raise VaelabError("this model is conditional: its gaps need the images' labels")
+    labels = labels.to(model.device) if model.conditional else None
     images = stored(images, model.config.image_shape)
     n, device = len(images), model.device
     images = images.to(device)
@@ -131,6 +140,7 @@ def amortization_gap(
         lr=lr,
         seed=seed,
         progress=progress and world.main,
+        y=None if labels is None else labels[mine],
     )
     shared = []
     for t in fitted:
@@ -139,7 +149,7 @@ def amortization_gap(
         shared.append(distributed.all_sum(full, world))
     fitted = tuple(shared)
     trace = (-distributed.all_sum(losses, world) / n).tolist()  # the mean ELBO over all images
-    sampled = dict(k=k, seed=seed, progress=progress, world=world)
+    sampled = dict(k=k, seed=seed, progress=progress, world=world, labels=labels)
     encoder = importance_sampled(model, images, **sampled)
     best = importance_sampled(model, images, posterior=fitted, **sampled)
     elbo_q = torch.from_numpy(encoder["per_image"]["elbo"])
@@ -175,9 +185,10 @@ def amortization_gap(
             "samples": samples,
             "gradient": fit_gradient(model),
             "family": "the head's outputs per image (mu, logvar"
-            + (", the IAF's context; the flow's weights shared" if model.flow is not None else "")
+            + (", the IAF's context; the flow's weights shared"
+               if not model.posterior.has_log_prob else "")
             + ("; the upper layers' q(z_l+1|z_l) stay amortized, so their part of the gap counts"
-               " as approximation" if model.hierarchy is not None else "")
+               " as approximation" if len(model.sizes) > 1 else "")
             + ")",
             # the mean ELBO on the fit's own draws: how far the last tenth of the steps moved it
             "elbo_first_step": trace[0] if trace else None,
@@ -220,6 +231,7 @@ def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
         seed=options.seed,
         progress=not options.quiet,
         world=world,
+        labels=data.subset(None, options.images).test_labels if model.conditional else None,
     )
     r["seconds"] = time.perf_counter() - start
     if world.main:

@@ -1,16 +1,21 @@
-"""The VAE, from components: an encoder, q(z|x) (a Gaussian head, optionally an IAF from
-posteriors.py), a prior p(z) (priors.py), a decoder, and a likelihood object (likelihoods.py)
-that turns the decoder's output into p(x|z).
+"""The VAE, from components: an encoder, a posterior q(z|x) (posteriors.py), a prior p(z)
+(priors.py), a decoder, and a likelihood (likelihoods.py) that turns the decoder's output into
+p(x|z); the KL in closed form where the (posterior, prior) pair has one (kl.py).
 
-    encoder: x (N, C, H, W) -> network -> features (N, F) -> linear head -> mu, logvar (N, z_dim)
-    decoder: z (..., z_dim) -> network on (M, z_dim) -> output (..., C * channels, H, W)
+    encoder: x (N, C, H, W) [, y] -> network -> features (N, F) -> linear head -> q's parameters
+    decoder: z (..., z_dim) [, y] -> network on (M, z_dim) -> output (..., C * channels, H, W)
+
+y is a conditioning tensor (N, ...), labels say, that a conditional model's networks and prior
+read (`VAE.conditional`); an unconditional model is never given one, so it costs nothing.
 
 The networks are vaelab's (`VAE.from_config`: MLPs on the flattened image, architecture "mlp",
 or convolutional, "conv", nets.ConvEncoder and nets.ConvDecoder) or your own `nn.Module`s
 (`VAE(encoder, decoder, z_dim=...)`, architecture "custom").
 
-`VAE.forward(x, eps)` returns the per-example terms every objective needs
-(objectives.Terms), so whatever wraps the module (DDP, graph capture) wraps the loss.
+`VAE.forward(x, eps[, y])` returns the per-example terms every objective needs
+(objectives.Terms), so whatever wraps the module (DDP, graph capture) wraps the loss. Callers
+(evaluation, score, gap, the plots) ask the model, never its components' internals:
+`posterior_params`, `latent_means`, `kl_per_dim`, `posterior_mean`, `sample_prior`.
 """
 
 from __future__ import annotations
@@ -20,34 +25,39 @@ import math
 import torch
 from torch import nn
 
-from . import likelihoods, nets, posteriors, priors
+from . import kl, likelihoods, nets, posteriors, priors
 from .config import ARCHITECTURES, CUSTOM, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 from .config import EVAL_SEED
 from .errors import VaelabError
-from .hierarchy import Hierarchy
 from .images import stored
 from .nets import MLP, ConvDecoder, ConvEncoder, ImageMLP, Workspace, conv_check
-from .objectives import Terms, kl_normal, reparametrize
+from .objectives import Terms
 from .rng import image_keys
 
 
 class VAE(nn.Module):
-    """A VAE from components: an encoder x -> features, a posterior head and flow, a prior, a
-    decoder z -> the likelihood's parameters, and the likelihood.
+    """A VAE from components: an encoder x -> features, a linear head features -> the
+    posterior's parameters, a posterior, a prior, a decoder z -> the likelihood's parameters,
+    and the likelihood.
 
     `VAE(encoder, decoder, z_dim=..., ...)` takes your own networks: any `nn.Module`s with
-        encoder: x (N, C, H, W) float -> features (N, F)
-        decoder: z (M, z_dim) -> (M, C * m, H, W) or (M, C * m * H * W), m the likelihood's
-                 `channels` (1, or 2 for gaussian-learned)
+        encoder: x (N, C, H, W) float [, y] -> features (N, F)
+        decoder: z (M, z_dim) [, y] -> (M, C * m, H, W) or (M, C * m * H * W), m the
+                 likelihood's `channels` (1, or 2 for gaussian-learned)
     vaelab adds the linear head features -> q(z|x)'s parameters, reading F from one dry run of
     the encoder on an image of zeros, and flattens and restores z's leading dimensions around
     the decoder. The other keywords are ModelConfig's component fields: image_shape,
-    likelihood, sigma, prior, prior_components, posterior, flow_steps. The model's `config`
+    likelihood, sigma, prior, prior_components, posterior, flow_steps, kl. The model's `config`
     then records architecture "custom", and `load_run(run, encoder=..., decoder=...)` rebuilds
     it from the same modules.
 
     `VAE.from_config(config)` builds vaelab's own networks (a preset's MLP or conv nets).
+    A subclass with `conditional = True` is given y, the images' labels (N,) int64, in
+    training, the test pass, evaluation and every command, and passes it to its networks
+    (as a second argument) and its prior.
     """
+
+    conditional = False
 
     def __init__(
         self,
@@ -60,7 +70,7 @@ class VAE(nn.Module):
     ):
         super().__init__()
         if config is None:
-            config = _custom_config(encoder, options)
+            config = _custom_config(encoder, options, self._dry_y())
         elif options:
             raise VaelabError(
                 "give the model's options in config or as keywords, not both "
@@ -71,7 +81,7 @@ class VAE(nn.Module):
         self.likelihood = likelihoods.make(config.likelihood, config.sigma)
         c, h, w = config.image_shape
         self.out_shape = (c * self.likelihood.channels, h, w)
-        features = _dry_run(encoder, torch.zeros(1, *config.image_shape), "encoder")
+        features = _dry_run(encoder, torch.zeros(1, *config.image_shape), "encoder", self._dry_y())
         if features.dim() != 2:
             raise VaelabError(
                 f"the encoder maps one image (1, {c}, {h}, {w}) to shape "
@@ -82,42 +92,36 @@ class VAE(nn.Module):
                 f"the encoder gives {features.shape[1]} features, but the model's config records"
                 f" {config.encoder_hidden[-1]}: build the encoder as it was"
             )
-        out = _dry_run(decoder, torch.zeros(1, config.z_dim), "decoder")
+        out = _dry_run(decoder, torch.zeros(1, config.z_dim), "decoder", self._dry_y())
         if tuple(out.shape) not in ((1, *self.out_shape), (1, math.prod(self.out_shape))):
             raise VaelabError(
                 f"the decoder maps z (1, {config.z_dim}) to shape {tuple(out.shape)}; the "
                 f"{config.likelihood} likelihood needs (1, {', '.join(map(str, self.out_shape))})"
             )
-        # Registered in this order (encoder, head, decoder, then prior, flow, hierarchy): optimizer
+        kind = posteriors.POSTERIORS[config.posterior]
+        head_size = kind.head_size(config.z_dim)
+        # Registered in this order (encoder, head, decoder, prior, posterior): optimizer
         # checkpoints list parameters by position.
         self.encoder = encoder
-        self.context = _context(config)
-        self.head = (
-            nn.Linear(features.shape[1], 2 * config.z_dim + self.context) if head is None else head
-        )
-        if (self.head.in_features, self.head.out_features) != (
-            features.shape[1],
-            2 * config.z_dim + self.context,
-        ):
+        self.head = nn.Linear(features.shape[1], head_size) if head is None else head
+        if (self.head.in_features, self.head.out_features) != (features.shape[1], head_size):
             raise VaelabError("the head does not fit the encoder's features and the posterior")
         self.decoder = decoder
         # Evaluation's workspaces, bf16 decoding and sizing by layer are capabilities of
         # vaelab's own decoders; any other module runs plainly, in float32.
         self.own_decoder = isinstance(decoder, (MLP, ConvDecoder))
-        # After the networks, in the order they were added to vaelab (prior, flow, hierarchy):
-        # optimizer checkpoints list parameters by position.
+        # Made in the order they were added to vaelab (prior, flow, upper layers): a seed gives
+        # the weights it always gave.
         sizes = (config.z_dim, *config.upper_z_dims)
-        self.prior = priors.make(
-            config.prior, sizes[-1], config.prior_components, config.image_shape
-        )
-        self.flow = (
-            posteriors.IAF(config.z_dim, config.flow_steps) if config.posterior == "iaf" else None
-        )
-        self.hierarchy = (
-            Hierarchy(sizes, config.upper_hidden, config.activation)
-            if config.upper_z_dims
-            else None
-        )
+        prior = priors.make(config.prior, sizes[-1], config)
+        if config.upper_z_dims:  # the layers above z_1: a posterior and prior sharing them
+            posterior = posteriors.Hierarchical(sizes, config.upper_hidden, config.activation)
+            prior = priors.Hierarchical(prior, posterior.layers)
+        else:
+            posterior = kind.from_config(config)
+        self.prior, self.posterior = prior, posterior
+        self._closed_form = kl.closed_form(posterior, prior)
+        self._register_load_state_dict_pre_hook(_renamed_keys)
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VAE":
@@ -147,8 +151,9 @@ class VAE(nn.Module):
             encoder = ImageMLP(
                 [config.x_dim, *config.encoder_hidden], config.activation, final_activation=True
             )
-        # mu and logvar (and an IAF's context) come from one linear layer: one GEMM, not two.
-        head = nn.Linear(config.encoder_hidden[-1], 2 * config.z_dim + _context(config))
+        # All of q's parameters come from one linear layer: one GEMM, not two.
+        head_size = posteriors.POSTERIORS[config.posterior].head_size(config.z_dim)
+        head = nn.Linear(config.encoder_hidden[-1], head_size)
         if config.architecture == "conv":
             decoder = ConvDecoder(
                 config.z_dim,
@@ -164,10 +169,19 @@ class VAE(nn.Module):
             )
         return cls(encoder, decoder, config, head=head)
 
+    def _dry_y(self) -> torch.Tensor | None:
+        """The conditioning of one example for the networks' dry runs (a conditional model's)."""
+        return torch.zeros(1, dtype=torch.int64) if self.conditional else None
+
     @property
     def noise_dim(self) -> int:
-        """Standard normals one draw of z needs: z_dim, or every stochastic layer's size."""
-        return self.config.z_dim if self.hierarchy is None else self.hierarchy.noise_dim
+        """Standard normals one draw of z needs: the posterior's (every stochastic layer's)."""
+        return self.posterior.noise_dim
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Each stochastic layer's size, the decoder's z_1 first: the columns of a draw z."""
+        return self.posterior.sizes
 
     @property
     def device(self) -> torch.device:
@@ -180,40 +194,46 @@ class VAE(nn.Module):
         the likelihoods that draw (rng.image_keys)."""
         return self.likelihood.observe(stored(images, self.config.image_shape), keys)
 
-    def encode(self, images: torch.Tensor, *,
+    def encode(self, images: torch.Tensor, y: torch.Tensor | None = None, *,
                seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
         """images: (N, C, H, W) or flat (N, C * H * W), uint8 or floats in [0, 1] (one meaning:
         images.stored) -> mu, logvar: (N, z_dim) each, q(z|x)'s Gaussian (with an IAF posterior,
-        its base Gaussian's).
+        its base Gaussian's). y: the images' labels (N,), for a conditional model.
 
         Image i is observed as `vaelab.score.encode` and evaluation observe it: with the draws
         keyed by (seed, i) where the likelihood draws (a Bernoulli's binarization). For what the
         model sees already (VAE.observe's x), use encode_observed."""
         images = stored(images, self.config.image_shape).to(self.device)
         index = torch.arange(len(images), device=self.device)
-        return self.encode_observed(self.observe(images, image_keys(seed, "observe", index)))
+        x = self.observe(images, image_keys(seed, "observe", index))
+        return self.encode_observed(x, y)
 
-    def encode_observed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_observed(self, x: torch.Tensor,
+                        y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W) or flat (N, D), float32 as the model sees it (VAE.observe) -> mu,
         logvar: (N, z_dim) each (with an IAF posterior, its base Gaussian's)."""
-        return self.encode_posterior(x)[:2]
+        return self.posterior_params(x, y)[:2]
 
-    def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x, as the model sees it -> everything q(z|x) needs: (mu, logvar), and an IAF's
-        context h (N, context)."""
-        out = self.head(self.encoder(x.reshape(len(x), *self.config.image_shape)))
-        if self.flow is None:
-            return tuple(out.chunk(2, dim=-1))
-        z_dim = self.config.z_dim
-        return tuple(out.split([z_dim, z_dim, self.context], dim=-1))
+    def posterior_params(self, x: torch.Tensor, y: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, ...]:
+        """x, as the model sees it [, y] -> q(z|x)'s parameters, (N, ...) each, the first two a
+        Gaussian's mu and logvar (posteriors.Posterior.params)."""
+        x = x.reshape(len(x), *self.config.image_shape)
+        features = self.encoder(x) if y is None else self.encoder(x, y)
+        return self.posterior.params(self.head(features))
 
-    def decode(self, z: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        """z: (..., z_dim) -> decoder output (..., C * channels, H, W), float32 (logits for a
-        Bernoulli). vaelab's own decoders may take a workspace and hold lower-precision weights
-        (evaluation's bf16): z is cast to them and the output back to float32."""
+    def decode(self, z: torch.Tensor, workspace: Workspace | None = None, *,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+        """z: (..., z_dim) [, y: labels broadcastable to z's leading dimensions (...), such as
+        (N,) for z (S, N, z_dim)] -> decoder output (..., C * channels, H, W), float32 (logits
+        for a Bernoulli). vaelab's own decoders may take a workspace and hold lower-precision
+        weights (evaluation's bf16): z is cast to them and the output back to float32."""
         flat = z.reshape(-1, z.shape[-1])
+        if y is not None:  # each row's label
+            y = y.expand(z.shape[:-1]).reshape(len(flat))
         if not self.own_decoder:
-            return self.decoder(flat).reshape(*z.shape[:-1], *self.out_shape).float()
+            out = self.decoder(flat) if y is None else self.decoder(flat, y)
+            return out.reshape(*z.shape[:-1], *self.out_shape).float()
         dtype = next(self.decoder.parameters()).dtype
         out = self.decoder(flat.to(dtype), workspace)
         if dtype != torch.float32:
@@ -224,65 +244,99 @@ class VAE(nn.Module):
             )
         return out.view(*z.shape[:-1], *self.out_shape)
 
-    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_mean(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z: (..., z_dim) -> E[x|z]: (..., C, H, W) in [0, 1]."""
-        return self.likelihood.mean(self.decode(z))
+        return self.likelihood.mean(self.decode(z, y=y))
 
     def forward(
         self,
         x: torch.Tensor,
         eps: torch.Tensor,
         workspace: Workspace | None = None,
-        posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
+        posterior: tuple[torch.Tensor, ...] | None = None,
         components=None,
+        *,
+        y: torch.Tensor | None = None,
+        fixed_q: bool = False,
     ) -> Terms:
-        """x: (N, C, H, W) observed images; eps: (S, N, noise_dim) standard normal noise.
+        """x: (N, C, H, W) observed images; eps: (S, N, noise_dim) standard normal noise;
+        y: their conditioning (N, ...), for a conditional model.
 
-        Returns the per-example terms for z_s = mu + sigma * eps_s (objectives.Terms), with a
-        hierarchy's upper layers drawn from the rest of eps.
-        posterior: encode_posterior(x), when the caller has it already (evaluation
-        decodes one tile's samples in several calls); components: prior_components(), likewise
-        (evaluation computes them once, a training step once per step).
+        Returns the per-example terms of the draws z_s the posterior makes from eps_s
+        (objectives.Terms): the KL in closed form where the (posterior, prior) pair has one and
+        config.kl is "analytic", else from the draws.
+        posterior: posterior_params(x, y), when the caller has them already (evaluation
+        decodes one tile's samples in several calls); components: prior_components(y), likewise
+        (evaluation computes them once, a training step once per step). fixed_q: log q(z|x)
+        with q's parameters held fixed, the gradient reaching q through z only (STL and DReG),
+        and the KL then from the draws.
         """
-        mu, logvar, *context = self.encode_posterior(x) if posterior is None else posterior
-        if self.hierarchy is not None:  # the noise of z_1, then of the layers above
-            eps, upper_eps = eps.split(
-                [self.config.z_dim, eps.shape[-1] - self.config.z_dim], dim=-1
-            )
-        z = reparametrize(mu, logvar, eps)
-        log_det = upper = None
-        if self.flow is not None:
-            z, log_det = self.flow(z, context[0])
-        z1 = z
-        if self.hierarchy is not None:  # z: every layer's draws; z_1 read back from it
-            z, upper = self.hierarchy.sample_up(z, upper_eps)
-            z1 = upper.bottom(z)
-        log_px_z = self.likelihood.log_prob(self.decode(z1, workspace), x, workspace)
-        if self.analytic_kl:
-            return Terms(
-                log_px_z=log_px_z, kl=kl_normal(mu, logvar), z=z, eps=eps, logvar=logvar, mu=mu
-            )
+        q = self.posterior_params(x, y) if posterior is None else posterior
+        closed = None if fixed_q or self.config.kl != "analytic" else self._closed_form
+        if closed is not None:
+            z = self.posterior.sample(q, eps)
+            log_qz = lambda: self.posterior.rsample(q, eps)[1]  # noqa: E731  (asked rarely)
+        elif fixed_q:
+            z = self.posterior.sample(q, eps)
+            log_qz = self.posterior.log_prob(z, q, fixed=True)
+        else:
+            z, log_qz = self.posterior.rsample(q, eps)
+        log_px_z = self.likelihood.log_prob(
+            self.decode(self.posterior.decoded(z), workspace, y=y), x, workspace)
+        if closed is not None:
+            per_dim = closed(self.posterior, self.prior, q, components, y)
+            return Terms(log_px_z, per_dim.sum(-1), z, log_qz, lambda: self._log_pz(z, components, y),
+                         per_dim)
         # No closed form: the KL from the same draws; the prior's components once for the call.
-        terms = Terms(
-            log_px_z=log_px_z,
-            kl=None,
-            z=z,
-            eps=eps,
-            logvar=logvar,
-            prior=self.prior,
-            components=self.prior_components() if components is None else components,
-            log_det=log_det,
-            mu=mu,
-            upper=upper,
-        )
-        return terms._replace(kl=(terms.log_qz - terms.log_pz).mean(0))
+        if components is None:
+            components = self.prior_components(y)
+        return Terms(log_px_z, None, z, log_qz, self._log_pz(z, components, y),
+                     self._kl_per_dim(q, components, y))
+
+    def _log_pz(self, z: torch.Tensor, components, y) -> torch.Tensor:
+        if components is None:
+            components = self.prior_components(y)
+        return self.prior.log_prob(z, components, y)
+
+    def _kl_per_dim(self, q, components, y) -> torch.Tensor | None:
+        if self._closed_form is None:
+            return None
+        return self._closed_form(self.posterior, self.prior, q, components, y)
+
+    def kl_per_dim(self, q: tuple[torch.Tensor, ...], y: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
+        """Each latent dimension's KL(q(z_d|x) || p(z_d)) in closed form, (N, z_dim) nats, for
+        q's parameters (posterior_params); None where the pair has none (kl.py)."""
+        return self._kl_per_dim(q, None, y)
+
+    def kl_per_dim_note(self) -> str | None:
+        """Why kl_per_dim is None for this model (None where it is defined)."""
+        if self._closed_form is not None:
+            return None
+        if len(self.sizes) > 1:
+            return "the layers of a hierarchy depend on each other"
+        if kl.closed_form(posteriors.Gaussian(1), self.prior) is None:
+            return f"the {self.config.prior} prior does not factorize over dimensions"
+        name = self.config.posterior
+        return f"an {name.upper() if len(name) <= 4 else name} posterior does not factorize " \
+               "over dimensions"
+
+    def latent_means(self, q: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """E_q[z] in closed form, (N, m) for the first m = latent_mean_columns <= noise_dim
+        columns of z (z_1's mu of a hierarchy), or None where it has none (a flow): the caller
+        averages draws for the rest."""
+        return self.posterior.mean(q) if self.latent_mean_columns else None
+
+    @property
+    def latent_mean_columns(self) -> int:
+        """How many first columns of z latent_means gives (0: none)."""
+        return self.posterior.mean_columns
 
     @property
     def analytic_kl(self) -> bool:
-        """Whether forward takes KL(q(z|x) || p(z)) in closed form (config.kl, where q and p
-        have one) rather than from the draws."""
-        return (self.config.kl == "analytic" and self.prior.analytic_kl and self.flow is None
-                and self.hierarchy is None)
+        """Whether forward takes the KL in closed form (config.kl "analytic", and the pair
+        (posterior, prior) has one)."""
+        return self.config.kl == "analytic" and self._closed_form is not None
 
     def set_output_bias(self, images: torch.Tensor) -> str | None:
         """Set the decoder's output bias so that p(x|z) fits the images' statistics before any
@@ -309,25 +363,40 @@ class VAE(nn.Module):
             bias.copy_(self.likelihood.output_bias(mean, std).flatten())
         return None
 
-    def posterior_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """x -> (N, z_dim): mu, or with an IAF the flow applied to it (its draw at eps = 0)."""
-        mu, logvar, *context = self.encode_posterior(x)
-        return mu if self.flow is None else self.flow(mu.unsqueeze(0), context[0])[0].squeeze(0)
+    def posterior_mean(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x [, y] -> (N, z_dim) the code the decoder reads: q's mean, or with a flow its draw
+        at eps = 0 (posteriors.Posterior.point)."""
+        return self.posterior.decoded(self.posterior.point(self.posterior_params(x, y)))
 
-    def prior_components(self):
+    def prior_components(self, y: torch.Tensor | None = None):
         """What log p(z) needs besides z, for one call or many (priors.Prior.components)."""
-        return self.prior.components(self.encode_observed)
+        return self.prior.components(self.encode_observed, y)
 
     @torch.no_grad()
-    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n draws z ~ p(z): (n, z_dim), with a hierarchy drawn down from its top layer.
-        generator: a torch.Generator on the model's device, for draws that repeat; without one,
-        fresh draws each call."""
+    def sample_prior(self, n: int, generator: torch.Generator | None = None,
+                     y: torch.Tensor | None = None) -> torch.Tensor:
+        """n draws z ~ p(z [| y]) as the decoder reads them: (n, z_dim), with upper layers drawn
+        down from the top one. generator: a torch.Generator on the model's device, for draws that
+        repeat; without one, fresh draws each call. y: (n, ...) for a conditional model."""
         if generator is None:
             generator = torch.Generator(self.device)
             generator.seed()
-        z = self.prior.sample(n, generator, self.encode_observed)
-        return z if self.hierarchy is None else self.hierarchy.sample_down(z, generator)
+        return self.posterior.decoded(self.prior.sample(n, generator, self.encode_observed, y))
+
+
+def _renamed_keys(module, state_dict, prefix, *args) -> None:
+    """Load a state dict saved before the posterior was a component: the IAF's weights were
+    `flow.*`, the upper layers `hierarchy.*` beside a prior that is now their top (`prior.top.*`).
+    Renamed in place; the parameters' order was, and is, the same."""
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    upper = any(k.startswith(prefix + "hierarchy.") for k in keys)
+    for key in keys:
+        rest = key[len(prefix):]
+        for old, new in (("flow.", "posterior."), ("hierarchy.", "posterior.layers."),
+                         *((("prior.", "prior.top."),) if upper else ())):
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
 
 
 def pixel_moments(images: torch.Tensor, dims: tuple[int, ...], rows: int = 4096
@@ -354,10 +423,15 @@ def initialise(model: VAE, init: str, output_init: str, images: torch.Tensor,
     training split. Returns None, or why the output bias could not be set."""
     if init == "glorot":
         generator = torch.Generator().manual_seed(seed)
-        for net in (model.encoder, model.head, model.decoder, model.hierarchy):
+        for net in (model.encoder, model.head, model.decoder, _upper_layers(model)):
             if net is not None:
                 nets.glorot_(net, generator)
     return model.set_output_bias(images) if output_init == "data" else None
+
+
+def _upper_layers(model: VAE) -> nn.Module | None:
+    """A hierarchy's layers (Burda et al.'s recipe draws them as the networks), else None."""
+    return getattr(model.posterior, "layers", None)
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:
@@ -384,7 +458,7 @@ COMPONENT_OPTIONS = (
 )
 
 
-def _custom_config(encoder: nn.Module, options: dict) -> ModelConfig:
+def _custom_config(encoder: nn.Module, options: dict, y: torch.Tensor | None) -> ModelConfig:
     """The ModelConfig of a VAE from your own networks, every field counted as set (a preset
     never changes it); encoder_hidden records the encoder's feature size F."""
     wrong = sorted(set(options) - set(COMPONENT_OPTIONS))
@@ -397,25 +471,22 @@ def _custom_config(encoder: nn.Module, options: dict) -> ModelConfig:
         raise VaelabError("give z_dim, the size of the decoder's input")
     config = ModelConfig(architecture=CUSTOM, decoder_hidden=(), **options)
     config.validate()
-    features = _dry_run(encoder, torch.zeros(1, *config.image_shape), "encoder")
+    features = _dry_run(encoder, torch.zeros(1, *config.image_shape), "encoder", y)
     return ModelConfig.from_dict({**config.to_dict(), "encoder_hidden": (features.shape[-1],)})
 
 
-def _context(config: ModelConfig) -> int:
-    """The size of the context an IAF posterior takes from the encoder's head (0 without)."""
-    return posteriors.context_size(config.z_dim) if config.posterior == "iaf" else 0
-
-
 @torch.no_grad()
-def _dry_run(net: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
-    """net's output for one input x (zeros), in eval mode, with net's mode and RNG left alone."""
+def _dry_run(net: nn.Module, x: torch.Tensor, name: str,
+             y: torch.Tensor | None = None) -> torch.Tensor:
+    """net's output for one input x (zeros) [and y], in eval mode, with net's mode and RNG left
+    alone."""
     parameter = next(net.parameters(), None)
     if parameter is not None:
         x = x.to(parameter.device, parameter.dtype)
     training = net.training
     try:
         with torch.random.fork_rng(devices=[]):
-            return net.eval()(x)
+            return net.eval()(x) if y is None else net.eval()(x, y.to(x.device))
     except Exception as e:  # a user's module: say which of the two failed, and on what
         raise VaelabError(
             f"the {name} failed on an input of shape {tuple(x.shape)}: {type(e).__name__}: {e}"

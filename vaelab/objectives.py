@@ -7,95 +7,58 @@ pure functions of them, used alike by training, the test loss and evaluation.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Callable
 
 import torch
 
-LOG_2PI = math.log(2 * math.pi)
+from .densities import (LOG_2PI, kl_normal, kl_normal_per_dim, log_normal,  # noqa: F401
+                        log_normal_from_eps, log_standard_normal, reparametrize)
+from .errors import VaelabError
+from .posteriors import POSTERIORS
+from .registry import Registry
 
 
-class Terms(NamedTuple):
-    """Per-example terms for S draws z_s = mu + sigma * eps_s ~ q(z|x) of N examples.
 
-    log p(z_s) and log q(z_s|x) are computed when asked: the ELBO with its analytic
-    KL never asks, so training on it launches none of their kernels.
+class Terms:
+    """What every objective needs of S draws z_s ~ q(z|x) of N examples, per example, in nats:
+
+        log_px_z    (S, N) log p(x | z_s)
+        kl          (N,) KL(q(z|x) || p(z)): in closed form where the (posterior, prior) pair has
+                    one (kl.py), else the draws' mean of log q - log p
+        z           (S, N, D) the draws (every stochastic layer's)
+        log_qz      (S, N) log q(z_s | x)
+        log_pz      (S, N) log p(z_s)
+        kl_per_dim  (N, z_dim) each dimension's KL in closed form, or None where it has none
+
+    log_qz and log_pz may be given as functions, computed when first asked: the ELBO with a
+    closed-form KL never asks, so training on it launches none of their kernels.
     """
 
-    log_px_z: torch.Tensor  # (S, N) log p(x | z_s)
-    kl: torch.Tensor        # (N,) KL(q(z|x) || p(z)): analytic, or the draws' mean of log q - log p
-    z: torch.Tensor         # (S, N, z_dim) the draws
-    eps: torch.Tensor       # (S, N, z_dim) their standard normal noise
-    logvar: torch.Tensor    # (N, z_dim) of q(z|x)
-    prior: Any = None       # a priors.Prior; None: N(0, I)
-    components: Any = None  # what the prior computed for this call (priors.Prior.components)
-    log_det: Any = None     # (S, N) a flow's log-determinant, log q(z_T) = log q(z_0) - log_det
-    mu: Any = None          # (N, z_dim) of q(z|x)
-    q_fixed: bool = False   # log q(z|x) with q's parameters held fixed (see `estimated`)
-    # Stochastic layers above z_1 (hierarchy.Upper): z then holds every layer's draws,
-    # (S, N, d_1 + ... + d_L), and eps, mu and logvar are z_1's.
-    upper: Any = None
-
-    @property
-    def z1(self) -> torch.Tensor:
-        """(S, N, z_dim) the draws of the layer the decoder reads."""
-        return self.z if self.upper is None else self.upper.bottom(self.z)
-
-    @property
-    def log_pz(self) -> torch.Tensor:
-        """(S, N) log p(z_s): the prior's at the top layer, and the conditionals below it."""
-        top = self.z if self.upper is None else self.upper.top(self.z)
-        prior = self.prior
-        base = log_standard_normal(top) if prior is None else prior.log_prob(top, self.components)
-        return base if self.upper is None else base + self.upper.log_p(self.z)
+    def __init__(self, log_px_z: torch.Tensor, kl: torch.Tensor | None, z: torch.Tensor,
+                 log_qz: torch.Tensor | Callable[[], torch.Tensor],
+                 log_pz: torch.Tensor | Callable[[], torch.Tensor],
+                 kl_per_dim: torch.Tensor | None = None):
+        self.log_px_z, self.z, self.kl_per_dim = log_px_z, z, kl_per_dim
+        self._log_qz, self._log_pz = log_qz, log_pz
+        self.kl = (self.log_qz - self.log_pz).mean(0) if kl is None else kl
 
     @property
     def log_qz(self) -> torch.Tensor:
-        """(S, N) log q(z_s | x); with q_fixed, the gradient reaches q's parameters via z only."""
-        if self.q_fixed:
-            if self.log_det is not None:
-                raise ValueError("log q(z|x) with fixed parameters needs a flow's inverse")
-            base = log_normal(self.z1, self.mu.detach(), self.logvar.detach())
-        else:
-            base = log_normal_from_eps(self.eps, self.logvar)
-            base = base if self.log_det is None else base - self.log_det
-        return base if self.upper is None else base + self.upper.log_q(self.z, self.q_fixed)
+        if callable(self._log_qz):
+            self._log_qz = self._log_qz()
+        return self._log_qz
 
+    @property
+    def log_pz(self) -> torch.Tensor:
+        if callable(self._log_pz):
+            self._log_pz = self._log_pz()
+        return self._log_pz
 
-def reparametrize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """z = mu + sigma * eps with sigma = exp(logvar / 2).
-
-    mu, logvar: (N, z_dim); eps: (..., N, z_dim) standard normal noise.
-    The randomness is in eps alone, so gradients flow to mu and logvar.
-    """
-    return mu + torch.exp(0.5 * logvar) * eps
-
-
-def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL( N(mu, diag(exp(logvar))) || N(0, I) ), analytically. (N, z_dim) -> (N,) nats."""
-    return kl_normal_per_dim(mu, logvar).sum(-1)  # halving first is exact: the same bits
-
-
-def kl_normal_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL of each dimension: (N, z_dim) -> (N, z_dim) nats."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-
-
-def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I). z: (..., z_dim) -> (...,) nats."""
-    return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-
-
-def log_normal_from_eps(eps: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))) at z = mu + sigma * eps, written in eps.
-
-    eps: (..., N, z_dim); logvar: (N, z_dim) -> (..., N) nats.
-    """
-    return -0.5 * (eps.pow(2) + LOG_2PI + logvar).sum(-1)
-
-
-def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))). z: (..., N, z_dim); mu, logvar: (N, z_dim) -> (..., N)."""
-    return -0.5 * ((z - mu).square() * torch.exp(-logvar) + LOG_2PI + logvar).sum(-1)
+    def replace(self, **changes) -> "Terms":
+        """A copy with some of the fields changed."""
+        fields = dict(log_px_z=self.log_px_z, kl=self.kl, z=self.z, log_qz=self._log_qz,
+                      log_pz=self._log_pz, kl_per_dim=self.kl_per_dim)
+        return Terms(**{**fields, **changes})
 
 
 def log_weights(terms: Terms) -> torch.Tensor:
@@ -114,27 +77,14 @@ def negative_elbo(terms: Terms, kl_weight: float | torch.Tensor | None = None) -
     return kl - terms.log_px_z.mean(0)
 
 
-def kl_per_dim(terms: Terms) -> torch.Tensor | None:
-    """Each latent dimension's KL term, (N, z_dim) nats, where q(z|x) and p(z) factorize over
-    dimensions (a Gaussian posterior with its own parameters, N(0, I), one layer): in closed
-    form where the terms hold the analytic KL, else the draws' mean of log q - log p per
-    dimension. None elsewhere."""
-    if terms.prior is None:  # the analytic KL: forward computed no log-densities
-        return kl_normal_per_dim(terms.mu, terms.logvar)
-    factorized = terms.log_det is None and terms.upper is None and not terms.q_fixed
-    if terms.prior.analytic_kl and factorized:
-        return (0.5 * (terms.z.square() - terms.eps.square() - terms.logvar)).mean(0)
-    return None
-
-
 def free_bits_negative_elbo(terms: Terms, free_bits: float,
                             kl_weight: float | torch.Tensor | None = None) -> torch.Tensor:
     """The batch's mean negative ELBO with free bits (Kingma et al. 2016): each dimension's KL,
     averaged over the batch, counts as at least free_bits nats, so that a KL below it earns
-    nothing. Where the KL does not factorize (kl_per_dim is None), the whole KL counts as at
-    least free_bits x its dimensions. Not a bound on log p(x): a 0-d training objective only.
-    kl_weight: as in negative_elbo."""
-    per_dim = kl_per_dim(terms)
+    nothing. Where the KL has no closed form per dimension (terms.kl_per_dim is None), the whole
+    KL counts as at least free_bits x its dimensions. Not a bound on log p(x): a 0-d training
+    objective only. kl_weight: as in negative_elbo."""
+    per_dim = terms.kl_per_dim
     if per_dim is None:
         kl = terms.kl.mean().clamp(min=free_bits * terms.z.shape[-1])
     else:
@@ -150,8 +100,6 @@ def negative_iwae(terms: Terms) -> torch.Tensor:
     return math.log(k) - torch.logsumexp(log_weights(terms), dim=0)
 
 
-OBJECTIVES = {"elbo": negative_elbo, "iwae": negative_iwae}
-
 # Gradient estimators of the inference network's gradient. reparam: the plain reparameterized
 # gradient of the objective. stl, "sticking the landing" (Roeder et al. 2017): log q(z|x) with q's
 # parameters held fixed, so the score term, zero in expectation, drops out; unbiased for the ELBO
@@ -162,21 +110,135 @@ OBJECTIVES = {"elbo": negative_elbo, "iwae": negative_iwae}
 ESTIMATORS = ("reparam", "stl", "dreg")
 
 
-def estimated(terms: Terms, estimator: str) -> Terms:
-    """The terms whose gradient, through the objective, is the estimator's (ESTIMATORS). The
-    IWAE bound's value is unchanged (up to rounding); stl's ELBO takes its KL from the draws, a
-    Monte-Carlo estimate of the analytic one where the model has it.
-
-    dreg's reweighting is a hook on z: one backward pass. What does not flow through z keeps
+def dreg_weighted(terms: Terms) -> Terms:
+    """The terms (made with q's parameters held fixed) with DReG's reweighting: a hook on z
+    multiplies the gradient reaching each draw z_s by its normalized importance weight, so one
+    backward pass gives the doubly reparameterized gradient. What does not flow through z keeps
     its ordinary gradient: the decoder's and a learned prior's parameters, and a VampPrior's
-    dependence on the encoder through its pseudo-inputs' posteriors.
-    """
-    if estimator == "reparam":
-        return terms
-    terms = terms._replace(q_fixed=True)
-    if estimator == "stl":
-        return terms._replace(kl=(terms.log_qz - terms.log_pz).mean(0))
+    dependence on the encoder through its pseudo-inputs' posteriors."""
     weights = torch.softmax(log_weights(terms).detach(), dim=0).unsqueeze(-1)  # (S, N, 1)
     if terms.z.requires_grad:
         terms.z.register_hook(lambda grad: grad * weights)
     return terms
+
+
+def _refuse(message: str) -> None:
+    raise VaelabError(message)
+
+
+class Objective:
+    """A training objective, made from the run's config (a RunConfig, read by field):
+
+    - `samples`: draws of z per image in a training step;
+    - `fixed_q`: whether the model's forward holds q's parameters fixed in log q (the gradient
+      estimator's choice, config.estimator);
+    - `loss(terms, kl_weight)`: the 0-d loss of a batch (kl_weight: None, or a 0-d tensor that
+      a KL warm-up or beta sets);
+    - `test_passes()`: the test values each epoch records, as (samples, {name: terms -> (N,)});
+    - `check(config)`: a one-line error where the config does not fit it;
+    - `epoch_line(record)`, `summary(record)`: what training prints.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.estimator = config.estimator
+        self.fixed_q = config.estimator != "reparam"
+        self.samples = config.samples
+
+    @classmethod
+    def check(cls, config) -> None:
+        posterior = config.model.posterior
+        if config.estimator != "reparam" and not POSTERIORS[posterior].has_log_prob:
+            _refuse(f"--estimator {config.estimator} evaluates log q(z|x) with q's parameters held "
+                    f"fixed, which needs the inverse of --posterior {posterior}; use --posterior "
+                    "gaussian")
+
+    def loss(self, terms: Terms, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def test_passes(self) -> list[tuple[int, dict[str, Callable[[Terms], torch.Tensor]]]]:
+        """The ELBO's test values, from the run's samples: every objective records them."""
+        return [(self.config.samples, {"test_loss": negative_elbo, "test_kl": lambda t: t.kl})]
+
+    def epoch_line(self, record: dict) -> str:
+        return (f"epoch {record['epoch']:3d}  train {record['train_loss']:8.3f}  test"
+                f" {record['test_loss']:8.3f} nats  ({record['seconds']:.1f} s)")
+
+    def summary(self, record: dict) -> str:
+        return f"test negative ELBO after {_epochs(record)}: {record['test_loss']:.2f} nats per image"
+
+
+def _epochs(record: dict) -> str:
+    return f"{record['epoch']} epoch{'' if record['epoch'] == 1 else 's'}"
+
+
+OBJECTIVES = Registry("objective")
+
+
+@OBJECTIVES.register("elbo")
+class Elbo(Objective):
+    """The negative ELBO with L = config.samples draws, its KL weighted by beta (and a warm-up),
+    with free bits where config.free_bits is set."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.free_bits = config.free_bits
+
+    @classmethod
+    def check(cls, config) -> None:
+        super().check(config)
+        if config.estimator == "dreg":
+            _refuse("--estimator dreg is the gradient of the iwae bound: add --objective iwae, "
+                    "or use --estimator stl for the ELBO")
+
+    def loss(self, terms: Terms, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.free_bits:
+            return free_bits_negative_elbo(terms, self.free_bits, kl_weight)
+        return negative_elbo(terms, kl_weight).mean()
+
+
+@OBJECTIVES.register("iwae")
+class Iwae(Objective):
+    """The negative IWAE bound of Burda et al. (2015) with k = config.k samples."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.k = self.samples = config.k
+
+    @classmethod
+    def check(cls, config) -> None:
+        super().check(config)
+        if config.beta != 1 or config.kl_warmup or config.free_bits:
+            _refuse("--beta, --kl-warmup and --free-bits act on the ELBO's KL term, which the "
+                    "iwae bound does not have; leave them out with --objective iwae")
+
+    def loss(self, terms: Terms, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self.estimator == "dreg":
+            terms = dreg_weighted(terms)
+        return negative_iwae(terms).mean()
+
+    def test_passes(self):
+        return [*super().test_passes(), (self.k, {"test_iwae": negative_iwae})]
+
+    def epoch_line(self, record: dict) -> str:
+        return (f"epoch {record['epoch']:3d}  negative IWAE bound (k={self.k}): train"
+                f" {record['train_loss']:8.3f}  test {record['test_iwae']:8.3f};  test negative"
+                f" ELBO {record['test_loss']:8.3f} nats  ({record['seconds']:.1f} s)")
+
+    def summary(self, record: dict) -> str:
+        return (f"test negative IWAE bound (k={self.k}) after {_epochs(record)}: "
+                f"{record['test_iwae']:.2f} nats per image (negative ELBO "
+                f"{record['test_loss']:.2f})")
+
+
+# The bounds by name, as functions of the terms (the test pass and evaluation read them).
+BOUNDS = {"elbo": negative_elbo, "iwae": negative_iwae}
+
+
+def estimated(model, x: torch.Tensor, eps: torch.Tensor, estimator: str, **forward) -> Terms:
+    """model(x, eps, **forward)'s terms whose gradient, through an objective, is the estimator's
+    (ESTIMATORS): stl and dreg hold q's parameters fixed in log q (and take the KL from the
+    draws), dreg reweights the gradient at z (dreg_weighted). The values are the plain terms'
+    (up to rounding)."""
+    terms = model(x, eps, fixed_q=estimator != "reparam", **forward)
+    return dreg_weighted(terms) if estimator == "dreg" else terms

@@ -113,14 +113,27 @@ def data_figure(data: Dataset, n: int = 100) -> Figure:
     return _grid_figure(image_grid(images, nrow=10), f"{len(images)} training images")
 
 
+def conditioning(model: VAE, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The y a figure gives a conditional model for n images: their labels, or without them
+    the labels 0, 1, 2, ... in turn (ten classes); None for any other model."""
+    if not model.conditional:
+        return None
+    if labels is None:
+        labels = torch.arange(n) % 10
+    return labels[:n].to(model.device)
+
+
 @torch.no_grad()
-def reconstruction_images(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:
+def reconstruction_images(model: VAE, images: torch.Tensor, seed: int = 0,
+                          labels: torch.Tensor | None = None) -> np.ndarray:
     """images: (N, C, H, W), uint8 or floats in [0, 1] (images.stored) -> (2N, H, W) or
     (2N, H, W, 3) in [0, 1]: the N images as the model sees them (observed with the seed's
-    keys), then their reconstructions E[x | z = mu(x)]."""
+    keys), then their reconstructions E[x | z = mu(x)]. labels: theirs, for a conditional
+    model."""
     images = stored(images, model.config.image_shape).to(model.device)
     x = model.observe(images, image_keys(seed, "observe", torch.arange(len(images), device=model.device)))
-    recon = model.decode_mean(model.posterior_mean(x))
+    y = conditioning(model, labels, len(x))
+    recon = model.decode_mean(model.posterior_mean(x, y), y)
     shape = model.config.image_shape
     return np.concatenate([_as_images(x, shape), _as_images(recon, shape)])
 
@@ -190,9 +203,13 @@ def _interpolate(model: VAE, data: Dataset, pairs: int | np.ndarray | list, step
     index = torch.from_numpy(_pair_indices(data, pairs)).flatten().to(model.device)
     images = data.test_images.to(model.device)[index]
     x = model.observe(images, image_keys(seed, "observe", index))
-    mu = model.posterior_mean(x).view(-1, 2, model.config.z_dim)
+    labels = None if data.test_labels is None else data.test_labels.to(model.device)[index]
+    y = conditioning(model, labels, len(x))
+    mu = model.posterior_mean(x, y).view(-1, 2, model.config.z_dim)
     path = linear_path(mu[:, 0], mu[:, 1], steps)  # (P, steps, z_dim)
-    decoded = _as_images(model.decode_mean(path), model.config.image_shape)
+    # a conditional model decodes each path under its first image's label
+    y_path = None if y is None else y.view(-1, 2)[:, :1].expand(-1, steps)
+    decoded = _as_images(model.decode_mean(path, y_path), model.config.image_shape)
     return x.view(-1, 2, *x.shape[1:]), decoded.reshape(*path.shape[:2], *decoded.shape[1:])
 
 
@@ -267,11 +284,14 @@ def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: in
 
 
 @torch.no_grad()
-def sample_images(model: VAE, n: int = 64, seed: int = 0) -> np.ndarray:
-    """(n, H, W) or (n, H, W, 3) decoder means for n draws z ~ p(z)."""
+def sample_images(model: VAE, n: int = 64, seed: int = 0,
+                  labels: torch.Tensor | None = None) -> np.ndarray:
+    """(n, H, W) or (n, H, W, 3) decoder means for n draws z ~ p(z); a conditional model's
+    under labels (n,) (default: 0, 1, 2, ... in turn)."""
     generator = torch.Generator(model.device).manual_seed(seed)
-    z = model.sample_prior(n, generator)
-    return _as_images(model.decode_mean(z), model.config.image_shape)
+    y = conditioning(model, labels, n)
+    z = model.sample_prior(n, generator, y)
+    return _as_images(model.decode_mean(z, y), model.config.image_shape)
 
 
 @torch.no_grad()
@@ -282,7 +302,8 @@ def manifold_figure(model: VAE, n: int = 20, limit: float = 4.0) -> Figure:
     values = torch.linspace(-limit, limit, n)
     z1, z0 = torch.meshgrid(values.flip(0), values, indexing="ij")  # z_1 grows upwards
     z = torch.stack([z0.flatten(), z1.flatten()], dim=1).to(model.device)
-    images = _as_images(model.decode_mean(z), model.config.image_shape)
+    images = _as_images(model.decode_mean(z, conditioning(model, torch.zeros(len(z)), len(z))),
+                        model.config.image_shape)  # a conditional model's under label 0
     grid = image_grid(images, nrow=n, pad=0)
     fig = Figure(figsize=(8, 8))
     ax = fig.subplots()
@@ -299,7 +320,10 @@ def latent_means(model: VAE, data: Dataset, n: int | None = None, seed: int = 0)
     """(N, z_dim) the first n test images' codes z(x) at the posterior's mean (VAE.posterior_mean)."""
     images = data.test_images[:n].to(model.device)
     keys = image_keys(seed, "observe", torch.arange(len(images), device=model.device))
-    mus = [model.posterior_mean(model.observe(images[i:i + 1000], keys[i:i + 1000]))
+    labels = None if data.test_labels is None else data.test_labels[:n]
+    y = conditioning(model, labels, len(images))
+    mus = [model.posterior_mean(model.observe(images[i:i + 1000], keys[i:i + 1000]),
+                                None if y is None else y[i:i + 1000])
            for i in range(0, len(images), 1000)]
     return torch.cat(mus).cpu().numpy()
 

@@ -1,11 +1,13 @@
-"""Priors p(z): the only module that names one.
+"""Priors p(z [| y]): the only module that names one.
 
 Each prior knows
-- `log_prob(z, components)`: log p(z) in nats, z: (..., z_dim) -> (...);
-- `components(encode)`: what one forward call needs of it, computed once and shared by every
-  draw of the call (a mixture's means, log-variances and log-weights; None for N(0, I));
-- `sample(n, generator)`: n draws z (n, z_dim), for samples and figures;
-- `analytic_kl`: whether KL(q || p) has a closed form for a diagonal-Gaussian q (N(0, I) only).
+- `from_config(z_dim, config)`: how a model makes it (config: a ModelConfig, read by field);
+- `log_prob(z, components, y=None)`: log p(z) in nats, z: (..., z_dim) -> (...);
+- `components(encode, y=None)`: what one forward call needs of it, computed once and shared by
+  every draw of the call (a mixture's means, log-variances and log-weights; None for N(0, I));
+- `sample(n, generator, encode=None, y=None)`: n draws z (n, z_dim), for samples and figures.
+y, a conditioning tensor (N, ...) where the model has one, is passed to every method; the priors
+here ignore it. Whether KL(q || p) has a closed form is the KL registry's to say (kl.py).
 
 A learned prior is an nn.Module whose parameters register after the encoder, head and decoder,
 so optimizer checkpoints, which list parameters by position, keep their order.
@@ -20,7 +22,10 @@ import math
 import torch
 from torch import nn
 
-from .objectives import LOG_2PI, log_standard_normal
+from .densities import LOG_2PI, log_standard_normal
+from .registry import Registry
+
+PRIORS = Registry("prior")
 
 Mixture = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor
@@ -55,12 +60,14 @@ def sample_mixture(
 
 
 class Prior(nn.Module):
-    name = ""
-    analytic_kl = False
-
     def __init__(self, z_dim: int, k: int = 0):
         super().__init__()
         self.z_dim, self.k = z_dim, k
+
+    @classmethod
+    def from_config(cls, z_dim: int, config) -> "Prior":
+        """The prior over z_dim latents that config (a ModelConfig) asks for."""
+        return cls(z_dim)
 
     @property
     def row_bytes(self) -> int:
@@ -68,32 +75,33 @@ class Prior(nn.Module):
         evaluation sizes its calls by, beside the decoder's."""
         return 3 * 8 * self.k
 
-    def components(self, encode) -> Mixture | None:
+    def components(self, encode=None, y=None) -> Mixture | None:
         """encode: x (K, C, H, W) -> (mu, logvar), the model's posterior (the VampPrior's)."""
         return None
 
-    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None,
+                 y=None) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, encode=None, y=None) -> torch.Tensor:
         raise NotImplementedError
 
 
+@PRIORS.register("standard")
 class StandardNormal(Prior):
     """N(0, I): the classic VAE's prior, with the analytic KL."""
 
-    name = "standard"
-    analytic_kl = True
-
-    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None,
+                 y=None) -> torch.Tensor:
         return log_standard_normal(z)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, encode=None, y=None) -> torch.Tensor:
         return torch.randn(n, self.z_dim, generator=generator, device=generator.device)
 
 
+@PRIORS.register("mog")
 class MixtureOfGaussians(Prior):
     """A mixture of K diagonal Gaussians with learned means, variances and weights.
 
@@ -103,7 +111,6 @@ class MixtureOfGaussians(Prior):
     z_dim=50; tests/test_priors.py), with K distinct modes to move apart.
     """
 
-    name = "mog"
     START_SPREAD = 0.1
 
     def __init__(self, z_dim: int, k: int):
@@ -113,17 +120,23 @@ class MixtureOfGaussians(Prior):
         self.logvar = nn.Parameter(torch.full((k, z_dim), math.log(1 - s**2)))
         self.logits = nn.Parameter(torch.zeros(k))
 
-    def components(self, encode=None) -> Mixture:
+    @classmethod
+    def from_config(cls, z_dim: int, config) -> "MixtureOfGaussians":
+        return cls(z_dim, config.prior_components)
+
+    def components(self, encode=None, y=None) -> Mixture:
         return self.mu, self.logvar, self.logits.log_softmax(-1)
 
-    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None,
+                 y=None) -> torch.Tensor:
         return log_mixture(z, *(components or self.components()))
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, encode=None, y=None) -> torch.Tensor:
         return sample_mixture(n, generator, *self.components())
 
 
+@PRIORS.register("vamp")
 class VampPrior(Prior):
     """The VampPrior (Tomczak & Welling 2018): p(z) = (1/K) sum_k q(z | u_k), the posterior at K
     learned pseudo-inputs u_k.
@@ -137,18 +150,20 @@ class VampPrior(Prior):
     not the paper's mixture of flowed posteriors, whose density would need the flow inverted.
     """
 
-    name = "vamp"
-
     def __init__(self, z_dim: int, k: int, image_shape: tuple[int, int, int]):
         super().__init__(z_dim, k)
         self.image_shape = tuple(image_shape)
         self.pseudo_inputs = nn.Parameter(torch.empty(k, math.prod(image_shape)).normal_(0.05, 0.01))
 
+    @classmethod
+    def from_config(cls, z_dim: int, config) -> "VampPrior":
+        return cls(z_dim, config.prior_components, config.image_shape)
+
     def inputs(self) -> torch.Tensor:
         """The K pseudo-inputs u_k: (K, C, H, W) in [0, 1]."""
         return nn.functional.hardtanh(self.pseudo_inputs, 0.0, 1.0).view(-1, *self.image_shape)
 
-    def components(self, encode) -> Mixture:
+    def components(self, encode=None, y=None) -> Mixture:
         mu, logvar = encode(self.inputs())
         return (
             mu,
@@ -156,7 +171,8 @@ class VampPrior(Prior):
             torch.full((len(mu),), -math.log(len(mu)), device=mu.device, dtype=mu.dtype),
         )
 
-    def log_prob(self, z: torch.Tensor, components: Mixture | None = None) -> torch.Tensor:
+    def log_prob(self, z: torch.Tensor, components: Mixture | None = None,
+                 y=None) -> torch.Tensor:
         if components is None:
             raise ValueError(
                 "the VampPrior's log p(z) needs its components (the posterior at the pseudo-inputs)"
@@ -164,19 +180,38 @@ class VampPrior(Prior):
         return log_mixture(z, *components)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator, encode=None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator, encode=None, y=None) -> torch.Tensor:
         return sample_mixture(n, generator, *self.components(encode))
 
 
-# By name, in the order the command line lists them.
-KINDS = {kind.name: kind for kind in (StandardNormal, MixtureOfGaussians, VampPrior)}
-PRIORS = tuple(KINDS)
+class Hierarchical(Prior):
+    """p(z_L) p(z_{L-1} | z_L) ... p(z_1 | z_2) (Burda et al. 2015) over every layer's draws
+    z (..., d_1 + ... + d_L): a prior `top` over z_L, and the conditionals below it from the
+    posterior's posteriors.Layers, which that posterior registers (held here unregistered, so
+    each parameter is the model's once). Not registered by name: see posteriors.Hierarchical."""
+
+    def __init__(self, top: Prior, layers: nn.Module):
+        super().__init__(top.z_dim, top.k)
+        self.top = top
+        self._layers = (layers,)  # a tuple: not a submodule
+
+    @property
+    def row_bytes(self) -> int:
+        return self.top.row_bytes
+
+    def components(self, encode=None, y=None):
+        return self.top.components(encode, y)
+
+    def log_prob(self, z: torch.Tensor, components=None, y=None) -> torch.Tensor:
+        layers = self._layers[0]
+        base = self.top.log_prob(z[..., -layers.sizes[-1]:], components, y)
+        return base + layers.log_p(z)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, encode=None, y=None) -> torch.Tensor:
+        return self._layers[0].sample_down(self.top.sample(n, generator, encode, y), generator)
 
 
-def make(name: str, z_dim: int, k: int, image_shape: tuple[int, int, int]) -> Prior:
-    """The prior named `name` over z_dim latents (k: a mixture's components)."""
-    if name == VampPrior.name:
-        return VampPrior(z_dim, k, image_shape)
-    if name == MixtureOfGaussians.name:
-        return MixtureOfGaussians(z_dim, k)
-    return StandardNormal(z_dim)
+def make(name: str, z_dim: int, config) -> Prior:
+    """The prior registered as `name` over z_dim latents, as config (a ModelConfig) sets it."""
+    return PRIORS[name].from_config(z_dim, config)

@@ -39,7 +39,8 @@ BATCH = 500  # images encoded at a time
 
 @torch.no_grad()
 def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 100,
-           progress: bool = False, world: World = SINGLE) -> dict[str, np.ndarray]:
+           progress: bool = False, world: World = SINGLE,
+           labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """The latent codes of images: (N, C, H, W), uint8 or floats in [0, 1] (images.stored: the
     same images in either form give the same codes).
 
@@ -47,26 +48,30 @@ def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 1
       mu, logvar  (N, z_dim) q(z_1|x)'s Gaussian: with --posterior iaf, the flow's base Gaussian
       z_mean      (N, noise_dim) E_q[z] of every layer (z_1, then z_2, ...), the mean of `draws`
                   keyed draws; only where it is not mu: an IAF posterior or a hierarchy
+    labels: (N,) the images' labels, which a conditional model reads (and needs).
     Under torchrun the ranks share the batches and every rank gets every image's values.
     """
     model.eval()
     images = stored(images, model.config.image_shape)
     device, n = model.device, len(images)
-    drawn = model.flow is not None or model.hierarchy is not None
+    if model.conditional and labels is None:
+        raise VaelabError("this model is conditional: encoding needs the images' labels")
+    drawn = model.latent_mean_columns < model.noise_dim
     width = 2 * model.config.z_dim + (model.noise_dim if drawn else 0)
     values = torch.zeros((n, width), dtype=torch.float32, device=device)
-    components = model.prior_components() if drawn else None
+    components = model.prior_components() if drawn and not model.conditional else None
     starts = range(0, n, BATCH)[world.rank::world.size]
     bar = show.bar(n, "encoding", progress and world.main, unit="image")
     for start in starts:
         index = torch.arange(start, min(start + BATCH, n), device=device)
         x = model.observe(images[start:start + BATCH].to(device),
                           image_keys(seed, "observe", index))
-        q = model.encode_posterior(x)
+        y = None if not model.conditional else labels[start:start + BATCH].to(device)
+        q = model.posterior_params(x, y)
         parts = list(q[:2])
         if drawn:
             eps = draw_noise(image_keys(seed, "noise", index), model.noise_dim, draws)
-            parts.append(model(x, eps, posterior=q, components=components).z.mean(0))
+            parts.append(model(x, eps, posterior=q, components=components, y=y).z.mean(0))
         values[index] = torch.cat(parts, dim=1)
         bar.update(len(index) * world.size)
     bar.close()
@@ -79,8 +84,8 @@ def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 1
 
 
 def score(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
-          precision: str = "fp32", progress: bool = False, world: World = SINGLE
-          ) -> dict[str, np.ndarray]:
+          precision: str = "fp32", progress: bool = False, world: World = SINGLE,
+          labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Each image's log p(x) by importance sampling with K = k draws from q(z|x): images
     (N, C, H, W), uint8 or floats in [0, 1] (images.stored: the same images in either form give
     the same scores) -> float64 arrays (N,):
@@ -88,10 +93,11 @@ def score(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
       log_px_se       its Monte-Carlo standard error
       elbo            the ELBO from the same draws
       bits_per_dim    -log p(x) / (C H W log 2), for the discrete likelihoods only
+    labels: (N,) the images' labels, which a conditional model reads (and needs).
     """
     images = stored(images, model.config.image_shape)
     r = importance_sampled(model, images, k=k, seed=seed, precision=precision,
-                           progress=progress, world=world)
+                           progress=progress, world=world, labels=labels)
     out = {"log_px": r["log_px"], "log_px_se": np.sqrt(r["per_image"]["log_px_variance"]),
            "elbo": r["per_image"]["elbo"]}
     if model.likelihood.discrete:
@@ -189,7 +195,7 @@ def _outputs(output: str, force: bool) -> Path:
 
 def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
     """encode_run's and score_run's path: the output checked, the run and its split's images
-    loaded, compute(model, images) on every rank, and its arrays written by rank 0 after what
+    loaded, compute(model, images, labels) on every rank (labels: for a conditional model), and its arrays written by rank 0 after what
     identifies each image (`listing`). Returns both files' paths and the table written."""
     check(options)
     distributed.start(world)  # under torchrun: join the group (nothing for one process)
@@ -198,7 +204,9 @@ def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
                                     progress=not options.quiet,
                                     **{name: getattr(options, name) for name in READ_OPTIONS})
     images, identity = listing(data, options.split, options.images)
-    table = {**identity, **compute(model, images)}
+    labels = (torch.from_numpy(identity["label"]) if model.conditional and "label" in identity
+              else None)
+    table = {**identity, **compute(model, images, labels)}
     if world.main:
         write_table(path, table)
     return path, path.with_suffix(".csv"), table
@@ -208,15 +216,15 @@ def encode_run(options: EncodeOptions, world: World = SINGLE) -> tuple[Path, Pat
     """`vaelab encode`: the codes of a split's images under a run's encoder, written by rank 0
     (index, split, file for a folder, label where there are labels, then encode's arrays).
     Returns both files' paths and the table written, by column."""
-    return _write_for_run(options, world, lambda model, images: encode(
+    return _write_for_run(options, world, lambda model, images, labels: encode(
         model, images, seed=options.seed, draws=options.draws, progress=not options.quiet,
-        world=world))
+        world=world, labels=labels))
 
 
 def score_run(options: ScoreOptions, world: World = SINGLE) -> tuple[Path, Path, dict]:
     """`vaelab score`: each image's log p(x) for a split's images, written by rank 0 (index,
     split, file for a folder, label where there are labels, then score's arrays). Returns both
     files' paths and the table written, by column."""
-    return _write_for_run(options, world, lambda model, images: score(
+    return _write_for_run(options, world, lambda model, images, labels: score(
         model, images, k=options.k, seed=options.seed, precision=options.precision,
-        progress=not options.quiet, world=world))
+        progress=not options.quiet, world=world, labels=labels))

@@ -10,7 +10,6 @@ the whole step at once.
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import torch
@@ -18,38 +17,42 @@ import torch
 from . import rng
 from .distributed import SINGLE, World
 from .models import VAE
-from .objectives import estimated, free_bits_negative_elbo, negative_elbo, negative_iwae
+from .objectives import Objective
 
 
 class TrainStep:
     """Calling it trains on the next batch of the epoch set by `begin_epoch` and returns
     that batch's mean loss (a 0-d tensor on the device; nothing is synchronised).
 
-    images: (N, C, H, W) uint8 on the model's device. samples: S draws of z per
-    image (L of the ELBO, or k of the IWAE bound). batch_size is the global batch: under
+    images: (N, C, H, W) uint8 on the model's device; labels: (N,) int64 beside them, read
+    only by a conditional model (VAE.conditional). objective: an objectives.Objective, which
+    gives the draws of z per image and the loss. batch_size is the global batch: under
     torchrun rank r trains on its r-th share, drawn as a single process would draw it, through
     `forward` (the model wrapped in DistributedDataParallel, which averages the gradients).
+    say: where the step's one-line notices go (a CUDA graph that cannot be captured), the
+    caller's progress; None: nowhere.
     """
 
     # Eager steps before capture: the optimizer creates its state, the allocator settles.
     WARMUP = 3
 
-    def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor, *,
-                 objective: str, samples: int, batch_size: int, cuda_graph: bool = True,
-                 world: World = SINGLE, forward: torch.nn.Module | None = None,
-                 beta: float = 1.0, kl_warmup_epochs: int = 0, estimator: str = "reparam",
-                 free_bits: float = 0.0, grad_clip: float | None = None,
-                 skip_threshold: float | None = None):
+    def __init__(self, model: VAE, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                 objective: Objective, *, batch_size: int, labels: torch.Tensor | None = None,
+                 cuda_graph: bool = True, world: World = SINGLE,
+                 forward: torch.nn.Module | None = None, beta: float = 1.0,
+                 kl_warmup_epochs: int = 0, grad_clip: float | None = None,
+                 skip_threshold: float | None = None, say: Callable[[str], None] | None = None):
         device = images.device
         self.model, self.optimizer, self.images = model, optimizer, images
         self.forward = forward or model
-        self.iwae = objective == "iwae"
-        self.estimator = estimator  # objectives.ESTIMATORS
+        self.objective = objective
+        self.say = say or (lambda line: None)
+        samples = objective.samples
         # The ELBO's KL weight: beta, reached linearly over the first kl_warmup_epochs (counted in
         # steps). It lives in a tensor the step itself updates, so a captured step follows it too.
         self.beta, self.warmup_steps = beta, kl_warmup_epochs * (len(images) // batch_size)
         self.weighted = beta != 1.0 or kl_warmup_epochs > 0  # else the plain ELBO, with no multiply
-        self.free_bits, self.grad_clip, self.skip_threshold = free_bits, grad_clip, skip_threshold
+        self.grad_clip, self.skip_threshold = grad_clip, skip_threshold
         # What the last step measured, in tensors a captured step writes too: the gradient's
         # global norm before clipping, and whether the update was skipped (--skip-threshold).
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=device)
@@ -67,6 +70,12 @@ class TrainStep:
         n = self.chunk_steps * batch_size
         self.x = torch.empty((n, *images.shape[1:]), dtype=torch.float32, device=device)
         self.eps = torch.empty((n, samples * model.noise_dim), dtype=torch.float32, device=device)
+        # The chunk's conditioning, for a conditional model only: nothing otherwise.
+        self.labels = labels.to(device) if model.conditional and labels is not None else None
+        if model.conditional and self.labels is None:
+            raise ValueError("a conditional model trains on labelled images: give labels")
+        self.y = None if self.labels is None else torch.empty(n, dtype=self.labels.dtype,
+                                                                device=device)
         self._seed, self._epoch, self._next_step = 0, 0, 0  # the host's count of the epoch's steps
         share = batch_size // world.size
         self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
@@ -75,8 +84,8 @@ class TrainStep:
         if self.capture and world.distributed:  # DDP's all-reduce inside a graph is untested here
             self.capture = False
             if world.main:
-                print("vaelab: under torchrun the step is not captured as a CUDA graph (not yet tested with "
-                      "DistributedDataParallel); training eagerly", file=sys.stderr)
+                self.say("vaelab: under torchrun the step is not captured as a CUDA graph (not yet "
+                         "tested with DistributedDataParallel); training eagerly")
         self.graph: torch.cuda.CUDAGraph | None = None
         self._loss: torch.Tensor | None = None  # the captured step's output
         self._eager_steps = 0
@@ -116,10 +125,13 @@ class TrainStep:
             images = self.images.index_select(0, self.order[first + start:first + stop])
             self.x[start:stop] = self.model.observe(images, rng.row_keys(observe_key, positions))
             self.eps[start:stop] = rng.normal(rng.row_keys(noise_key, positions), self.eps.shape[1])
+            if self.y is not None:
+                self.y[start:stop] = self.labels.index_select(0, self.order[first + start:first + stop])
         self.positions.copy_(self.rows)
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current batch as the model sees it, x: (B, C, H, W), and its noise eps: (S, B, noise_dim).
+        """The current batch as the model sees it, x: (B, C, H, W), and its noise eps:
+        (S, B, noise_dim).
 
         Keyed by each image's position in the epoch, so a slice of the batch draws
         what the whole batch would.
@@ -127,21 +139,24 @@ class TrainStep:
         eps = self.eps.index_select(0, self.positions).view(-1, self.samples, self.model.noise_dim)
         return self.x.index_select(0, self.positions), eps.transpose(0, 1)
 
+    def batch_labels(self) -> torch.Tensor | None:
+        """The current batch's labels y: (B,) for a conditional model, else None."""
+        return None if self.y is None else self.y.index_select(0, self.positions)
+
     def eager(self, check: Callable[[str, object], None] | None = None) -> torch.Tensor:
         """The step itself, run op by op. check(stage, value), when given, sees the terms and
         the loss ("terms"), the gradients ("gradients") and the updated weights ("update")."""
         x, eps = self.draw()
-        terms = estimated(self.forward(x, eps), self.estimator)
-        if self.iwae:
-            loss = negative_iwae(terms).mean()
-        else:
-            if self.warmup_steps:
-                ramp = self.steps_done.to(torch.float32).div_(self.warmup_steps).clamp_(max=1.0)
-                self.kl_weight.copy_(ramp.mul_(self.beta))
-                self.steps_done.add_(1)
-            weight = self.kl_weight if self.weighted else None
-            loss = (free_bits_negative_elbo(terms, self.free_bits, weight) if self.free_bits
-                    else negative_elbo(terms, weight).mean())
+        y = self.batch_labels()
+        extra = {} if y is None else {"y": y}  # an unconditional model's call is unchanged
+        if self.objective.fixed_q:
+            extra["fixed_q"] = True
+        terms = self.forward(x, eps, **extra)
+        if self.warmup_steps:
+            ramp = self.steps_done.to(torch.float32).div_(self.warmup_steps).clamp_(max=1.0)
+            self.kl_weight.copy_(ramp.mul_(self.beta))
+            self.steps_done.add_(1)
+        loss = self.objective.loss(terms, self.kl_weight if self.weighted else None)
         if check:
             check("terms", (terms, loss))
         self.optimizer.zero_grad(set_to_none=True)  # backward then writes the gradients, not adds to zeros
@@ -225,7 +240,7 @@ class TrainStep:
         except RuntimeError as e:
             self.capture, self._loss = False, None
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"vaelab: this step cannot be captured as a CUDA graph ({reason}); training eagerly",
-                  file=sys.stderr)
+            self.say(f"vaelab: this step cannot be captured as a CUDA graph ({reason}); training "
+                     "eagerly")
             return
         self.graph = graph

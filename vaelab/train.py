@@ -20,21 +20,18 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
+from .callbacks import Callback, as_callbacks
 from .config import SKIP_LIMIT, ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
-from .evaluate import TestSet, mean_loss, test_means
+from .evaluate import TestSet, test_means
 from .models import VAE, build_model, initialise
-from .objectives import negative_elbo
+from .objectives import OBJECTIVES, Objective
 from .runs import (claim, load_config, new_run_dir, read_checkpoint, restore_checkpoint,
                    save_checkpoint, save_config, save_weights, started, write_batch_losses,
                    write_metrics)
 from .step import TrainStep
-
-
-# What each epoch records of the test set, per image: the negative ELBO and its KL term.
-TEST_VALUES = {"test_loss": negative_elbo, "test_kl": lambda terms: terms.kl}
 
 
 class TrainingDiverged(VaelabError):
@@ -62,6 +59,11 @@ class Training:
     step: TrainStep
     test_set: TestSet         # the test images, with the same keyed pixels and noise every epoch
     world: World = SINGLE
+    objective: Objective | None = None  # the step's; None: made from config.objective
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = OBJECTIVES[self.config.objective](self.config)
 
 
 def make_optimizer(config: RunConfig, model: VAE, lr: torch.Tensor) -> torch.optim.Optimizer:
@@ -135,7 +137,7 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     asked = "output_init" in explicit(config)
     config = resolve(config)
     config.validate()
-    config.data_dir = data_dir
+    config = config.replace(data_dir=data_dir)
     model = build_model(config.model, seed=config.seed) if model is None else copy.deepcopy(model)
     why_not = initialise(model, config.init, config.output_init, data.train_images, config.seed)
     if why_not:
@@ -143,22 +145,34 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
             raise VaelabError(f"--output-init data cannot be applied: {why_not}")
         show.write(f"vaelab: the decoder's output bias keeps its own initialisation: {why_not}",
                    progress and world.main, file=sys.stderr)
-        config.output_init = "none"  # what config.json records is what was done
+        config = config.replace(output_init="none")  # config.json records what was done
     model = model.to(device)
     lr = torch.tensor(config.lr_at(1), dtype=torch.float32, device=device)
     optimizer = make_optimizer(config, model, lr)
-    samples = config.k if config.objective == "iwae" else config.samples
+    objective = OBJECTIVES[config.objective](config)
     forward = model
     if world.distributed:  # averages the gradients over the ranks during backward
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                             else None)
-    step = TrainStep(model, optimizer, data.train_images.to(device), objective=config.objective,
-                     samples=samples, batch_size=config.batch_size, cuda_graph=config.cuda_graph,
-                     world=world, forward=forward, beta=config.beta, kl_warmup_epochs=config.kl_warmup,
-                     estimator=config.estimator, free_bits=config.free_bits,
-                     grad_clip=config.grad_clip, skip_threshold=config.skip_threshold)
-    test_set = TestSet(data.test_images.to(device), seed=config.eval_seed)
-    return Training(config, data, model, optimizer, lr, step, test_set, world)
+    say = (lambda line: show.write(line, progress and world.main, file=sys.stderr))
+    step = TrainStep(model, optimizer, data.train_images.to(device), objective,
+                     labels=data.train_labels, batch_size=config.batch_size,
+                     cuda_graph=config.cuda_graph, world=world, forward=forward, beta=config.beta,
+                     kl_warmup_epochs=config.kl_warmup, grad_clip=config.grad_clip,
+                     skip_threshold=config.skip_threshold, say=say)
+    test_set = TestSet(data.test_images.to(device), seed=config.eval_seed,
+                       labels=_labels(model, data.test_labels, device))
+    return Training(config, data, model, optimizer, lr, step, test_set, world, objective)
+
+
+def _labels(model: VAE, labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """The labels a conditional model reads, on device; None for any other model."""
+    if not model.conditional:
+        return None
+    if labels is None:
+        raise VaelabError("this model is conditional: it trains on labelled images (IDX label "
+                          "files, class folders, or y_train and y_test in an .npz)")
+    return labels.to(device)
 
 
 @dataclass
@@ -215,10 +229,13 @@ def _advice(config: RunConfig, epoch: int, run_dir: Path | None) -> str:
 
 
 def fit(training: Training, run_dir: str | Path | None = None, progress: bool = True,
-        resume: bool = False, tensorboard: str | Path | None = None) -> TrainResult:
-    """Run the epochs of `training.config`; with run_dir, save everything there; with
-    tensorboard, a folder, write each epoch's record and pictures there as TensorBoard events
-    (rank 0; needs the `tensorboard` extra).
+        resume: bool = False, tensorboard: str | Path | None = None,
+        callbacks: list | None = None) -> TrainResult:
+    """Run the epochs of `training.config`; with run_dir, save everything there. callbacks:
+    Callbacks or functions f(record, training) (callbacks.py), called on rank 0 after each
+    epoch's checkpoint; one that returns True stops the run there, cleanly. tensorboard, a
+    folder: a tensorboard.TensorBoard callback writing each epoch's record and pictures there
+    (needs the `tensorboard` extra).
 
     With resume=True, training continues from the run directory's checkpoint; on
     the CPU the result is bit for bit that of an uninterrupted run. A run with no finished
@@ -230,16 +247,17 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     negative ELBO, negative IWAE bound, or with --beta / --kl-warmup the negative
     ELBO with its KL weighted), test_loss (the true negative ELBO of the test set,
     KL weight 1, its pixels and noise keyed the same every epoch), test_kl (its KL term),
-    seconds; with
-    --objective iwae also test_iwae; with a KL weight also kl_weight (at the
-    epoch's last step).
+    seconds, and what the objective's test passes add (objectives.Objective.test_passes); with
+    a KL weight also kl_weight (at the epoch's last step).
     """
     config, model, world = training.config, training.model, training.world
     progress = progress and world.main  # rank 0 writes and shows; the others only compute
-    if tensorboard and world.main:
-        from .tensorboard import Board, summary_writer  # matplotlib and TensorBoard: only when asked
+    callbacks = as_callbacks(callbacks)
+    if tensorboard:
+        from .tensorboard import TensorBoard  # matplotlib and TensorBoard: only when asked
 
-        summary_writer()  # a missing extra is said before the run folder is made
+        callbacks.append(TensorBoard(tensorboard))  # a missing extra is said before the run starts
+    callbacks = callbacks if world.main else []
     metrics: list[dict] = []
     if resume and run_dir is None:
         raise VaelabError("resuming needs the run directory")
@@ -270,19 +288,20 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     show.write(f"run directory: {run_dir}", progress and run_dir is not None, file=sys.stderr)
 
     batch_losses: list[np.ndarray] = []
-    board = None
-    if tensorboard and world.main:
-        board = Board(tensorboard, first_epoch=len(metrics) + 1)
+    result = None
+    for callback in callbacks:
+        callback.on_fit_start(training, None if run_dir is None else Path(run_dir))
     try:
-        _epochs(training, metrics, batch_losses, run_dir, progress, board)
+        _epochs(training, metrics, batch_losses, run_dir, progress, callbacks)
+        result = TrainResult(model.eval(), metrics, training.data, run_dir, batch_losses)
     finally:
-        if board is not None:
-            board.close()
-    return TrainResult(model.eval(), metrics, training.data, run_dir, batch_losses)
+        for callback in callbacks:
+            callback.on_fit_end(result)
+    return result
 
 
 def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarray],
-            run_dir: Path | None, progress: bool, board) -> None:  # board: a tensorboard.Board
+            run_dir: Path | None, progress: bool, callbacks: list[Callback]) -> None:
     """fit's loop: the epochs after those in metrics, each appending its record and losses."""
     config, model, world = training.config, training.model, training.world
     epochs = show.bar(config.epochs - len(metrics), "epochs", progress)
@@ -296,8 +315,10 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         record = {"epoch": epoch, **measured.summary()}
         _check_epoch(training, epoch, measured, before, run_dir)
         model.eval()
-        test = test_means(model, training.test_set, TEST_VALUES, samples=config.samples,
-                          world=world, active=True)
+        test = {}
+        for i, (samples, values) in enumerate(training.objective.test_passes()):
+            test.update(test_means(model, training.test_set, values, samples=samples,
+                                   world=world, active=i == 0))
         test_loss = test["test_loss"]
         if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
@@ -307,22 +328,22 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
             record["skipped"] = int(measured.skipped.sum())
         if config.weighted:  # train_loss is then the weighted objective, not the negative ELBO
             record["kl_weight"] = training.step.kl_weight.item()  # at the epoch's last step
-        if config.objective == "iwae":
-            record["test_iwae"] = mean_loss(model, training.test_set, "iwae", samples=config.k, world=world)
         record["seconds"] = time.perf_counter() - start
         metrics.append(record)
         batch_losses.append(measured.losses.cpu().numpy())
         if run_dir is not None and world.main:
             save_checkpoint(Path(run_dir), model, training.optimizer, metrics)
             write_batch_losses(Path(run_dir), epoch, batch_losses[-1])
-        if board is not None:
-            board.write_epoch(epoch, record, lr=config.lr_at(epoch), model=model,
-                              images=training.test_set.images, seed=config.eval_seed)
+        stop = any([bool(c.on_epoch_end(dict(record), training)) for c in callbacks])
         epochs.update()
-        show.write(epoch_line(config, record), progress)
+        show.write(training.objective.epoch_line(record), progress)
         now = record["active_units"] == 0 or record["test_kl"] < COLLAPSED_KL
         show.write(collapse_warning(record), now and not collapsed and progress, file=sys.stderr)
         collapsed = now
+        if distributed.share_result(lambda: stop, world):  # rank 0's callbacks decide for all
+            show.write(f"vaelab: a callback stopped the run after epoch {epoch}", progress,
+                       file=sys.stderr)
+            break
     epochs.close()
 
 
@@ -423,32 +444,17 @@ def _kind(t: torch.Tensor) -> str:
     return " and ".join(kinds)
 
 
-def epoch_line(config: RunConfig, record: dict) -> str:
-    """An epoch's printed line, nats per image: the training objective's mean over the epoch's
-    batches beside its test value. Under --objective iwae both are the negative IWAE bound with
-    the run's k, and the test negative ELBO follows, labelled."""
-    seconds = f"({record['seconds']:.1f} s)"
-    if "test_iwae" in record:
-        return (f"epoch {record['epoch']:3d}  negative IWAE bound (k={config.k}): train"
-                f" {record['train_loss']:8.3f}  test {record['test_iwae']:8.3f};  test negative"
-                f" ELBO {record['test_loss']:8.3f} nats  {seconds}")
-    return (f"epoch {record['epoch']:3d}  train {record['train_loss']:8.3f}  test"
-            f" {record['test_loss']:8.3f} nats  {seconds}")
+def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
+          progress: bool = True, resume: bool = False, world: World = SINGLE,
+          model: VAE | None = None, tensorboard: str | Path | None = None,
+          callbacks: list | None = None) -> TrainResult:
+    """build, then fit: train a VAE as `config` says (or a copy of `model`, see build); with
+    run_dir, save everything there; tensorboard and callbacks: see fit."""
+    return fit(build(config, data, progress, world, model), run_dir, progress, resume, tensorboard,
+               callbacks)
 
 
 def summary(config: RunConfig, record: dict) -> str:
     """What a run reports after its last epoch (record): the test value of the bound it trained,
-    named, in nats per image (under --objective iwae with the negative ELBO beside it)."""
-    epochs = f"{record['epoch']} epoch{'' if record['epoch'] == 1 else 's'}"
-    if "test_iwae" in record:
-        return (f"test negative IWAE bound (k={config.k}) after {epochs}: {record['test_iwae']:.2f}"
-                f" nats per image (negative ELBO {record['test_loss']:.2f})")
-    return f"test negative ELBO after {epochs}: {record['test_loss']:.2f} nats per image"
-
-
-def train(config: RunConfig, run_dir: str | Path | None = None, data: Dataset | None = None,
-          progress: bool = True, resume: bool = False, world: World = SINGLE,
-          model: VAE | None = None, tensorboard: str | Path | None = None) -> TrainResult:
-    """build, then fit: train a VAE as `config` says (or a copy of `model`, see build); with
-    run_dir, save everything there; with tensorboard, write TensorBoard events there (fit)."""
-    return fit(build(config, data, progress, world, model), run_dir, progress, resume, tensorboard)
+    named, in nats per image (the objective's own line)."""
+    return OBJECTIVES[config.objective](config).summary(record)
