@@ -211,3 +211,26 @@ def test_encode_refuses_grey_levels_given_as_floats():
 def test_sample_prior_draws_without_a_generator():
     model = build_model(SMALL, seed=0)
     assert model.sample_prior(16).shape == (16, 2)
+
+
+@pytest.mark.parametrize("component, renamed", [
+    (dict(posterior="iaf"), {"posterior.": "flow."}),
+    (dict(upper_z_dims=(2,), upper_hidden=(4,), prior="mog", prior_components=3),
+     {"posterior.layers.": "hierarchy.", "prior.top.": "prior."}),
+])
+def test_weights_saved_before_the_posterior_was_a_component_load_by_their_old_names(
+        component, renamed):
+    config = ModelConfig(image_shape=(1, 2, 2), z_dim=3, encoder_hidden=(5,), decoder_hidden=(5,),
+                         **component)
+    model, fresh = build_model(config, seed=0), build_model(config, seed=1)
+    old = {}
+    for key, value in model.state_dict().items():
+        for new, before in renamed.items():
+            if key.startswith(new):
+                key = before + key[len(new):]
+                break
+        old[key] = value
+    assert set(old) != set(model.state_dict())
+    fresh.load_state_dict(old)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)

@@ -1,4 +1,5 @@
-"""vaelab.tensorboard: what a Board writes, read back with TensorBoard's own reader."""
+"""vaelab.tensorboard: what a Board and the TensorBoard callback write, read back with
+TensorBoard's own reader."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from vaelab.config import ModelConfig
 from vaelab.errors import VaelabError
 from vaelab.models import VAE, build_model
-from vaelab.tensorboard import RECONSTRUCTIONS, SAMPLES, Board, reconstruction_grid
+from vaelab.tensorboard import RECONSTRUCTIONS, SAMPLES, Board, TensorBoard, reconstruction_grid
 
 RECORDS = [
     {"epoch": 1, "train_loss": 160.5, "test_loss": 158.25, "test_kl": 12.5, "kl_weight": 0.5,
@@ -125,10 +126,11 @@ def test_the_same_epoch_writes_the_same_images_and_leaves_the_global_rng_alone(t
 
 def test_without_tensorboard_a_board_is_refused_in_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import then fails
-    with pytest.raises(VaelabError) as refused:
-        Board(tmp_path / "tb")
-    message = str(refused.value)
-    assert "pip install 'vaelab[tensorboard]'" in message and "\n" not in message
+    for make in (Board, TensorBoard):  # the callback: when it is made, before fit starts
+        with pytest.raises(VaelabError) as refused:
+            make(tmp_path / "tb")
+        message = str(refused.value)
+        assert "pip install 'vaelab[tensorboard]'" in message and "\n" not in message
     assert not (tmp_path / "tb").exists()
 
 
@@ -139,18 +141,77 @@ def test_a_file_in_the_way_of_the_log_folder_is_refused(tmp_path):
         Board(tmp_path / "tb")
 
 
+def _training():
+    """A Training of the tiny config, built, not trained."""
+    from conftest import synthetic_dataset
+    from vaelab import RunConfig
+    from vaelab.train import build
+
+    config = RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,)),
+                       epochs=2, batch_size=50, lr=1e-3, schedule="burda", device="cpu")
+    return build(config, synthetic_dataset(), progress=False)
+
+
+def _callback_writes(log_dir: Path, training, records: list[dict], run_dir: Path | None = None):
+    board = TensorBoard(log_dir)
+    board.on_fit_start(training, run_dir)
+    for record in records:
+        assert board.on_epoch_end(dict(record), training) is None  # never stops the run
+    board.on_fit_end(None)
+
+
+def test_the_callback_writes_each_record_with_its_learning_rate_and_images(tmp_path):
+    _need_tensorboard()
+    training = _training()
+    _callback_writes(tmp_path / "tb", training, RECORDS)
+    events = _read(tmp_path / "tb")
+    for key, tag in TAGS.items():
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [
+            (r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in RECORDS]
+    lrs = [training.config.lr_at(r["epoch"]) for r in RECORDS]  # the schedule's, per epoch
+    assert lrs[0] != lrs[1]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx(lrs, rel=1e-6)
+    assert [e.step for e in events.Images("reconstructions")] == [1, 2]
+    assert [e.step for e in events.Images("samples")] == [1, 2]
+
+
+def test_after_a_resume_the_callback_writes_each_epoch_once(tmp_path):
+    _need_tensorboard()
+    from vaelab.runs import save_checkpoint
+
+    training = _training()
+    _callback_writes(tmp_path / "tb", training, RECORDS)  # epoch 2 written, then the run stopped
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run, training.model, training.optimizer, RECORDS[:1])  # its checkpoint: epoch 1
+    again = {**RECORDS[1], "test_loss": 140.5}
+    _callback_writes(tmp_path / "tb", training, [again], run_dir=run)
+    written = _read(tmp_path / "tb").Scalars("loss/test")
+    assert [(e.step, e.value) for e in written] == [(1, RECORDS[0]["test_loss"]), (2, 140.5)]
+
+
+def _config(epochs: int = 2):
+    from vaelab import RunConfig
+
+    return RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,)),
+                     epochs=epochs, batch_size=50, device="cpu")
+
+
+def _train(config, run_dir: Path, callbacks: list, resume: bool = False):
+    from conftest import synthetic_dataset
+    from vaelab import train
+
+    return train(config, run_dir, synthetic_dataset(), progress=False, resume=resume,
+                 callbacks=callbacks)
+
+
 @pytest.mark.slow  # trains
 def test_training_with_tensorboard_writes_one_record_per_epoch(tmp_path):
     _need_tensorboard()
-    from conftest import synthetic_dataset
-    from vaelab import RunConfig, train
-
-    config = RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,)),
-                       epochs=2, batch_size=50, device="cpu")
-    result = train(config, tmp_path / "run", synthetic_dataset(), progress=False,
-                   tensorboard=tmp_path / "tb")
+    result = _train(_config(), tmp_path / "run", [TensorBoard(tmp_path / "tb")])
     events = _read(tmp_path / "tb")
-    for key, tag in (("train_loss", "loss/train"), ("test_loss", "loss/test"), ("test_kl", "kl/test")):
+    for key, tag in (("train_loss", "loss/train"), ("test_loss", "loss/test"),
+                     ("test_kl", "kl/test")):
         assert [e.value for e in events.Scalars(tag)] == pytest.approx(
             [m[key] for m in result.metrics], rel=1e-6)
     assert [e.step for e in events.Images("samples")] == [1, 2]
@@ -159,13 +220,7 @@ def test_training_with_tensorboard_writes_one_record_per_epoch(tmp_path):
 @pytest.mark.slow  # trains
 def test_a_resumed_run_writes_each_epoch_once(tmp_path):
     _need_tensorboard()
-    from conftest import synthetic_dataset
-    from vaelab import RunConfig, train
-
-    config = RunConfig(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,)),
-                       epochs=2, batch_size=50, device="cpu")
-    data, board = synthetic_dataset(), tmp_path / "tb"
-    train(config, tmp_path / "run", data, progress=False, tensorboard=board)
-    train(config.replace(epochs=3), tmp_path / "run", data, progress=False, resume=True,
-          tensorboard=board)
+    board = tmp_path / "tb"
+    _train(_config(2), tmp_path / "run", [TensorBoard(board)])
+    _train(_config(3), tmp_path / "run", [TensorBoard(board)], resume=True)
     assert [e.step for e in _read(board).Scalars("loss/test")] == [1, 2, 3]

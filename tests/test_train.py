@@ -329,3 +329,65 @@ def test_one_epoch_of_burda1_keeps_most_decoder_tanh_units_unsaturated(mnist):
         h.remove()
     saturated = torch.cat([a.flatten() for a in activations]).abs().gt(0.99).float().mean().item()
     assert saturated < 0.5
+
+
+def test_callbacks_see_each_epochs_record_and_one_can_stop_the_run_cleanly(tmp_path):
+    from conftest import synthetic_dataset
+    from vaelab.callbacks import Callback
+    from vaelab.runs import read_metrics
+
+    class Log(Callback):
+        def __init__(self):
+            self.calls = []
+
+        def on_fit_start(self, training, run_dir):
+            self.calls.append(("start", run_dir))
+
+        def on_epoch_end(self, record, training):
+            self.calls.append(("epoch", record["epoch"]))
+            record["epoch"] = -1  # a copy: the run's record stays as it is
+
+        def on_fit_end(self, result):
+            self.calls.append(("end", len(result.metrics)))
+
+    log = Log()
+    stop_after_two = lambda record, training: record["epoch"] == 2  # noqa: E731
+    result = train(tiny_config(epochs=5), tmp_path / "run", data=synthetic_dataset(),
+                   progress=False, callbacks=[log, stop_after_two])
+    assert log.calls == [("start", tmp_path / "run"), ("epoch", 1), ("epoch", 2), ("end", 2)]
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_a_callback_that_is_neither_a_callback_nor_a_function_is_refused():
+    from conftest import synthetic_dataset
+
+    with pytest.raises(TypeError, match="a callback is"):
+        train(tiny_config(epochs=1), data=synthetic_dataset(), progress=False, callbacks=[3])
+
+
+def test_the_training_loop_names_no_objective_prior_or_posterior():
+    import ast
+    import re
+    from pathlib import Path
+
+    import vaelab
+    from vaelab.objectives import OBJECTIVES, ESTIMATORS
+    from vaelab.posteriors import POSTERIORS
+    from vaelab.priors import PRIORS
+
+    names = {*OBJECTIVES, *ESTIMATORS, *POSTERIORS, *PRIORS} - {"reparam"}
+    for module in ("train.py", "step.py"):
+        tree = ast.parse((Path(vaelab.__file__).parent / module).read_text())
+        docstrings = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Expr)}
+        words = set()  # the code's identifiers and strings, not its docstrings
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                words.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                words.add(node.attr)
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in docstrings):
+                words.add(node.value)
+        found = sorted(n for n in names for w in words if re.search(rf"\b{n}\b", w.lower()))
+        assert not found, f"{module} names {found}"

@@ -121,7 +121,7 @@ class VAE(nn.Module):
             posterior = kind.from_config(config)
         self.prior, self.posterior = prior, posterior
         self._closed_form = kl.closed_form(posterior, prior)
-        self._register_load_state_dict_pre_hook(_renamed_keys)
+        self.register_load_state_dict_pre_hook(_renamed_keys)
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VAE":

@@ -2,8 +2,9 @@
 record's numbers and the learning rate as scalars, and two images, test images above their
 reconstructions and samples from the prior.
 
+`TensorBoard(DIR)` is the callback that `fit` runs (vaelab.callbacks); `Board` writes the events.
 Needs the optional extra `pip install 'vaelab[tensorboard]'`; the package is imported only
-when a Board is made, so vaelab imports without it. A Board writes once per epoch, outside
+when one of them is made, so vaelab imports without it. A Board writes once per epoch, outside
 the training step, so it adds no host synchronisation to the steps.
 """
 
@@ -14,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .callbacks import Callback
 from .errors import VaelabError
 from .models import VAE
 from .plots import image_grid, reconstruction_images, sample_images, square_nrow
+from .runs import finished_epochs
 
 MISSING = "--tensorboard needs TensorBoard: pip install 'vaelab[tensorboard]'"
 
@@ -102,6 +105,37 @@ class Board:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TensorBoard(Callback):
+    """The callback that writes a run's TensorBoard events into log_dir (a folder, made if need
+    be): a Board opened at the start of fit, written after each epoch, closed at the end.
+
+    A resumed run starts at the epoch after those its checkpoint holds (run_dir's
+    checkpoint.safetensors, which fit has just restored): the events that followed that epoch,
+    written before the run stopped, are dropped, so each epoch is in the log once.
+    """
+
+    def __init__(self, log_dir: str | Path):
+        summary_writer()  # a missing extra is said now, before fit makes the run folder
+        self.log_dir = Path(log_dir)
+        self.board: Board | None = None
+
+    def on_fit_start(self, training, run_dir: Path | None) -> None:
+        done = finished_epochs(run_dir) if run_dir is not None else 0
+        self.board = Board(self.log_dir, first_epoch=done + 1)
+
+    def on_epoch_end(self, record: dict, training) -> None:
+        """Writes the record, the epoch's learning rate and images of training.model, as fit
+        leaves it after the epoch's test (eval mode)."""
+        config, epoch = training.config, record["epoch"]
+        self.board.write_epoch(epoch, record, lr=config.lr_at(epoch), model=training.model,
+                               images=training.test_set.images, seed=config.eval_seed)
+
+    def on_fit_end(self, result) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 def reconstruction_grid(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:

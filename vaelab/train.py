@@ -156,7 +156,8 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
                                                             else None)
     say = (lambda line: show.write(line, progress and world.main, file=sys.stderr))
     step = TrainStep(model, optimizer, data.train_images.to(device), objective,
-                     labels=data.train_labels, batch_size=config.batch_size,
+                     labels=_labels(model, data.train_labels, device),
+                     batch_size=config.batch_size,
                      cuda_graph=config.cuda_graph, world=world, forward=forward, beta=config.beta,
                      kl_warmup_epochs=config.kl_warmup, grad_clip=config.grad_clip,
                      skip_threshold=config.skip_threshold, say=say)
