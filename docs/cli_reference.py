@@ -31,6 +31,7 @@ declarations in vaelab/config.py or the commands in vaelab/cli.py, then run it a
 
 Every command also takes `-h` / `--help`, which prints what this page says about it. Options
 that are not given keep the default shown; a run's own `config.json` records what it used.
+The choices listed are vaelab's own: `vaelab train --plugin MODULE --help` lists a plugin's too.
 """
 
 

@@ -164,8 +164,9 @@ FLAGS = {
     "train": "--preset --z-dim --encoder-hidden --decoder-hidden --conv-channels --activation --likelihood "
              "--sigma --objective --beta --kl-warmup --samples --k --optimizer --lr --schedule --batch-size "
              "--epochs --seed --device --cuda-graph --deterministic --data-dir --image-size --test-fraction "
-             "--split-seed --train-size --test-size --out --resume --no-plots --quiet",
-    "evaluate": "--k --seed --test-size --data-dir --device --precision --quiet",
+             "--split-seed --train-size --test-size --out --resume --no-plots --quiet"
+             " --plugin --mlflow",  # added since
+    "evaluate": "--k --seed --test-size --data-dir --device --precision --quiet --mlflow",
     "compare": "",
     "plot": "--data-dir",
     "sample": "-n -o --output --seed --force",
@@ -201,6 +202,8 @@ def test_python_m_vaelab_is_the_command_line_and_exits_with_its_status():
     (["train", "--likelihood", "poisson"], "invalid choice"),
     (["train", "--data-dir", "/nonexistent/mnist"], "does not exist"),
     (["evaluate", "/nonexistent/run"], "does not exist"),
+    (["train", "--plugin", "vaelab_no_such_plugin"], "plugin 'vaelab_no_such_plugin' failed to import"),
+    (["train", "--activation", "gelu"], "invalid choice"),
 ])
 def test_user_mistakes_get_one_line_and_status_2(args, message):
     result = vaelab(*args)

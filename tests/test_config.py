@@ -3,6 +3,7 @@ a JSON round trip; one precedence rule resolves a run's effective options, from 
 the command line alike."""
 
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -139,11 +140,18 @@ def test_a_bad_value_of_a_declared_option_is_one_line_and_status_2(
 # --- what the caller set ----------------------------------------------------------------------
 
 
-def test_the_constructor_and_assignments_mark_what_the_caller_set():
+def test_the_constructor_and_replace_mark_what_the_caller_set():
     config = RunConfig(preset="conv", epochs=1)
     assert explicit(config) == {"preset", "epochs"} and explicit(config.model) == set()
-    config.lr = 0.1
+    config = config.replace(lr=0.1)  # the options are frozen values: a change is a copy
     assert explicit(config) == {"preset", "epochs", "lr"}
+
+
+def test_an_option_cannot_be_assigned_behind_the_records_back():
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
+        RunConfig().lr = 0.1
 
 
 def test_replace_sets_its_changes_and_keeps_what_was_set():
@@ -157,27 +165,25 @@ def test_a_copy_keeps_its_own_record_of_what_was_set():
     import copy
 
     config = RunConfig(preset="conv")
-    twin = copy.copy(config)
-    twin.lr = 0.1
+    twin = copy.copy(config).replace(lr=0.1)
     assert explicit(twin) == {"preset", "lr"} and explicit(config) == {"preset"}
+    assert explicit(copy.deepcopy(config)) == {"preset"}
 
 
-def test_an_assigned_value_takes_its_stored_form():
-    model = ModelConfig()
-    model.encoder_hidden = [64]  # as JSON gives it
-    model.image_shape = [28, 28]  # as runs saved before (C, H, W) give it
+def test_a_given_value_takes_its_stored_form():
+    # as JSON gives it; as runs saved before (C, H, W) give it
+    model = ModelConfig().replace(encoder_hidden=[64], image_shape=[28, 28])
     assert model.encoder_hidden == (64,) and model.image_shape == (1, 28, 28)
 
 
 def test_an_option_class_made_with_a_plain_dataclass_is_refused():
     from dataclasses import dataclass
 
-    @dataclass
-    class Plain(RunConfig):
-        pass
-
-    with pytest.raises(TypeError, match="options_dataclass"):
-        resolve(Plain(epochs=7))
+    # a mutable subclass would let an assignment escape the record of what was set
+    with pytest.raises(TypeError, match="frozen"):
+        @dataclass
+        class Plain(RunConfig):
+            pass
 
 
 # --- the precedence rule ------------------------------------------------------------------------
@@ -233,6 +239,33 @@ def test_resolve_leaves_its_argument_alone_and_resolving_twice_changes_nothing()
     resolved = resolve(config)
     assert config.model == ModelConfig() and explicit(config) == {"preset", "epochs"}
     assert resolve(resolved) == resolved and resolved.model.z_dim == 16
+
+
+def test_resolve_takes_the_images_shape_and_records_it():
+    config = RunConfig(epochs=1)
+    resolved = resolve(config, (3, 32, 32))  # more than 784 values: the Bernoulli recommends Adam
+    assert resolved.model.image_shape == (3, 32, 32) and (resolved.optimizer, resolved.lr) == (
+        "adam",
+        1e-3,
+    )
+    assert config.model.image_shape == (1, 28, 28) and explicit(config) == {"epochs"}
+    assert resolve(resolved, (3, 32, 32)) == resolved
+
+
+def test_a_loaded_config_counts_every_field_as_set():
+    config = RunConfig.from_dict({"preset": "conv", "model": {"z_dim": 3}})
+    assert explicit(config) == {f.name for f in fields(RunConfig)}
+    assert explicit(config.model) == {f.name for f in fields(ModelConfig)}
+    assert config.model.z_dim == 3 and config.model.architecture == "mlp"  # not re-preset
+
+
+def test_a_preset_may_not_set_where_the_data_is_or_how_it_is_read(monkeypatch):
+    monkeypatch.setitem(PRESETS, "odd", {"z_dim": 3, "data_dir": "/elsewhere"})
+    with pytest.raises(VaelabError, match="preset 'odd' sets data_dir; a preset or a likelihood"):
+        resolve(RunConfig(preset="odd"))
+    monkeypatch.setitem(PRESETS, "odd", {"z_dim": 3, "zdim": 4})
+    with pytest.raises(VaelabError, match="preset 'odd' sets zdim"):
+        resolve(RunConfig(preset="odd"))
 
 
 def test_an_unknown_preset_is_one_line():
@@ -320,3 +353,99 @@ def test_every_option_of_a_run_has_a_help_text_or_a_default_to_show():
 
 def test_a_run_and_its_model_share_no_option_name():
     assert not {f.name for f in fields(RunConfig)} & {f.name for f in fields(ModelConfig)}
+
+
+# --- registries and plugins -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("registry,name,says", [
+    ("vaelab.likelihoods.LIKELIHOODS", "poisson", "unknown likelihood 'poisson'; choose one of "
+                                                  "bernoulli, gaussian, gaussian-learned, logistic"),
+    ("vaelab.presets.PRESETS", "huge", "unknown preset 'huge'; choose one of burda1, burda2, conv"),
+    ("vaelab.nets.ACTIVATIONS", "gelu", "unknown activation 'gelu'; choose one of elu, relu"),
+])
+def test_an_unknown_name_in_a_registry_is_one_line(registry, name, says):
+    import importlib
+
+    module, _, attribute = registry.rpartition(".")
+    with pytest.raises(VaelabError, match=says):
+        getattr(importlib.import_module(module), attribute)[name]
+
+
+def test_a_registry_refuses_a_second_component_under_a_taken_name():
+    with pytest.raises(VaelabError, match="a preset named 'conv' is registered already"):
+        PRESETS.register("conv", {"z_dim": 3})
+
+
+def test_a_name_registered_later_is_a_choice_of_its_option(monkeypatch):
+    from torch import nn
+
+    from vaelab.cli import build_parser
+    from vaelab.nets import ACTIVATIONS
+
+    monkeypatch.setitem(ACTIVATIONS, "gelu", (nn.GELU, lambda h: h.copy_(nn.functional.gelu(h))))
+    RunConfig(model=ModelConfig(activation="gelu")).validate()
+    assert build_parser().parse_args(["train", "--activation", "gelu"]).activation == "gelu"
+
+
+PLUGIN = """
+from vaelab.presets import PRESETS
+
+PRESETS.register("tiny", dict(encoder_hidden=(8,), decoder_hidden=(8,), z_dim=3))
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """A plugin module in the current folder, registering the preset "tiny"; unregistered after."""
+    (tmp_path / "vaelab_test_plugin.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # import_plugins adds the current folder
+    yield "vaelab_test_plugin"
+    PRESETS.pop("tiny", None)
+    sys.modules.pop("vaelab_test_plugin", None)
+
+
+def test_a_plugin_named_on_the_command_line_registers_before_the_options_are_read(
+    plugin, capsys, tmp_path
+):
+    code, out, _ = run_cli(capsys, "train", "--plugin", plugin, "--help")
+    assert code == 0 and "tiny" in out.split("--preset")[1].split("]")[0]
+    data = write_idx_dir(tmp_path / "data", synthetic_dataset())
+    code, _, err = _train(capsys, data, tmp_path / "run", f"--plugin={plugin}", "--preset", "tiny")
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert recorded["plugins"] == [plugin] and recorded["model"]["z_dim"] == 3
+
+
+def test_plugins_are_repeated_or_separated_by_commas(plugin):
+    from vaelab.cli import build_parser, given
+
+    args = build_parser().parse_args(["train", "--plugin", "a,b", "--plugin", "c"])
+    assert RunConfig.from_options(given(args, RunConfig)).plugins == ("a", "b", "c")
+
+
+def test_a_plugin_that_fails_to_import_is_one_line_and_status_2(capsys, tmp_path, monkeypatch):
+    (tmp_path / "vaelab_broken_plugin.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name, says in (("vaelab_broken_plugin", "RuntimeError: no GPU here"),
+                       ("vaelab_no_such_plugin", "No module named 'vaelab_no_such_plugin'")):
+        code, _, err = run_cli(capsys, "train", "--plugin", name, "--epochs", 1)
+        assert code == 2 and one_line(err), err
+        assert f"vaelab: error: plugin {name!r} failed to import" in err and says in err
+
+
+def test_every_command_on_a_run_declares_the_options_they_share_alike():
+    from vaelab import config
+
+    commands = (config.EvaluateOptions, config.GapOptions, config.EncodeOptions,
+                config.ScoreOptions, config.PlotOptions, config.ReportOptions)
+    for name in ("run", "data_dir", "device", "seed", "quiet"):
+        metas = [cls.__dataclass_fields__[name] for cls in commands
+                 if name in cls.__dataclass_fields__]
+        assert len(metas) >= 4, name
+        assert all(f.metadata == metas[0].metadata and f.default == metas[0].default
+                   for f in metas), name
+    assert RunConfig.__dataclass_fields__["seed"].default == 0  # a run's weights and batches
+    assert config.EvaluateOptions.__dataclass_fields__["seed"].default == config.EVAL_SEED

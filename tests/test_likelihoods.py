@@ -90,6 +90,16 @@ def test_an_unknown_likelihood_or_sigma_is_refused_in_one_line():
     assert make("gaussian", 0.5).sigma == 0.5 and math.isclose(make("gaussian").sigma, 0.1)
 
 
+def test_a_likelihood_registered_later_is_made_by_name(monkeypatch):
+    from vaelab.likelihoods import LIKELIHOODS
+
+    class Sharp(Bernoulli):
+        pass
+
+    monkeypatch.setitem(LIKELIHOODS, "sharp", Sharp)
+    assert type(make("sharp", sigma=0.5)) is Sharp and list(LIKELIHOODS)[-1] == "sharp"
+
+
 @pytest.mark.parametrize("mean,log_scale", [(0.0, -2.0), (3.0, -5.0), (-4.0, -7.0), (0.5, 1.0), (8.0, -9.0)])
 def test_the_discretized_logistic_gives_the_256_levels_probabilities_that_sum_to_one(mean, log_scale):
     from vaelab.likelihoods import DiscretizedLogistic

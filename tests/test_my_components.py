@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-import my_components  # noqa: F401  (registers the four components)
 from conftest import assert_resumes_bit_for_bit, synthetic_dataset
 from vaelab import load_run, train
 from vaelab.config import ModelConfig, RunConfig
@@ -22,6 +21,24 @@ KINDS = {
     "likelihood": dict(model=dict(likelihood="laplace", sigma=0.2), optimizer="adam", lr=1e-3),
     "objective": dict(objective="renyi", k=4),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """my_components imported (which registers its four components) for this file's tests, and
+    forgotten after them, so that no other test sees the extra names."""
+    import importlib
+    import sys
+
+    from vaelab import kl, likelihoods, objectives, posteriors, priors
+
+    module = importlib.import_module("my_components")
+    yield module
+    for registry, name in ((priors.PRIORS, "scaled"), (posteriors.POSTERIORS, "shared-variance"),
+                           (likelihoods.LIKELIHOODS, "laplace"), (objectives.OBJECTIVES, "renyi")):
+        dict.pop(registry, name)
+    kl._REGISTRY.pop((posteriors.Gaussian, module.ScaledNormal))
+    del sys.modules["my_components"]
 
 
 def config(kind: str, epochs: int = 2) -> RunConfig:

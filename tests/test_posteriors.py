@@ -146,9 +146,9 @@ def test_per_image_values_do_not_depend_on_the_chunking(prior):
 
 def test_the_flow_registers_after_the_networks_and_the_prior():
     names = [n for n, _ in iaf_model(z_dim=2, prior="mog", prior_components=3).named_parameters()]
-    first_flow = next(i for i, n in enumerate(names) if n.startswith("flow."))
+    first_flow = next(i for i, n in enumerate(names) if n.startswith("posterior."))
     assert names.index("prior.logits") < first_flow and all(
-        n.startswith("flow.") for n in names[first_flow:]
+        n.startswith("posterior.") for n in names[first_flow:]
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from . import config
 from .config import Options, flag_of
 from .errors import VaelabError
+from .registry import import_plugins, plugin_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,13 +40,19 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes  # the option's rule refuses sizes below 1, and none at all
 
 
+def _names(text: str) -> list[str]:
+    """'a,b' -> ['a', 'b']: a repeatable option's values, given one by one or comma-separated."""
+    return list(plugin_names([text]))
+
+
 # What the command line reads for each annotation (the part before "| None").
 _PARSE = {"int": int, "float": float, "str": str, "tuple[int, ...]": _sizes}
 
 
 def _default_text(f, meta: dict) -> str | None:
     if meta["default_text"] is not None:
-        return meta["default_text"]
+        text = meta["default_text"]
+        return text() if callable(text) else text  # a function: what is registered now
     default = f.default
     if default is MISSING or default is None or (isinstance(default, bool) and not meta["values"]):
         return None
@@ -100,7 +107,9 @@ def add_options(
             keywords["choices"] = tuple(meta["values"])
         elif kind == "bool":
             keywords["action"] = "store_true"
-        else:
+        elif kind == "tuple[str, ...]":  # repeatable: --plugin a --plugin b,c
+            keywords.update(action="extend", type=_names, metavar=meta["metavar"])
+        else:  # choices: a tuple, or a registry that argparse reads when it checks and lists
             keywords.update(type=_PARSE[kind], choices=meta["choices"], metavar=meta["metavar"])
         parser.add_argument(*spellings, **keywords)
 
@@ -114,6 +123,7 @@ def given(args: argparse.Namespace, cls: type) -> dict:
         elif "option" in f.metadata and hasattr(args, f.name):
             values = f.metadata["option"]["values"]
             value = getattr(args, f.name)
+            value = tuple(value) if isinstance(value, list) else value  # a repeated option's
             out[f.name] = values[value] if values else value
     return out
 
@@ -260,12 +270,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     launch = _parsed(args, config.Launch)
     world = distributed.from_environment()
+    callbacks = []
+    if launch.mlflow and world.main:  # made first: a missing extra is said before any work
+        from .tracking import MLflowTracker
+
+        callbacks.append(MLflowTracker(launch.mlflow))
     run_dir = None
     try:
         run, run_dir, resume = prepare(given(args, config.RunConfig), launch.out, launch.resume,
                                        world)
         result = train(run, run_dir, progress=not launch.quiet, resume=resume, world=world,
-                       tensorboard=launch.tensorboard)
+                       tensorboard=launch.tensorboard, callbacks=callbacks)
     except KeyboardInterrupt:
         if world.main:
             progress.close_bars()
@@ -276,6 +291,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             from .plots import draw_figures  # matplotlib: only once there is something to draw
 
             draw_figures(run_dir, result.model, result.data, result.metrics)
+            if launch.mlflow:  # drawn after fit, whose tracker logged the folder as it was
+                from .tracking import log_artifacts
+
+                log_artifacts(launch.mlflow, run_dir)
         if not launch.quiet:
             print(f"{summary(run, result.metrics[-1])}; run saved in {run_dir}")
     distributed.finish(world)
@@ -286,6 +305,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
 
     options, world, r = _distributed(args, config.EvaluateOptions, evaluate_run)
+    if world.main:
+        # The figure is drawn here, not by evaluate_run: evaluate stays free of matplotlib.
+        from .plots import draw_kl_figure
+
+        draw_kl_figure(options.run, r)
+        if options.mlflow:
+            from .tracking import log_evaluation
+
+            log_evaluation(options.mlflow, options.run)
     if not world.main or options.quiet:
         return 0
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
@@ -320,10 +348,12 @@ def cmd_gap(args: argparse.Namespace) -> int:
         return 0
     value = lambda name: f"{r[name]['mean']:.3f} ± {r[name]['se'] or 0:.3f}"
     print(
-        f"over the first {r['images']} test images (K={r['k']}), nats per image ± s.e. over images:\n"
+        f"over the first {r['images']} test images (K={r['k']}), nats per image ± s.e. over"
+        " images:\n"
         f"log p(x) {value('log_px')}; ELBO of the fitted posteriors L[q*] {value('elbo_fitted')};"
         f" of the encoder L[q] {value('elbo_encoder')}\napproximation gap log p(x) - L[q*]:"
-        f" {value('approximation_gap')}; amortization gap L[q*] - L[q]: {value('amortization_gap')}\n"
+        f" {value('approximation_gap')}; amortization gap L[q*] - L[q]:"
+        f" {value('amortization_gap')}\n"
         f"written to {Path(options.run) / GAP}"
     )
     return 0
@@ -371,7 +401,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     if r["precisions"]:
         a, b = r["precisions"]
-        print(f"note: the decoders ran at different precisions ({a} and {b}), the draws were the same")
+        print(f"note: the decoders ran at different precisions ({a} and {b}), the draws were the"
+              " same")
     return 0
 
 
@@ -419,9 +450,25 @@ def cmd_data(args: argparse.Namespace) -> int:
 DISTRIBUTED_COMMANDS = ("train", "evaluate", "gap", "encode", "score")
 
 
+def _plugins_named(argv: list[str]) -> tuple[str, ...]:
+    """The modules that --plugin names on the command line, found before the parser is built:
+    their components must be registered when the parser lists and checks the choices."""
+    values = [word.split("=", 1)[1] for word in argv if word.startswith("--plugin=")]
+    values += [after for word, after in zip(argv, argv[1:]) if word == "--plugin"]
+    return plugin_names(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import distributed
 
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        import_plugins(_plugins_named(argv))
+    except VaelabError as e:
+        if "--debug" in argv:
+            raise
+        print(f"vaelab: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     world = distributed.from_environment()
     code = _run(args, world)

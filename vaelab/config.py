@@ -7,32 +7,42 @@ text, choices and rule live there and nowhere else. From the declarations come
 - what `--resume` may change (`resume=True`);
 - the one-line errors of `check` (the same from Python and from the command line).
 
-The option dataclasses remember which fields their caller set (passed to the constructor or
-assigned later; `explicit`). A run's effective options follow one precedence rule, applied by
-`resolve` (which `train.build` calls), highest first:
+The choices of a component (likelihood, prior, posterior, objective, activation, preset) are the
+registry of its own module (registry.Registry), read when they are checked or listed: a plugin's
+names count. This module imports those registries; none of them imports it.
+
+The option dataclasses are frozen values that remember which fields their caller gave
+(`explicit`); a copy with some changed is `replace(...)`. A run's effective options follow one
+precedence rule, applied by `resolve` (which `train.build` calls once it knows the images), highest
+first:
 
     1. what the caller set explicitly;
     2. the likelihood's recommended training options (likelihoods.Likelihood.recommended);
-    3. the preset (PRESETS);
+    3. the preset (presets.PRESETS);
     4. the dataclass default.
 
-The resolved config is what config.json records; `RunConfig.from_dict` marks every field as set,
-so a saved run loads to exactly its recorded fields and is never re-preset.
-
-`dataclasses.replace` passes every field to the constructor, so its copy counts all of them as
-set; `RunConfig.replace` keeps what was set and sets only the changes.
+The resolved config is what config.json records; every field of it counts as set, as every field
+of `RunConfig.from_dict` does, so a saved run loads to exactly its recorded fields and is never
+re-preset. (`dataclasses.replace` passes every field to the constructor, so its copy counts all of
+them as set: use `replace`.)
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import numbers
+from collections import ChainMap
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
+from . import likelihoods
 from .errors import VaelabError
+from .nets import ACTIVATIONS
+from .objectives import ESTIMATORS, OBJECTIVES
+from .posteriors import POSTERIORS
+from .presets import PRESETS
+from .priors import PRIORS
 
 # --- declaring options ------------------------------------------------------------------------
 
@@ -70,6 +80,10 @@ SIZES = Rule(
 )
 SWITCH = Rule(lambda v: isinstance(v, bool), "must be true or false")
 PATH = Rule(lambda v: isinstance(v, (str, os.PathLike)), "must be a path")
+MODULES = Rule(
+    lambda v: isinstance(v, tuple) and all(isinstance(s, str) and s.strip() for s in v),
+    "must be module names",
+)
 
 
 def listed(words: list[str]) -> str:
@@ -81,13 +95,13 @@ def option(
     default: Any = MISSING,
     help: str = "",
     *,
-    choices: tuple | None = None,
+    choices: Any = None,
     rule: Rule | None = None,
     flag: str | None = None,
     short: str | None = None,
     aliases: tuple[str, ...] = (),
     metavar: str | None = None,
-    default_text: str | None = None,
+    default_text: str | Callable[[], str] | None = None,
     values: dict | None = None,
     resume: bool = False,
     positional: bool = False,
@@ -95,10 +109,11 @@ def option(
 ) -> Any:
     """A declared option: a dataclass field whose metadata says everything about it.
 
-    choices: the allowed values; rule: what the value must be (None passes for an option whose
-    default is None); flag / short: its spellings (default `--name-with-dashes`); metavar and
-    default_text: what --help shows; aliases: other spellings the command line also accepts;
-    values: the command line's words for the values
+    choices: the allowed values, a tuple or a registry (read when used, so names registered
+    later count); rule: what the value must be (None passes for an option whose default is None);
+    flag / short: its spellings (default `--name-with-dashes`); metavar and default_text: what
+    --help shows (default_text may be a function, called when help is shown); aliases: other
+    spellings the command line also accepts; values: the command line's words for the values
     ({"on": True, "off": False}); resume: whether `vaelab train --resume` may change it;
     positional: a command-line argument without a flag; command_line=False: set from Python and
     config.json only.
@@ -137,10 +152,11 @@ def check_value(f, value) -> None:
     meta = f.metadata["option"]
     if value is None and f.default is None:
         return
-    if meta["choices"] is not None and value not in meta["choices"]:
+    choices = meta["choices"]
+    if choices is not None and value not in choices:
         raise VaelabError(
             f"unknown {f.name.replace('_', ' ')} {value!r}; "
-            f"choose one of {', '.join(map(str, meta['choices']))}"
+            f"choose one of {', '.join(map(str, choices))}"
         )
     rule = meta["rule"]
     if rule is not None and not rule.test(value):
@@ -161,84 +177,69 @@ def check_option(cls, name: str, value) -> None:
 
 
 class Options:
-    """Base of the option dataclasses (made with @options_dataclass, subclasses too): each
-    remembers which of its fields the caller set, in the constructor or by assignment afterwards,
-    and brings every value it is given to its stored form (`normal`)."""
+    """Base of the option dataclasses (made with @options_dataclass): frozen values that know
+    which fields their caller gave (`explicit`), each value in its stored form (`normal`)."""
 
-    def __setattr__(self, name: str, value) -> None:
-        object.__setattr__(self, name, self.normal(name, value))
-        marks = self.__dict__.get("_explicit")
-        if marks is not None and name in self.__dataclass_fields__:
-            marks.add(name)
+    def __new__(cls, /, **given):
+        self = super().__new__(cls)
+        # The keys the caller gave, before the generated __init__ runs; not a field, so neither
+        # compared nor written to config.json. Copies and pickles carry it in __dict__.
+        self.__dict__["_given"] = frozenset(given)
+        return self
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            stored = self.normal(f.name, value)
+            if stored is not value:  # a list from JSON as a tuple, say; frozen: set it once here
+                object.__setattr__(self, f.name, stored)
 
     def normal(self, name: str, value):
-        """The stored form of a value given for field `name` (a list from JSON as a tuple, say);
-        a value that has none is kept, for its rule to refuse."""
+        """The stored form of a value given for field `name`; a value that has none is kept,
+        for its rule to refuse."""
         return value
-
-    def __copy__(self):
-        twin = object.__new__(type(self))
-        twin.__dict__.update(self.__dict__)
-        object.__setattr__(twin, "_explicit", set(explicit(self)))  # not shared with self
-        return twin
 
     def replace(self, **changes):
         """A copy with `changes` set (and counted as set); the other fields keep whether they
         were."""
-        twin = copy.deepcopy(self)
-        for name, value in changes.items():
-            if name not in twin.__dataclass_fields__:
-                raise TypeError(f"{type(self).__name__} has no option {name!r}")
-            setattr(twin, name, value)
-        return twin
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no option {', '.join(sorted(unknown))}")
+        return type(self)(**{**given_values(self), **changes})
 
 
 def options_dataclass(cls):
-    """@dataclass(kw_only=True) for a subclass of Options, whose constructor then records the
-    fields it was given."""
-    cls = dataclass(kw_only=True)(cls)
-    init = cls.__init__
-
-    def __init__(self, **given):
-        object.__setattr__(
-            self, "_explicit", None
-        )  # the constructor's own assignments do not count
-        init(self, **given)
-        object.__setattr__(self, "_explicit", set(given))
-
-    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init
-    cls.__init__ = __init__
-    return cls
+    """The decorator of an option dataclass, a subclass of Options: frozen, keywords only."""
+    return dataclass(frozen=True, kw_only=True)(cls)
 
 
 def explicit(options: Options) -> frozenset[str]:
-    """The fields the caller set."""
-    if "_explicit" not in options.__dict__:  # a plain @dataclass made this class's constructor
-        raise TypeError(f"{type(options).__name__} must be made with @options_dataclass")
-    return frozenset(options.__dict__["_explicit"] or ())
+    """The fields the caller gave (to the constructor, to `replace` or to `from_dict`)."""
+    return options.__dict__["_given"]
 
 
-def _mark_all(options: Options) -> None:
-    object.__setattr__(options, "_explicit", {f.name for f in fields(options)})
+def given_values(options: Options) -> dict:
+    """The fields the caller gave, with their values."""
+    return {name: getattr(options, name) for name in explicit(options)}
+
+
+def defaults(cls) -> dict:
+    """Every field's default value, by name (a factory's product for a nested dataclass)."""
+    return {f.name: f.default_factory() if f.default is MISSING else f.default
+            for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING}
 
 
 # --- the model ---------------------------------------------------------------------------------
 
-# imported after the machinery above: these modules declare no options of their own
-from . import likelihoods  # noqa: E402
-from .posteriors import POSTERIORS  # noqa: E402
-from .priors import PRIORS  # noqa: E402
-from .nets import ACTIVATIONS  # noqa: E402
-from .objectives import ESTIMATORS  # noqa: E402
-
 # "custom": your own encoder and decoder modules (models.VAE), which config.json cannot hold.
 CUSTOM = "custom"
 ARCHITECTURES = ("mlp", "conv", CUSTOM)
-OBJECTIVES = ("elbo", "iwae")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "burda")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+# The seed of the test images' binarization and noise: a run's test losses, `vaelab evaluate`
+# and the other commands on a run use it by default, so their numbers pair up across runs.
 EVAL_SEED = 1234
 ON_OFF = {"on": True, "off": False}
 
@@ -246,62 +247,27 @@ INITS = ("torch", "glorot")
 SKIP_LIMIT = 0.5  # an epoch that skips more of its steps than this share stops the run
 OUTPUT_INITS = ("data", "none")
 KL_ESTIMATES = ("analytic", "sampled")
-BURDA_RECIPE = dict(
-    init="glorot", output_init="data", kl="sampled", optimizer="adam", lr=1e-3, adam_eps=1e-4,
-    schedule="burda", batch_size=20, epochs=3280,
-)
-
-# Named sets of option values, applied under what was set explicitly (see resolve).
-PRESETS = {
-    # The tutorial's network: 784-256-128 encoder, z-128-256-784 decoder (the defaults), and its
-    # initialisation: PyTorch's, the output bias included (a bare `vaelab train` is the notebook).
-    "tutorial": dict(
-        encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2,
-        output_init="none",
-    ),
-    # Burda, Grosse & Salakhutdinov (2015), one stochastic layer, with their recipe (their code,
-    # github.com/yburda/iwae: nnet.py, datasets.py, experiments.py; the paper's section 5): Glorot
-    # uniform weights and zero biases, the decoder's output bias at the logit of the training
-    # pixels' mean, every KL term from the draws, Adam (eps 1e-4) at 1e-3 under their schedule
-    # with batch 20 for 3,280 epochs. docs/models.md says where vaelab departs from their code.
-    "burda1": dict(
-        encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50,
-        **BURDA_RECIPE
-    ),
-    # Burda et al.'s two stochastic layers: x -200-200- z1 (100) -100-100- z2 (50), tanh.
-    "burda2": dict(
-        encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=100,
-        upper_z_dims=(50,), upper_hidden=(100, 100), **BURDA_RECIPE
-    ),
-    # Two stride-2 4x4 convolutions (32 and 64 channels) and a dense layer of 256 each way, for
-    # images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels. Adam: the tutorial's
-    # SGD rate, tuned for the small MLP, is too slow or unstable for the deeper net.
-    "conv": dict(
-        architecture="conv",
-        conv_channels=(32, 64),
-        encoder_hidden=(256,),
-        decoder_hidden=(256,),
-        activation="relu",
-        z_dim=16,
-        optimizer="adam",
-        lr=1e-3,
-    ),
-}
 
 
 def _default_with_recommendations(name: str, default: Any) -> str:
     """--help's default of training option `name`: the dataclass default, then what the
     likelihoods and presets that set it give instead."""
     by_value: dict = {}
-    for kind in likelihoods.KINDS.values():
+    for likelihood, kind in likelihoods.LIKELIHOODS.items():
         if name in kind.recommended:
             where = f" {kind.recommended_where}" if kind.recommended_where else ""
-            by_value.setdefault(kind.recommended[name], []).append(f"--likelihood {kind.name}{where}")
+            by_value.setdefault(kind.recommended[name], []).append(
+                f"--likelihood {likelihood}{where}")
     for preset_name, values in PRESETS.items():
         if name in values:
             by_value.setdefault(values[name], []).append(f"--preset {preset_name}")
     others = [f"{value} with {listed(sources)}" for value, sources in by_value.items()]
     return "; ".join([str(default), *others])
+
+
+# The model's fields that hold sizes: tuples, which JSON gives as lists.
+SHAPES = ("encoder_hidden", "decoder_hidden", "conv_channels", "image_shape", "upper_z_dims",
+          "upper_hidden")
 
 
 @options_dataclass
@@ -316,7 +282,7 @@ class ModelConfig(Options):
         (128, 256), "decoder hidden sizes", rule=SIZES, metavar="H1,H2", default_text="the preset's"
     )
     activation: str = option(
-        "relu", "hidden activation", choices=tuple(sorted(ACTIVATIONS)), default_text="the preset's"
+        "relu", "hidden activation", choices=ACTIVATIONS, default_text="the preset's"
     )
     likelihood: str = option(
         "bernoulli",
@@ -361,7 +327,9 @@ class ModelConfig(Options):
         " MADE steps from it, conditioned on a context from the encoder (Kingma et al. 2016)",
         choices=POSTERIORS,
     )
-    flow_steps: int = option(2, "autoregressive steps of --posterior iaf", rule=POSITIVE, metavar="T")
+    flow_steps: int = option(
+        2, "autoregressive steps of --posterior iaf", rule=POSITIVE, metavar="T"
+    )
     kl: str = option(
         "analytic",
         "the KL term of the ELBO: analytic, the closed form where q(z|x) and p(z) have one (a"
@@ -387,12 +355,10 @@ class ModelConfig(Options):
 
     def normal(self, name: str, value):
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)
-        if name in ("encoder_hidden", "decoder_hidden", "conv_channels", "image_shape", "upper_z_dims",
-                    "upper_hidden") and isinstance(
-            value, (list, tuple)
-        ):
+        if name in SHAPES and isinstance(value, list):
             value = tuple(value)
-            return (1, *value) if name == "image_shape" and len(value) == 2 else value
+        if name == "image_shape" and isinstance(value, tuple) and len(value) == 2:
+            value = (1, *value)
         return value
 
     @property
@@ -416,11 +382,14 @@ class ModelConfig(Options):
         if self.upper_z_dims:
             if not SIZES.test(self.upper_z_dims):
                 raise VaelabError(f"--upper-z-dims {SIZES.says}, got {self.upper_z_dims!r}")
-            for option, value, other in (("prior", "vamp", "its pseudo-inputs' q(z_L|u) has no closed"
-                                          " form in a bottom-up hierarchy"),
-                                         ("posterior", "iaf", "the flow is for one stochastic layer")):
+            for option, value, other in (
+                ("prior", "vamp",
+                 "its pseudo-inputs' q(z_L|u) has no closed form in a bottom-up hierarchy"),
+                ("posterior", "iaf", "the flow is for one stochastic layer"),
+            ):
                 if getattr(self, option) == value:
-                    raise VaelabError(f"--{option} {value} does not go with --upper-z-dims: {other}")
+                    raise VaelabError(
+                        f"--{option} {value} does not go with --upper-z-dims: {other}")
         if self.architecture != "conv" and self.conv_channels:
             raise VaelabError(
                 "--conv-channels sets the convolutions of --preset conv; an MLP has none"
@@ -437,9 +406,7 @@ class ModelConfig(Options):
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise VaelabError(f"model config has unknown keys: {', '.join(sorted(unknown))}")
-        config = cls(**d)
-        _mark_all(config)
-        return config
+        return cls(**{**defaults(cls), **d})
 
 
 # --- a training run ----------------------------------------------------------------------------
@@ -454,6 +421,55 @@ DATA_DIR_HELP = (
     "optionally below train/ and test/) or a .npz file with x_train and x_test"
 )
 DATA_DIR_DEFAULT = "$VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist"
+
+
+# --- the options that several commands share: one declaration each ---------------------------
+# A factory, as a dataclass field belongs to one class; what differs between commands (a default,
+# a help text) is its argument.
+
+RUN_HELP = "run directory"
+RUN_DATA_HELP = (
+    "the four IDX files' folder, a folder of images or a .npz file (default: the one the run "
+    "was trained on when it named one, else $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)"
+)
+
+
+def run_option(metavar: str | None = None) -> Any:
+    """The run directory a command reads: its first positional argument."""
+    return option(MISSING, RUN_HELP, positional=True, metavar=metavar)
+
+
+def data_dir_option(training: bool = False) -> Any:
+    """`--data-dir`: the images a run trains on (training), else those a command on a saved run
+    reads instead of the run's own."""
+    if training:
+        return option(None, DATA_DIR_HELP, default_text=DATA_DIR_DEFAULT, rule=PATH, resume=True)
+    return option(None, RUN_DATA_HELP, rule=PATH)
+
+
+def device_option(resume: bool = False) -> Any:
+    """`--device`: where the work runs."""
+    return option("auto", "where to compute: auto, a CUDA GPU where there is one, else the CPU",
+                  choices=DEVICES, resume=resume)
+
+
+def seed_option(default: int = EVAL_SEED, help: str = "fixes binarization and noise") -> Any:
+    """`--seed`. Its default differs by what it seeds: a run's weights, batches and noise (0);
+    the test images' binarization and noise (EVAL_SEED, the run's own test set's draws, so that
+    the commands on runs pair up); the draws of z of `vaelab sample` (0)."""
+    return option(default, help, rule=INTEGER)
+
+
+def quiet_option() -> Any:
+    """`--quiet`: nothing on the terminal but errors."""
+    return option(False, "print nothing but errors: no progress, no summary", rule=SWITCH)
+
+
+def mlflow_option(help: str) -> Any:
+    """`--mlflow URI`: an MLflow tracking server or folder to log to (the `mlflow` extra)."""
+    return option(None, f"{help}, e.g. file:./mlruns; needs pip install 'vaelab[mlflow]'",
+                  metavar="URI", rule=Rule(lambda v: isinstance(v, str) and bool(v.strip()),
+                                           "must be a tracking URI"))
 
 
 # What image folders may be converted to, and the backgrounds transparency may be flattened onto.
@@ -507,6 +523,10 @@ FOLDER_OPTIONS = ("image_size", "channels", "background", "skip_bad")
 # All that says how a folder is read and split: `vaelab encode` and `vaelab score` take them too,
 # defaulting to the run's.
 READ_OPTIONS = (*FOLDER_OPTIONS, "test_fraction", "split_seed")
+# What train.build reads before the data, so before it resolves the run: the caller's values (or
+# the defaults) alone, which no preset or likelihood may set.
+CALLERS_ONLY = ("preset", "plugins", "data_dir", *READ_OPTIONS, "train_size", "test_size",
+                "device", "deterministic")
 
 
 @options_dataclass
@@ -514,7 +534,7 @@ class RunConfig(Options):
     """A training run. The defaults are the tutorial's recipe. Its fields are keywords; to change
     some in a copy, use `replace` (dataclasses.replace would count every field as set)."""
 
-    preset: str = option("tutorial", "architecture preset", choices=tuple(sorted(PRESETS)))
+    preset: str = option("tutorial", "architecture preset", choices=PRESETS)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: str = option(
         "elbo", "elbo, or iwae: the importance-weighted bound of Burda et al.", choices=OBJECTIVES
@@ -558,14 +578,16 @@ class RunConfig(Options):
         1, "Monte-Carlo samples of z per image in the ELBO", rule=POSITIVE, metavar="L"
     )
     k: int = option(5, "importance samples per image for --objective iwae", rule=POSITIVE)
+    # the default texts are read when help is shown: a plugin's likelihoods and presets count
     optimizer: str = option(
-        "sgd", choices=OPTIMIZERS, default_text=_default_with_recommendations("optimizer", "sgd")
+        "sgd", choices=OPTIMIZERS,
+        default_text=lambda: _default_with_recommendations("optimizer", "sgd"),
     )
     lr: float = option(
         5e-3,
         "learning rate",
         rule=POSITIVE_NUMBER,
-        default_text=_default_with_recommendations("lr", 5e-3),
+        default_text=lambda: _default_with_recommendations("lr", 5e-3),
     )
     # "burda": the schedule of Burda et al. (2015): lr * 10^(-i/7) for 3^i epochs, i = 0, 1, ...
     schedule: str = option(
@@ -614,8 +636,8 @@ class RunConfig(Options):
         default_text="skip none",
         resume=True,
     )
-    seed: int = option(0, "seed for weights, batches and noise", rule=INTEGER)
-    device: str = option("auto", choices=DEVICES, resume=True)
+    seed: int = seed_option(0, "seed for weights, batches and noise")
+    device: str = device_option(resume=True)
     cuda_graph: bool = option(
         True,
         "on CUDA, capture the training step as a graph and replay it",
@@ -630,9 +652,7 @@ class RunConfig(Options):
         "uninterrupted one bit for bit on the same card (a little slower)",
         rule=SWITCH,
     )
-    data_dir: str | None = option(
-        None, DATA_DIR_HELP, default_text=DATA_DIR_DEFAULT, rule=PATH, resume=True
-    )
+    data_dir: str | None = data_dir_option(training=True)
     # Image folders only. The split has its own seed: runs with different seeds share a test set.
     image_size: int | None = image_size_option()
     channels: str | None = channels_option()
@@ -646,33 +666,36 @@ class RunConfig(Options):
     test_size: int | None = option(
         None, "report the loss of the first N test images only", metavar="N", rule=POSITIVE
     )
+    # Recorded, so that the commands that load the run (evaluate, --resume, score) import them.
+    plugins: tuple[str, ...] = option(
+        (),
+        "import MODULE first, a module importable from the current folder or sys.path that"
+        " registers components (likelihoods, priors, posteriors, objectives, activations,"
+        " presets) for the other options to name; repeat it or separate modules by commas",
+        flag="--plugin",
+        metavar="MODULE",
+        rule=MODULES,
+        default_text="none",
+    )
     eval_seed: int = EVAL_SEED  # fixes the test set's binarization and noise
 
     def normal(self, name: str, value):
-        return os.fspath(value) if name == "data_dir" and isinstance(value, os.PathLike) else value
+        if name == "data_dir" and isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if name == "plugins" and isinstance(value, (str, list)):  # one name; JSON's list
+            return (value,) if isinstance(value, str) else tuple(value)
+        return value
 
-    def validate(self) -> None:
-        """Raise VaelabError naming the first option of the resolved run that makes no sense."""
-        config = resolve(self)
+    def validate(self, processes: int = 1) -> None:
+        """Raise VaelabError naming the first option of the resolved run that makes no sense,
+        for training shared among `processes` (torchrun's world size)."""
+        config = resolve(self)  # on the images of config.model.image_shape: no data is read
         config.model.validate()
         check(config)
-        if config.estimator == "dreg" and config.objective != "iwae":
-            raise VaelabError(
-                "--estimator dreg is the gradient of the iwae bound: add --objective iwae, or use "
-                "--estimator stl for the ELBO"
-            )
-        if config.estimator != "reparam" and config.model.posterior != "gaussian":
-            raise VaelabError(
-                f"--estimator {config.estimator} evaluates log q(z|x) with q's parameters held "
-                f"fixed, which needs the inverse of --posterior {config.model.posterior}; use "
-                "--posterior gaussian"
-            )
-        acts_on_kl = config.beta != 1 or config.kl_warmup or config.free_bits
-        if config.objective == "iwae" and acts_on_kl:
-            raise VaelabError(
-                "--beta, --kl-warmup and --free-bits act on the ELBO's KL term, which the iwae "
-                "bound does not have; leave them out with --objective iwae"
-            )
+        if config.batch_size % processes:
+            raise VaelabError(f"--batch-size {config.batch_size} does not divide among {processes}"
+                              f" processes; give a multiple of {processes}")
+        OBJECTIVES[config.objective].check(config)  # the objective's own rules
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -698,10 +721,10 @@ class RunConfig(Options):
         return self.lr * 10 ** (-stage / 7)
 
     @classmethod
-    def from_options(cls, options: dict) -> "RunConfig":
+    def from_options(cls, options: dict, model_cls: type = ModelConfig) -> "RunConfig":
         """A config from flat option values (model fields among them), each counted as set."""
-        model_names = {f.name for f in fields(ModelConfig)}
-        model = ModelConfig(**{k: v for k, v in options.items() if k in model_names})
+        model_names = {f.name for f in fields(model_cls)}
+        model = model_cls(**{k: v for k, v in options.items() if k in model_names})
         return cls(model=model, **{k: v for k, v in options.items() if k not in model_names})
 
     @classmethod
@@ -712,45 +735,34 @@ class RunConfig(Options):
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise VaelabError(f"config has unknown keys: {', '.join(sorted(unknown))}")
-        config = cls(**{**d, "model": ModelConfig.from_dict(d.get("model", {}))})
-        _mark_all(config)
-        return config
+        return cls(**{**defaults(cls), **d, "model": ModelConfig.from_dict(d.get("model", {}))})
 
 
-def resolve(config: RunConfig) -> RunConfig:
-    """The effective options of a run: each field the caller did not set takes the likelihood's
-    recommendation for images of config.model.image_shape, else the preset's value, else the
-    default. A new config, every field counted
-    as set (resolving it again changes nothing); `config` is left as it was."""
-    preset_field = RunConfig.__dataclass_fields__["preset"]
-    check_value(preset_field, config.preset)
-    given, given_model = explicit(config), explicit(config.model)
-    chosen = PRESETS[config.preset]
-    default = ModelConfig.__dataclass_fields__["likelihood"].default
-    name = config.model.likelihood if "likelihood" in given_model else chosen.get("likelihood", default)
-    image_shape = config.model.image_shape  # build sets it from the data before resolving
-    known = name in likelihoods.LIKELIHOODS
-    recommended = likelihoods.recommended(name, image_shape) if known else {}
-
-    def effective(options: Options, set_by_caller: frozenset) -> Options:
-        out = copy.deepcopy(options)
-        for f in fields(out):
-            if f.name in set_by_caller or f.name == "model":
-                continue
-            for source in (recommended, chosen):
-                if f.name in source:
-                    object.__setattr__(out, f.name, source[f.name])
-                    break
-            else:
-                object.__setattr__(
-                    out, f.name, f.default_factory() if f.default is MISSING else f.default
-                )
-        _mark_all(out)
-        return out
-
-    resolved = effective(config, given)
-    object.__setattr__(resolved, "model", effective(config.model, given_model))
-    return resolved
+def resolve(config: RunConfig, image_shape: tuple[int, int, int] | None = None) -> RunConfig:
+    """The effective options of a run on images of shape image_shape (C, H, W; by default
+    config.model's, which it then records): each option the caller did not set takes the
+    likelihood's recommendation for such images, else the preset's value, else the default.
+    A new config, every field counted as set (resolving it again changes nothing); `config` is
+    left as it was. An unknown preset is a one-line VaelabError; `validate` checks the rest."""
+    run_cls, model_cls = type(config), type(config.model)
+    caller = {**given_values(config.model), **given_values(config)}
+    caller.pop("model", None)  # its own fields are in caller
+    default = ChainMap(defaults(model_cls), defaults(run_cls))
+    name = ChainMap(caller, default)["preset"]
+    chosen = PRESETS[name]
+    likelihood = ChainMap(caller, chosen, default)["likelihood"]
+    shape = tuple(config.model.image_shape if image_shape is None else image_shape)
+    recommended = (likelihoods.recommended(likelihood, shape)
+                   if likelihood in likelihoods.LIKELIHOODS else {})  # validate names it
+    names = {f.name for f in fields(model_cls)} | {f.name for f in fields(run_cls)}
+    settable = names - {"model", "image_shape", *CALLERS_ONLY}
+    for source, what in ((chosen, f"preset {name!r}"), (recommended, f"likelihood {likelihood!r}")):
+        if set(source) - settable:  # a plugin's, say: refused rather than ignored
+            raise VaelabError(f"{what} sets {', '.join(sorted(set(source) - settable))}; a preset"
+                              " or a likelihood sets options of the model and its training only")
+    # The precedence rule, highest first; the images' shape is a fact of the data, not an option.
+    effective = ChainMap({"image_shape": shape}, caller, recommended, chosen, default)
+    return run_cls.from_options({name: effective[name] for name in names - {"model"}}, model_cls)
 
 
 def preset(name: str, **overrides) -> ModelConfig:
@@ -775,13 +787,6 @@ def flag_for(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-RUN_HELP = "run directory"
-RUN_DATA_HELP = (
-    "the four IDX files' folder, a folder of images or a .npz file (default: the one the run "
-    "was trained on when it named one, else $VAELAB_DATA_DIR, then ~/.cache/vaelab/mnist)"
-)
-
-
 def precision_option() -> Any:
     """The decoder's arithmetic in importance sampling (evaluate, score). fp32 by default:
     "auto" would pick bf16 on some hosts and not others, so one command would decode differently
@@ -798,11 +803,6 @@ def first_images_option(default: int | None, what: str, aliases: tuple[str, ...]
     """`--images N`: the first N images only (evaluate, gap, encode, score)."""
     return option(default, f"the first N {what}", flag="--images", aliases=aliases, metavar="N",
                   rule=POSITIVE, default_text=None if default else "all")
-
-
-def quiet_option() -> Any:
-    """`--quiet`: nothing on the terminal but errors."""
-    return option(False, "print nothing but errors: no progress, no summary", rule=SWITCH)
 
 
 @options_dataclass
@@ -826,6 +826,9 @@ class Launch(Options):
         metavar="DIR",
         rule=PATH,
     )
+    mlflow: str | None = mlflow_option(
+        "log parameters, per-epoch metrics and artifacts to this MLflow tracking URI"
+    )
     no_plots: bool = option(False, "skip drawing the figures", rule=SWITCH)
     quiet: bool = quiet_option()
 
@@ -834,13 +837,17 @@ class Launch(Options):
 class EvaluateOptions(Options):
     """`vaelab evaluate`: the test log-likelihood of a run by importance sampling."""
 
-    run: str = option(MISSING, RUN_HELP, positional=True)
+    run: str = run_option()
     k: int = option(5000, "importance samples per test image", rule=POSITIVE)
-    seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
+    seed: int = seed_option()
     images: int | None = first_images_option(None, "test images only", aliases=("--test-size",))
-    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
-    device: str = option("auto", choices=DEVICES)
+    data_dir: str | None = data_dir_option()
+    device: str = device_option()
     precision: str = precision_option()
+    mlflow: str | None = mlflow_option(
+        "also log the evaluation (eval.json, its numbers, the KL figure) into the run's MLflow"
+        " run at this tracking URI (the one `vaelab train --mlflow` made, else a new one)"
+    )
     quiet: bool = quiet_option()
 
 
@@ -848,16 +855,18 @@ class EvaluateOptions(Options):
 class GapOptions(Options):
     """`vaelab gap`: the approximation and amortization gaps of a run (Cremer et al. 2018)."""
 
-    run: str = option(MISSING, RUN_HELP, positional=True)
+    run: str = run_option()
     images: int = first_images_option(1000, "test images")
     k: int = option(5000, "importance samples per image for log p(x) and the ELBOs", rule=POSITIVE)
     # A fixed budget, the same for every image: an image's result does not depend on the others.
     steps: int = option(1000, "Adam steps fitting each image's posterior", rule=POSITIVE)
-    samples: int = option(10, "draws of z per image in each step's ELBO", rule=POSITIVE, metavar="S")
+    samples: int = option(
+        10, "draws of z per image in each step's ELBO", rule=POSITIVE, metavar="S"
+    )
     lr: float = option(1e-2, "Adam's learning rate for the fitted posteriors", rule=POSITIVE_NUMBER)
-    seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
-    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
-    device: str = option("auto", choices=DEVICES)
+    seed: int = seed_option()
+    data_dir: str | None = data_dir_option()
+    device: str = device_option()
     quiet: bool = quiet_option()
 
 
@@ -869,9 +878,9 @@ CODES_HELP = "file to write: FILE.npz, and the same values as FILE.csv beside it
 class RunImagesOptions(Options):
     """What `vaelab encode` and `vaelab score` share: a run, the images of a split, the output."""
 
-    run: str = option(MISSING, RUN_HELP, positional=True)
+    run: str = run_option()
     output: str = option(MISSING, CODES_HELP, short="-o", rule=PATH, metavar="FILE")
-    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
+    data_dir: str | None = data_dir_option()
     split: str | None = option(
         None,
         "which of the data's images: train, test, or all (the test images first, so that theirs"
@@ -887,8 +896,8 @@ class RunImagesOptions(Options):
     skip_bad: bool = skip_bad_option(" (default: the run's)")
     test_fraction: float | None = test_fraction_option(None, "the run's")
     split_seed: int | None = split_seed_option(None, "the run's")
-    seed: int = option(EVAL_SEED, "fixes binarization and noise", rule=INTEGER)
-    device: str = option("auto", choices=DEVICES)
+    seed: int = seed_option()
+    device: str = device_option()
     force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)
     quiet: bool = quiet_option()
 
@@ -917,26 +926,26 @@ class ScoreOptions(RunImagesOptions):
 class CompareOptions(Options):
     """`vaelab compare`: the paired difference of two evaluated runs."""
 
-    run_a: str = option(MISSING, RUN_HELP, positional=True, metavar="RUN_A")
-    run_b: str = option(MISSING, RUN_HELP, positional=True, metavar="RUN_B")
+    run_a: str = run_option("RUN_A")
+    run_b: str = run_option("RUN_B")
 
 
 @options_dataclass
 class PlotOptions(Options):
     """`vaelab plot`: a run's figures, drawn again."""
 
-    run: str = option(MISSING, RUN_HELP, positional=True)
-    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
+    run: str = run_option()
+    data_dir: str | None = data_dir_option()
 
 
 @options_dataclass
 class SampleOptions(Options):
     """`vaelab sample`: images from the prior, into a PNG."""
 
-    run: str = option(MISSING, RUN_HELP, positional=True)
+    run: str = run_option()
     n: int = option(64, "number of samples", rule=POSITIVE, flag="-n")
     output: str = option(MISSING, "PNG file to write", short="-o", rule=PATH)
-    seed: int = option(0, rule=INTEGER)
+    seed: int = seed_option(0, "fixes the draws of z")
     force: bool = option(False, "overwrite the output file if it exists", rule=SWITCH)
 
 
@@ -944,11 +953,11 @@ class SampleOptions(Options):
 class ReportOptions(Options):
     """`vaelab report`: one HTML page of a run."""
 
-    run: str = option(MISSING, RUN_HELP, positional=True)
+    run: str = run_option()
     output: str | None = option(
         None, "HTML file to write (default: RUN/report.html)", short="-o", rule=PATH
     )
-    data_dir: str | None = option(None, RUN_DATA_HELP, rule=PATH)
+    data_dir: str | None = data_dir_option()
 
 
 # `vaelab data` takes these options of a run (the same defaults and rules as `vaelab train`).

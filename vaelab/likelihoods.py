@@ -13,12 +13,18 @@ Shapes: images (N, C, H, W) uint8; x (N, C, H, W) float32; decoder output
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 
 from . import rng
+from .errors import VaelabError
 from .objectives import LOG_2PI
+from .registry import Registry
+
+# By name, in the order the command line lists them (each class registers below).
+LIKELIHOODS = Registry("likelihood")
 
 
 def _tracked(t: torch.Tensor) -> bool:
@@ -41,8 +47,10 @@ def softplus_sum(logits: torch.Tensor, scratch: torch.Tensor | None = None) -> t
     return positive - p.view(*p.shape[:-1], -1, group).prod(-1).log_().sum(-1)
 
 
-def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, log_sigma: float | torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, sigma^2) summed over each image's values: (..., N, C, H, W) -> (..., N) nats."""
+def normal_log_prob(x: torch.Tensor, mean: torch.Tensor,
+                    log_sigma: float | torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, sigma^2) summed over each image's values: (..., N, C, H, W) -> (..., N)
+    nats."""
     z = (x - mean) * torch.exp(-torch.as_tensor(log_sigma, dtype=x.dtype))
     return (-0.5 * z.square() - log_sigma - 0.5 * LOG_2PI).flatten(-3).sum(-1)
 
@@ -57,7 +65,8 @@ class Likelihood:
     name: str = ""
     channels: int = 1
     random: bool = False  # whether observe() draws random numbers
-    discrete: bool = False  # a probability of the data's values (nats convert to bits per dimension)
+    # a probability of the data's values (nats convert to bits per dimension)
+    discrete: bool = False
     # Image-sized tensors that log_prob keeps alive at once outside a workspace, roughly: evaluation
     # sizes its CPU calls by them (evaluate.CPU_CALL_BYTES).
     temporaries: int = 0
@@ -70,6 +79,12 @@ class Likelihood:
     def recommends(cls, image_shape: tuple[int, int, int]) -> bool:
         """Whether `recommended` applies to images of shape (C, H, W)."""
         return True
+
+    @classmethod
+    def from_options(cls, sigma: float) -> "Likelihood":
+        """This likelihood for a model's options (those it reads it checks; the others are
+        ignored): what `make` builds."""
+        return cls()
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -107,6 +122,7 @@ OUTPUT_CLAMP = 1e-3
 MIN_START_STD = 1 / 255
 
 
+@LIKELIHOODS.register("bernoulli")
 class Bernoulli(Likelihood):
     """Pixels binarized afresh for every draw (dynamic binarization); logits out."""
 
@@ -136,7 +152,8 @@ class Bernoulli(Likelihood):
     def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
         """x * l - softplus(l) summed over pixels, from logits l (never a sigmoid then a log)."""
         logits = out.flatten(-3)
-        scratch = None if workspace is None or _tracked(logits) else workspace.get("bernoulli", logits.shape, logits)
+        scratch = (None if workspace is None or _tracked(logits)
+                   else workspace.get("bernoulli", logits.shape, logits))
         xl = torch.mul(logits, x.flatten(-3), out=scratch).sum(-1)
         return xl - softplus_sum(logits, scratch)
 
@@ -144,6 +161,7 @@ class Bernoulli(Likelihood):
         return torch.sigmoid(out)
 
 
+@LIKELIHOODS.register("gaussian")
 class Gaussian(Likelihood):
     """Grey levels in [0, 1] ~ N(sigmoid(out), sigma^2), sigma fixed: a density, not comparable with
     Bernoulli nats."""
@@ -154,6 +172,14 @@ class Gaussian(Likelihood):
 
     def __init__(self, sigma: float):
         self.sigma = sigma
+
+    @classmethod
+    def from_options(cls, sigma: float) -> "Gaussian":
+        # what the command line's rule says, here where sigma is used: no import of config
+        good = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
+        if not (good and math.isfinite(sigma) and sigma > 0):
+            raise VaelabError(f"--sigma must be a positive number, got {sigma!r}")
+        return cls(sigma)
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         return images.to(torch.float32).div_(255.0)
@@ -168,6 +194,7 @@ class Gaussian(Likelihood):
         return f"gaussian (sigma {self.sigma})"
 
 
+@LIKELIHOODS.register("gaussian-learned")
 class GaussianLearned(Likelihood):
     """Grey levels ~ N(sigmoid(m), sigma^2) with a standard deviation per pixel that the decoder
     learns (log sigma, floored at -7). The grey levels are dequantized first, x = (k + u) / 256 with
@@ -186,7 +213,8 @@ class GaussianLearned(Likelihood):
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         if keys is None:
-            raise ValueError("GaussianLearned.observe dequantizes with random noise: it needs one key per image")
+            raise ValueError("GaussianLearned.observe dequantizes with random noise: it needs one"
+                             " key per image")
         # 15 bits of u: k + u then fits float32's 24-bit mantissa exactly and stays inside k's bin
         r = rng.uniform16(keys, images[0].numel()).view(images.shape).bitwise_right_shift_(1)
         u = r.to(torch.float32).add_(0.5).div_(32768)
@@ -194,7 +222,8 @@ class GaussianLearned(Likelihood):
 
     def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
         c = x.shape[-3]
-        return normal_log_prob(x, torch.sigmoid(out[..., :c, :, :]), out[..., c:, :, :].clamp(min=self.MIN_LOG_SIGMA))
+        log_sigma = out[..., c:, :, :].clamp(min=self.MIN_LOG_SIGMA)
+        return normal_log_prob(x, torch.sigmoid(out[..., :c, :, :]), log_sigma)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
@@ -204,6 +233,7 @@ class GaussianLearned(Likelihood):
         return torch.cat([_logit(mean), std.clamp(min=MIN_START_STD).log()])
 
 
+@LIKELIHOODS.register("logistic")
 class DiscretizedLogistic(Likelihood):
     """Each channel's 256 grey levels as bins of a logistic distribution (as in PixelCNN++, one
     component): the decoder gives, per pixel and channel, the mean logit m (mean sigmoid(m) in
@@ -225,7 +255,8 @@ class DiscretizedLogistic(Likelihood):
 
     def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
         c = x.shape[-3]
-        mean, log_s = torch.sigmoid(out[..., :c, :, :]), out[..., c:, :, :].clamp(min=self.MIN_LOG_SCALE)
+        mean = torch.sigmoid(out[..., :c, :, :])
+        log_s = out[..., c:, :, :].clamp(min=self.MIN_LOG_SCALE)
         inv_s = torch.exp(-log_s)
         centred = x - mean
         upper, lower = (centred + 0.5 / 255) * inv_s, (centred - 0.5 / 255) * inv_s
@@ -239,7 +270,8 @@ class DiscretizedLogistic(Likelihood):
         below = below_upper + log1mexp(below_lower - below_upper)
         above = above_lower + log1mexp(above_upper - above_lower)
         inside = torch.where(centred > 0, above, below)
-        log_p = torch.where(x < 0.5 / 255, below_upper, torch.where(x > 1 - 0.5 / 255, above_lower, inside))
+        top = torch.where(x > 1 - 0.5 / 255, above_lower, inside)
+        log_p = torch.where(x < 0.5 / 255, below_upper, top)
         return log_p.flatten(-3).sum(-1)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -252,22 +284,14 @@ class DiscretizedLogistic(Likelihood):
         return torch.cat([_logit(mean), scale.log()])
 
 
-# By name, in the order the command line lists them.
-KINDS = {kind.name: kind for kind in (Bernoulli, Gaussian, GaussianLearned, DiscretizedLogistic)}
-LIKELIHOODS = tuple(KINDS)
-
-
 def recommended(name: str, image_shape: tuple[int, int, int]) -> dict:
     """The training options a likelihood recommends for images of shape (C, H, W)
     (config.resolve puts them under what the caller set explicitly and over the preset)."""
-    kind = KINDS[name]
+    kind = LIKELIHOODS[name]
     return dict(kind.recommended) if kind.recommends(image_shape) else {}
 
 
 def make(name: str, sigma: float = 0.1) -> Likelihood:
-    """The likelihood object named `name` (sigma: the Gaussian's standard deviation)."""
-    from .config import ModelConfig, check_option  # the option declarations hold the rules
-
-    check_option(ModelConfig, "likelihood", name)
-    check_option(ModelConfig, "sigma", sigma)
-    return Gaussian(sigma) if name == "gaussian" else KINDS[name]()
+    """The likelihood object named `name` (sigma: the Gaussian's standard deviation); an
+    unknown name or a bad sigma is a one-line VaelabError."""
+    return LIKELIHOODS[name].from_options(sigma)

@@ -26,13 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> (module, in-place function)
-ACTIVATIONS = {
-    "relu": (nn.ReLU, torch.relu_),
-    "tanh": (nn.Tanh, torch.tanh_),
-    "elu": (nn.ELU, F.elu_),
-    "softplus": (nn.Softplus, lambda h: h.copy_(F.softplus(h))),
-}
+from .registry import Registry
+
+# name -> (module, in-place function); registered in the order --help lists them
+ACTIVATIONS = Registry("activation")
+ACTIVATIONS.register("elu", (nn.ELU, F.elu_))
+ACTIVATIONS.register("relu", (nn.ReLU, torch.relu_))
+ACTIVATIONS.register("softplus", (nn.Softplus, lambda h: h.copy_(F.softplus(h))))
+ACTIVATIONS.register("tanh", (nn.Tanh, torch.tanh_))
 
 
 class Workspace:

@@ -56,9 +56,6 @@ class Registry(dict):
     def names(self) -> tuple[str, ...]:
         return tuple(self)
 
-    def __repr__(self) -> str:
-        return f"Registry({self.kind!r}: {', '.join(map(str, self))})"
-
 
 def plugin_names(values: Iterable[str]) -> tuple[str, ...]:
     """Module names from --plugin values, each one name or several separated by commas."""
@@ -69,9 +66,10 @@ def import_plugins(names: Iterable[str]) -> None:
     """Import each plugin module, which registers its components as it is imported. The current
     directory is searched after sys.path (where `vaelab`, a console script, does not put it),
     so a module beside the user's data is found and never shadows an installed one."""
-    if os.getcwd() not in sys.path:
+    names = plugin_names(names)
+    if names and os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    for name in plugin_names(names):
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception as e:  # any failure of someone else's module: one line, not a traceback

@@ -38,6 +38,7 @@ from .distributed import SINGLE, World
 from .errors import RunError, VaelabError
 from .fileio import atomic_write_bytes, atomic_write_json
 from .models import VAE
+from .registry import import_plugins
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -171,9 +172,11 @@ def load_config(run_dir: str | Path) -> RunConfig:
     if not path.is_file():
         raise RunError(f"{run_dir} is not a run: it has no {CONFIG}")
     try:
-        return configs.RunConfig.from_dict(json.loads(path.read_text()))
+        config = configs.RunConfig.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError, VaelabError) as e:
         raise RunError(f"{path} is unreadable or corrupt: {e}") from None
+    import_plugins(config.plugins)  # the components the run was trained with
+    return config
 
 
 def save_weights(run_dir: Path, model: VAE) -> None:
@@ -423,24 +426,20 @@ def resumed_config(run_dir: str | Path, changes: dict) -> RunConfig:
     config = load_config(run_dir)
     if config.model.architecture == CUSTOM:
         raise _own_networks(run_dir, "resume it in Python: vaelab.train(config, run, resume=True, model=...)")
-    for name, value in changes.items():
-        setattr(config, name, value)
-    return config
+    return config.replace(**changes)
 
 
-def _same_run(a: RunConfig, b: RunConfig) -> bool:
-    """Whether two configs describe the same run (what a run resolves when it starts aside)."""
-    def essentials(c: RunConfig) -> dict:
-        d = c.to_dict()
-        d.pop("data_dir")
-        d["model"].pop("image_shape")
-        return d
-    return essentials(a) == essentials(b)
+def _same_run(saved: RunConfig, config: RunConfig) -> bool:
+    """Whether a saved run is the one config asks for: every option the caller gave has the
+    saved value (the others were resolved when it started)."""
+    asked = {**configs.given_values(config.model), **configs.given_values(config)}
+    recorded = {**saved.model.to_dict(), **saved.to_dict()}
+    return all(recorded[k] == v for k, v in asked.items() if k not in ("model", "data_dir"))
 
 
 def plan(options: dict, out: str | Path | None = None, resume: str | Path | None = None,
          world: World = SINGLE) -> tuple[RunConfig, Path, bool]:
-    """The resolved config of a training run, its folder and whether it resumes (decided by
+    """The config of a training run (as given: build resolves it), its folder and whether it resumes (decided by
     rank 0, which holds the folder). options: the options set explicitly (name -> value).
 
     After torchrun restarted the group (same command line), the run resumes from its folder's
@@ -451,7 +450,7 @@ def plan(options: dict, out: str | Path | None = None, resume: str | Path | None
         if out:
             raise VaelabError("--resume RUN continues RUN in place; leave out --out")
         return resumed_config(resume, options), Path(resume), True
-    config = configs.resolve(configs.RunConfig.from_options(options))
+    config = configs.RunConfig.from_options(options)  # build resolves it, for the data's images
     run_dir = Path(out or fresh_run_path())
     # Only a folder this torchrun job created: another's is refused as at a first start.
     if world.restarts and (run_dir / CONFIG).is_file() and claimed_by(run_dir, world.run_id):
@@ -474,7 +473,7 @@ def prepare(options: dict, out: str | Path | None = None, resume: str | Path | N
     distributed.start(world)
     config, run_dir, resuming = distributed.share_result(lambda: plan(options, out, resume, world), world)
     if "data_dir" in options or not resume:
-        config.data_dir = options.get("data_dir")
+        config = config.replace(data_dir=options.get("data_dir"))
     return config, run_dir, resuming
 
 

@@ -25,6 +25,7 @@ from .config import SKIP_LIMIT, ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
+from .registry import import_plugins
 from .evaluate import TestSet, test_means
 from .models import VAE, build_model, initialise
 from .objectives import OBJECTIVES, Objective
@@ -110,34 +111,31 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
         # The model is what it is: every field of its config counts as set, so no preset or
         # recommendation rewrites the record of it.
         config = config.replace(model=ModelConfig.from_dict(model.config.to_dict()))
-    draft = resolve(config)  # every option's error before any data is read
-    draft.validate()
-    if draft.batch_size % world.size:
-        raise VaelabError(f"--batch-size {draft.batch_size} does not divide among {world.size} processes; "
-                          f"give a multiple of {world.size}")
+    import_plugins(config.plugins)  # the run's own components, before their names are checked
+    config.validate(world.size)  # every option's error before any data is read
+    asked = "output_init" in explicit(config)  # (once resolved, every option counts as set)
     distributed.start(world)  # under torchrun: join the process group (once)
-    device = pick_device(draft.device, world)
-    if draft.deterministic:
+    # Where the data is and the device are the caller's alone (config.CALLERS_ONLY): no preset or
+    # recommendation sets them, so they are read before resolving.
+    device = pick_device(config.device, world)
+    if config.deterministic:
         set_deterministic(device)
-    data_dir = draft.data_dir
+    data_dir = config.data_dir
     if data is None:
-        data = load_data(draft.data_dir, progress=progress and world.main, **draft.data_options())
-        if draft.data_dir is not None or not data.verified:
+        data = load_data(config.data_dir, progress=progress and world.main, **config.data_options())
+        if config.data_dir is not None or not data.verified:
             # Recorded absolute, so that later commands find it from any folder.
             data_dir = str(data.directory.resolve())
-    data = data.subset(draft.train_size, draft.test_size)
-    if len(data.train_images) < draft.batch_size:
-        raise VaelabError(f"--batch-size {draft.batch_size} is larger than the "
-                          f"{len(data.train_images)} training images")
+    data = data.subset(config.train_size, config.test_size)
     if model is not None and model.config.image_shape != data.image_shape:
         raise VaelabError(f"the model takes images of shape {model.config.image_shape} (C, H, W), "
                           f"but the data's are {data.image_shape}")
-    if model is None:  # resolved again for these images: a likelihood's recommendations may differ
-        config = config.replace(model=config.model.replace(image_shape=data.image_shape))
-    asked = "output_init" in explicit(config)
-    config = resolve(config)
-    config.validate()
-    config = config.replace(data_dir=data_dir)
+    # Resolved once, for these images: a likelihood's recommendations depend on their shape.
+    config = resolve(config, data.image_shape).replace(data_dir=data_dir)
+    config.validate(world.size)
+    if len(data.train_images) < config.batch_size:
+        raise VaelabError(f"--batch-size {config.batch_size} is larger than the "
+                          f"{len(data.train_images)} training images")
     model = build_model(config.model, seed=config.seed) if model is None else copy.deepcopy(model)
     why_not = initialise(model, config.init, config.output_init, data.train_images, config.seed)
     if why_not:

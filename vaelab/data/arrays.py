@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, one_line
-from . import Dataset
+from .dataset import Dataset
 
 _LAYOUT = ("an .npz for vaelab holds uint8 x_train and x_test of shape (N, H, W) or (N, H, W, C) "
            "with C 1 or 3, and optionally integer y_train and y_test")

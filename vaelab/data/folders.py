@@ -57,7 +57,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .. import progress as show
 from ..errors import DataError, VaelabError, one_line
-from . import Dataset
+from .dataset import Dataset
 from .fetch import cache_root
 from .idx import FILES
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import Dataset
+from .dataset import Dataset
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",

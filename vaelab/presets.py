@@ -1,0 +1,44 @@
+"""Network presets: named sets of option values (`--preset NAME`), which `config.resolve` puts
+under what the caller set and the likelihood's recommendations, and over the defaults. A preset
+names options of a run and of its model alike (one namespace of option names). Registered in
+alphabetical order, the order --help and the errors list them; a plugin adds its own with
+`PRESETS.register(name, {...})`."""
+
+from __future__ import annotations
+
+from .registry import Registry
+
+PRESETS = Registry("preset")
+
+# Burda, Grosse & Salakhutdinov (2015), one stochastic layer, with their recipe (their code,
+# github.com/yburda/iwae: nnet.py, datasets.py, experiments.py; the paper's section 5): Glorot
+# uniform weights and zero biases, the decoder's output bias at the logit of the training
+# pixels' mean, every KL term from the draws, Adam (eps 1e-4) at 1e-3 under their schedule
+# with batch 20 for 3,280 epochs. docs/models.md says where vaelab departs from their code.
+BURDA_RECIPE = dict(
+    init="glorot", output_init="data", kl="sampled", optimizer="adam", lr=1e-3, adam_eps=1e-4,
+    schedule="burda", batch_size=20, epochs=3280,
+)
+
+PRESETS.register("burda1", dict(
+    encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=50,
+    **BURDA_RECIPE,
+))
+# Burda et al.'s two stochastic layers: x -200-200- z1 (100) -100-100- z2 (50), tanh.
+PRESETS.register("burda2", dict(
+    encoder_hidden=(200, 200), decoder_hidden=(200, 200), activation="tanh", z_dim=100,
+    upper_z_dims=(50,), upper_hidden=(100, 100), **BURDA_RECIPE,
+))
+# Two stride-2 4x4 convolutions (32 and 64 channels) and a dense layer of 256 each way, for
+# images whose sides are multiples of 4 (28x28, 32x32), 1 or 3 channels. Adam: the tutorial's
+# SGD rate, tuned for the small MLP, is too slow or unstable for the deeper net.
+PRESETS.register("conv", dict(
+    architecture="conv", conv_channels=(32, 64), encoder_hidden=(256,), decoder_hidden=(256,),
+    activation="relu", z_dim=16, optimizer="adam", lr=1e-3,
+))
+# The tutorial's network: 784-256-128 encoder, z-128-256-784 decoder (the defaults), and its
+# initialisation: PyTorch's, the output bias included (a bare `vaelab train` is the notebook).
+PRESETS.register("tutorial", dict(
+    encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2,
+    output_init="none",
+))
