@@ -23,6 +23,7 @@ from vaelab.posteriors import POSTERIORS, Gaussian, Posterior
 from vaelab.priors import PRIORS, Prior
 
 
+# --8<-- [start:prior]
 @PRIORS.register("scaled")
 class ScaledNormal(Prior):
     """p(z) = N(0, s^2 I) with one learned scale s (log s starts at 0). z: (..., z_dim)."""
@@ -39,16 +40,20 @@ class ScaledNormal(Prior):
     def sample(self, n, generator, encode=None, y=None):
         eps = torch.randn(n, self.z_dim, generator=generator, device=generator.device)
         return eps * self.log_scale.exp()
+# --8<-- [end:prior]
 
 
+# --8<-- [start:kl]
 @kl.register_kl(Gaussian, ScaledNormal)
 def _gaussian_scaled(posterior, prior, params, components=None, y=None):
     """KL(N(mu, sigma^2) || N(0, s^2)) per dimension, in closed form."""
     mu, logvar = params[:2]
     log_s2 = 2 * prior.log_scale
     return 0.5 * ((logvar.exp() + mu.square()) * torch.exp(-log_s2) - 1 + log_s2 - logvar)
+# --8<-- [end:kl]
 
 
+# --8<-- [start:posterior]
 @POSTERIORS.register("shared-variance")
 class SharedVariance(Posterior):
     """q(z|x) = N(mu(x), diag(exp(logvar))) with one learned log-variance per dimension for
@@ -79,8 +84,10 @@ class SharedVariance(Posterior):
 
     def mean(self, params):
         return params[0]
+# --8<-- [end:posterior]
 
 
+# --8<-- [start:likelihood]
 @LIKELIHOODS.register("laplace")
 class Laplace(Likelihood):
     """Grey levels in [0, 1] ~ Laplace(sigmoid(out), b) with a fixed scale b = --sigma: a density,
@@ -107,8 +114,10 @@ class Laplace(Likelihood):
 
     def output_bias(self, mean, std):
         return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
+# --8<-- [end:likelihood]
 
 
+# --8<-- [start:objective]
 @OBJECTIVES.register("renyi")
 class Renyi(Objective):
     """The negative Renyi bound of Li & Turner (2016) with alpha = 1/2 and k = --k draws:
@@ -131,3 +140,4 @@ class Renyi(Objective):
         scaled = (1 - self.ALPHA) * log_weights(terms)
         bound = (torch.logsumexp(scaled, 0) - math.log(len(scaled))) / (1 - self.ALPHA)
         return -bound.mean()
+# --8<-- [end:objective]

@@ -87,8 +87,9 @@ def test_the_command_line_trains_evaluates_and_resumes_with_a_plugin(tmp_path, m
     monkeypatch.chdir(tmp_path)
     np = pytest.importorskip("numpy")
     data = synthetic_dataset()
-    np.savez(tmp_path / "tiny.npz", x_train=data.train_images.numpy(),
-             x_test=data.test_images.numpy())
+    channels_last = lambda images: images.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    np.savez(tmp_path / "tiny.npz", x_train=channels_last(data.train_images),
+             x_test=channels_last(data.test_images))
     run = tmp_path / "run"
     common = ["--data-dir", str(tmp_path / "tiny.npz"), "--z-dim", "2", "--encoder-hidden", "16",
               "--decoder-hidden", "16", "--batch-size", "50", "--quiet", "--no-plots"]

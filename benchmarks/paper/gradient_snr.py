@@ -38,7 +38,7 @@ def snr(model, x, k: int, estimator: str, draws: int) -> dict:
     d = model.noise_dim
     for r in range(draws):
         eps = rng.normal(rng.row_keys(rng.key(11, "snr", k, r), torch.arange(len(x))), k * d)
-        terms = estimated(model(x, eps.view(len(x), k, d).transpose(0, 1)), estimator)
+        terms = estimated(model, x, eps.view(len(x), k, d).transpose(0, 1), estimator)
         g_head, g_last = torch.autograd.grad(negative_iwae(terms).mean(), (head, last))
         rows["encoder"].append(g_head.flatten())
         rows["decoder"].append(g_last.flatten())

@@ -498,7 +498,7 @@ def _workers(files: list[ImageFile]) -> int:
     A small PNG (MNIST's are about 300 bytes) costs far more Python time in Pillow than
     decoding time with the GIL released, so threads would only contend for the GIL; above
     SMALL_FILE_BYTES a file (about 64x64 grey) the decoding dominates and threads pay off
-    (benchmarks/image_folder.py).
+    (benchmarks/perf/image_folder.py).
     """
     if sum(f.size for f in files) < SMALL_FILE_BYTES * len(files):
         return 1
