@@ -16,10 +16,10 @@ from torch import nn
 
 from conftest import synthetic_dataset
 from vaelab.config import RunConfig
-from vaelab.evaluate import importance_sampled
 from vaelab.gap import amortization_gap
 from vaelab.models import VAE
 from vaelab.plots import reconstruction_images, sample_images
+from vaelab.sampling import importance_sampled
 from vaelab.score import encode, score
 from vaelab.train import build, fit
 

@@ -14,8 +14,8 @@ import torch
 
 from conftest import synthetic_dataset
 from vaelab import RunConfig, rng
-from vaelab.evaluate import importance_sampled
 from vaelab.models import ModelConfig, build_model, preset
+from vaelab.sampling import importance_sampled
 from vaelab.train import build
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

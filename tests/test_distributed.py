@@ -280,14 +280,15 @@ def test_commands_of_one_process_refuse_torchrun_in_one_line(command):
 
 
 def test_under_torchrun_a_run_needs_out():
-    from vaelab.runs import prepare
+    from vaelab.start import prepare
 
     with pytest.raises(VaelabError, match="under torchrun, give --out DIR"):
         prepare({"device": "cpu"}, world=World(rank=0, size=2, torchrun=True))
 
 
 def test_a_restart_before_the_first_checkpoint_starts_afresh_in_the_same_folder(tmp_path):
-    from vaelab.runs import claim, plan, save_config
+    from vaelab.runs import save_config
+    from vaelab.start import claim, plan
 
     options, out = dict(device="cpu", epochs=3), tmp_path / "run"
     config, run_dir, resume = plan(options, out, world=World())
@@ -305,7 +306,8 @@ def test_a_restart_before_the_first_checkpoint_starts_afresh_in_the_same_folder(
 
 
 def test_a_restart_never_takes_over_a_folder_another_job_created(tmp_path):
-    from vaelab.runs import claim, plan, save_config
+    from vaelab.runs import save_config
+    from vaelab.start import claim, plan
 
     options, out = dict(device="cpu"), tmp_path / "run"
     config, run_dir, _ = plan(options, out, world=World())

@@ -7,13 +7,14 @@ import torch
 
 import numpy as np
 
-from vaelab import evaluate
+from vaelab import sampling
+from vaelab.diagnostics import compare
 from vaelab.errors import VaelabError
-from vaelab.evaluate import TestSet, compare, importance_sampled, mean_loss
 from vaelab.likelihoods import Bernoulli
 from vaelab.models import ModelConfig, build_model
 from vaelab.objectives import (kl_normal, log_normal_from_eps, log_standard_normal, negative_elbo, negative_iwae,
                                reparametrize)
+from vaelab.sampling import TestSet, importance_sampled, mean_loss
 
 D = 8
 SHAPE = (1, 2, 4)
@@ -188,7 +189,7 @@ def test_a_test_pass_holds_at_most_test_rows_images_times_samples_per_call(monke
         return forward(x, eps, **kw)
 
     monkeypatch.setattr(model, "forward", counted)
-    monkeypatch.setattr(evaluate, "TEST_ROWS", 40)
+    monkeypatch.setattr(sampling, "TEST_ROWS", 40)
     assert mean_loss(model, test_set, "iwae", samples=10) == pytest.approx(whole, rel=1e-6)
     assert max(s * n for s, n in calls) <= 40 and sum(n for _, n in calls) == 23
 
@@ -227,9 +228,8 @@ def test_bf16_decoding_moves_the_estimate_by_far_less_than_its_error():
 
 def test_a_wide_decoder_or_likelihood_takes_a_tiles_samples_in_several_cpu_calls_with_the_same_values(
         monkeypatch):
-    import vaelab.evaluate as evaluate
-    from vaelab.evaluate import _samples_per_call
     from vaelab.models import preset
+    from vaelab.sampling import _samples_per_call
 
     assert _samples_per_call(build_model(preset("tutorial")), 50) == 50  # the MLPs decode a tile at once
     assert _samples_per_call(build_model(preset("conv")), 50) < 50       # the conv preset's layers are wider
@@ -237,7 +237,7 @@ def test_a_wide_decoder_or_likelihood_takes_a_tiles_samples_in_several_cpu_calls
     model = build_model(preset("conv", image_shape=(1, 8, 8), z_dim=3), seed=0)
     images = torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     whole = importance_sampled(model, images, k=100, progress=False)
-    monkeypatch.setattr(evaluate, "CPU_CALL_BYTES", 7 * evaluate.TILE_IMAGES * model.decoder.row_floats * 4)
+    monkeypatch.setattr(sampling, "CPU_CALL_BYTES", 7 * sampling.TILE_IMAGES * model.decoder.row_floats * 4)
     assert _samples_per_call(model, 50) == 5  # the largest divisor of the tile's samples that fits
     split = importance_sampled(model, images, k=100, progress=False)["log_px"]
     np.testing.assert_allclose(split, whole["log_px"], rtol=1e-6)  # bitwise here; row counts may steer a BLAS
@@ -277,8 +277,9 @@ def test_the_kl_per_dimension_is_left_out_where_it_is_not_defined_saying_why(com
 
 
 def test_a_flows_posterior_mean_is_the_mean_of_its_keyed_draws():
-    from vaelab.evaluate import draw_noise, image_keys
     from vaelab.objectives import reparametrize
+    from vaelab.rng import image_keys
+    from vaelab.sampling import draw_noise
 
     config = ModelConfig(image_shape=SHAPE, z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), posterior="iaf")
     model = build_model(config, seed=0)

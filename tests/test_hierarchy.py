@@ -17,10 +17,10 @@ from conftest import (
 )
 from test_train import tiny_config
 from vaelab.config import ModelConfig
-from vaelab.evaluate import importance_sampled
 from vaelab.likelihoods import Bernoulli
 from vaelab.models import build_model, preset
 from vaelab.objectives import estimated
+from vaelab.sampling import importance_sampled
 
 SHAPE = (1, 2, 4)
 
@@ -207,7 +207,7 @@ def test_combinations_that_do_not_apply_are_refused_in_one_line(tmp_path, args, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("part", ["head", "hierarchy.up"])  # q(z1|x)'s and q(z2|z1)'s
+@pytest.mark.parametrize("part", ["head", "posterior.layers.up"])  # q(z1|x)'s and q(z2|z1)'s
 def test_dreg_is_unbiased_for_the_iwae_gradient_of_both_layers_inference(part):
     from test_objectives import assert_same_mean, gradients
 

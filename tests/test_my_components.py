@@ -13,7 +13,7 @@ import torch
 from conftest import assert_resumes_bit_for_bit, synthetic_dataset
 from vaelab import load_run, train
 from vaelab.config import ModelConfig, RunConfig
-from vaelab.evaluate import importance_sampled
+from vaelab.sampling import importance_sampled
 
 KINDS = {
     "prior": dict(model=dict(prior="scaled")),

@@ -10,12 +10,12 @@ from torch import nn
 
 from conftest import run_vaelab, synthetic_dataset
 from vaelab import RunConfig, VAE, VaelabError, build, fit, load_run
-from vaelab import evaluate
-from vaelab.evaluate import importance_sampled
+from vaelab import sampling
 from vaelab.models import ModelConfig
 from vaelab.plots import draw_figures
 from vaelab.report import build_report
 from vaelab.runs import load_config
+from vaelab.sampling import importance_sampled
 
 SHAPE = (1, 8, 8)
 
@@ -172,7 +172,7 @@ def test_evaluation_bounds_are_ordered_and_independent_of_the_chunking(trained, 
     whole = importance_sampled(result.model, images, k=100, progress=False)
     assert whole["precision"] == "fp32"  # auto: your decoder runs in float32
     assert whole["nll"] <= whole["iwae"]["50"] <= whole["iwae"]["5"] <= whole["iwae"]["1"]
-    monkeypatch.setattr(evaluate, "CPU_CALL_BYTES", 1)  # one sample per call
+    monkeypatch.setattr(sampling, "CPU_CALL_BYTES", 1)  # one sample per call
     some = importance_sampled(result.model, images[:30], k=100, progress=False)
     assert np.array_equal(some["log_px"], whole["log_px"][:30])
 

@@ -10,8 +10,8 @@ from PIL import Image
 from conftest import synthetic_dataset
 from vaelab.data import Dataset
 from vaelab.models import ModelConfig, build_model
-from vaelab.evaluate import image_keys
 from vaelab.plots import draw_figures, image_grid, interpolation, interpolation_pairs, linear_path
+from vaelab.rng import image_keys
 
 
 def _rgb(n_train: int, n_test: int, shape=(8, 12), names=None) -> Dataset:

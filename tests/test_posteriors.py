@@ -12,10 +12,10 @@ from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, sy
                       train_evaluate_sample_report)
 from test_train import tiny_config
 from vaelab.config import ModelConfig, RunConfig
-from vaelab.evaluate import importance_sampled
 from vaelab.models import build_model
 from vaelab.objectives import log_normal_from_eps
 from vaelab.posteriors import IAF, MADE
+from vaelab.sampling import importance_sampled
 from vaelab.train import TrainingDiverged, build, fit
 
 SHAPE = (1, 2, 4)

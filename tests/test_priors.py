@@ -14,9 +14,9 @@ from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, sy
 from test_train import tiny_config
 from vaelab import train
 from vaelab.config import ModelConfig, RunConfig
-from vaelab.evaluate import importance_sampled
 from vaelab.models import build_model
 from vaelab.priors import MixtureOfGaussians, StandardNormal, VampPrior, log_mixture
+from vaelab.sampling import importance_sampled
 
 SHAPE = (1, 2, 4)
 

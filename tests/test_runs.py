@@ -11,7 +11,8 @@ from test_train import tiny_config
 from vaelab import load_run, train
 from vaelab.config import resolve
 from vaelab.errors import RunError, VaelabError
-from vaelab.runs import load_config, new_run_dir, read_metrics
+from vaelab.runs import load_config, read_metrics
+from vaelab.start import new_run_dir
 
 
 @pytest.fixture(scope="module")

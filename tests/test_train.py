@@ -8,10 +8,10 @@ from conftest import run_vaelab, synthetic_dataset, tinted_rgb
 import json
 
 from vaelab import RunConfig, train
-from vaelab.evaluate import TestSet, mean_loss
+from vaelab.likelihoods import LIKELIHOODS
 from vaelab.models import ModelConfig, build_model
 from vaelab.runs import read_metrics
-from vaelab.likelihoods import LIKELIHOODS
+from vaelab.sampling import TestSet, mean_loss
 from vaelab.train import TrainingDiverged, build, fit
 
 
@@ -209,7 +209,7 @@ def test_a_kl_weight_with_the_iwae_bound_is_refused_in_one_line():
 
 
 def test_the_logistic_likelihood_trains_and_evaluates_in_bits_per_dimension():
-    from vaelab.evaluate import importance_sampled
+    from vaelab.sampling import importance_sampled
 
     config = tiny_config(model=ModelConfig(z_dim=2, encoder_hidden=(16,), decoder_hidden=(16,), likelihood="logistic"),
                          optimizer="adam", lr=1e-3)

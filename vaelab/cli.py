@@ -265,7 +265,7 @@ def _distributed(args: argparse.Namespace, cls: type, run) -> tuple:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed, progress
-    from .runs import interrupted_note, prepare
+    from .start import interrupted_note, prepare
     from .train import summary, train
 
     launch = _parsed(args, config.Launch)
@@ -389,7 +389,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .evaluate import compare_runs
+    from .diagnostics import compare_runs
 
     options = _parsed(args, config.CompareOptions)
     r = compare_runs(options.run_a, options.run_b)
@@ -408,7 +408,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plots import draw_figures
-    from .runs import load_run_and_data, read_metrics
+    from .runs import read_metrics
+    from .start import load_run_and_data
 
     options = _parsed(args, config.PlotOptions)
     model, data = load_run_and_data(options.run, options.data_dir)
@@ -428,7 +429,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .runs import load_run_and_data
+    from .start import load_run_and_data
 
     options = _parsed(args, config.ReportOptions)
     model, data = load_run_and_data(options.run, options.data_dir)

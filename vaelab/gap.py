@@ -13,7 +13,7 @@ keyed draws of z per image and step), its rate falling linearly to 0 over a fixe
 steps, so each image's fit depends on that image alone. A Gaussian family's gradient is
 "sticking the landing"'s (objectives.estimated), whose noise vanishes at the true posterior;
 an IAF's is the plain one. L[q], L[q*] and log p(x) are
-then estimated by importance sampling (evaluate.importance_sampled, K draws per image) on keyed
+then estimated by importance sampling (sampling.importance_sampled, K draws per image) on keyed
 noise apart from the fit's, so L[q*] is not biased upward by the noise it was fitted on. log p(x)
 takes, per image, the better proposal of q and q*: the one whose estimate has the smaller
 Monte-Carlo variance on a pilot of other draws. With stochastic layers above z_1, q* frees
@@ -31,15 +31,17 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show, rng
-from .config import GapOptions, check
+from .config import GapOptions
 from .distributed import SINGLE, World
-from .evaluate import draw_noise, image_keys, importance_sampled
 from .errors import VaelabError
 from .images import stored
 from .fileio import atomic_write_json
 from .models import VAE
 from .objectives import negative_elbo
-from .runs import check_writable, load_run_and_data, read_record
+from .rng import image_keys
+from .runs import read_record
+from .sampling import draw_noise, importance_sampled
+from .start import open_run
 
 GAP = "gap.json"
 PILOT_SAMPLES = 100  # draws per image that choose log p(x)'s proposal
@@ -211,15 +213,9 @@ def read_gap(run_dir: str | Path) -> dict | None:
 def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
     """`vaelab gap`: amortization_gap over a run's first test images, written by rank 0 into
     RUN/gap.json. Returns the result, with the seconds it took."""
-    check(options)
-    distributed.start(world)
-    model, data = load_run_and_data(options.run, options.data_dir, options.device, world,
-                                    progress=not options.quiet)
+    model, data = open_run(options, world, writes=GAP)
     images = data.subset(None, options.images).test_images
     run = Path(options.run)
-    distributed.share_result(
-        lambda: check_writable(run, "gap.json goes there: make it writable"), world
-    )
     start = time.perf_counter()
     r = amortization_gap(
         model,

@@ -68,7 +68,7 @@ class Likelihood:
     # a probability of the data's values (nats convert to bits per dimension)
     discrete: bool = False
     # Image-sized tensors that log_prob keeps alive at once outside a workspace, roughly: evaluation
-    # sizes its CPU calls by them (evaluate.CPU_CALL_BYTES).
+    # sizes its CPU calls by them (sampling.CPU_CALL_BYTES).
     temporaries: int = 0
     # Training options this likelihood trains best with, by option name (config.resolve puts them
     # under what the caller set and over the preset), for images where `recommends` holds.

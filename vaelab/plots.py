@@ -18,10 +18,10 @@ from matplotlib.ticker import MaxNLocator
 
 from .data import Dataset
 from .errors import VaelabError
-from .evaluate import image_keys
 from .fileio import check_output
 from .images import stored
 from .models import VAE
+from .rng import image_keys
 from .runs import read_eval
 
 LABEL_COLOURS = "tab10"

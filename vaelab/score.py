@@ -3,7 +3,7 @@
 - `encode`: each image's posterior parameters (the latent code), with E_q[z] where it has no
   closed form;
 - `score`: each image's log p(x) by importance sampling, the same computation as `vaelab
-  evaluate` (evaluate.importance_sampled), so scoring a run's own test set with evaluate's k,
+  evaluate` (sampling.importance_sampled), so scoring a run's own test set with evaluate's k,
   seed and precision gives its per-image values bitwise on the CPU.
 
 `encode_run` and `score_run` (the commands) write FILE.npz and the same columns as FILE.csv,
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -24,15 +23,16 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
-from .config import READ_OPTIONS, EncodeOptions, ScoreOptions, check, check_option
+from .config import READ_OPTIONS, EncodeOptions, ScoreOptions, check_option
 from .data import Dataset
 from .distributed import SINGLE, World
 from .errors import VaelabError
-from .evaluate import draw_noise, image_keys, importance_sampled
 from .fileio import atomic_write_bytes, check_output
 from .images import stored
 from .models import VAE
-from .runs import load_run_and_data
+from .rng import image_keys
+from .sampling import bits_per_dim, draw_noise, importance_sampled
+from .start import open_run
 
 BATCH = 500  # images encoded at a time
 
@@ -101,7 +101,7 @@ def score(model: VAE, images: torch.Tensor, *, k: int = 5000, seed: int = 1234,
     out = {"log_px": r["log_px"], "log_px_se": np.sqrt(r["per_image"]["log_px_variance"]),
            "elbo": r["per_image"]["elbo"]}
     if model.likelihood.discrete:
-        out["bits_per_dim"] = -r["log_px"] / (images[0].numel() * math.log(2))
+        out["bits_per_dim"] = bits_per_dim(-r["log_px"], images.shape[1:])
     return out
 
 
@@ -186,23 +186,19 @@ def write_table(path: Path, values: dict[str, np.ndarray]) -> tuple[Path, Path]:
     return path, path_csv
 
 
-def _outputs(output: str, force: bool) -> Path:
+def _outputs(output: str, force: bool) -> None:
     """FILE.npz, and its FILE.csv, checked before any work."""
     path = check_output(output, flag="-o", suffix=".npz", force=force)
     check_output(path.with_suffix(".csv"), flag="-o", suffix=".csv", force=force)
-    return path
 
 
 def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
     """encode_run's and score_run's path: the output checked, the run and its split's images
     loaded, compute(model, images, labels) on every rank (labels: for a conditional model), and its arrays written by rank 0 after what
     identifies each image (`listing`). Returns both files' paths and the table written."""
-    check(options)
-    distributed.start(world)  # under torchrun: join the group (nothing for one process)
-    path = distributed.share_result(lambda: _outputs(options.output, options.force), world)
-    model, data = load_run_and_data(options.run, options.data_dir, options.device, world,
-                                    progress=not options.quiet,
-                                    **{name: getattr(options, name) for name in READ_OPTIONS})
+    model, data = open_run(options, world, outputs=lambda: _outputs(options.output, options.force),
+                           **{name: getattr(options, name) for name in READ_OPTIONS})
+    path = Path(options.output)  # as _outputs checked it
     images, identity = listing(data, options.split, options.images)
     labels = (torch.from_numpy(identity["label"]) if model.conditional and "label" in identity
               else None)

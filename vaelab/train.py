@@ -26,12 +26,12 @@ from .data import Dataset, load_data
 from .distributed import SINGLE, World, pick_device
 from .errors import VaelabError
 from .registry import import_plugins
-from .evaluate import TestSet, test_means
 from .models import VAE, build_model, initialise
 from .objectives import OBJECTIVES, Objective
-from .runs import (claim, load_config, new_run_dir, read_checkpoint, restore_checkpoint,
-                   save_checkpoint, save_config, save_weights, started, write_batch_losses,
-                   write_metrics)
+from .runs import (load_config, read_checkpoint, restore_checkpoint, save_checkpoint, save_config,
+                   save_weights, write_batch_losses, write_metrics)
+from .sampling import TestSet, test_means
+from .start import claim, new_run_dir, started
 from .step import TrainStep
 
 

@@ -3,8 +3,8 @@
     python -m benchmarks.decisions.test_pass [--reps 5] [--out benchmarks/results]
 
 After each epoch, training measures the test loss and, under `--objective iwae`, the IWAE bound
-with k samples of every test image: `evaluate.test_means`. Its calls hold at most
-`evaluate.TEST_ROWS` images x samples (200 images at k=50); unbounded, they held 1,000 images,
+with k samples of every test image: `sampling.test_means`. Its calls hold at most
+`sampling.TEST_ROWS` images x samples (200 images at k=50); unbounded, they held 1,000 images,
 so 50,000 decoder rows at k=50. Each measurement is a fresh interpreter that builds a model
 (seed 0), reads its test images, and runs one `mean_loss(..., "iwae", samples=50)` pass,
 reporting the pass's wall time and the process's peak resident set size (ru_maxrss) before and
@@ -36,10 +36,10 @@ def child(case: str, test_rows: int) -> dict:
     import torch
 
     import vaelab
-    from vaelab import evaluate
+    from vaelab import sampling
     from vaelab.data import load_data
 
-    evaluate.TEST_ROWS = test_rows
+    sampling.TEST_ROWS = test_rows
     torch.manual_seed(0)
     if case == "mnist-burda1":
         images = load_data(progress=False).test_images
@@ -49,10 +49,10 @@ def child(case: str, test_rows: int) -> dict:
             0, 256, (500, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
         )
         model = vaelab.VAE.from_config(vaelab.preset("tutorial").replace(image_shape=(3, 64, 64)))
-    test_set = evaluate.TestSet(images, 0)
+    test_set = sampling.TestSet(images, 0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     start = time.perf_counter()
-    loss = evaluate.mean_loss(model, test_set, "iwae", samples=50)
+    loss = sampling.mean_loss(model, test_set, "iwae", samples=50)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"seconds": seconds, "peak_before_gib": before, "peak_gib": after, "loss": loss}
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return 0
 
-    from vaelab.evaluate import TEST_ROWS
+    from vaelab.sampling import TEST_ROWS
 
     runs: dict[str, dict[str, list[dict]]] = {c: {"bounded": [], "unbounded": []} for c in CASES}
     ways = (("bounded", TEST_ROWS), ("unbounded", UNBOUNDED))
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
 
     summary = {}
     lines = [
-        f"Machine: {hardware()}, {date.today()}. One IWAE k=50 test pass (`evaluate.mean_loss(...,"
+        f"Machine: {hardware()}, {date.today()}. One IWAE k=50 test pass (`sampling.mean_loss(...,"
         ' "iwae", samples=50)`),'
         f" each in a fresh process, {args.reps} alternations; medians. Peak: the"
         " process's peak resident set size after the pass (before it: data and model). Times"

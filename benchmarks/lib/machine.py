@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vaelab.evaluate import native_bf16
+from vaelab.sampling import native_bf16
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout the benchmarks belong to
 RESULTS = REPO / "benchmarks" / "results"  # where the tables and their figures are kept

@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 import vaelab
-from vaelab.evaluate import compare_runs
+from vaelab.diagnostics import compare_runs
 from vaelab.runs import read_eval, read_metrics
 
 from benchmarks.lib.machine import RESULTS, write_results

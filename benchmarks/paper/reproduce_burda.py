@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 import vaelab
-from vaelab.evaluate import importance_sampled
 from vaelab.runs import CHECKPOINT
+from vaelab.sampling import importance_sampled
 from vaelab.train import pick_device
 
 from benchmarks.lib.machine import RESULTS, cpu_description

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 import vaelab
-from vaelab.evaluate import importance_sampled, resolve_precision
+from vaelab.sampling import importance_sampled, resolve_precision
 
 from benchmarks.lib.machine import RESULTS, cpu_description, write_results
 
