@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import vaelab
+from vaelab.callbacks import EpochFunction
 from vaelab.config import EvaluateOptions, GapOptions
 from vaelab.evaluate import evaluate_run
 from vaelab.gap import GAP, gap_run, read_gap
@@ -91,9 +92,9 @@ def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = 
         f"{name}: {'resuming at epoch ' + str(done + 1) if done else 'training'} {run_dir}",
         file=sys.stderr,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _record_host(run_dir, "training")
-    vaelab.train(config, run_dir, progress=not quiet, resume=done > 0)
+    # recorded once the run's folder is one (a fresh run refuses a folder of other files)
+    record = EpochFunction(lambda record, training: _record_host(run_dir, "training"))
+    vaelab.train(config, run_dir, progress=not quiet, resume=done > 0, callbacks=[record])
     return run_dir
 
 
