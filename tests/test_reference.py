@@ -75,3 +75,33 @@ def test_beta_one_half_after_a_one_epoch_kl_warm_up_trains_bit_for_bit_like_the_
 def test_a_slice_of_real_mnist_trains_bit_for_bit_like_the_reference(mnist):
     # 320 images: six batches of 50 an epoch, the last 20 images dropped
     assert_trains_like_the_reference(mnist, train_size=320, test_size=100, seed=2)
+
+
+def test_the_default_forward_and_loss_run_the_references_operations_and_no_more():
+    """No label, no log-density unasked: the unconditional default model's forward and backward
+    launch the reference's kernels, and no other (views aside, which launch none)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vaelab.objectives import negative_elbo
+
+    class Operations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:  # a view is metadata, not a kernel
+                self.seen[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    shape = (1, 8, 8)
+    package = build_model(ModelConfig(image_shape=shape), seed=5)
+    ours = reference.build_model(shape, seed=5)
+    x, eps = torch.rand(4, *shape).round(), torch.randn(1, 4, package.noise_dim)
+    with Operations() as theirs:
+        negative_elbo(package(x, eps)).mean().backward()
+    with Operations() as mine:
+        reference.negative_elbo(ours(x, eps)).mean().backward()
+    assert theirs.seen == mine.seen
