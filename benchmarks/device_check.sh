@@ -3,7 +3,7 @@
 #   cp ../shared/mnist/*.gz .mnist/   # here, once; .mnist is git-ignored and carried
 #   device run: bash benchmarks/device_check.sh [cuda|bench|suite]   (carry: .mnist)
 # With no argument, everything, most telling first, inside one call's 600 s: the CUDA tests (the
-# captured step against eager, resume, evaluation), the GPU benchmark (benchmarks.perf.gpu), where
+# captured step against eager, a conditional model's labels included, resume, evaluation), the GPU benchmark (benchmarks.perf.gpu), where
 # a default run's wall time goes (benchmarks.perf.startup), torchrun on the card, burda2 with IWAE
 # k=50 and DReG for 121 epochs, then the rest of the suite in the time left. An argument runs that part alone. Results go to $OUT.
 set -uo pipefail

@@ -169,3 +169,18 @@ def test_a_deterministic_cuda_run_killed_mid_epoch_resumes_bitwise(tmp_path, gra
     assert strip(killed) == strip(whole)
     wa, wb = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_conditional_models_captured_step_reads_each_batchs_labels_as_the_eager_one():
+    from test_conditioning import toy
+
+    runs = []
+    for graph in (False, True):
+        config = RunConfig(batch_size=20, device="cuda", cuda_graph=graph, optimizer="adam", lr=1e-3)
+        training = build(config, data=synthetic_dataset(shape=(8, 8)), model=toy(), progress=False)
+        training.step.begin_epoch(0, 1)
+        losses = torch.stack([training.step().clone() for _ in range(training.step.steps_per_epoch)])
+        runs.append((training, losses.cpu()))
+    (eager, eager_losses), (captured, captured_losses) = runs
+    assert captured.step.graph is not None and eager.step.y is not None
+    torch.testing.assert_close(captured_losses, eager_losses, rtol=1e-4, atol=1e-4)
