@@ -363,6 +363,11 @@ class VAE(nn.Module):
             bias.copy_(self.likelihood.output_bias(mean, std).flatten())
         return None
 
+    def decoder_layers(self) -> dict | None:
+        """The decoder as plain data (nets.decoder_layers), where it is one of vaelab's own and
+        reads z alone; None otherwise."""
+        return None if self.conditional else nets.decoder_layers(self.decoder)
+
     def posterior_mean(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [, y] -> (N, z_dim) the code the decoder reads: q's mean, or with a flow its draw
         at eps = 0 (posteriors.Posterior.point)."""

@@ -165,3 +165,22 @@ def output_layer(net: nn.Module) -> nn.Module | None:
     output layer, for vaelab's networks and for most of your own."""
     holders = [m for m in net.modules() if next(m.parameters(recurse=False), None) is not None]
     return holders[-1] if holders else None
+
+
+def decoder_layers(decoder: nn.Module) -> dict | None:
+    """One of vaelab's own decoders as plain data, for a program that runs it elsewhere (the
+    report's JavaScript decoder): its activation (after every layer but the last), for a conv
+    decoder the shape (C, H, W) its dense part's output takes, and its layers in order, each
+    {"type": "dense" | "deconv", "in", "out", "weight", "bias"}: dense weights (out, in), 4x4
+    stride-2 transposed convolutions' (in, out, 4, 4). None for any other module."""
+    dense = decoder.dense if isinstance(decoder, ConvDecoder) else decoder
+    if not isinstance(dense, MLP):
+        return None
+    layers = [{"type": "dense", "in": m.in_features, "out": m.out_features, "weight": m.weight,
+               "bias": m.bias} for m in dense if isinstance(m, nn.Linear)]
+    if isinstance(decoder, ConvDecoder):
+        layers += [{"type": "deconv", "in": m.in_channels, "out": m.out_channels,
+                    "weight": m.weight, "bias": m.bias}
+                   for m in decoder.convs if isinstance(m, nn.ConvTranspose2d)]
+    return {"start": list(decoder.start) if isinstance(decoder, ConvDecoder) else None,
+            "activation": dense.activation, "layers": layers}

@@ -23,7 +23,6 @@ from .errors import VaelabError
 from .fileio import atomic_write_bytes, check_output
 from .gap import read_gap
 from .models import VAE
-from .nets import MLP, ConvDecoder
 from .plots import label_colour, label_legend, latent_means
 from .runs import FIGURES, load_config, read_eval, read_metrics
 
@@ -42,26 +41,16 @@ def _b64_float32(t: torch.Tensor) -> str:
 
 
 def decoder_spec(model: VAE) -> dict | None:
-    """The decoder as JSON, the activation after every layer but the last:
-    dense layers with row-major (out, in) weights; for a conv decoder then the shape (C, H, W)
-    their output takes, and 4x4 stride-2 transposed convolutions with (in, out, 4, 4) weights.
-    None for a decoder of your own, which the page cannot translate."""
-    decoder = model.decoder
-    dense = decoder.dense if isinstance(decoder, ConvDecoder) else decoder
-    if not isinstance(dense, MLP):
+    """The decoder as JSON (VAE.decoder_layers, each layer's weights as base64 float32), with
+    z_dim and the image shape (C, H, W). None for a decoder of your own, which the page cannot
+    translate."""
+    spec = model.decoder_layers()
+    if spec is None:
         return None
-    layers = [{"type": "dense", "in": m.in_features, "out": m.out_features, "weight": _b64_float32(m.weight),
-               "bias": _b64_float32(m.bias)} for m in dense if isinstance(m, torch.nn.Linear)]
-    if isinstance(decoder, ConvDecoder):
-        layers += [{"type": "deconv", "in": m.in_channels, "out": m.out_channels, "weight": _b64_float32(m.weight),
-                    "bias": _b64_float32(m.bias)} for m in decoder.convs if isinstance(m, torch.nn.ConvTranspose2d)]
-    return {
-        "z_dim": model.config.z_dim,
-        "image_shape": list(model.config.image_shape),  # (C, H, W)
-        "start": list(decoder.start) if isinstance(decoder, ConvDecoder) else None,
-        "activation": dense.activation,
-        "layers": layers,
-    }
+    layers = [{**layer, "weight": _b64_float32(layer["weight"]), "bias": _b64_float32(layer["bias"])}
+              for layer in spec["layers"]]
+    return {"z_dim": model.config.z_dim, "image_shape": list(model.config.image_shape),
+            **spec, "layers": layers}
 
 
 def _hex(colour: tuple[float, ...]) -> str:
