@@ -132,9 +132,7 @@ class Renyi(Objective):
     @classmethod
     def check(cls, config) -> None:
         super().check(config)
-        if config.beta != 1 or config.kl_warmup or config.free_bits:
-            raise VaelabError("--beta, --kl-warmup and --free-bits act on the ELBO's KL term, "
-                              "which the renyi bound does not have")
+        cls.refuse_kl_weighting(config, "renyi")
 
     def loss(self, terms, kl_weight=None):
         scaled = (1 - self.ALPHA) * log_weights(terms)

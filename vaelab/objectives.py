@@ -122,10 +122,6 @@ def dreg_weighted(terms: Terms) -> Terms:
     return terms
 
 
-def _refuse(message: str) -> None:
-    raise VaelabError(message)
-
-
 class Objective:
     """A training objective, made from the run's config (a RunConfig, read by field):
 
@@ -149,9 +145,18 @@ class Objective:
     def check(cls, config) -> None:
         posterior = config.model.posterior
         if config.estimator != "reparam" and not POSTERIORS[posterior].has_log_prob:
-            _refuse(f"--estimator {config.estimator} evaluates log q(z|x) with q's parameters held "
-                    f"fixed, which needs the inverse of --posterior {posterior}; use --posterior "
-                    "gaussian")
+            raise VaelabError(f"--estimator {config.estimator} evaluates log q(z|x) with q's "
+                              f"parameters held fixed, which needs the inverse of --posterior "
+                              f"{posterior}; use --posterior gaussian")
+
+    @staticmethod
+    def refuse_kl_weighting(config, name: str) -> None:
+        """For a bound without the ELBO's KL term (named name): refuse the options that weight
+        that term (config.weighted)."""
+        if config.weighted:
+            raise VaelabError("--beta, --kl-warmup and --free-bits act on the ELBO's KL term, "
+                              f"which the {name} bound does not have; leave them out with "
+                              f"--objective {name}")
 
     def loss(self, terms: Terms, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -188,8 +193,8 @@ class Elbo(Objective):
     def check(cls, config) -> None:
         super().check(config)
         if config.estimator == "dreg":
-            _refuse("--estimator dreg is the gradient of the iwae bound: add --objective iwae, "
-                    "or use --estimator stl for the ELBO")
+            raise VaelabError("--estimator dreg is the gradient of the iwae bound: add "
+                              "--objective iwae, or use --estimator stl for the ELBO")
 
     def loss(self, terms: Terms, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.free_bits:
@@ -208,9 +213,7 @@ class Iwae(Objective):
     @classmethod
     def check(cls, config) -> None:
         super().check(config)
-        if config.beta != 1 or config.kl_warmup or config.free_bits:
-            _refuse("--beta, --kl-warmup and --free-bits act on the ELBO's KL term, which the "
-                    "iwae bound does not have; leave them out with --objective iwae")
+        cls.refuse_kl_weighting(config, "iwae")
 
     def loss(self, terms: Terms, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.estimator == "dreg":

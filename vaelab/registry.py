@@ -53,9 +53,6 @@ class Registry(dict):
         """The one-line error for a name that is not registered."""
         return f"unknown {self.kind} {name!r}; choose one of {', '.join(map(str, self))}"
 
-    def names(self) -> tuple[str, ...]:
-        return tuple(self)
-
 
 def plugin_names(values: Iterable[str]) -> tuple[str, ...]:
     """Module names from --plugin values, each one name or several separated by commas."""
