@@ -83,6 +83,16 @@ def finished(run_dir: Path, kept_dir: Path, epochs: int, k: int) -> Path | None:
     return kept_dir if finished_eval(kept_dir, epochs, k, kept=True) is not None else None
 
 
+def chosen_rows(parser, text: str, rows) -> list[str]:
+    """The rows named in text (comma-separated), each one of rows; parser.error names the first
+    unknown one."""
+    chosen = [row.strip() for row in text.split(",")]
+    unknown = [row for row in chosen if row not in rows]
+    if unknown:
+        parser.error(f"unknown row {unknown[0]!r}; choose from {', '.join(rows)}")
+    return chosen
+
+
 def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = True) -> Path:
     """Train (or resume, or leave alone when it has all its epochs) one row's run."""
     done = len(read_metrics(run_dir)) if (run_dir / CHECKPOINT).is_file() else 0

@@ -32,7 +32,8 @@ from vaelab.diagnostics import compare_runs
 from vaelab.runs import read_eval, read_metrics
 
 from benchmarks.lib.machine import RESULTS, write_results
-from benchmarks.lib.resumable import evaluate_row, finished, keep, machines, threads, train_row
+from benchmarks.lib.resumable import (chosen_rows, evaluate_row, finished, keep, machines, threads,
+                                      train_row)
 
 # prior-posterior, and -analytic for the closed-form KL (the others take it from the draws)
 ROWS = ("standard-gaussian", "standard-gaussian-analytic", "mog-gaussian", "vamp-gaussian",
@@ -93,10 +94,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    rows = [row.strip() for row in args.rows.split(",")]
-    unknown = [row for row in rows if row not in ROWS]
-    if unknown:
-        parser.error(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
+    rows = chosen_rows(parser, args.rows, ROWS)
     if BASELINE not in rows:
         rows.insert(0, BASELINE)  # every row is paired with it
 

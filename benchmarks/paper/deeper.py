@@ -32,6 +32,7 @@ from vaelab.runs import read_eval, read_metrics
 
 from benchmarks.lib.machine import RESULTS, write_results
 from benchmarks.lib.resumable import (
+    chosen_rows,
     evaluate_row,
     finished,
     finished_gap,
@@ -80,10 +81,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    rows = [row.strip() for row in args.rows.split(",")]
-    unknown = [row for row in rows if row not in ROWS]
-    if unknown:
-        parser.error(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
+    rows = chosen_rows(parser, args.rows, ROWS)
     for row in [] if args.table_only else rows:  # a stopped run keeps the rows it finished
         run_dir = train_row(row, vaelab.RunConfig(**ROWS[row]), args.runs / row, args.quiet)
         evaluate_row(run_dir, args.k_eval, args.quiet)
