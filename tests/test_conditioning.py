@@ -56,7 +56,7 @@ class Conditional(VAE):
 
 def toy() -> Conditional:
     torch.manual_seed(0)
-    return Conditional(Encoder(), Decoder(), z_dim=2, image_shape=SHAPE)
+    return Conditional(Encoder(), Decoder(), z_dim=2, image_shape=SHAPE, classes=10)
 
 
 def seen(model: VAE) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -148,7 +148,8 @@ def test_a_conditional_model_without_labels_is_refused(data):
 def test_an_unconditional_model_is_never_given_labels(data):
     from vaelab.models import build_model
 
-    model = build_model(toy().config.replace(architecture="mlp", encoder_hidden=(16,),
-                                              decoder_hidden=(16,)), seed=0)
+    config = toy().config.replace(architecture="mlp", conditional=False, encoder_hidden=(16,),
+                                  decoder_hidden=(16,))
+    model = build_model(config, seed=0)
     training = build(run_config(), data=data, model=model, progress=False)
     assert training.step.y is None and training.test_set.labels is None

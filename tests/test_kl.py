@@ -21,6 +21,21 @@ def test_the_gaussian_and_standard_normal_pair_is_torch_distributions_kl_per_dim
         Independent(Normal(torch.zeros(3), torch.ones(3)), 1)))
 
 
+def test_the_gaussian_and_class_gaussian_pair_is_torch_distributions_kl_at_each_label():
+    g = torch.Generator().manual_seed(1)
+    mu, logvar = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    prior = priors.ClassGaussian(3, 5)
+    with torch.no_grad():
+        prior.mu.normal_(generator=g)
+        prior.logvar.normal_(generator=g)
+    y = torch.tensor([4, 0, 4, 2])
+    posterior = posteriors.Gaussian(3)
+    per_dim = kl.closed_form(posterior, prior)(posterior, prior, (mu, logvar), None, y)
+    expected = kl_divergence(Normal(mu, torch.exp(0.5 * logvar)),
+                             Normal(prior.mu[y], torch.exp(0.5 * prior.logvar[y])))
+    torch.testing.assert_close(per_dim, expected)
+
+
 def test_pairs_without_a_closed_form_have_none():
     assert kl.closed_form(posteriors.IAF(3, 1), priors.StandardNormal(3)) is None
     assert kl.closed_form(posteriors.Gaussian(3), priors.MixtureOfGaussians(3, 4)) is None

@@ -95,7 +95,7 @@ def test_mlp_forward_into_a_workspace_gives_the_same_values(name, final_activati
     x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = mlp(x)
-        kept = mlp(x, Workspace())
+        kept = mlp(x, workspace=Workspace())
     assert kept.shape == plain.shape == (2, 3, 4)
     assert_close(kept, plain, rtol=1e-6, atol=1e-6)
 
@@ -105,7 +105,7 @@ def test_mlp_forward_into_a_workspace_leaves_its_input_alone():
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
     before = x.clone()
     with torch.no_grad():
-        mlp(x, Workspace())
+        mlp(x, workspace=Workspace())
     assert torch.equal(x, before)
 
 
@@ -114,14 +114,14 @@ def test_mlp_forward_reuses_the_workspaces_buffers_for_the_same_batch_size():
     g = torch.Generator().manual_seed(4)
     x, y, workspace = torch.randn(7, 6, generator=g), torch.randn(7, 6, generator=g), Workspace()
     with torch.no_grad():
-        first = mlp(x, workspace)
+        first = mlp(x, workspace=workspace)
         first_values = first.clone()
-        second = mlp(y, workspace)
+        second = mlp(y, workspace=workspace)
         assert second.data_ptr() == first.data_ptr()  # the same buffer: first now holds y's output
         assert_close(second, mlp(y))
         assert_close(first_values, mlp(x))
         assert len(workspace._buffers) == 2  # one per linear layer
-        other = mlp(torch.randn(3, 6, generator=g), workspace)
+        other = mlp(torch.randn(3, 6, generator=g), workspace=workspace)
     assert other.shape == (3, 4) and other.data_ptr() != first.data_ptr()
     assert len(workspace._buffers) == 4  # a new batch size gets its own buffers
 
@@ -130,7 +130,7 @@ def test_two_mlps_sharing_a_workspace_do_not_share_buffers():
     a, b = seeded(MLP([4, 3], "tanh"), seed=0), seeded(MLP([4, 3], "tanh"), seed=1)
     x, workspace = torch.randn(2, 4, generator=torch.Generator().manual_seed(5)), Workspace()
     with torch.no_grad():
-        out_a, out_b = a(x, workspace), b(x, workspace)
+        out_a, out_b = a(x, workspace=workspace), b(x, workspace=workspace)
         assert out_a.data_ptr() != out_b.data_ptr()
         assert_close(out_a, a(x))
         assert_close(out_b, b(x))
@@ -230,8 +230,8 @@ def test_conv_decoder_into_a_workspace_gives_the_same_values(image_shape):
     z, workspace = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(9)), Workspace()
     with torch.no_grad():
         plain = decoder(z)
-        kept = decoder(z, workspace)
-        again = decoder(z, workspace)
+        kept = decoder(z, workspace=workspace)
+        again = decoder(z, workspace=workspace)
     assert_close(kept, plain, rtol=1e-5, atol=1e-6)
     assert torch.equal(again, kept)
     assert len(workspace._buffers) == 2  # the dense layers' outputs

@@ -318,8 +318,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     bounds = ", ".join(f"k={j}: {v:.2f}" for j, v in r["iwae"].items())
     bits = f" ({r['bits_per_dim']:.4f} bits per dimension)" if "bits_per_dim" in r else ""
+    # a conditional model's: -log p(x|y), the likelihood of each image given its label
+    nll = "NLL" if r.get("quantity", "log p(x)") == "log p(x)" else f"NLL -{r['quantity']}"
     print(
-        f"test NLL (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per"
+        f"test {nll} (importance sampling, K={r['k']}, {r['precision']}): {r['nll']:.3f} nats per"
         f" image{bits}, Monte-Carlo s.e. {r['nll_se']:.3f}, s.e. over {r['test_images']} images"
         f" {'n/a' if r['nll_se_images'] is None else format(r['nll_se_images'], '.3f')}\nnegative"
         f" ELBO: {r['neg_elbo']:.3f}; negative IWAE bounds: {bounds}\n{diagnostics_text(r)}\n"
@@ -422,8 +424,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .plots import write_samples
 
     options = _parsed(args, config.SampleOptions)
-    path = write_samples(options.run, options.output, options.n, options.seed, options.force)
-    print(f"wrote {options.n} samples to {path}")
+    path = write_samples(options.run, options.output, options.n, options.seed, options.force,
+                         options.label)
+    of = "" if options.label is None else f" of class {options.label}"
+    print(f"wrote {options.n} samples{of} to {path}")
     return 0
 
 

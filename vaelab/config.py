@@ -314,6 +314,7 @@ class ModelConfig(Options):
         " --prior-components learned Gaussians with learned weights; vamp, the VampPrior: the"
         " posterior at --prior-components learned pseudo-inputs (Tomczak & Welling 2018; with"
         " --posterior iaf, the mixture of the base Gaussians q_0(z|u_k) before the flow);"
+        " per-class, a learned Gaussian p(z|y) for each class of a --conditional model;"
         " mog and vamp take the KL from the draws",
         choices=PRIORS,
     )
@@ -352,10 +353,22 @@ class ModelConfig(Options):
         rule=SIZES,
         metavar="H1,H2",
     )
+    conditional: bool = option(
+        False,
+        "a conditional VAE (Sohn et al. 2015): q(z|x, y) and p(x|z, y) read each image's label y"
+        " (IDX labels, class folders, or y_train and y_test in an .npz), and --prior per-class"
+        " makes p(z|y) a learned Gaussian per class; evaluate then reports log p(x|y)",
+        rule=SWITCH,
+    )
+    # Known once the data is: a conditional model's class names, label i the i-th ("0", "1", ...
+    # where the data names none). () for an unconditional model.
+    classes: tuple[str, ...] = ()
 
     def normal(self, name: str, value):
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)
-        if name in SHAPES and isinstance(value, list):
+        if name == "classes" and _integer(value):  # a count: the classes 0, 1, ...
+            value = tuple(map(str, range(value)))
+        if name in (*SHAPES, "classes") and isinstance(value, list):
             value = tuple(value)
         if name == "image_shape" and isinstance(value, tuple) and len(value) == 2:
             value = (1, *value)
@@ -390,6 +403,14 @@ class ModelConfig(Options):
                 if getattr(self, option) == value:
                     raise VaelabError(
                         f"--{option} {value} does not go with --upper-z-dims: {other}")
+        if not (isinstance(self.classes, tuple) and all(isinstance(c, str) for c in self.classes)):
+            raise VaelabError(f"classes must be the class names, got {self.classes!r}")
+        if self.conditional and self.upper_z_dims:
+            raise VaelabError("--conditional does not go with --upper-z-dims: the layers above z_1"
+                              " do not read the labels")
+        why = PRIORS[self.prior].refuses(self)
+        if why:
+            raise VaelabError(f"--prior {self.prior} {why}")
         if self.architecture != "conv" and self.conv_channels:
             raise VaelabError(
                 "--conv-channels sets the convolutions of --preset conv; an MLP has none"
@@ -799,6 +820,13 @@ def precision_option() -> Any:
     )
 
 
+def label_option(what: str, default_text: str) -> Any:
+    """`--label Y`: one class, by name or number, for a conditional run's `what`."""
+    return option(None, f"a conditional run's class (its name, or its number 0, 1, ...) for {what}",
+                  metavar="Y", rule=Rule(lambda v: isinstance(v, (str, int)), "must be a class"),
+                  default_text=default_text)
+
+
 def first_images_option(default: int | None, what: str, aliases: tuple[str, ...] = ()) -> Any:
     """`--images N`: the first N images only (evaluate, gap, encode, score)."""
     return option(default, f"the first N {what}", flag="--images", aliases=aliases, metavar="N",
@@ -896,6 +924,7 @@ class RunImagesOptions(Options):
     skip_bad: bool = skip_bad_option(" (default: the run's)")
     test_fraction: float | None = test_fraction_option(None, "the run's")
     split_seed: int | None = split_seed_option(None, "the run's")
+    label: str | None = label_option("every image", "the data's labels")
     seed: int = seed_option()
     device: str = device_option()
     force: bool = option(False, "overwrite the output files if they exist", rule=SWITCH)
@@ -946,6 +975,7 @@ class SampleOptions(Options):
     n: int = option(64, "number of samples", rule=POSITIVE, flag="-n")
     output: str = option(MISSING, "PNG file to write", short="-o", rule=PATH)
     seed: int = seed_option(0, "fixes the draws of z")
+    label: str | None = label_option("every sample", "its classes in turn")
     force: bool = option(False, "overwrite the output file if it exists", rule=SWITCH)
 
 

@@ -31,6 +31,14 @@ def kl_normal_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def kl_normals_per_dim(mu: torch.Tensor, logvar: torch.Tensor, mu_p: torch.Tensor,
+                       logvar_p: torch.Tensor) -> torch.Tensor:
+    """KL( N(mu, diag(exp(logvar))) || N(mu_p, diag(exp(logvar_p))) ) of each dimension:
+    (N, z_dim) each -> (N, z_dim) nats."""
+    return 0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p).pow(2)) * torch.exp(-logvar_p)
+                  - 1.0)
+
+
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I). z: (..., z_dim) -> (...,) nats."""
     return -0.5 * (z.pow(2) + LOG_2PI).sum(-1)

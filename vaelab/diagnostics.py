@@ -30,7 +30,7 @@ def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.T
     """What the latent code is used for, over the test images.
 
     posterior_means: (N, noise_dim) E_q[z] of each image, every layer's; kl_per_image: (N, z_dim)
-    each dimension's KL(q(z_d|x) || N(0, 1)), or None where q and p do not factorize over
+    each dimension's KL(q(z_d|x) || p(z_d)), or None where q and p do not factorize over
     dimensions. Returns active_units per layer (z_1 first; Burda et al.'s criterion: the
     variance over test images of E_q[z_d] above ACTIVE_THRESHOLD), that variance per dimension,
     how E_q[z] was found, and kl_per_dim (mean over images, nats) or the reason it is left out.

@@ -25,7 +25,7 @@ def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
     start = time.perf_counter()
     r = importance_sampled(model, data.test_images, k=options.k, seed=options.seed,
                            precision=options.precision, progress=not options.quiet, world=world,
-                           labels=data.test_labels if model.conditional else None)
+                           labels=model.checked_labels(data.test_labels, "the test images"))
     r["seconds"] = time.perf_counter() - start
     r["device"], r["processes"] = str(model.device), world.size
     if world.main:

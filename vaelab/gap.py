@@ -227,7 +227,8 @@ def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
         seed=options.seed,
         progress=not options.quiet,
         world=world,
-        labels=data.subset(None, options.images).test_labels if model.conditional else None,
+        labels=model.checked_labels(data.subset(None, options.images).test_labels,
+                                    "the test images"),
     )
     r["seconds"] = time.perf_counter() - start
     if world.main:

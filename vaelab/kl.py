@@ -17,9 +17,9 @@ from typing import Callable
 
 import torch
 
-from .densities import kl_normal_per_dim
+from .densities import kl_normal_per_dim, kl_normals_per_dim
 from .posteriors import Gaussian, Posterior
-from .priors import Prior, StandardNormal
+from .priors import ClassGaussian, Prior, StandardNormal
 
 KL = Callable[..., torch.Tensor]
 _REGISTRY: dict[tuple[type, type], KL] = {}
@@ -47,3 +47,9 @@ def closed_form(posterior: Posterior, prior: Prior) -> KL | None:
 @register_kl(Gaussian, StandardNormal)
 def _gaussian_standard(posterior, prior, params, components=None, y=None) -> torch.Tensor:
     return kl_normal_per_dim(*params)
+
+
+@register_kl(Gaussian, ClassGaussian)
+def _gaussian_class(posterior, prior, params, components=None, y=None) -> torch.Tensor:
+    mu_p, logvar_p = prior.components(None, y) if components is None else components
+    return kl_normals_per_dim(params[0], params[1], mu_p, logvar_p)

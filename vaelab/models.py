@@ -70,12 +70,17 @@ class VAE(nn.Module):
     ):
         super().__init__()
         if config is None:
+            options = {**options, "conditional": self.conditional}
             config = _custom_config(encoder, options, self._dry_y())
         elif options:
             raise VaelabError(
                 "give the model's options in config or as keywords, not both "
                 f"({', '.join(sorted(options))})"
             )
+        if config.conditional != self.conditional:
+            raise VaelabError(f"config.conditional is {config.conditional}, but a"
+                              f" {type(self).__name__} is{'' if self.conditional else ' not'}"
+                              " conditional: build it with models.model_class(config)")
         config.validate()
         self.config = config
         self.likelihood = likelihoods.make(config.likelihood, config.sigma)
@@ -142,15 +147,17 @@ class VAE(nn.Module):
             raise VaelabError(problem)
         channels = likelihoods.make(config.likelihood, config.sigma).channels
         c, h, w = config.image_shape
+        labels = len(config.classes) if cls.conditional else 0  # one-hot columns beside inputs
+        if cls.conditional and not labels:
+            raise VaelabError("a conditional model needs its classes (config.classes, known from "
+                              "the data)")
         # Made in this order, encoder, head, decoder: a seed gives the weights it always gave.
         if config.architecture == "conv":
-            encoder = ConvEncoder(
-                config.image_shape, config.conv_channels, config.encoder_hidden, config.activation
-            )
+            encoder = ConvEncoder(config.image_shape, config.conv_channels, config.encoder_hidden,
+                                  config.activation, labels)
         else:
-            encoder = ImageMLP(
-                [config.x_dim, *config.encoder_hidden], config.activation, final_activation=True
-            )
+            encoder = ImageMLP([config.x_dim, *config.encoder_hidden], config.activation,
+                               final_activation=True, labels=labels)
         # All of q's parameters come from one linear layer: one GEMM, not two.
         head_size = posteriors.POSTERIORS[config.posterior].head_size(config.z_dim)
         head = nn.Linear(config.encoder_hidden[-1], head_size)
@@ -162,11 +169,11 @@ class VAE(nn.Module):
                 config.decoder_hidden,
                 config.activation,
                 c * channels,
+                labels,
             )
         else:
-            decoder = MLP(
-                [config.z_dim, *config.decoder_hidden, c * channels * h * w], config.activation
-            )
+            decoder = MLP([config.z_dim, *config.decoder_hidden, c * channels * h * w],
+                          config.activation, labels=labels)
         return cls(encoder, decoder, config, head=head)
 
     def _dry_y(self) -> torch.Tensor | None:
@@ -235,7 +242,7 @@ class VAE(nn.Module):
             out = self.decoder(flat) if y is None else self.decoder(flat, y)
             return out.reshape(*z.shape[:-1], *self.out_shape).float()
         dtype = next(self.decoder.parameters()).dtype
-        out = self.decoder(flat.to(dtype), workspace)
+        out = self.decoder(flat.to(dtype), y, workspace)
         if dtype != torch.float32:
             out = (
                 out.float()
@@ -363,6 +370,34 @@ class VAE(nn.Module):
             bias.copy_(self.likelihood.output_bias(mean, std).flatten())
         return None
 
+    def label_number(self, label: str | int) -> int:
+        """A conditional model's label given by class name or number (a name first: MNIST's "3"
+        is both) -> its number. VaelabError for an unknown one, or a model without labels."""
+        classes = self.config.classes
+        if not self.conditional:
+            raise VaelabError("this run's model is not conditional: it takes no --label")
+        if str(label) in classes:
+            return classes.index(str(label))
+        if str(label).isdigit() and int(label) < len(classes):
+            return int(label)
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        raise VaelabError(f"unknown label {label!r}; the model's classes are {shown} (or their"
+                          f" numbers 0 to {len(classes) - 1})")
+
+    def checked_labels(self, labels: torch.Tensor | None, what: str = "the images"
+                       ) -> torch.Tensor | None:
+        """The labels (N,) a conditional model reads of `what`, checked to lie below its
+        classes; None for any other model. VaelabError where they are missing or out of range."""
+        if not self.conditional:
+            return None
+        if labels is None:
+            raise VaelabError(f"this model is conditional and {what} have no labels: give them"
+                              " labels (or --label)")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.config.classes)):
+            raise VaelabError(f"{what} have the label {int(labels.max())}, but the model knows"
+                              f" {len(self.config.classes)} classes")
+        return labels
+
     def decoder_layers(self) -> dict | None:
         """The decoder as plain data (nets.decoder_layers), where it is one of vaelab's own and
         reads z alone; None otherwise."""
@@ -387,6 +422,23 @@ class VAE(nn.Module):
             generator = torch.Generator(self.device)
             generator.seed()
         return self.posterior.decoded(self.prior.sample(n, generator, self.encode_observed, y))
+
+
+class ConditionalVAE(VAE):
+    """A conditional VAE (Sohn et al. 2015): q(z|x, y), p(x|z, y) and p(z) or p(z|y) (--prior
+    class), for y an image's label (N,) int64 below len(config.classes).
+
+    vaelab's networks read y as one-hot columns beside their first dense layer's input (nets);
+    your own `ConditionalVAE(encoder, decoder, z_dim=..., classes=...)` networks are called as
+    encoder(x, y) and decoder(z, y) with the labels themselves, to embed as they like. Its bound
+    is on log p(x|y): evaluation, score and the gap report the conditional log-likelihood."""
+
+    conditional = True
+
+
+def model_class(config: ModelConfig) -> type[VAE]:
+    """The model class config describes: ConditionalVAE where config.conditional, else VAE."""
+    return ConditionalVAE if config.conditional else VAE
 
 
 def _renamed_keys(module, state_dict, prefix, *args) -> None:
@@ -443,10 +495,10 @@ def build_model(config: ModelConfig, seed: int | None = None) -> VAE:
     """A freshly initialised VAE with vaelab's own networks; with a seed, the same weights
     every time."""
     if seed is None:
-        return VAE.from_config(config)
+        return model_class(config).from_config(config)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(seed)
-        return VAE.from_config(config)
+        return model_class(config).from_config(config)
 
 
 # What a model from your own networks records: the components' options, no network's.
@@ -460,13 +512,14 @@ COMPONENT_OPTIONS = (
     "posterior",
     "flow_steps",
     "kl",
+    "classes",
 )
 
 
 def _custom_config(encoder: nn.Module, options: dict, y: torch.Tensor | None) -> ModelConfig:
     """The ModelConfig of a VAE from your own networks, every field counted as set (a preset
     never changes it); encoder_hidden records the encoder's feature size F."""
-    wrong = sorted(set(options) - set(COMPONENT_OPTIONS))
+    wrong = sorted(set(options) - {*COMPONENT_OPTIONS, "conditional"})
     if wrong:
         raise VaelabError(
             f"{wrong[0]!r} is not an option of a VAE from your own networks; "

@@ -16,6 +16,10 @@ multiples of 2^layers (28 and 32 with two layers):
                  -> transposed conv c(L-1) -> ... -> transposed conv out_channels -> (M, out_channels, H, W)
 
 with the activation after every layer but the decoder's last.
+
+A conditional model's networks (`labels` = K classes) read y, labels (N,) int64, as one-hot
+columns beside their first dense layer's input: the flattened image (MLP encoder), the
+convolutions' features (conv encoder), z (both decoders), as in Sohn et al. (2015).
 """
 
 from __future__ import annotations
@@ -49,25 +53,42 @@ class Workspace:
         return self._buffers[k]
 
 
+def with_labels(h: torch.Tensor, y: torch.Tensor | None, classes: int) -> torch.Tensor:
+    """h: (M, F) [, y: (M,) int64 labels below classes] -> (M, F + classes): h with y's one-hot
+    columns after it (in h's dtype), or h itself where classes is 0."""
+    if not classes:
+        return h
+    if y is None:
+        raise ValueError("this network reads labels: give y")
+    return torch.cat([h, nn.functional.one_hot(y, classes).to(h.dtype)], dim=-1)
+
+
 class MLP(nn.Sequential):
     """Linear layers through `sizes`, with `activation` after each but the last (after the last
-    too with final_activation). (..., sizes[0]) -> (..., sizes[-1])."""
+    too with final_activation). (..., sizes[0]) [, y] -> (..., sizes[-1]); with labels = K, the
+    first layer also reads y's one-hot K columns (with_labels)."""
 
-    def __init__(self, sizes: list[int], activation: str, final_activation: bool = False):
+    def __init__(self, sizes: list[int], activation: str, final_activation: bool = False,
+                 labels: int = 0):
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(n_in, n_out))
+            layers.append(nn.Linear(n_in + (labels if i == 0 else 0), n_out))
             if final_activation or i < len(sizes) - 2:
                 layers.append(ACTIVATIONS[activation][0]())
         super().__init__(*layers)
-        self.activation = activation
+        self.activation, self.labels = activation, labels
 
     @property
     def row_floats(self) -> int:
         """Values one row creates across the layers (to size evaluation's launches)."""
         return sum(m.out_features for m in self if isinstance(m, nn.Linear))
 
-    def forward(self, h: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, y: torch.Tensor | None = None,
+                workspace: Workspace | None = None) -> torch.Tensor:
+        if self.labels:
+            lead = h.shape[:-1]
+            h = with_labels(h.reshape(-1, h.shape[-1]), y.reshape(-1), self.labels)
+            h = h.view(*lead, -1)
         if workspace is None:
             return super().forward(h)
         lead, h = h.shape[:-1], h.reshape(-1, h.shape[-1])
@@ -81,10 +102,11 @@ class MLP(nn.Sequential):
 
 
 class ImageMLP(MLP):
-    """An MLP on flattened images: (N, C, H, W) or (N, D) -> (N, sizes[-1])."""
+    """An MLP on flattened images: (N, C, H, W) or (N, D) [, y] -> (N, sizes[-1])."""
 
-    def forward(self, x: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        return super().forward(x.reshape(len(x), -1), workspace)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                workspace: Workspace | None = None) -> torch.Tensor:
+        return super().forward(x.reshape(len(x), -1), y, workspace)
 
 
 def conv_check(image_shape: tuple[int, int, int], channels: tuple[int, ...]) -> str | None:
@@ -106,10 +128,10 @@ def _conv_out(channels: tuple[int, ...], h: int, w: int) -> tuple[int, int, int]
 
 
 class ConvEncoder(nn.Module):
-    """(N, C, H, W) or flat (N, C*H*W) images -> (N, hidden[-1]) features."""
+    """(N, C, H, W) or flat (N, C*H*W) images [, y] -> (N, hidden[-1]) features."""
 
     def __init__(self, image_shape: tuple[int, int, int], channels: tuple[int, ...], hidden: tuple[int, ...],
-                 activation: str):
+                 activation: str, labels: int = 0):
         super().__init__()
         self.image_shape = tuple(image_shape)
         layers: list[nn.Module] = []
@@ -117,20 +139,21 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), ACTIVATIONS[activation][0]()]
         self.convs = nn.Sequential(*layers)
         self.dense = MLP([math.prod(_conv_out(channels, *image_shape[1:])), *hidden], activation,
-                         final_activation=True)
+                         final_activation=True, labels=labels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense(self.convs(x.reshape(len(x), *self.image_shape)).flatten(1))
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dense(self.convs(x.reshape(len(x), *self.image_shape)).flatten(1), y)
 
 
 class ConvDecoder(nn.Module):
-    """(..., z_dim) -> (M, out_channels, H, W), M the product of the leading dimensions."""
+    """(..., z_dim) [, y] -> (M, out_channels, H, W), M the product of the leading dimensions."""
 
     def __init__(self, z_dim: int, image_shape: tuple[int, int, int], channels: tuple[int, ...],
-                 hidden: tuple[int, ...], activation: str, out_channels: int):
+                 hidden: tuple[int, ...], activation: str, out_channels: int, labels: int = 0):
         super().__init__()
         self.start = _conv_out(channels, *image_shape[1:])
-        self.dense = MLP([z_dim, *hidden, math.prod(self.start)], activation, final_activation=True)
+        self.dense = MLP([z_dim, *hidden, math.prod(self.start)], activation, final_activation=True,
+                         labels=labels)
         widths = (*channels[::-1][1:], out_channels)
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(zip(channels[::-1], widths)):
@@ -141,8 +164,9 @@ class ConvDecoder(nn.Module):
         side = lambda i: (image_shape[1] * 2 ** i // 2 ** len(channels)) * (image_shape[2] * 2 ** i // 2 ** len(channels))
         self.row_floats = self.dense.row_floats + sum(n * side(i + 1) for i, n in enumerate(widths))
 
-    def forward(self, z: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
-        h = self.dense(z.reshape(-1, z.shape[-1]), workspace)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None,
+                workspace: Workspace | None = None) -> torch.Tensor:
+        h = self.dense(z.reshape(-1, z.shape[-1]), None if y is None else y.reshape(-1), workspace)
         return self.convs(h.view(len(h), *self.start))
 
 

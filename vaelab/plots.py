@@ -114,13 +114,13 @@ def data_figure(data: Dataset, n: int = 100) -> Figure:
 
 
 def conditioning(model: VAE, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """The y a figure gives a conditional model for n images: their labels, or without them
-    the labels 0, 1, 2, ... in turn (ten classes); None for any other model."""
+    """The y a figure gives a conditional model for n images: their labels (N,) int64, or without
+    them its classes 0, 1, 2, ... in turn; None for any other model."""
     if not model.conditional:
         return None
     if labels is None:
-        labels = torch.arange(n) % 10
-    return labels[:n].to(model.device)
+        labels = torch.arange(n) % max(len(model.config.classes), 1)
+    return torch.as_tensor(labels[:n], dtype=torch.int64).to(model.device)
 
 
 @torch.no_grad()
@@ -141,7 +141,8 @@ def reconstruction_images(model: VAE, images: torch.Tensor, seed: int = 0,
 def reconstruction_figure(model: VAE, data: Dataset, n: int = 16, seed: int = 0) -> Figure:
     """Test images (as the model sees them) above their reconstructions E[x | z = mu(x)]."""
     images = data.test_images[:n]
-    grid = image_grid(reconstruction_images(model, images, seed), nrow=len(images))
+    labels = None if data.test_labels is None else data.test_labels[:n]
+    grid = image_grid(reconstruction_images(model, images, seed, labels), nrow=len(images))
     fig = Figure(figsize=(max(len(images), 4) * 0.6, 1.8))
     ax = fig.subplots()
     _show(ax, grid)
@@ -269,15 +270,17 @@ def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
 
 
 def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: int = 0,
-                  force: bool = False) -> Path:
-    """`vaelab sample`: a PNG grid of n decoder means of a run's model for z ~ p(z); an
-    existing file is overwritten only with force."""
+                  force: bool = False, label: str | int | None = None) -> Path:
+    """`vaelab sample`: a PNG grid of n decoder means of a run's model for z ~ p(z); a
+    conditional model's of class `label` (a name or number; without one, its classes in turn).
+    An existing file is overwritten only with force."""
     from .runs import load_run  # runs imports the evaluation, which this module's figures use
 
     path = check_output(output, flag="-o", suffix=".png", force=force)  # before the run is read
     model = load_run(run_dir)
+    labels = None if label is None else torch.full((n,), model.label_number(label))
     try:
-        save_image_grid(path, sample_images(model, n, seed))
+        save_image_grid(path, sample_images(model, n, seed, labels))
     except OSError as e:
         raise VaelabError(f"cannot write {path} ({e.strerror or e})") from None
     return path
@@ -292,6 +295,40 @@ def sample_images(model: VAE, n: int = 64, seed: int = 0,
     y = conditioning(model, labels, n)
     z = model.sample_prior(n, generator, y)
     return _as_images(model.decode_mean(z, y), model.config.image_shape)
+
+
+CLASS_SAMPLES = 10  # columns of classes.png
+CLASS_ROWS = 20  # the classes it shows at most
+
+
+@torch.no_grad()
+def class_samples(model: VAE, samples: int = CLASS_SAMPLES, seed: int = 0,
+                  classes: int = CLASS_ROWS) -> np.ndarray:
+    """A conditional model's samples by class: (K, samples, H, W[, 3]) decoder means for z ~
+    p(z|y) (or p(z)) under each of its first K = min(classes, its classes) labels; the draws of
+    z are the same for every class where the prior ignores y, so a column shows one z."""
+    k = min(classes, len(model.config.classes))
+    y = torch.arange(k).repeat_interleave(samples)
+    images = sample_images(model, k * samples, seed, y) if k else np.zeros((0,))
+    return images.reshape(k, samples, *images.shape[1:])
+
+
+def class_figure(model: VAE, samples: int = CLASS_SAMPLES, seed: int = 0) -> Figure:
+    """classes.png: one row of samples per class of a conditional model, named by its class."""
+    images = class_samples(model, samples, seed)
+    names = model.config.classes
+    grid = image_grid(images.reshape(-1, *images.shape[2:]), nrow=samples)
+    h = images.shape[2]
+    fig = Figure(figsize=(samples * 0.6 + 1.2, len(images) * 0.6 * h / images.shape[3] + 0.8))
+    ax = fig.subplots()
+    _show(ax, grid)
+    ax.set_xticks([])
+    ax.set_yticks([2 + r * (h + 2) + (h - 1) / 2 for r in range(len(images))],
+                  [n.replace("$", r"\$") for n in names[:len(images)]])
+    more = f" (the first {len(images)} of {len(names)})" if len(names) > len(images) else ""
+    ax.set_title(f"Samples by class{more}: decoder means for z ~ p(z|y)")
+    fig.tight_layout()
+    return fig
 
 
 @torch.no_grad()
@@ -393,7 +430,7 @@ def kl_figure(kl_per_dim: list[float]) -> Figure:
     if len(values) <= 50:  # room for each dimension's number
         ax.set_xticks(np.arange(len(values)), [str(d) for d in order], fontsize=7)
     ax.set_xlabel("latent dimension d (from 0, as the CSV's mu_d), by KL")
-    ax.set_ylabel("KL(q(z_d|x) || N(0, 1)) (nats)")
+    ax.set_ylabel("KL(q(z_d|x) || p(z_d)) (nats)")
     ax.set_title(f"KL per latent dimension: {values.sum():.2f} nats in all")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -421,6 +458,8 @@ def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[d
         "reconstructions.png": lambda: reconstruction_figure(model, data),
         "samples.png": lambda: samples_figure(model),
     }
+    if model.conditional:
+        figures["classes.png"] = lambda: class_figure(model)
     if len(data.test_images) >= 2:  # a pair to join
         figures["interpolation.png"] = lambda: interpolation_figure(model, data)
     if model.config.z_dim == 2:

@@ -5,9 +5,11 @@ Each prior knows
 - `log_prob(z, components, y=None)`: log p(z) in nats, z: (..., z_dim) -> (...);
 - `components(encode, y=None)`: what one forward call needs of it, computed once and shared by
   every draw of the call (a mixture's means, log-variances and log-weights; None for N(0, I));
-- `sample(n, generator, encode=None, y=None)`: n draws z (n, z_dim), for samples and figures.
-y, a conditioning tensor (N, ...) where the model has one, is passed to every method; the priors
-here ignore it. Whether KL(q || p) has a closed form is the KL registry's to say (kl.py).
+- `sample(n, generator, encode=None, y=None)`: n draws z (n, z_dim), for samples and figures;
+- `refuses(config)`: why it cannot serve the model config describes (None where it can).
+y, a conditioning tensor (N, ...) where the model has one (a conditional model's labels), is
+passed to every method; only `per-class` reads it. Whether KL(q || p) has a closed form is the KL
+registry's to say (kl.py).
 
 A learned prior is an nn.Module whose parameters register after the encoder, head and decoder,
 so optimizer checkpoints, which list parameters by position, keep their order.
@@ -22,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from .densities import LOG_2PI, log_standard_normal
+from .densities import LOG_2PI, log_normal, log_standard_normal
 from .registry import Registry
 
 PRIORS = Registry("prior")
@@ -68,6 +70,12 @@ class Prior(nn.Module):
     def from_config(cls, z_dim: int, config) -> "Prior":
         """The prior over z_dim latents that config (a ModelConfig) asks for."""
         return cls(z_dim)
+
+    @classmethod
+    def refuses(cls, config) -> str | None:
+        """Why this prior cannot serve the model config (a ModelConfig) describes, completing
+        "--prior NAME ...", or None."""
+        return None
 
     @property
     def row_bytes(self) -> int:
@@ -159,6 +167,13 @@ class VampPrior(Prior):
     def from_config(cls, z_dim: int, config) -> "VampPrior":
         return cls(z_dim, config.prior_components, config.image_shape)
 
+    @classmethod
+    def refuses(cls, config) -> str | None:
+        if config.conditional:
+            return ("does not go with --conditional: its pseudo-inputs have no label for the"
+                    " encoder q(z|x, y) to read")
+        return None
+
     def inputs(self) -> torch.Tensor:
         """The K pseudo-inputs u_k: (K, C, H, W) in [0, 1]."""
         return nn.functional.hardtanh(self.pseudo_inputs, 0.0, 1.0).view(-1, *self.image_shape)
@@ -182,6 +197,48 @@ class VampPrior(Prior):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator, encode=None, y=None) -> torch.Tensor:
         return sample_mixture(n, generator, *self.components(encode))
+
+
+@PRIORS.register("per-class")
+class ClassGaussian(Prior):
+    """p(z|y) = N(mu_y, diag(exp(logvar_y))): a learned diagonal Gaussian per class y, for a
+    conditional model (Sohn et al. 2015 learn p(z|x_given) with a network; a label needs no
+    more than a table). Every class starts at N(0, I), so a fresh model's prior is the
+    unconditional one.
+
+    components(y) are each image's class Gaussian, mu and logvar (N, z_dim), so log p(z|y) of
+    draws z (..., N, z_dim) is a diagonal Gaussian's; KL(q || p) has a closed form (kl.py)."""
+
+    def __init__(self, z_dim: int, classes: int):
+        super().__init__(z_dim)
+        self.mu = nn.Parameter(torch.zeros(classes, z_dim))
+        self.logvar = nn.Parameter(torch.zeros(classes, z_dim))
+
+    @classmethod
+    def from_config(cls, z_dim: int, config) -> "ClassGaussian":
+        if not config.classes:
+            raise ValueError("the class prior needs the model's classes (known from the data)")
+        return cls(z_dim, len(config.classes))
+
+    @classmethod
+    def refuses(cls, config) -> str | None:
+        return None if config.conditional else "is p(z|y), for a --conditional model"
+
+    def components(self, encode=None, y=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """y: (N,) labels -> mu, logvar: (N, z_dim) each, the images' class Gaussians."""
+        if y is None:
+            raise ValueError("the class prior p(z|y) needs the labels y")
+        return self.mu[y], self.logvar[y]
+
+    def log_prob(self, z: torch.Tensor, components=None, y=None) -> torch.Tensor:
+        mu, logvar = components if components is not None else self.components(None, y)
+        return log_normal(z, mu, logvar)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator, encode=None, y=None) -> torch.Tensor:
+        mu, logvar = self.components(None, y)
+        eps = torch.randn(n, self.z_dim, generator=generator, device=generator.device)
+        return mu + torch.exp(0.5 * logvar) * eps
 
 
 class Hierarchical(Prior):

@@ -33,6 +33,7 @@ MAX_SLIDERS = 8
 CAPTIONS = {
     "interpolation.png": "linear paths between the posterior means of pairs of test images, "
                          "decoded; the two test images at the ends of each row",
+    "classes.png": "samples by class: each row decodes draws z ~ p(z|y) under its class y",
 }
 
 
@@ -101,9 +102,10 @@ def _listed(values: list) -> str:
 def evaluation_rows(r: dict) -> list[tuple[str, str]]:
     """`vaelab evaluate`'s record (eval.json) as labelled rows for reading; keys this page does
     not know come after them as they are."""
-    k = r.get("k")
+    k, quantity = r.get("k"), r.get("quantity", "log p(x)")
     known = {
-        "nll": (f"test NLL, -log p(x) by importance sampling (K={k})", _nats),
+        "nll": (f"test NLL, -{quantity} by importance sampling (K={k})", _nats),
+        "quantity": ("estimated", lambda v: v + (", y each image's label" if "y" in v else "")),
         "nll_se": ("its Monte-Carlo standard error", _nats),
         "nll_se_images": ("its standard error over the test images", _nats),
         "neg_elbo": ("negative ELBO, from the same draws", _nats),
@@ -122,7 +124,7 @@ def evaluation_rows(r: dict) -> list[tuple[str, str]]:
         "latent_variance": ("variance of E_q[z_d] over test images, d = 0, 1, ...",
                             lambda v: "; ".join(_listed(layer) for layer in v)),
         "posterior_mean": ("E_q[z] taken as", str),
-        "kl_per_dim": ("KL(q(z_d|x) || N(0, 1)) per dimension d = 0, 1, ... (nats)", _listed),
+        "kl_per_dim": ("KL(q(z_d|x) || p(z_d)) per dimension d = 0, 1, ... (nats)", _listed),
         "kl_per_dim_note": ("KL per dimension", str),
         "seconds": ("time taken", lambda v: f"{v:.0f} s"),
         "device": ("device", str),

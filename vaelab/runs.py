@@ -34,7 +34,7 @@ from . import config as configs, distributed
 from .config import CUSTOM, RunConfig
 from .errors import RunError, VaelabError
 from .fileio import atomic_write_bytes, atomic_write_json
-from .models import VAE
+from .models import VAE, model_class
 from .registry import import_plugins
 
 CONFIG = "config.json"
@@ -131,12 +131,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     if encoder is None and config.model.architecture == CUSTOM:
         raise _own_networks(run_dir, "load it in Python with vaelab.load_run(run, encoder=..., decoder=...)")
     if encoder is None:
-        model = VAE.from_config(config.model)
+        model = model_class(config.model).from_config(config.model)
     elif config.model.architecture != CUSTOM:
         raise VaelabError(f"{run_dir} was trained with vaelab's {config.model.architecture} "
                           "networks: load it without encoder and decoder")
     else:
-        model = VAE(copy.deepcopy(encoder), copy.deepcopy(decoder), config.model)
+        model = model_class(config.model)(copy.deepcopy(encoder), copy.deepcopy(decoder),
+                                          config.model)
     load_weights(Path(run_dir), model)
     device = distributed.pick_device(device) if device == "auto" else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -283,6 +283,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     device = model.device
     if model.conditional and labels is None:
         raise VaelabError("this model is conditional: evaluating it needs the images' labels")
+    proposal = "q(z|x, y)" if model.conditional else "q(z|x)"
     iwae_ks = tuple(sorted({j for j in (*iwae_ks, 1) if j <= k}))
     odd = [j for j in iwae_ks if TILE_SAMPLES % j and j % TILE_SAMPLES]
     if odd:  # their groups would straddle tiles
@@ -369,8 +370,11 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "test_set_sha256": fingerprint(images),
         "seed": seed,
         "unit": "nats per image",
-        "estimator": (f"importance sampling with {'q(z|x)' if posterior is None else 'the given posteriors'}"
-                      f" as proposal, K={k} samples per image"),
+        "estimator": (f"importance sampling with"
+                      f" {proposal if posterior is None else 'the given posteriors'} as proposal,"
+                      f" K={k} samples per image"),
+        # a conditional model's bound and estimate are of log p(x|y), y each image's label
+        "quantity": "log p(x|y)" if model.conditional else "log p(x)",
         "precision": precision,
         **diagnostics(model, latent[:, :noise_dim], latent[:, noise_dim:] if factorized else None, k,
                       closed_means),

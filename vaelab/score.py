@@ -194,14 +194,18 @@ def _outputs(output: str, force: bool) -> None:
 
 def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
     """encode_run's and score_run's path: the output checked, the run and its split's images
-    loaded, compute(model, images, labels) on every rank (labels: for a conditional model), and its arrays written by rank 0 after what
-    identifies each image (`listing`). Returns both files' paths and the table written."""
+    loaded, compute(model, images, labels) on every rank (labels: a conditional model's, the
+    data's or --label's), and its arrays written by rank 0 after what identifies each image
+    (`listing`). Returns both files' paths and the table written."""
     model, data = open_run(options, world, outputs=lambda: _outputs(options.output, options.force),
                            **{name: getattr(options, name) for name in READ_OPTIONS})
     path = Path(options.output)  # as _outputs checked it
     images, identity = listing(data, options.split, options.images)
-    labels = (torch.from_numpy(identity["label"]) if model.conditional and "label" in identity
-              else None)
+    if options.label is not None:
+        labels = torch.full((len(images),), model.label_number(options.label))
+    else:
+        labels = torch.from_numpy(identity["label"]) if "label" in identity else None
+    labels = model.checked_labels(labels)
     table = {**identity, **compute(model, images, labels)}
     if world.main:
         write_table(path, table)

@@ -132,11 +132,18 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
                           f"but the data's are {data.image_shape}")
     # Resolved once, for these images: a likelihood's recommendations depend on their shape.
     config = resolve(config, data.image_shape).replace(data_dir=data_dir)
+    if config.model.conditional:  # the classes are a fact of the data, like the images' shape
+        config = config.replace(model=config.model.replace(
+            classes=class_names(data, config.model.classes)))
     config.validate(world.size)
     if len(data.train_images) < config.batch_size:
         raise VaelabError(f"--batch-size {config.batch_size} is larger than the "
                           f"{len(data.train_images)} training images")
-    model = build_model(config.model, seed=config.seed) if model is None else copy.deepcopy(model)
+    if model is None:
+        model = build_model(config.model, seed=config.seed)
+    else:
+        model = copy.deepcopy(model)
+        model.config = config.model  # with the data's classes
     why_not = initialise(model, config.init, config.output_init, data.train_images, config.seed)
     if why_not:
         if asked:
@@ -162,6 +169,22 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     test_set = TestSet(data.test_images.to(device), seed=config.eval_seed,
                        labels=_labels(model, data.test_labels, device))
     return Training(config, data, model, optimizer, lr, step, test_set, world, objective)
+
+
+def class_names(data: Dataset, recorded: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """A conditional model's classes on data: those recorded (a resumed run's, a model's), which
+    every label must be below, else the data's names (label_names), else "0", "1", ... up to
+    its largest label."""
+    labels = [t for t in (data.train_labels, data.test_labels) if t is not None and len(t)]
+    if not labels:
+        raise VaelabError("this model is conditional: it trains on labelled images (IDX label "
+                          "files, class folders, or y_train and y_test in an .npz)")
+    top = max(int(t.max()) for t in labels)
+    names = recorded or data.label_names or tuple(map(str, range(top + 1)))
+    if top >= len(names):
+        raise VaelabError(f"the data has the label {top}, but the model knows {len(names)} classes"
+                          f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})")
+    return tuple(names)
 
 
 def _labels(model: VAE, labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
