@@ -401,6 +401,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f" {r['difference']:+.4f} nats per image, standard error {r['se']:.4f} over images"
         f" (Monte-Carlo {r['mc_se']:.4f})"
     )
+    if r["quantities"]:
+        a, b = r["quantities"]
+        print(f"note: the first estimates {a}, the second {b}, each image with its own label y")
     if r["precisions"]:
         a, b = r["precisions"]
         print(f"note: the decoders ran at different precisions ({a} and {b}), the draws were the"

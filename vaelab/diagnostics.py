@@ -71,7 +71,10 @@ def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dic
     a, b: two eval.json records; log_px_*: their per-image estimates. Pairing removes the
     spread between images, which is far larger than either estimate's Monte-Carlo error.
     The same draws decoded at two precisions pair too (bf16 moves log p(x) far less than its
-    Monte-Carlo error); "precisions" then names both, else it is None.
+    Monte-Carlo error); "precisions" then names both, else it is None. A conditional model's
+    log p(x|y) pairs with another's log p(x): what knowing the label is worth, log p(y|x) -
+    log p(y) for exact likelihoods, so at most -log p(y) (log 10 for ten equally frequent
+    classes); "quantities" then names both, else it is None.
     """
     for key, what in (("k", "k"), ("seed", "seed"), ("test_set_sha256", "test set")):
         if a.get(key) != b.get(key):
@@ -85,7 +88,13 @@ def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dic
             "mc_se": math.sqrt(a["nll_se"] ** 2 + b["nll_se"] ** 2), "images": n,
             "nll_a": a["nll"], "nll_b": b["nll"],
             "precisions": None if a.get("precision") == b.get("precision") else
-            (a.get("precision"), b.get("precision"))}
+            (a.get("precision"), b.get("precision")),
+            "quantities": None if quantity(a) == quantity(b) else (quantity(a), quantity(b))}
+
+
+def quantity(record: dict) -> str:
+    """What an evaluation estimated: log p(x), or a conditional model's log p(x|y)."""
+    return record.get("quantity", "log p(x)")
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path) -> dict:
