@@ -123,7 +123,8 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
     lines = [
         f"Machine: {hardware}. `burda1` network and initialisation (Glorot weights, output bias"
         " at the logit of the training pixels' mean), ELBO with the analytic KL, Adam 1e-3 (eps"
-        f" 1e-4), batch 100, {args.epochs} epoch{'s' * (args.epochs != 1)}, seed {args.seed}, dynamically binarized MNIST."
+        f" 1e-4), batch 100, {args.epochs} epoch{'s' * (args.epochs != 1)}, seed {args.seed},"
+        " dynamically binarized MNIST."
         f" Test NLL by importance sampling (K={args.k_eval}, all test images, fp32), nats per"
         " image, ± its Monte-Carlo standard error: -log p(x) for the VAE, -log p(x|y) for the"
         " conditional rows, each test image under its own label. The column vs VAE is `vaelab"
