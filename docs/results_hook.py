@@ -26,8 +26,9 @@ def on_config(config):
 
 
 def on_files(files: Files, config) -> Files:
-    for path in sorted(RESULTS.iterdir()):
-        if path.suffix in KINDS:
-            files.append(File.generated(config, f"results/{path.name}", abs_src_path=str(path),
+    for path in sorted(RESULTS.rglob("*")):  # a row's figure may sit in its records' folder
+        if path.suffix in KINDS and path.is_file():
+            name = path.relative_to(RESULTS).as_posix()
+            files.append(File.generated(config, f"results/{name}", abs_src_path=str(path),
                                         inclusion=InclusionLevel.NOT_IN_NAV))
     return files

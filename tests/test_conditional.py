@@ -206,6 +206,43 @@ def test_encode_and_score_take_the_datas_labels_or_one_label(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+def test_your_own_networks_receive_the_labels_themselves(tmp_path):
+    # --8<-- [start:own]
+    from torch import nn
+
+    import vaelab
+    from vaelab.models import ConditionalVAE
+
+    class Encoder(nn.Module):  # x (N, 1, 8, 8), y (N,) int64 -> features (N, 32)
+        def __init__(self, classes: int):
+            super().__init__()
+            self.image = nn.Sequential(nn.Flatten(), nn.Linear(64, 32))
+            self.label = nn.Embedding(classes, 32)
+
+        def forward(self, x, y):
+            return torch.relu(self.image(x) + self.label(y))
+
+    class Decoder(nn.Module):  # z (M, 4), y (M,) int64 -> logits (M, 64)
+        def __init__(self, classes: int):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4 + 8, 32), nn.ReLU(), nn.Linear(32, 64))
+            self.label = nn.Embedding(classes, 8)
+
+        def forward(self, z, y):
+            return self.net(torch.cat([z, self.label(y)], dim=-1))
+
+    model = ConditionalVAE(Encoder(10), Decoder(10), z_dim=4, image_shape=(1, 8, 8),
+                           classes=10, prior="per-class")
+    config = vaelab.RunConfig(epochs=1, batch_size=50, optimizer="adam", lr=1e-3)
+    # --8<-- [end:own]
+    result = vaelab.train(config, tmp_path / "run", data=synthetic_dataset(), model=model,
+                          progress=False)
+    again = vaelab.load_run(tmp_path / "run", encoder=Encoder(10), decoder=Decoder(10))
+    assert type(again) is ConditionalVAE and again.config.classes == tuple("0123456789")
+    assert all(torch.equal(p, q) for p, q in zip(again.parameters(),
+                                                  result.model.cpu().parameters()))
+
+
 @pytest.mark.slow
 def test_samples_of_a_class_are_recognised_as_that_class(tmp_path, mnist, mnist_dir):
     """A conditional VAE trained briefly on MNIST draws a 3 where asked for one: a classifier

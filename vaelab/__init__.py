@@ -7,10 +7,10 @@ cpu.settle_vector_maths()  # before any of vaelab's maths runs threaded
 from .config import RunConfig
 from .data import Dataset, load_data
 from .errors import DataError, RunError, VaelabError
-from .models import VAE, ModelConfig, build_model, preset
+from .models import VAE, ConditionalVAE, ModelConfig, build_model, preset
 from .runs import load_run
 from .train import build, fit, train
 
 __all__ = ["RunConfig", "Dataset", "load_data", "DataError", "RunError", "VaelabError", "VAE",
-           "ModelConfig", "build_model", "preset", "load_run", "build", "fit", "train", "rng"]
+           "ConditionalVAE", "ModelConfig", "build_model", "preset", "load_run", "build", "fit", "train", "rng"]
 __version__ = "0.1.0"
