@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from . import likelihoods
 from .errors import VaelabError
+from .families import FAMILIES
 from .nets import ACTIVATIONS
 from .objectives import ESTIMATORS, OBJECTIVES
 from .posteriors import POSTERIORS
@@ -363,6 +364,22 @@ class ModelConfig(Options):
     # Known once the data is: a conditional model's class names, label i the i-th ("0", "1", ...
     # where the data names none). () for an unconditional model.
     classes: tuple[str, ...] = ()
+    family: str = option(
+        "vae",
+        "the model: vae, a VAE with continuous latents; vq-vae, a grid of discrete codes from a"
+        " conv encoder and a codebook of --codebook-size vectors (van den Oord et al. 2017), whose"
+        " prior over codes `vaelab train-prior` learns afterwards",
+        choices=FAMILIES, flag="--model", default_text="vae; the preset's",
+    )
+    codebook_size: int = option(
+        512, "--model vq-vae: the codebook's vectors K", rule=POSITIVE, metavar="K")
+    commitment: float = option(
+        0.25, "--model vq-vae: the commitment loss's weight beta, pulling the encoder's outputs to"
+        " their codes (a training term only, outside the bound)", rule=NUMBER_AT_LEAST_0,
+        metavar="BETA")
+    codebook_decay: float = option(
+        0.99, "--model vq-vae: the decay of the codebook's exponential moving averages",
+        rule=FRACTION)
 
     def normal(self, name: str, value):
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)
@@ -717,6 +734,7 @@ class RunConfig(Options):
             raise VaelabError(f"--batch-size {config.batch_size} does not divide among {processes}"
                               f" processes; give a multiple of {processes}")
         OBJECTIVES[config.objective].check(config)  # the objective's own rules
+        FAMILIES[config.model.family].check(config)  # the model family's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -977,6 +995,21 @@ class SampleOptions(Options):
     seed: int = seed_option(0, "fixes the draws of z")
     label: str | None = label_option("every sample", "its classes in turn")
     force: bool = option(False, "overwrite the output file if it exists", rule=SWITCH)
+
+
+@options_dataclass
+class TrainPriorOptions(Options):
+    """`vaelab train-prior`: a VQ-VAE run's learned prior over its codes, into RUN/prior."""
+
+    run: str = run_option()
+    epochs: int = option(20, "epochs over the training images' codes; more than RUN/prior holds"
+                         " continue it", rule=POSITIVE)
+    lr: float = option(1e-3, "Adam's learning rate", rule=POSITIVE_NUMBER)
+    batch_size: int = option(100, rule=POSITIVE)
+    seed: int = seed_option(0, "seed of the binarization, the order and the weights")
+    data_dir: str | None = data_dir_option()
+    device: str = device_option()
+    quiet: bool = quiet_option()
 
 
 @options_dataclass

@@ -1,7 +1,8 @@
 """`vaelab evaluate`: a run's test log-likelihood, in nats per image, written into the run.
 
-The computation is sampling.importance_sampled's (the tiles, the keyed draws, the precision);
-what the latent code is used for, and comparing two evaluations, are diagnostics.py's.
+The computation is the model family's (Model.estimate): sampling.importance_sampled's for a
+VAE (the tiles, the keyed draws, the precision), vq.bound's upper bound for a VQ-VAE; what the
+latent code is used for, and comparing two evaluations, are diagnostics.py's.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import vq
 from .config import EvaluateOptions
 from .distributed import SINGLE, World
 from .runs import EVAL, write_eval
@@ -23,9 +25,13 @@ def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
     model, data = open_run(options, world, writes=EVAL)  # found writable before minutes of work
     data = data.subset(None, options.images)
     start = time.perf_counter()
-    r = importance_sampled(model, data.test_images, k=options.k, seed=options.seed,
-                           precision=options.precision, progress=not options.quiet, world=world,
-                           labels=model.checked_labels(data.test_labels, "the test images"))
+    if model.estimate == "bound":
+        r = vq.bound(model, data.test_images, seed=options.seed, world=world)
+    else:
+        r = importance_sampled(model, data.test_images, k=options.k, seed=options.seed,
+                               precision=options.precision, progress=not options.quiet,
+                               world=world,
+                               labels=model.checked_labels(data.test_labels, "the test images"))
     r["seconds"] = time.perf_counter() - start
     r["device"], r["processes"] = str(model.device), world.size
     if world.main:

@@ -213,7 +213,7 @@ def read_gap(run_dir: str | Path) -> dict | None:
 def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
     """`vaelab gap`: amortization_gap over a run's first test images, written by rank 0 into
     RUN/gap.json. Returns the result, with the seconds it took."""
-    model, data = open_run(options, world, writes=GAP)
+    model, data = open_run(options, world, writes=GAP, sampled="gap")
     images = data.subset(None, options.images).test_images
     run = Path(options.run)
     start = time.perf_counter()

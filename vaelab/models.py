@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import kl, likelihoods, nets, posteriors, priors
+from .families import FAMILIES
 from .config import ARCHITECTURES, CUSTOM, PRESETS, ModelConfig, preset  # noqa: F401  (re-exported)
 from .config import EVAL_SEED
 from .errors import VaelabError
@@ -35,7 +36,128 @@ from .objectives import Terms
 from .rng import image_keys
 
 
-class VAE(nn.Module):
+class Model(nn.Module):
+    """What every model family gives the code that trains, evaluates and shows it, beside
+    `forward(x, eps, ...) -> objectives.Terms`, `posterior_params`, `posterior_mean`, `decode`,
+    `decode_mean` and `sample_prior` (see VAE):
+
+    - `conditional`: whether it reads labels y (then `checked_labels`, `label_number`);
+    - `capturable`: whether its training step may be captured as a CUDA graph;
+    - `estimate`: how evaluation estimates log p(x): "importance sampling" of z
+      (sampling.importance_sampled), or "bound", the family's own upper bound on -log p(x);
+    - `has_active_units`: whether the test pass counts active units of its latent means;
+    - `networks()`: the modules an initialisation scheme redraws;
+    - `epoch_metrics()`: what it records of each training epoch (a codebook's use, say);
+    - `check(config)`: the run options (a RunConfig) it refuses, in one line.
+    """
+
+    conditional = False
+    capturable = True
+    estimate = "importance sampling"
+    has_active_units = True
+    config: ModelConfig
+
+    @classmethod
+    def variant(cls, config: ModelConfig) -> type["Model"]:
+        """The class of this family that config builds."""
+        return cls
+
+    @classmethod
+    def check(cls, config) -> None:
+        """Raise VaelabError where the run (a RunConfig) asks for what this family cannot do."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return next(self.parameters()).device
+
+    def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N, C, H, W) or flat, uint8 or floats in [0, 1] (images.stored) -> what the
+        model sees, x: (N, C, H, W) float32 (see likelihoods). keys: (N,) one per image, for
+        the likelihoods that draw (rng.image_keys)."""
+        return self.likelihood.observe(stored(images, self.config.image_shape), keys)
+
+    def networks(self) -> list[nn.Module]:
+        """The modules whose layers an initialisation scheme (models.initialise) redraws."""
+        return [self.encoder, self.decoder]
+
+    def epoch_metrics(self) -> dict:
+        """What the model records of the training epoch just ended, for metrics.jsonl."""
+        return {}
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether sample_prior can draw (a VQ-VAE's needs its learned prior)."""
+        return True
+
+    def second_stage(self) -> nn.Module | None:
+        """A fresh module of what is trained after the run, from its codes (a VQ-VAE's prior
+        over them), which load_run fills from RUN/prior; None for a model without one."""
+        return None
+
+    def attach(self, stage: nn.Module | None) -> None:
+        """Use a trained second stage (second_stage's module with its weights)."""
+
+    def decoder_layers(self) -> dict | None:
+        """The decoder as plain data (nets.decoder_layers), where it is one of vaelab's own and
+        reads z alone; None otherwise."""
+        return None
+
+    def set_output_bias(self, images: torch.Tensor) -> str | None:
+        """Set the decoder's output bias so that p(x|z) fits the images' statistics before any
+        training (the likelihood's rule, likelihoods.Likelihood.output_bias): per value where
+        the output layer is linear, per channel where it is a convolution.
+
+        images: (N, C, H, W) uint8, the training split. Returns None, or why it cannot be done.
+        """
+        layer = nets.output_layer(self.decoder)
+        bias = getattr(layer, "bias", None)
+        channels = self.out_shape[0]
+        values = math.prod(self.out_shape)
+        if isinstance(layer, nn.Linear) and bias is not None and len(bias) == values:
+            dims = (0,)
+        elif (isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and bias is not None
+              and len(bias) == channels):
+            dims = (0, 2, 3)
+        else:
+            return (f"the decoder's last layer ({type(layer).__name__}) is not a linear layer with "
+                    f"{values} outputs or a convolution with {channels} channels, each with a "
+                    "bias")
+        mean, std = pixel_moments(images, dims)
+        with torch.no_grad():
+            bias.copy_(self.likelihood.output_bias(mean, std).flatten())
+        return None
+
+    def label_number(self, label: str | int) -> int:
+        """A conditional model's label given by class name or number (a name first: MNIST's "3"
+        is both) -> its number. VaelabError for an unknown one, or a model without labels."""
+        classes = self.config.classes
+        if not self.conditional:
+            raise VaelabError("this run's model is not conditional: it takes no --label")
+        if str(label) in classes:
+            return classes.index(str(label))
+        if str(label).isdigit() and int(label) < len(classes):
+            return int(label)
+        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        raise VaelabError(f"unknown label {label!r}; the model's classes are {shown} (or their"
+                          f" numbers 0 to {len(classes) - 1})")
+
+    def checked_labels(self, labels: torch.Tensor | None, what: str = "the images"
+                       ) -> torch.Tensor | None:
+        """The labels (N,) a conditional model reads of `what`, checked to lie below its
+        classes; None for any other model. VaelabError where they are missing or out of range."""
+        if not self.conditional:
+            return None
+        if labels is None:
+            raise VaelabError(f"this model is conditional and {what} have no labels: give them"
+                              " labels (or --label)")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.config.classes)):
+            raise VaelabError(f"{what} have the label {int(labels.max())}, but the model knows"
+                              f" {len(self.config.classes)} classes")
+        return labels
+
+
+class VAE(Model):
     """A VAE from components: an encoder x -> features, a linear head features -> the
     posterior's parameters, a posterior, a prior, a decoder z -> the likelihood's parameters,
     and the likelihood.
@@ -57,7 +179,9 @@ class VAE(nn.Module):
     (as a second argument) and its prior.
     """
 
-    conditional = False
+    @classmethod
+    def variant(cls, config: ModelConfig) -> type["VAE"]:
+        return ConditionalVAE if config.conditional else VAE
 
     def __init__(
         self,
@@ -189,17 +313,6 @@ class VAE(nn.Module):
     def sizes(self) -> tuple[int, ...]:
         """Each stochastic layer's size, the decoder's z_1 first: the columns of a draw z."""
         return self.posterior.sizes
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights are."""
-        return self.head.weight.device
-
-    def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (N, C, H, W) or flat, uint8 or floats in [0, 1] (images.stored) -> what the
-        model sees, x: (N, C, H, W) float32 (see likelihoods). keys: (N,) one per image, for
-        the likelihoods that draw (rng.image_keys)."""
-        return self.likelihood.observe(stored(images, self.config.image_shape), keys)
 
     def encode(self, images: torch.Tensor, y: torch.Tensor | None = None, *,
                seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,63 +458,13 @@ class VAE(nn.Module):
         (posterior, prior) has one)."""
         return self.config.kl == "analytic" and self._closed_form is not None
 
-    def set_output_bias(self, images: torch.Tensor) -> str | None:
-        """Set the decoder's output bias so that p(x|z) fits the images' statistics before any
-        training (the likelihood's rule, likelihoods.Likelihood.output_bias): per value where
-        the output layer is linear, per channel where it is a convolution.
-
-        images: (N, C, H, W) uint8, the training split. Returns None, or why it cannot be done.
-        """
-        layer = nets.output_layer(self.decoder)
-        bias = getattr(layer, "bias", None)
-        channels = self.out_shape[0]
-        values = math.prod(self.out_shape)
-        if isinstance(layer, nn.Linear) and bias is not None and len(bias) == values:
-            dims = (0,)
-        elif (isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and bias is not None
-              and len(bias) == channels):
-            dims = (0, 2, 3)
-        else:
-            return (f"the decoder's last layer ({type(layer).__name__}) is not a linear layer with "
-                    f"{values} outputs or a convolution with {channels} channels, each with a "
-                    "bias")
-        mean, std = pixel_moments(images, dims)
-        with torch.no_grad():
-            bias.copy_(self.likelihood.output_bias(mean, std).flatten())
-        return None
-
-    def label_number(self, label: str | int) -> int:
-        """A conditional model's label given by class name or number (a name first: MNIST's "3"
-        is both) -> its number. VaelabError for an unknown one, or a model without labels."""
-        classes = self.config.classes
-        if not self.conditional:
-            raise VaelabError("this run's model is not conditional: it takes no --label")
-        if str(label) in classes:
-            return classes.index(str(label))
-        if str(label).isdigit() and int(label) < len(classes):
-            return int(label)
-        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-        raise VaelabError(f"unknown label {label!r}; the model's classes are {shown} (or their"
-                          f" numbers 0 to {len(classes) - 1})")
-
-    def checked_labels(self, labels: torch.Tensor | None, what: str = "the images"
-                       ) -> torch.Tensor | None:
-        """The labels (N,) a conditional model reads of `what`, checked to lie below its
-        classes; None for any other model. VaelabError where they are missing or out of range."""
-        if not self.conditional:
-            return None
-        if labels is None:
-            raise VaelabError(f"this model is conditional and {what} have no labels: give them"
-                              " labels (or --label)")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.config.classes)):
-            raise VaelabError(f"{what} have the label {int(labels.max())}, but the model knows"
-                              f" {len(self.config.classes)} classes")
-        return labels
-
     def decoder_layers(self) -> dict | None:
-        """The decoder as plain data (nets.decoder_layers), where it is one of vaelab's own and
-        reads z alone; None otherwise."""
         return None if self.conditional else nets.decoder_layers(self.decoder)
+
+    def networks(self) -> list[nn.Module]:
+        # a hierarchy's layers too: Burda et al.'s recipe draws them as the networks
+        upper = getattr(self.posterior, "layers", None)
+        return [self.encoder, self.head, self.decoder, *([upper] if upper is not None else [])]
 
     def posterior_mean(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [, y] -> (N, z_dim) the code the decoder reads: q's mean, or with a flow its draw
@@ -436,9 +499,13 @@ class ConditionalVAE(VAE):
     conditional = True
 
 
-def model_class(config: ModelConfig) -> type[VAE]:
-    """The model class config describes: ConditionalVAE where config.conditional, else VAE."""
-    return ConditionalVAE if config.conditional else VAE
+FAMILIES.register("vae", VAE)
+
+
+def model_class(config: ModelConfig) -> type[Model]:
+    """The model class config describes: its family's (families.FAMILIES), and of the VAE's,
+    ConditionalVAE where config.conditional."""
+    return FAMILIES[config.family].variant(config)
 
 
 def _renamed_keys(module, state_dict, prefix, *args) -> None:
@@ -472,26 +539,21 @@ def pixel_moments(images: torch.Tensor, dims: tuple[int, ...], rows: int = 4096
     return mean[0].float(), std[0].float()
 
 
-def initialise(model: VAE, init: str, output_init: str, images: torch.Tensor,
+def initialise(model: Model, init: str, output_init: str, images: torch.Tensor,
                seed: int) -> str | None:
     """Set a fresh model's weights in place by the run's recipe (config.INITS, OUTPUT_INITS):
-    init "glorot" redraws the layers of the encoder, head, decoder and hierarchy, keyed by seed;
-    output_init "data" sets the decoder's output bias from images (N, C, H, W) uint8, the
-    training split. Returns None, or why the output bias could not be set."""
+    init "glorot" redraws the layers of its networks (Model.networks: a VAE's encoder, head,
+    decoder and hierarchy), keyed by seed; output_init "data" sets the decoder's output bias
+    from images (N, C, H, W) uint8, the training split. Returns None, or why the output bias
+    could not be set."""
     if init == "glorot":
         generator = torch.Generator().manual_seed(seed)
-        for net in (model.encoder, model.head, model.decoder, _upper_layers(model)):
-            if net is not None:
-                nets.glorot_(net, generator)
+        for net in model.networks():
+            nets.glorot_(net, generator)
     return model.set_output_bias(images) if output_init == "data" else None
 
 
-def _upper_layers(model: VAE) -> nn.Module | None:
-    """A hierarchy's layers (Burda et al.'s recipe draws them as the networks), else None."""
-    return getattr(model.posterior, "layers", None)
-
-
-def build_model(config: ModelConfig, seed: int | None = None) -> VAE:
+def build_model(config: ModelConfig, seed: int | None = None) -> Model:
     """A freshly initialised VAE with vaelab's own networks; with a seed, the same weights
     every time."""
     if seed is None:

@@ -170,6 +170,46 @@ class ConvDecoder(nn.Module):
         return self.convs(h.view(len(h), *self.start))
 
 
+class GridEncoder(nn.Module):
+    """The conv encoder without its dense part, for a grid of latents (a VQ-VAE's): the stride-2
+    convolutions, then a 3x3 convolution to `out` channels with no activation.
+    (N, C, H, W) -> (N, out, H / 2^L, W / 2^L)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], channels: tuple[int, ...], out: int,
+                 activation: str):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip((image_shape[0], *channels[:-1]), channels):
+            layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), ACTIVATIONS[activation][0]()]
+        layers.append(nn.Conv2d(channels[-1], out, 3, padding=1))
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x.reshape(len(x), *self.image_shape))
+
+
+class GridDecoder(nn.Module):
+    """GridEncoder's mirror: a 3x3 convolution from `latent` channels, then the stride-2
+    transposed convolutions, the last to out_channels with no activation.
+    (M, latent, H / 2^L, W / 2^L) -> (M, out_channels, H, W)."""
+
+    def __init__(self, latent: int, channels: tuple[int, ...], activation: str,
+                 out_channels: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(latent, channels[-1], 3, padding=1),
+                                   ACTIVATIONS[activation][0]()]
+        widths = (*channels[::-1][1:], out_channels)
+        for i, (n_in, n_out) in enumerate(zip(channels[::-1], widths)):
+            layers.append(nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1))
+            if i < len(widths) - 1:
+                layers.append(ACTIVATIONS[activation][0]())
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.convs(z)
+
+
 # Layers whose weights an initialisation scheme sets, and which may be a decoder's output layer.
 LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 

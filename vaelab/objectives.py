@@ -29,6 +29,8 @@ class Terms:
         log_qz      (S, N) log q(z_s | x)
         log_pz      (S, N) log p(z_s)
         kl_per_dim  (N, z_dim) each dimension's KL in closed form, or None where it has none
+        penalty     (N,) a training term of the model's outside the bound (a VQ-VAE's
+                    commitment loss), which training adds and the bounds leave out; or None
 
     log_qz and log_pz may be given as functions, computed when first asked: the ELBO with a
     closed-form KL never asks, so training on it launches none of their kernels.
@@ -37,8 +39,8 @@ class Terms:
     def __init__(self, log_px_z: torch.Tensor, kl: torch.Tensor | None, z: torch.Tensor,
                  log_qz: torch.Tensor | Callable[[], torch.Tensor],
                  log_pz: torch.Tensor | Callable[[], torch.Tensor],
-                 kl_per_dim: torch.Tensor | None = None):
-        self.log_px_z, self.z, self.kl_per_dim = log_px_z, z, kl_per_dim
+                 kl_per_dim: torch.Tensor | None = None, penalty: torch.Tensor | None = None):
+        self.log_px_z, self.z, self.kl_per_dim, self.penalty = log_px_z, z, kl_per_dim, penalty
         self._log_qz, self._log_pz = log_qz, log_pz
         self.kl = (self.log_qz - self.log_pz).mean(0) if kl is None else kl
 
@@ -57,7 +59,7 @@ class Terms:
     def replace(self, **changes) -> "Terms":
         """A copy with some of the fields changed."""
         fields = dict(log_px_z=self.log_px_z, kl=self.kl, z=self.z, log_qz=self._log_qz,
-                      log_pz=self._log_pz, kl_per_dim=self.kl_per_dim)
+                      log_pz=self._log_pz, kl_per_dim=self.kl_per_dim, penalty=self.penalty)
         return Terms(**{**fields, **changes})
 
 
@@ -198,8 +200,10 @@ class Elbo(Objective):
 
     def loss(self, terms: Terms, kl_weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.free_bits:
-            return free_bits_negative_elbo(terms, self.free_bits, kl_weight)
-        return negative_elbo(terms, kl_weight).mean()
+            loss = free_bits_negative_elbo(terms, self.free_bits, kl_weight)
+        else:
+            loss = negative_elbo(terms, kl_weight).mean()
+        return loss if terms.penalty is None else loss + terms.penalty.mean()
 
 
 @OBJECTIVES.register("iwae")

@@ -206,7 +206,8 @@ def _interpolate(model: VAE, data: Dataset, pairs: int | np.ndarray | list, step
     x = model.observe(images, image_keys(seed, "observe", index))
     labels = None if data.test_labels is None else data.test_labels.to(model.device)[index]
     y = conditioning(model, labels, len(x))
-    mu = model.posterior_mean(x, y).view(-1, 2, model.config.z_dim)
+    mu = model.posterior_mean(x, y)
+    mu = mu.view(-1, 2, mu.shape[-1])
     path = linear_path(mu[:, 0], mu[:, 1], steps)  # (P, steps, z_dim)
     # a conditional model decodes each path under its first image's label
     y_path = None if y is None else y.view(-1, 2)[:, :1].expand(-1, steps)
@@ -456,8 +457,9 @@ def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[d
         "elbo.png": lambda: elbo_figure(metrics),
         "data.png": lambda: data_figure(data),
         "reconstructions.png": lambda: reconstruction_figure(model, data),
-        "samples.png": lambda: samples_figure(model),
     }
+    if model.can_sample:  # a VQ-VAE's once its prior is trained
+        figures["samples.png"] = lambda: samples_figure(model)
     if model.conditional:
         figures["classes.png"] = lambda: class_figure(model)
     if len(data.test_images) >= 2:  # a pair to join

@@ -42,3 +42,11 @@ PRESETS.register("tutorial", dict(
     encoder_hidden=(256, 128), decoder_hidden=(128, 256), activation="relu", z_dim=2,
     output_init="none",
 ))
+# A VQ-VAE for 28x28 or 32x32 images: the conv preset's two stride-2 convolutions (32, 64) down
+# to a 7x7 or 8x8 grid of codes of 16 channels, K = 512 codes (the paper's), commitment 0.25 and
+# moving averages at 0.99 (its appendix and its authors' Sonnet VectorQuantizerEMA), Adam at
+# 1e-3. docs/vq-vae.md says where it departs from the paper's networks.
+PRESETS.register("vq-vae", dict(
+    family="vq-vae", architecture="conv", conv_channels=(32, 64), z_dim=16, codebook_size=512,
+    commitment=0.25, codebook_decay=0.99, activation="relu", optimizer="adam", lr=1e-3,
+))

@@ -47,7 +47,8 @@ LOG_PX = "log_px.npy"
 BATCH_LOSSES = "batch_losses.npy"
 FIGURES = "figures"
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, METRICS)
-PROBE = ".vaelab-write-test"  # check_writable's file, there only for an instant
+PROBE = ".vaelab-write-test"
+PRIOR = "prior"  # RUN/prior: a run of its own (weights, checkpoint, metrics) of a second stage  # check_writable's file, there only for an instant
 
 
 def check_writable(path: Path, hint: str) -> None:
@@ -139,6 +140,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
         model = model_class(config.model)(copy.deepcopy(encoder), copy.deepcopy(decoder),
                                           config.model)
     load_weights(Path(run_dir), model)
+    stage = model.second_stage()
+    if stage is not None and (Path(run_dir) / PRIOR / WEIGHTS).is_file():
+        load_weights(Path(run_dir) / PRIOR, stage)
+        model.attach(stage)
     device = distributed.pick_device(device) if device == "auto" else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise VaelabError(f"device {str(device)!r} was asked for but no CUDA GPU is available; use "

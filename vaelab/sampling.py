@@ -124,6 +124,7 @@ def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, sa
     posterior mean mu varies over the test images by more than ACTIVE_THRESHOLD (Burda et al.'s
     criterion, from the same pass: the closed-form E_q[z_1], or a flow's base Gaussian's mu)."""
     batch_size = max(1, min(batch_size, TEST_ROWS // samples))
+    active = active and model.has_active_units
     unconditional = test_set.labels is None
     components = model.prior_components() if unconditional else None
     device = test_set.images.device

@@ -192,12 +192,13 @@ def _outputs(output: str, force: bool) -> None:
     check_output(path.with_suffix(".csv"), flag="-o", suffix=".csv", force=force)
 
 
-def _write_for_run(options, world: World, compute) -> tuple[Path, Path, dict]:
+def _write_for_run(options, world: World, compute, command: str) -> tuple[Path, Path, dict]:
     """encode_run's and score_run's path: the output checked, the run and its split's images
     loaded, compute(model, images, labels) on every rank (labels: a conditional model's, the
     data's or --label's), and its arrays written by rank 0 after what identifies each image
     (`listing`). Returns both files' paths and the table written."""
     model, data = open_run(options, world, outputs=lambda: _outputs(options.output, options.force),
+                           sampled=command,
                            **{name: getattr(options, name) for name in READ_OPTIONS})
     path = Path(options.output)  # as _outputs checked it
     images, identity = listing(data, options.split, options.images)
@@ -218,7 +219,7 @@ def encode_run(options: EncodeOptions, world: World = SINGLE) -> tuple[Path, Pat
     Returns both files' paths and the table written, by column."""
     return _write_for_run(options, world, lambda model, images, labels: encode(
         model, images, seed=options.seed, draws=options.draws, progress=not options.quiet,
-        world=world, labels=labels))
+        world=world, labels=labels), "encode")
 
 
 def score_run(options: ScoreOptions, world: World = SINGLE) -> tuple[Path, Path, dict]:
@@ -227,4 +228,4 @@ def score_run(options: ScoreOptions, world: World = SINGLE) -> tuple[Path, Path,
     files' paths and the table written, by column."""
     return _write_for_run(options, world, lambda model, images, labels: score(
         model, images, k=options.k, seed=options.seed, precision=options.precision,
-        progress=not options.quiet, world=world, labels=labels))
+        progress=not options.quiet, world=world, labels=labels), "score")

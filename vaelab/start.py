@@ -209,20 +209,26 @@ def load_run_and_data(run_dir: str | Path, data_dir: str | Path | None = None, d
 
 
 def open_run(options: Options, world: World = SINGLE, *, writes: str | None = None,
-             outputs: Callable[[], object] | None = None, **read: Any) -> tuple[VAE, Dataset]:
+             outputs: Callable[[], object] | None = None, sampled: str | None = None,
+             **read: Any) -> tuple[VAE, Dataset]:
     """The preamble of the commands that read a trained run (evaluate, gap, encode, score):
     the options checked, the process group joined (under torchrun; nothing for one process),
     outputs() on rank 0 (the check of what the command writes outside the run, before any work),
     the run and its data loaded (load_run_and_data from options.run, .data_dir, .device and
     .quiet; read: how to read an image folder), and, where the command writes the file `writes`
-    into the run folder, that folder found writable by rank 0 before minutes of work. An error
-    on rank 0 is raised on every rank."""
+    into the run folder, that folder found writable by rank 0 before minutes of work. sampled:
+    the command's name, where it draws z from the posterior (a VQ-VAE's run is then refused).
+    An error on rank 0 is raised on every rank."""
     check(options)
     distributed.start(world)
     if outputs is not None:
         distributed.share_result(outputs, world)
     model, data = load_run_and_data(options.run, options.data_dir, options.device, world,
                                     progress=not options.quiet, **read)
+    if sampled and model.estimate != "importance sampling":
+        raise VaelabError(f"`vaelab {sampled}` draws z from the posterior, which this run's"
+                          f" {model.config.family} does not have (its codes are a point);"
+                          " `vaelab evaluate` bounds its log p(x)")
     if writes is not None:
         run = Path(options.run)
         distributed.share_result(

@@ -80,7 +80,7 @@ class TrainStep:
         share = batch_size // world.size
         self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
         self.positions = self.rows.clone()  # the current batch's rows of x and eps, advanced by each step
-        self.capture = cuda_graph and device.type == "cuda"
+        self.capture = cuda_graph and device.type == "cuda" and model.capturable
         if self.capture and world.distributed:  # DDP's all-reduce inside a graph is untested here
             self.capture = False
             if world.main:
@@ -136,7 +136,8 @@ class TrainStep:
         Keyed by each image's position in the epoch, so a slice of the batch draws
         what the whole batch would.
         """
-        eps = self.eps.index_select(0, self.positions).view(-1, self.samples, self.model.noise_dim)
+        eps = self.eps.index_select(0, self.positions).view(
+            len(self.positions), self.samples, self.model.noise_dim)
         return self.x.index_select(0, self.positions), eps.transpose(0, 1)
 
     def batch_labels(self) -> torch.Tensor | None:

@@ -87,8 +87,9 @@ class Board:
         if len(images):  # a data set without test images has nothing to reconstruct
             grid = reconstruction_grid(model, images[:RECONSTRUCTIONS], seed)
             self._add_image("reconstructions", grid, epoch)
-        samples = sample_images(model, SAMPLES, seed)
-        self._add_image("samples", image_grid(samples, nrow=square_nrow(SAMPLES)), epoch)
+        if model.can_sample:  # (perplexity and dead_codes: a VQ-VAE's codebook, as scalars)
+            samples = sample_images(model, SAMPLES, seed)
+            self._add_image("samples", image_grid(samples, nrow=square_nrow(SAMPLES)), epoch)
         self.writer.flush()  # an epoch's events on disk now, for a TensorBoard watching the run
 
     def _add_image(self, tag: str, grid: np.ndarray, epoch: int) -> None:

@@ -346,6 +346,7 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
                                    f"{_advice(config, epoch, run_dir)}")
         record.update(test)
+        record.update(model.epoch_metrics())
         if config.skip_threshold is not None:
             record["skipped"] = int(measured.skipped.sum())
         if config.weighted:  # train_loss is then the weighted objective, not the negative ELBO
@@ -359,8 +360,9 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         stop = any([bool(c.on_epoch_end(dict(record), training)) for c in callbacks])
         epochs.update()
         show.write(training.objective.epoch_line(record), progress)
-        now = record["active_units"] == 0 or record["test_kl"] < COLLAPSED_KL
-        show.write(collapse_warning(record), now and not collapsed and progress, file=sys.stderr)
+        now = record.get("active_units") == 0 or record["test_kl"] < COLLAPSED_KL
+        if now and not collapsed:
+            show.write(collapse_warning(record), progress, file=sys.stderr)
         collapsed = now
         if distributed.share_result(lambda: stop, world):  # rank 0's callbacks decide for all
             show.write(f"vaelab: a callback stopped the run after epoch {epoch}", progress,
