@@ -3,7 +3,8 @@ codes, vq.CodePrior), trained on the codes of the run's training images and kept
 a run of its own: weights, checkpoint (resumed exactly: every draw is keyed by seed and epoch)
 and metrics.jsonl.
 
-Each epoch encodes the training images afresh, observed with keys (seed, "prior", epoch), so
+It trains on the images the run trained on (its --train-size) and tests on its test set. Each
+epoch encodes the training images afresh, observed with keys (seed, "prior", epoch), so
 that the prior sees the codes of dynamically binarized images as the VQ-VAE did; the test value
 is -log p(codes) of the test images as evaluation observes them, nats per image.
 """
@@ -22,7 +23,8 @@ from .config import EVAL_SEED, TrainPriorOptions
 from .distributed import SINGLE, World
 from .errors import VaelabError
 from .models import Model
-from .runs import (CHECKPOINT, PRIOR, read_checkpoint, restore_checkpoint, save_checkpoint)
+from .runs import (CHECKPOINT, PRIOR, load_config, read_checkpoint, restore_checkpoint,
+                   save_checkpoint)
 from .start import open_run
 
 ENCODE_ROWS = 1000  # images encoded at a time
@@ -41,6 +43,8 @@ def image_codes(model: Model, images: torch.Tensor, keys: torch.Tensor) -> torch
 def train_prior(options: TrainPriorOptions, world: World = SINGLE) -> list[dict]:
     """Train (or continue) RUN/prior to options.epochs; returns every epoch's record."""
     model, data = open_run(options, world, writes=PRIOR)
+    run_config = load_config(options.run)  # the images the model trained on, and its test set
+    data = data.subset(run_config.train_size, run_config.test_size)
     prior = model.second_stage()
     if prior is None:
         raise VaelabError(f"{options.run} has no prior to train: `vaelab train-prior` is for a"
