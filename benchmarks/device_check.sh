@@ -4,7 +4,8 @@
 #   device run: bash benchmarks/device_check.sh [cuda|bench|suite]   (carry: .mnist)
 # With no argument, everything, most telling first, inside one call's 600 s: the CUDA tests (the
 # captured step against eager, a conditional model's labels included, resume, evaluation), the GPU benchmark (benchmarks.perf.gpu), where
-# a default run's wall time goes (benchmarks.perf.startup), torchrun on the card, burda2 with IWAE
+# a default run's wall time goes (benchmarks.perf.startup), torchrun on the card, the conditional
+# VAE and the VQ-VAE (`families`), burda2 with IWAE
 # k=50 and DReG for 121 epochs, then the rest of the suite in the time left. An argument runs that part alone. Results go to $OUT.
 set -uo pipefail
 export PYTHONPATH=. VAELAB_DATA_DIR="${VAELAB_DATA_DIR:-$PWD/.mnist}" PYTHONUNBUFFERED=1
@@ -35,6 +36,23 @@ if [ "$part" = all ]; then
   timeout 60 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m vaelab train --device cuda \
     --preset conv --likelihood logistic --optimizer adam --lr 1e-3 --epochs 2 --out /tmp/nccl_run --no-plots \
     2>&1 | tail -5 | tee "$OUT/nccl.log"
+fi
+
+if [ "$part" = all ] || [ "$part" = families ]; then
+  # the model families on the card: a VQ-VAE (its step eager: a restart reads the host), its
+  # prior over codes and both bounds; the same under torchrun's NCCL (the codebook's all-reduce);
+  # a conditional VAE with the per-class prior, its samples of one class
+  { timeout 120 python3 -m vaelab train --preset vq-vae --device cuda --epochs 2 --out /tmp/vq \
+      --quiet --no-plots \
+    && timeout 120 python3 -m vaelab train-prior /tmp/vq --epochs 2 --device cuda --quiet \
+    && timeout 60 python3 -m vaelab evaluate /tmp/vq --device cuda; } 2>&1 | tee "$OUT/vq.log"
+  timeout 60 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m vaelab train \
+    --device cuda --preset vq-vae --epochs 1 --out /tmp/vq_nccl --no-plots 2>&1 | tail -3 \
+    | tee -a "$OUT/vq.log"
+  { timeout 90 python3 -m vaelab train --conditional --prior per-class --device cuda --epochs 2 \
+      --out /tmp/cvae --quiet \
+    && python3 -m vaelab sample /tmp/cvae --label 7 -o "$OUT/cvae_sevens.png"; } 2>&1 \
+    | tee "$OUT/cvae.log"
 fi
 
 if [ "$part" = all ] || [ "$part" = burda2 ]; then

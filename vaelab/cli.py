@@ -479,7 +479,8 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     path.parent.mkdir(exist_ok=True)
     samples_figure(model).savefig(path, dpi=100)
     if not options.quiet:
-        print(f"prior over codes after {len(metrics)} epochs: test {metrics[-1]['test_nll']:.2f}"
+        epochs = f"{len(metrics)} epoch{'s' * (len(metrics) != 1)}"
+        print(f"prior over codes after {epochs}: test {metrics[-1]['test_nll']:.2f}"
               f" nats per image; saved in {Path(options.run) / PRIOR}; samples in {path}")
     return 0
 

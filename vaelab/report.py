@@ -24,7 +24,7 @@ from .fileio import atomic_write_bytes, check_output
 from .gap import read_gap
 from .models import VAE
 from .plots import label_colour, label_legend, latent_means
-from .runs import FIGURES, load_config, read_eval, read_metrics
+from .runs import FIGURES, METRICS, PRIOR, load_config, read_eval, read_metrics
 
 PLANE_LIMIT = 4.0      # the explorer's latent plane is [-4, 4]^2, like the manifold figure
 SCATTER_POINTS = 2000  # test images drawn on the plane for orientation
@@ -104,7 +104,9 @@ def evaluation_rows(r: dict) -> list[tuple[str, str]]:
     not know come after them as they are."""
     k, quantity = r.get("k"), r.get("quantity", "log p(x)")
     known = {
-        "nll": (f"test NLL, -{quantity} by importance sampling (K={k})", _nats),
+        "nll": ((f"test NLL, -{quantity} by importance sampling (K={k})"
+                 if r.get("estimate", "importance sampling") == "importance sampling"
+                 else "an upper bound on the test NLL (not an estimate)"), _nats),
         "quantity": ("estimated", lambda v: v + (", y each image's label" if "y" in v else "")),
         "nll_se": ("its Monte-Carlo standard error", _nats),
         "nll_se_images": ("its standard error over the test images", _nats),
@@ -126,6 +128,9 @@ def evaluation_rows(r: dict) -> list[tuple[str, str]]:
         "posterior_mean": ("E_q[z] taken as", str),
         "kl_per_dim": ("KL(q(z_d|x) || p(z_d)) per dimension d = 0, 1, ... (nats)", _listed),
         "kl_per_dim_note": ("KL per dimension", str),
+        "bound": ("the NLL above is the bound under", lambda v: f"the {v} prior"),
+        "reconstruction": ("reconstruction term -log p(x|z_q)", _nats),
+        "estimate": None,
         "seconds": ("time taken", lambda v: f"{v:.0f} s"),
         "device": ("device", str),
         "processes": ("processes", str),
@@ -194,6 +199,15 @@ def _caption(name: str) -> str:
     return f"{name}: {CAPTIONS[name]}" if name in CAPTIONS else name
 
 
+def _prior_html(run_dir: Path) -> str:
+    """The learned prior's epochs (RUN/prior, a VQ-VAE's `vaelab train-prior`), where it has any."""
+    metrics = read_metrics(run_dir / PRIOR) if (run_dir / PRIOR / METRICS).is_file() else []
+    if not metrics:
+        return ""
+    return ("<h3>The learned prior over codes (vaelab train-prior), nats per image of codes</h3>"
+            + _metrics_table(metrics))
+
+
 def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -> str:
     """The report's HTML text. With data, the z_dim=2 plane shows test latents."""
     run_dir = Path(run_dir)
@@ -223,7 +237,7 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
                           "legend": legend_spec(data)})
     return (_PAGE.replace("%TITLE%", html.escape(f"vaelab report: {run_dir.name}"))
             .replace("%CONFIG%", _table(_flatten(config.to_dict())))
-            .replace("%METRICS%", _metrics_table(metrics))
+            .replace("%METRICS%", _metrics_table(metrics) + _prior_html(run_dir))
             .replace("%EVAL%", eval_html)
             .replace("%FIGURES%", figures_html or "<p>No figures: run <code>vaelab plot RUN</code>.</p>")
             .replace("%PAYLOAD%", payload.replace("<", "\\u003c")))  # no "</script>" or "<!--" in the script

@@ -93,8 +93,10 @@ def chosen_rows(parser, text: str, rows) -> list[str]:
     return chosen
 
 
-def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = True) -> Path:
-    """Train (or resume, or leave alone when it has all its epochs) one row's run."""
+def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = True,
+              model: vaelab.VAE | None = None) -> Path:
+    """Train (or resume, or leave alone when it has all its epochs) one row's run; model: a
+    model of your own networks to train (vaelab.train's)."""
     done = len(read_metrics(run_dir)) if (run_dir / CHECKPOINT).is_file() else 0
     if done >= config.epochs:
         return run_dir
@@ -104,7 +106,8 @@ def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = 
     )
     # recorded once the run's folder is one (a fresh run refuses a folder of other files)
     record = EpochFunction(lambda record, training: _record_host(run_dir, "training"))
-    vaelab.train(config, run_dir, progress=not quiet, resume=done > 0, callbacks=[record])
+    vaelab.train(config, run_dir, progress=not quiet, resume=done > 0, callbacks=[record],
+                 model=model)
     return run_dir
 
 
