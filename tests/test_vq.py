@@ -17,9 +17,8 @@ from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, ru
 from digits import classify, digit_classifier, grid_tiles
 from test_distributed import torchrun, vaelab
 from vaelab.config import ModelConfig, RunConfig
-from vaelab.errors import VaelabError
 from vaelab.models import build_model
-from vaelab.vq import DEAD, EPS, CodePrior, Codebook, VQVAE, bound
+from vaelab.vq import DEAD, EPS, CodePrior, Codebook, bound
 
 
 def vq_config(**overrides) -> ModelConfig:

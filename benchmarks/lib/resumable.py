@@ -17,6 +17,7 @@ import torch
 import vaelab
 from vaelab.callbacks import EpochFunction
 from vaelab.config import EvaluateOptions, GapOptions
+from vaelab.diagnostics import compare_runs
 from vaelab.evaluate import evaluate_run
 from vaelab.gap import GAP, gap_run, read_gap
 from vaelab.runs import CHECKPOINT, CONFIG, EVAL, LOG_PX, METRICS, read_eval, read_metrics
@@ -163,3 +164,33 @@ def gap_row(run_dir: Path, images: int, k: int, quiet: bool = True) -> dict:
         _record_host(run_dir, "gap")
         gap_run(GapOptions(run=str(run_dir), images=images, k=k, device="cpu", quiet=quiet))
     return read_gap(run_dir)
+
+
+def row_values(row: str, run_dir: Path, baseline_dir: Path | None) -> dict:
+    """What every row of an evaluated table holds: its NLL and Monte-Carlo error, negative ELBO,
+    epochs, training and evaluation times, thread counts, and "paired", the difference of its
+    NLL against the baseline run's by `vaelab compare` ({"difference", "se"}; None for the
+    baseline itself, baseline_dir None)."""
+    record, metrics = read_eval(run_dir), read_metrics(run_dir)
+    paired = None if baseline_dir is None else compare_runs(run_dir, baseline_dir)
+    return {"row": row, "nll": record["nll"], "nll_se": record["nll_se"],
+            "neg_elbo": record["neg_elbo"], "epochs": len(metrics),
+            "train_seconds": sum(m["seconds"] for m in metrics),
+            "eval_seconds": record.get("seconds"), "threads": threads(run_dir),
+            "paired": None if paired is None else {"difference": paired["difference"],
+                                                   "se": paired["se"]}}
+
+
+def kept_dir(row: str, args) -> Path:
+    """Where a table's finished row keeps its records: beside the table, results/<name>/<row>/
+    (args: the script's, with out and name)."""
+    return args.out / args.name / row
+
+
+def train_evaluate_keep(row: str, config: vaelab.RunConfig, args) -> tuple[Path, dict]:
+    """A table's row trained (or resumed) in args.runs/<row>, evaluated with K = args.k_eval
+    and its records kept (kept_dir): its run folder and its evaluation."""
+    run_dir = train_row(row, config, args.runs / row, args.quiet)
+    record = evaluate_row(run_dir, args.k_eval, args.quiet)
+    keep(run_dir, kept_dir(row, args))
+    return run_dir, record

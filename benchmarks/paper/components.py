@@ -28,12 +28,11 @@ from pathlib import Path
 
 
 import vaelab
-from vaelab.diagnostics import compare_runs
-from vaelab.runs import read_eval, read_metrics
+from vaelab.runs import read_eval
 
 from benchmarks.lib.machine import RESULTS, write_results
-from benchmarks.lib.resumable import (chosen_rows, evaluate_row, finished, keep, machines, threads,
-                                      train_row)
+from benchmarks.lib.resumable import (chosen_rows, finished, kept_dir, machines, row_values,
+                                      train_evaluate_keep, train_row)
 
 # prior-posterior, and -analytic for the closed-form KL (the others take it from the draws)
 ROWS = ("standard-gaussian", "standard-gaussian-analytic", "mog-gaussian", "vamp-gaussian",
@@ -61,18 +60,6 @@ def row_config(row: str, args) -> vaelab.RunConfig:
         seed=args.seed,
         device="cpu",
     )
-
-
-def kept_dir(row: str, args) -> Path:
-    """Where a finished row keeps its records: beside the table, results/components/<row>/."""
-    return args.out / args.name / row
-
-
-def train_and_evaluate(row: str, args) -> tuple[Path, dict]:
-    run_dir = train_row(row, row_config(row, args), args.runs / row, args.quiet)
-    record = evaluate_row(run_dir, args.k_eval, args.quiet)
-    keep(run_dir, kept_dir(row, args))
-    return run_dir, record
 
 
 def main(argv=None) -> int:
@@ -114,7 +101,7 @@ def main(argv=None) -> int:
         return 0
     # Row by row, the table rewritten after each: a run stopped part-way keeps what it finished.
     for row in rows:
-        run_dirs[row], records[row] = train_and_evaluate(row, args)
+        run_dirs[row], records[row] = train_evaluate_keep(row, row_config(row, args), args)
         write_table(rows, run_dirs, records, args)
     return 0
 
@@ -124,26 +111,10 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
     hardware = machines(list(run_dirs.values()))
     results = []
     for row in records:
-        record, metrics = records[row], read_metrics(run_dirs[row])
-        paired = None if row == BASELINE else compare_runs(run_dirs[row], run_dirs[BASELINE])
-        results.append(
-            {
-                "row": row,
-                "nll": record["nll"],
-                "nll_se": record["nll_se"],
-                "neg_elbo": record["neg_elbo"],
-                "iwae": record["iwae"],
-                "epochs": len(metrics),
-                "train_seconds": sum(m["seconds"] for m in metrics),
-                "eval_seconds": record.get("seconds"),
-                "threads": threads(run_dirs[row]),
-                "vs_standard": (
-                    None
-                    if paired is None
-                    else {"difference": paired["difference"], "se": paired["se"]}
-                ),
-            }
-        )
+        record = records[row]
+        values = row_values(row, run_dirs[row], None if row == BASELINE else run_dirs[BASELINE])
+        values["vs_standard"] = values.pop("paired")
+        results.append({**values, "iwae": record["iwae"]})
     lines = [
         (
             f"Machine: {hardware}. `burda1` network and initialisation (Glorot weights, output"

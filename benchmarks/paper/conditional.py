@@ -34,13 +34,12 @@ import sys
 from pathlib import Path
 
 import vaelab
-from vaelab.diagnostics import compare_runs
 from vaelab.plots import class_figure
 from vaelab.runs import read_eval, read_metrics
 
 from benchmarks.lib.machine import RESULTS, write_results
-from benchmarks.lib.resumable import (chosen_rows, evaluate_row, finished, keep, machines, threads,
-                                      train_row)
+from benchmarks.lib.resumable import (chosen_rows, finished, kept_dir, machines, row_values,
+                                      train_evaluate_keep)
 
 ROWS = ("vae", "cvae", "cvae-per-class")
 BASELINE = "vae"
@@ -57,14 +56,8 @@ def row_config(row: str, args) -> vaelab.RunConfig:
                             seed=args.seed, device="cpu")
 
 
-def kept_dir(row: str, args) -> Path:
-    return args.out / args.name / row
-
-
 def train_and_evaluate(row: str, args) -> tuple[Path, dict]:
-    run_dir = train_row(row, row_config(row, args), args.runs / row, args.quiet)
-    record = evaluate_row(run_dir, args.k_eval, args.quiet)
-    keep(run_dir, kept_dir(row, args))
+    run_dir, record = train_evaluate_keep(row, row_config(row, args), args)
     if row != BASELINE:
         figure = class_figure(vaelab.load_run(run_dir))
         figure.savefig(kept_dir(row, args) / "classes.png", dpi=100)
@@ -110,16 +103,11 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
     results = []
     for row in records:
         record, metrics = records[row], read_metrics(run_dirs[row])
-        paired = None if row == BASELINE else compare_runs(run_dirs[row], run_dirs[BASELINE])
-        results.append({
-            "row": row, "quantity": record.get("quantity", "log p(x)"), "nll": record["nll"],
-            "nll_se": record["nll_se"], "neg_elbo": record["neg_elbo"],
-            "kl": metrics[-1]["test_kl"], "active_units": metrics[-1]["active_units"],
-            "epochs": len(metrics), "train_seconds": sum(m["seconds"] for m in metrics),
-            "eval_seconds": record.get("seconds"), "threads": threads(run_dirs[row]),
-            "vs_vae": None if paired is None else {"difference": paired["difference"],
-                                                    "se": paired["se"]},
-        })
+        values = row_values(row, run_dirs[row], None if row == BASELINE else run_dirs[BASELINE])
+        values["vs_vae"] = values.pop("paired")
+        results.append({**values, "quantity": record.get("quantity", "log p(x)"),
+                         "kl": metrics[-1]["test_kl"],
+                         "active_units": metrics[-1]["active_units"]})
     lines = [
         f"Machine: {hardware}. `burda1` network and initialisation (Glorot weights, output bias"
         " at the logit of the training pixels' mean), ELBO with the analytic KL, Adam 1e-3 (eps"
