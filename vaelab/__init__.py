@@ -13,5 +13,6 @@ from .runs import load_run
 from .train import build, fit, train
 
 __all__ = ["RunConfig", "Dataset", "load_data", "DataError", "RunError", "VaelabError", "VAE",
-           "ConditionalVAE", "ModelConfig", "build_model", "preset", "load_run", "build", "fit", "train", "rng"]
+           "ConditionalVAE", "ModelConfig", "build_model", "preset", "load_run", "build", "fit",
+           "train", "rng"]
 __version__ = "0.1.0"

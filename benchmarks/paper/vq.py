@@ -132,6 +132,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
 def write_table(run_dirs: dict, args) -> None:
     hardware = machines(list(run_dirs.values()))
     results = []
@@ -158,9 +162,9 @@ def write_table(run_dirs: dict, args) -> None:
         f"Machine: {hardware}. Dynamically binarized MNIST, all 10,000 test images, nats per"
         f" image. Both models: `--preset vq-vae`'s encoder and decoder (two stride-2 convolutions,"
         f" 32 and 64 channels, to a 7x7 grid of 16 channels, and back), Adam 1e-3, batch 100,"
-        f" {args.epochs} epochs, seed {args.seed}. The VQ-VAE's codes: K = 512 per cell, 49 cells;"
-        f" its learned prior, a causal transformer over the 49 codes, trained {args.prior_epochs}"
-        " epochs by `vaelab train-prior`. Its numbers are upper bounds on -log p(x), exact at each"
+        f" {plural(args.epochs, 'epoch')}, seed {args.seed}. The VQ-VAE's codes: K = 512 per"
+        " cell, 49 cells; its learned prior, a causal transformer over the 49 codes, trained"
+        f" {plural(args.prior_epochs, 'epoch')} by `vaelab train-prior`. Its numbers are upper bounds on -log p(x), exact at each"
         " image's codes; the Gaussian VAE's is importance sampled (K draws per image).",
         "",
         "| model | -log p(x) | how | reconstruction -log p(x\\|z) | training | evaluation |",
