@@ -224,3 +224,18 @@ def test_a_resumed_run_writes_each_epoch_once(tmp_path):
     _train(_config(2), tmp_path / "run", [TensorBoard(board)])
     _train(_config(3), tmp_path / "run", [TensorBoard(board)], resume=True)
     assert [e.step for e in _read(board).Scalars("loss/test")] == [1, 2, 3]
+
+
+def test_a_vq_vaes_codebook_use_is_written_and_it_has_no_samples_before_its_prior(tmp_path):
+    _need_tensorboard()
+    config = ModelConfig(family="vq-vae", architecture="conv", conv_channels=(4,), z_dim=3,
+                         codebook_size=6, image_shape=(1, 8, 8))
+    model, images = build_model(config, seed=0).eval(), _images((1, 8, 8))
+    record = {"epoch": 1, "train_loss": 90.0, "test_loss": 80.0, "test_kl": 28.7,
+              "perplexity": 4.5, "dead_codes": 1, "seconds": 1.0}
+    with Board(tmp_path / "tb") as board:
+        board.write_epoch(1, record, lr=1e-3, model=model, images=images)
+    events = _read(tmp_path / "tb")
+    assert [e.value for e in events.Scalars("perplexity")] == [4.5]
+    assert [e.value for e in events.Scalars("dead_codes")] == [1.0]
+    assert set(events.Tags()["images"]) == {"reconstructions"}
