@@ -173,3 +173,65 @@ def test_the_logistics_starting_scale_has_the_pixels_spread_floored_at_one_grey_
     out = make("logistic").output_bias(torch.full((1, 1, 2), 0.5), torch.tensor([[[0.3, 0.0]]]))
     std = out[1].exp() * math.pi / math.sqrt(3)  # a logistic's standard deviation from its scale
     torch.testing.assert_close(std, torch.tensor([[0.3, 1 / 255]]))
+
+
+# --- the mixture of discretized logistics (PixelCNN++) ------------------------------------------
+
+def _mixture_out(k: int, c: int, seed: int = 0, coupled: bool = True) -> torch.Tensor:
+    likelihood = make("logistic-mixture")
+    likelihood.k = k
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(1, likelihood.out_channels(c), 1, 1, generator=g)
+    if not coupled:
+        out[:, k + 2 * c * k:] = 0
+    return likelihood, out
+
+
+def test_the_mixtures_probabilities_of_a_grey_pixels_256_levels_sum_to_one():
+    likelihood, out = _mixture_out(k=4, c=1)
+    x = (torch.arange(256, dtype=torch.float32) / 255).view(256, 1, 1, 1)
+    total = torch.logsumexp(likelihood.log_prob(out, x), 0)
+    assert abs(total.item()) < 1e-5
+
+
+def test_the_mixtures_probabilities_of_an_rgb_pixels_256_cubed_colours_sum_to_one():
+    likelihood, out = _mixture_out(k=2, c=3, seed=1)
+    levels = torch.arange(256, dtype=torch.float32) / 255
+    gb = torch.cartesian_prod(levels, levels)                           # (65536, 2)
+    totals = []
+    for r in levels:  # one red level at a time: 65,536 colours
+        x = torch.cat([r.expand(len(gb), 1), gb], 1).view(-1, 3, 1, 1)
+        totals.append(torch.logsumexp(likelihood.log_prob(out, x).double(), 0))
+    assert abs(torch.logsumexp(torch.stack(totals), 0).item()) < 1e-4
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_one_component_without_coupling_is_the_discretized_logistic(c):
+    likelihood, out = _mixture_out(k=1, c=c, seed=2, coupled=False)
+    out = out.expand(5, -1, 4, 4).contiguous()
+    x = torch.randint(0, 256, (5, c, 4, 4)).float() / 255
+    single = make("logistic").log_prob(out[:, 1:1 + 2 * c], x)
+    torch.testing.assert_close(likelihood.log_prob(out, x), single)
+
+
+def test_the_mixtures_mean_is_its_weighted_component_means_with_the_coupling():
+    likelihood, out = _mixture_out(k=3, c=3, seed=3)
+    log_pi, m, _, a = likelihood._split(out, 3)
+    pi, mu = log_pi.exp()[0, :, 0, 0], torch.sigmoid(m)[0, :, :, 0, 0]   # (K,), (C, K)
+    a = a[0, :, :, 0, 0]                                                 # (pairs, K)
+    red = mu[0]
+    green = mu[1] + a[0] * red
+    blue = mu[2] + a[1] * red + a[2] * green
+    expected = torch.stack([(pi * v).sum() for v in (red, green, blue)]).clamp(0, 1)
+    torch.testing.assert_close(likelihood.mean(out)[0, :, 0, 0], expected)
+
+
+@pytest.mark.parametrize("preset", ["tutorial", "conv"])
+def test_a_logistic_mixture_model_trains_evaluates_in_bits_samples_and_reports(tmp_path, preset):
+    from conftest import train_evaluate_sample_report
+
+    extra = ["--conv-channels", "4,8"] if preset == "conv" else []
+    run, r = train_evaluate_sample_report(tmp_path, "--preset", preset, "--likelihood",
+                                          "logistic-mixture", "--mixture-components", 3, *extra)
+    assert r["bits_per_dim"] == pytest.approx(r["nll"] / (64 * math.log(2)))
+    assert "logistic" in (run / "report.html").read_text()

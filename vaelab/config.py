@@ -289,10 +289,14 @@ class ModelConfig(Options):
         "bernoulli",
         "observation model: bernoulli on binarized pixels, gaussian on grey levels with fixed"
         " standard deviation --sigma, gaussian-learned with a standard deviation per pixel from the"
-        " decoder (on dequantized grey levels), or logistic: a discretized logistic over the 256"
-        " grey levels",
+        " decoder (on dequantized grey levels), logistic: a discretized logistic over the 256"
+        " grey levels, or logistic-mixture: a mixture of --mixture-components of them per pixel,"
+        " the colours of RGB images coupled within a pixel (PixelCNN++)",
         choices=likelihoods.LIKELIHOODS,
     )
+    # 10: PixelCNN++'s (Salimans et al. 2017) mixture size.
+    mixture_components: int = option(
+        10, "logistics per pixel of --likelihood logistic-mixture", rule=POSITIVE, metavar="K")
     # x ~ N(sigmoid(out), sigma^2 I) on grey levels in [0, 1]; fixed, not learned.
     sigma: float = option(
         0.1, "standard deviation of the gaussian likelihood", rule=POSITIVE_NUMBER

@@ -4,7 +4,8 @@ Each likelihood knows
 - `observe(images, keys)`: stored uint8 images -> what the model sees (float32);
 - `log_prob(out, x)`: log p(x|z) in nats per image, from the decoder's output;
 - `mean(out)`: E[x|z] in [0, 1], for figures;
-- `channels`: decoder output channels per image channel.
+- `out_channels(c)`: the decoder's output channels for images of c channels (`channels` per
+  image channel, for most).
 
 Shapes: images (N, C, H, W) uint8; x (N, C, H, W) float32; decoder output
 (..., N, C * channels, H, W); log_prob (..., N).
@@ -74,6 +75,9 @@ class Likelihood:
     # under what the caller set and over the preset), for images where `recommends` holds.
     recommended: dict = {}
     recommended_where: str = ""  # when `recommends` depends on the images: for --help
+    # whether mean(out) is the sigmoid of out's first C channels (what the report's in-browser
+    # decoder shows)
+    sigmoid_mean: bool = True
 
     @classmethod
     def recommends(cls, image_shape: tuple[int, int, int]) -> bool:
@@ -85,6 +89,16 @@ class Likelihood:
         """This likelihood for a model's options (those it reads it checks; the others are
         ignored): what `make` builds."""
         return cls()
+
+    @classmethod
+    def from_config(cls, config) -> "Likelihood":
+        """This likelihood as a model config (a ModelConfig, read by field) asks for it: what
+        `for_model` builds. By default from_options(config.sigma)."""
+        return cls.from_options(config.sigma)
+
+    def out_channels(self, c: int) -> int:
+        """The decoder's output channels for images of c channels."""
+        return c * self.channels
 
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -255,24 +269,8 @@ class DiscretizedLogistic(Likelihood):
 
     def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
         c = x.shape[-3]
-        mean = torch.sigmoid(out[..., :c, :, :])
         log_s = out[..., c:, :, :].clamp(min=self.MIN_LOG_SCALE)
-        inv_s = torch.exp(-log_s)
-        centred = x - mean
-        upper, lower = (centred + 0.5 / 255) * inv_s, (centred - 0.5 / 255) * inv_s
-        # log of the mass below each edge, and above it: log(1 - sigmoid(v)) = log sigmoid(v) - v
-        below_upper, below_lower = F.logsigmoid(upper), F.logsigmoid(lower)
-        above_upper, above_lower = below_upper - upper, below_lower - lower
-        # log(1 - e^d) for d <= 0; float32 cannot tell 1 - e^d from 0 beyond 1e-7
-        log1mexp = lambda d: torch.log1p(-torch.exp(d).clamp(max=1 - 1e-7))
-        # A bin's mass, from whichever side of the mean it lies on: the difference of two
-        # tail masses, each far from 1, stays exact where that of two CDF values would not.
-        below = below_upper + log1mexp(below_lower - below_upper)
-        above = above_lower + log1mexp(above_upper - above_lower)
-        inside = torch.where(centred > 0, above, below)
-        top = torch.where(x > 1 - 0.5 / 255, above_lower, inside)
-        log_p = torch.where(x < 0.5 / 255, below_upper, top)
-        return log_p.flatten(-3).sum(-1)
+        return logistic_bins(x, torch.sigmoid(out[..., :c, :, :]), log_s).flatten(-3).sum(-1)
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out[..., :out.shape[-3] // 2, :, :])
@@ -282,6 +280,125 @@ class DiscretizedLogistic(Likelihood):
         standard deviation (s = std * sqrt(3) / pi)."""
         scale = std.clamp(min=MIN_START_STD) * (math.sqrt(3) / math.pi)
         return torch.cat([_logit(mean), scale.log()])
+
+
+def logistic_bins(x: torch.Tensor, mean: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """log P(level k) of a logistic (mean, scale e^log_s) discretized into the 256 grey levels,
+    elementwise at x = k / 255 (broadcast): level k has the mass over [k - 1/2, k + 1/2] / 255,
+    levels 0 and 255 the tails beyond."""
+    inv_s = torch.exp(-log_s)
+    centred = x - mean
+    upper, lower = (centred + 0.5 / 255) * inv_s, (centred - 0.5 / 255) * inv_s
+    # log of the mass below each edge, and above it: log(1 - sigmoid(v)) = log sigmoid(v) - v
+    below_upper, below_lower = F.logsigmoid(upper), F.logsigmoid(lower)
+    above_upper, above_lower = below_upper - upper, below_lower - lower
+    # log(1 - e^d) for d <= 0; float32 cannot tell 1 - e^d from 0 beyond 1e-7
+    log1mexp = lambda d: torch.log1p(-torch.exp(d).clamp(max=1 - 1e-7))  # noqa: E731
+    # A bin's mass, from whichever side of the mean it lies on: the difference of two tail
+    # masses, each far from 1, stays exact where that of two CDF values would not.
+    below = below_upper + log1mexp(below_lower - below_upper)
+    above = above_lower + log1mexp(above_upper - above_lower)
+    inside = torch.where(centred > 0, above, below)
+    top = torch.where(x > 1 - 0.5 / 255, above_lower, inside)
+    return torch.where(x < 0.5 / 255, below_upper, top)
+
+
+@LIKELIHOODS.register("logistic-mixture")
+class LogisticMixture(Likelihood):
+    """A mixture of K discretized logistics per pixel (PixelCNN++, Salimans et al. 2017): the
+    components are shared by a pixel's channels, and within a component each colour channel's
+    mean moves with the channels before it (red, then green, then blue), so that a pixel's
+    colours are modelled jointly:
+
+        p(x_pixel) = sum_k pi_k prod_c Logistic_255(x_c; mu_ck + sum_{c' < c} a_{c'c,k} x_c', s_ck)
+
+    with mu_ck = sigmoid(m_ck) in [0, 1] and a = tanh of the decoder's raw coefficients, each bin
+    as in `logistic_bins`. With K = 1 and the coefficients at 0 it is the discretized logistic.
+
+    Decoder output (..., N, K (1 + 2C + C(C-1)/2), H, W): the K mixture logits, then the C x K
+    mean logits m (channel-major), the C x K log-scales, and the K coefficients of each pair
+    (c' < c) in the order (0, 1), (0, 2), (1, 2): 3K for grey images, 10K for RGB.
+    """
+
+    name = "logistic-mixture"
+    recommended = ADAM
+    discrete = True
+    sigmoid_mean = False
+    MIN_LOG_SCALE = DiscretizedLogistic.MIN_LOG_SCALE
+
+    def __init__(self, k: int = 10):
+        if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1):
+            raise VaelabError(f"--mixture-components must be a positive integer, got {k!r}")
+        self.k = int(k)
+        self.temporaries = 8 * self.k  # the (..., C, K, H, W) terms log_prob makes
+
+    @classmethod
+    def from_config(cls, config) -> "LogisticMixture":
+        return cls(config.mixture_components)
+
+    def out_channels(self, c: int) -> int:
+        return self.k * (1 + 2 * c + c * (c - 1) // 2)
+
+    def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        return images.to(torch.float32).div_(255.0)
+
+    def _split(self, out: torch.Tensor, c: int) -> tuple[torch.Tensor, ...]:
+        """out (..., O, H, W) -> log pi (..., K, H, W), mean logits and log-scales
+        (..., C, K, H, W), coefficients (..., C(C-1)/2, K, H, W)."""
+        k, lead, hw = self.k, out.shape[:-3], out.shape[-2:]
+        logits = out[..., :k, :, :]
+        m = out[..., k:k + c * k, :, :].reshape(*lead, c, k, *hw)
+        log_s = out[..., k + c * k:k + 2 * c * k, :, :].reshape(*lead, c, k, *hw)
+        a = out[..., k + 2 * c * k:, :, :].reshape(*lead, c * (c - 1) // 2, k, *hw)
+        return logits.log_softmax(-3), m, log_s.clamp(min=self.MIN_LOG_SCALE), torch.tanh(a)
+
+    def _means(self, m: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Each channel's component means (..., C, K, H, W), moved by the channels before it:
+        x (..., C, 1, H, W), the observed values (or their expectations, for `mean`)."""
+        means = [torch.sigmoid(m[..., 0, :, :, :])]
+        pair = 0
+        for c in range(1, m.shape[-4]):
+            mean = torch.sigmoid(m[..., c, :, :, :])
+            for before in range(c):
+                mean = mean + a[..., pair, :, :, :] * x[..., before, :, :, :]
+                pair += 1
+            means.append(mean)
+        return torch.stack(torch.broadcast_tensors(*means), -4)
+
+    def log_prob(self, out: torch.Tensor, x: torch.Tensor, workspace=None) -> torch.Tensor:
+        c = x.shape[-3]
+        log_pi, m, log_s, a = self._split(out, c)
+        xs = x.unsqueeze(-3)                                        # (..., N, C, 1, H, W)
+        log_p = logistic_bins(xs, self._means(m, a, xs), log_s)     # (..., N, C, K, H, W)
+        return torch.logsumexp(log_pi + log_p.sum(-4), -3).flatten(-2).sum(-1)
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """E[x|z] of the continuous mixture (each component's coupled means at the channels'
+        expectations before it), clamped to [0, 1]."""
+        # out_channels inverted: O / K = 1 + 2C + C(C - 1) / 2
+        c = round((math.sqrt(1 + 8 * out.shape[-3] / self.k) - 3) / 2)
+        log_pi, m, _, a = self._split(out, c)
+        expected = []
+        for channel in range(c):  # each channel's component means, at the earlier ones' means
+            known = torch.stack(expected + [torch.zeros_like(m[..., 0, :, :, :])] * (c - channel),
+                                -4)
+            expected.append(self._means(m, a, known)[..., channel, :, :, :])
+        means = torch.stack(expected, -4)                           # (..., C, K, H, W)
+        return (log_pi.exp().unsqueeze(-4) * means).sum(-3).clamp(0, 1)
+
+    def output_bias(self, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Equal weights; every component at the logit of the mean with the log-scale of the
+        grey levels' spread (as the single logistic); no coupling."""
+        c, k = mean.shape[0], self.k
+        scale = (std.clamp(min=MIN_START_STD) * (math.sqrt(3) / math.pi)).log()
+        return torch.cat([torch.zeros(k, *mean.shape[1:]), _logit(mean).repeat_interleave(k, 0),
+                          scale.repeat_interleave(k, 0),
+                          torch.zeros(k * c * (c - 1) // 2, *mean.shape[1:])])
+
+
+def for_model(config) -> Likelihood:
+    """The likelihood a model config (a ModelConfig) names, with its options."""
+    return LIKELIHOODS[config.likelihood].from_config(config)
 
 
 def recommended(name: str, image_shape: tuple[int, int, int]) -> dict:

@@ -207,9 +207,9 @@ class VAE(Model):
                               " conditional: build it with models.model_class(config)")
         config.validate()
         self.config = config
-        self.likelihood = likelihoods.make(config.likelihood, config.sigma)
+        self.likelihood = likelihoods.for_model(config)
         c, h, w = config.image_shape
-        self.out_shape = (c * self.likelihood.channels, h, w)
+        self.out_shape = (self.likelihood.out_channels(c), h, w)
         features = _dry_run(encoder, torch.zeros(1, *config.image_shape), "encoder", self._dry_y())
         if features.dim() != 2:
             raise VaelabError(
@@ -269,8 +269,8 @@ class VAE(Model):
         )
         if problem:
             raise VaelabError(problem)
-        channels = likelihoods.make(config.likelihood, config.sigma).channels
         c, h, w = config.image_shape
+        out_channels = likelihoods.for_model(config).out_channels(c)
         labels = len(config.classes) if cls.conditional else 0  # one-hot columns beside inputs
         if cls.conditional and not labels:
             raise VaelabError("a conditional model needs its classes (config.classes, known from "
@@ -292,11 +292,11 @@ class VAE(Model):
                 config.conv_channels,
                 config.decoder_hidden,
                 config.activation,
-                c * channels,
+                out_channels,
                 labels,
             )
         else:
-            decoder = MLP([config.z_dim, *config.decoder_hidden, c * channels * h * w],
+            decoder = MLP([config.z_dim, *config.decoder_hidden, out_channels * h * w],
                           config.activation, labels=labels)
         return cls(encoder, decoder, config, head=head)
 
@@ -459,7 +459,9 @@ class VAE(Model):
         return self.config.kl == "analytic" and self._closed_form is not None
 
     def decoder_layers(self) -> dict | None:
-        return None if self.conditional else nets.decoder_layers(self.decoder)
+        if self.conditional or not self.likelihood.sigmoid_mean:
+            return None
+        return nets.decoder_layers(self.decoder)
 
     def networks(self) -> list[nn.Module]:
         # a hierarchy's layers too: Burda et al.'s recipe draws them as the networks

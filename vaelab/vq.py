@@ -196,9 +196,9 @@ class VQVAE(Model):
         if problem:
             raise VaelabError(problem)
         self.config = config
-        self.likelihood = likelihoods.make(config.likelihood, config.sigma)
+        self.likelihood = likelihoods.for_model(config)
         c, h, w = config.image_shape
-        self.out_shape = (c * self.likelihood.channels, h, w)
+        self.out_shape = (self.likelihood.out_channels(c), h, w)
         scale = 2 ** len(config.conv_channels)
         self.grid = (h // scale, w // scale)
         self.encoder = GridEncoder(config.image_shape, config.conv_channels, config.z_dim,
