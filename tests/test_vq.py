@@ -207,6 +207,12 @@ def test_two_processes_keep_one_processs_codebook(tmp_path):
     for name in ("embedding", "cluster_size", "embed_sum", "updates"):
         key = f"codebook.{name}"
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    # the bound, shared among two processes, is one process's
+    assert vaelab("evaluate", tmp_path / "one", "--quiet").returncode == 0
+    alone = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert torchrun("evaluate", tmp_path / "one", "--quiet").returncode == 0
+    shared = json.loads((tmp_path / "one" / "eval.json").read_text())
+    assert shared["nll"] == pytest.approx(alone["nll"], rel=1e-9)
 
 
 @pytest.mark.slow
