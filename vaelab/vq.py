@@ -312,9 +312,10 @@ class VQVAE(Model):
         z_e = self._grid(self.posterior_params(x)[0] if posterior is None else posterior[0])
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, self.config.z_dim)
         index = self.codebook.nearest(flat.detach())
+        # the codes as they were chosen, before this batch moves them (as in Sonnet)
+        z_q = self.codebook.embedding[index].view(len(x), *self.grid, -1).permute(0, 3, 1, 2)
         if self.training:
             self.codebook.update(flat.detach(), index)
-        z_q = self.codebook.embedding[index].view(len(x), *self.grid, -1).permute(0, 3, 1, 2)
         commitment = self.config.commitment * (z_e - z_q).square().sum((1, 2, 3))
         z = z_e + (z_q - z_e).detach()  # straight through: z_q forward, the identity backward
         log_px_z = self.likelihood.log_prob(self.decoder(z), x, workspace)[None]
