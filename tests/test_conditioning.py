@@ -133,6 +133,10 @@ def test_figures_give_a_conditional_model_its_labels(data):
     assert torch.equal(model.decoder.seen[-1], data.test_labels[:3])
     sample_images(model, n=4)
     assert torch.equal(model.decoder.seen[-1], torch.arange(4))
+    from vaelab.tensorboard import reconstruction_grid
+
+    reconstruction_grid(model, data.test_images[:3], labels=data.test_labels[:3])
+    assert torch.equal(model.decoder.seen[-1], data.test_labels[:3])
 
 
 def test_a_conditional_model_without_labels_is_refused(data):

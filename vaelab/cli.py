@@ -351,8 +351,9 @@ def bound_text(r: dict) -> str:
     lines = [f"upper bounds on the test NLL, -log p(x|z_q) - log p(z_q) at each image's codes"
              f" (a bound, not an importance-sampled estimate; {r['test_images']} images):"]
     for name, value in r["bounds"].items():
-        lines.append(f"  with {names[name]}: {value['nats']:.3f} nats per image"
-                     f" ({value['bits_per_dim']:.4f} bits per dimension)")
+        bits = (f" ({value['bits_per_dim']:.4f} bits per dimension)"
+                if "bits_per_dim" in value else "")
+        lines.append(f"  with {names[name]}: {value['nats']:.3f} nats per image{bits}")
     if "learned" not in r["bounds"]:
         lines.append("  with a learned prior: run `vaelab train-prior RUN`, then evaluate again")
     lines.append(f"reconstruction term -log p(x|z_q): {r['reconstruction']:.3f} nats per image")

@@ -90,6 +90,12 @@ class Model(nn.Module):
         """Whether sample_prior can draw (a VQ-VAE's needs its learned prior)."""
         return True
 
+    @property
+    def plane(self) -> bool:
+        """Whether its decoder reads a 2-D code, which the manifold and latent-plane figures
+        and the report's explorer draw."""
+        return False
+
     def second_stage(self) -> nn.Module | None:
         """A fresh module of what is trained after the run, from its codes (a VQ-VAE's prior
         over them), which load_run fills from RUN/prior; None for a model without one."""
@@ -151,9 +157,11 @@ class Model(nn.Module):
         if labels is None:
             raise VaelabError(f"this model is conditional and {what} have no labels: give them"
                               " labels (or --label)")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.config.classes)):
-            raise VaelabError(f"{what} have the label {int(labels.max())}, but the model knows"
-                              f" {len(self.config.classes)} classes")
+        bad = labels[(labels < 0) | (labels >= len(self.config.classes))]
+        if len(bad):
+            raise VaelabError(f"{what} have the label {int(bad[0])}, but the model knows"
+                              f" {len(self.config.classes)} classes, 0 to"
+                              f" {len(self.config.classes) - 1}")
         return labels
 
 
@@ -458,6 +466,10 @@ class VAE(Model):
         (posterior, prior) has one)."""
         return self.config.kl == "analytic" and self._closed_form is not None
 
+    @property
+    def plane(self) -> bool:
+        return self.config.z_dim == 2
+
     def decoder_layers(self) -> dict | None:
         if self.conditional or not self.likelihood.sigmoid_mean:
             return None
@@ -491,7 +503,7 @@ class VAE(Model):
 
 class ConditionalVAE(VAE):
     """A conditional VAE (Sohn et al. 2015): q(z|x, y), p(x|z, y) and p(z) or p(z|y) (--prior
-    class), for y an image's label (N,) int64 below len(config.classes).
+    per-class), for y an image's label (N,) int64 below len(config.classes).
 
     vaelab's networks read y as one-hot columns beside their first dense layer's input (nets);
     your own `ConditionalVAE(encoder, decoder, z_dim=..., classes=...)` networks are called as

@@ -306,8 +306,8 @@ CLASS_ROWS = 20  # the classes it shows at most
 def class_samples(model: VAE, samples: int = CLASS_SAMPLES, seed: int = 0,
                   classes: int = CLASS_ROWS) -> np.ndarray:
     """A conditional model's samples by class: (K, samples, H, W[, 3]) decoder means for z ~
-    p(z|y) (or p(z)) under each of its first K = min(classes, its classes) labels; the draws of
-    z are the same for every class where the prior ignores y, so a column shows one z."""
+    p(z|y) (or p(z)) under each of its first K = min(classes, its classes) labels, each image
+    its own draw of z."""
     k = min(classes, len(model.config.classes))
     y = torch.arange(k).repeat_interleave(samples)
     images = sample_images(model, k * samples, seed, y) if k else np.zeros((0,))
@@ -464,7 +464,7 @@ def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[d
         figures["classes.png"] = lambda: class_figure(model)
     if len(data.test_images) >= 2:  # a pair to join
         figures["interpolation.png"] = lambda: interpolation_figure(model, data)
-    if model.config.z_dim == 2:
+    if model.plane:
         figures["manifold.png"] = lambda: manifold_figure(model)
         figures["latent.png"] = lambda: latent_figure(model, data)
     elif len(data.test_images) >= TSNE_MIN_IMAGES:

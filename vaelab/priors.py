@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .densities import LOG_2PI, log_normal, log_standard_normal
+from .errors import VaelabError
 from .registry import Registry
 
 PRIORS = Registry("prior")
@@ -217,7 +218,8 @@ class ClassGaussian(Prior):
     @classmethod
     def from_config(cls, z_dim: int, config) -> "ClassGaussian":
         if not config.classes:
-            raise ValueError("the class prior needs the model's classes (known from the data)")
+            raise VaelabError("the per-class prior needs the model's classes (config.classes,"
+                              " known from the data)")
         return cls(z_dim, len(config.classes))
 
     @classmethod

@@ -217,7 +217,7 @@ def build_report(run_dir: str | Path, model: VAE, data: Dataset | None = None) -
     figures = sorted((run_dir / FIGURES).glob("*.png")) if (run_dir / FIGURES).is_dir() else []
 
     points = []
-    if data is not None and model.config.z_dim == 2:
+    if data is not None and model.plane:
         mu = latent_means(model, data, SCATTER_POINTS)
         labels = [-1] * len(mu) if data.test_labels is None else data.test_labels[:len(mu)].tolist()
         points = [[round(float(a), 3), round(float(b), 3), int(c)] for (a, b), c in zip(mu, labels)]

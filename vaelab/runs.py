@@ -47,8 +47,8 @@ LOG_PX = "log_px.npy"
 BATCH_LOSSES = "batch_losses.npy"
 FIGURES = "figures"
 RUN_FILES = (CONFIG, WEIGHTS, CHECKPOINT, METRICS)
-PROBE = ".vaelab-write-test"
-PRIOR = "prior"  # RUN/prior: a run of its own (weights, checkpoint, metrics) of a second stage  # check_writable's file, there only for an instant
+PROBE = ".vaelab-write-test"  # check_writable's file, there only for an instant
+PRIOR = "prior"  # RUN/prior: a run of its own (weights, checkpoint, metrics) of a second stage
 
 
 def check_writable(path: Path, hint: str) -> None:
@@ -141,7 +141,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
                                           config.model)
     load_weights(Path(run_dir), model)
     stage = model.second_stage()
-    if stage is not None and (Path(run_dir) / PRIOR / WEIGHTS).is_file():
+    if stage is not None and stage_is_current(run_dir):
         load_weights(Path(run_dir) / PRIOR, stage)
         model.attach(stage)
     device = distributed.pick_device(device) if device == "auto" else torch.device(device)
@@ -149,6 +149,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
         raise VaelabError(f"device {str(device)!r} was asked for but no CUDA GPU is available; use "
                           "device 'cpu'")
     return model.to(device).eval()
+
+
+def stage_is_current(run_dir: str | Path) -> bool:
+    """Whether RUN/prior holds a second stage trained on the run as it is now: on the codes of
+    its last finished epoch (a resumed run's codes move, and an older prior no longer fits)."""
+    metrics = read_metrics(Path(run_dir) / PRIOR) if (Path(run_dir) / PRIOR / WEIGHTS).is_file() \
+        else []
+    return bool(metrics) and metrics[-1].get("run_epochs") == len(read_metrics(run_dir))
 
 
 def _own_networks(run_dir: str | Path, advice: str) -> RunError:

@@ -69,7 +69,7 @@ class Board:
             raise VaelabError(f"cannot write {self.log_dir} ({e.strerror or e})") from None
 
     def write_epoch(self, epoch: int, record: dict, *, lr: float, model: VAE, images: torch.Tensor,
-                    seed: int = 0) -> None:
+                    seed: int = 0, labels: torch.Tensor | None = None) -> None:
         """Write epoch's scalars and images at step=epoch, then flush them to disk.
 
         record: the epoch's metrics record (train.fit's): each number in it but the epoch and the
@@ -77,7 +77,8 @@ class Board:
         model: the VAE itself (not a DDP or compiled wrapper), in eval mode.
         images: (N, C, H, W) uint8 test images, as stored; the first RECONSTRUCTIONS are shown.
         seed: the same seed draws the same binarized pixels and the same z every epoch, so the
-        images change only as the model does.
+        images change only as the model does. labels: the images' labels, for a conditional
+        model.
         """
         for key, value in record.items():
             if key in NOT_SCALARS or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -85,7 +86,8 @@ class Board:
             self.writer.add_scalar(TAGS.get(key, key), float(value), global_step=epoch)
         self.writer.add_scalar("lr", float(lr), global_step=epoch)
         if len(images):  # a data set without test images has nothing to reconstruct
-            grid = reconstruction_grid(model, images[:RECONSTRUCTIONS], seed)
+            first = None if labels is None else labels[:RECONSTRUCTIONS]
+            grid = reconstruction_grid(model, images[:RECONSTRUCTIONS], seed, first)
             self._add_image("reconstructions", grid, epoch)
         if model.can_sample:  # (perplexity and dead_codes: a VQ-VAE's codebook, as scalars)
             samples = sample_images(model, SAMPLES, seed)
@@ -131,7 +133,8 @@ class TensorBoard(Callback):
         leaves it after the epoch's test (eval mode)."""
         config, epoch = training.config, record["epoch"]
         self.board.write_epoch(epoch, record, lr=config.lr_at(epoch), model=training.model,
-                               images=training.test_set.images, seed=config.eval_seed)
+                               images=training.test_set.images, seed=config.eval_seed,
+                               labels=training.test_set.labels)
 
     def on_fit_end(self, result) -> None:
         if self.board is not None:
@@ -139,7 +142,8 @@ class TensorBoard(Callback):
             self.board = None
 
 
-def reconstruction_grid(model: VAE, images: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """images: (N, C, H, W) uint8 -> one picture, the data row above the reconstructions row:
-    (2 (H + 2) + 2, N (W + 2) + 2[, 3]) in [0, 1]."""
-    return image_grid(reconstruction_images(model, images, seed), nrow=len(images))
+def reconstruction_grid(model: VAE, images: torch.Tensor, seed: int = 0,
+                        labels: torch.Tensor | None = None) -> np.ndarray:
+    """images: (N, C, H, W) uint8 [, labels (N,): a conditional model's] -> one picture, the
+    data row above the reconstructions row: (2 (H + 2) + 2, N (W + 2) + 2[, 3]) in [0, 1]."""
+    return image_grid(reconstruction_images(model, images, seed, labels), nrow=len(images))

@@ -360,7 +360,8 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         stop = any([bool(c.on_epoch_end(dict(record), training)) for c in callbacks])
         epochs.update()
         show.write(training.objective.epoch_line(record), progress)
-        now = record.get("active_units") == 0 or record["test_kl"] < COLLAPSED_KL
+        now = model.has_active_units and (record["active_units"] == 0
+                                          or record["test_kl"] < COLLAPSED_KL)
         if now and not collapsed:
             show.write(collapse_warning(record), progress, file=sys.stderr)
         collapsed = now

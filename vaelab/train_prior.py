@@ -4,6 +4,9 @@ a run of its own: weights, checkpoint (resumed exactly: every draw is keyed by s
 and metrics.jsonl.
 
 It trains on the images the run trained on (its --train-size) and tests on its test set. Each
+epoch's record names the run's epoch whose codes it learned (`run_epochs`): once the run trains
+on (`vaelab train --resume`), its codes move, load_run no longer attaches the old prior, and
+train-prior starts a new one. Each
 epoch encodes the training images afresh, observed with keys (seed, "prior", epoch), so
 that the prior sees the codes of dynamically binarized images as the VQ-VAE did; the test value
 is -log p(codes) of the test images as evaluation observes them, nats per image.
@@ -23,8 +26,8 @@ from .config import EVAL_SEED, TrainPriorOptions
 from .distributed import SINGLE, World
 from .errors import VaelabError
 from .models import Model
-from .runs import (CHECKPOINT, PRIOR, load_config, read_checkpoint, restore_checkpoint,
-                   save_checkpoint)
+from .runs import (CHECKPOINT, PRIOR, load_config, read_checkpoint, read_metrics,
+                   restore_checkpoint, save_checkpoint)
 from .start import open_run
 
 ENCODE_ROWS = 1000  # images encoded at a time
@@ -53,11 +56,26 @@ def train_prior(options: TrainPriorOptions, world: World = SINGLE) -> list[dict]
     with torch.random.fork_rng(devices=[]):  # its weights keyed by the seed
         torch.manual_seed(options.seed)
         prior = model.second_stage()
+    # (a prior trained on the codes of an earlier epoch of the run starts afresh: see below)
+    if len(data.train_images) < options.batch_size:
+        raise VaelabError(f"--batch-size {options.batch_size} is larger than the"
+                          f" {len(data.train_images)} training images")
     optimizer = torch.optim.Adam(prior.parameters(), lr=options.lr)
     metrics: list[dict] = []
+    run_epochs = len(read_metrics(options.run))
     if (directory / CHECKPOINT).is_file():
         metrics = restore_checkpoint(read_checkpoint(directory), directory, prior, optimizer,
                                      "adam")
+        if metrics and metrics[-1].get("run_epochs") != run_epochs:  # the run trained on since
+            show.write(f"vaelab: {directory} was trained on the codes of epoch"
+                       f" {metrics[-1].get('run_epochs')}, the run is at epoch {run_epochs}:"
+                       " training a new prior", not options.quiet and world.main,
+                       file=sys.stderr)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(options.seed)
+                prior = model.second_stage()
+            optimizer = torch.optim.Adam(prior.parameters(), lr=options.lr)
+            metrics = []
     device = model.device
     index = torch.arange(len(data.test_images), device=device)
     test_codes = image_codes(model, data.test_images, rng.image_keys(EVAL_SEED, "observe", index))
@@ -84,8 +102,8 @@ def train_prior(options: TrainPriorOptions, world: World = SINGLE) -> list[dict]
         if not math.isfinite(test):
             raise VaelabError(f"the prior's test loss became {test} in epoch {epoch}; try a lower"
                               " --lr")
-        metrics.append({"epoch": epoch, "train_nll": total / max(steps, 1), "test_nll": test,
-                        "seconds": time.perf_counter() - start})
+        metrics.append({"epoch": epoch, "train_nll": total / steps, "test_nll": test,
+                        "run_epochs": run_epochs, "seconds": time.perf_counter() - start})
         if world.main:
             directory.mkdir(exist_ok=True)
             save_checkpoint(directory, prior, optimizer, metrics)

@@ -105,7 +105,7 @@ class Codebook(nn.Module):
             chosen = torch.randint(0, len(flat) * size, (self.k,), generator=generator,
                                    device=flat.device)
             mine = chosen // len(flat) == rank
-            candidates = flat[chosen % len(flat)] * mine[:, None]
+            candidates = torch.where(mine[:, None], flat[chosen % len(flat)], 0.0)
             if size > 1:
                 dist.all_reduce(candidates)
             self.embed_sum[dead] = candidates[dead]
@@ -228,6 +228,8 @@ class VQVAE(Model):
             (config.samples != 1, "--samples 1: its codes are not drawn"),
             (config.weighted, "no --beta, --kl-warmup or --free-bits: its KL, log K per code, is"
              " a constant"),
+            (config.skip_threshold is not None, "no --skip-threshold: a skipped update could not"
+             " put back the codebook's moving averages, which the step has moved already"),
         ]
         for wrong, needs in refused:
             if wrong:
@@ -366,9 +368,10 @@ def bound(model: VQVAE, images: torch.Tensor, *, seed: int = EVAL_SEED, batch_si
     image's code grid z_q (image i observed with the keys (seed, i), as evaluation observes it),
     under the uniform prior (log K per code) and, where the run has one, the learned prior.
 
-    Returns eval.json's record: "nll" the tighter bound (nats per image), "bounds" both (nats
-    and bits per dimension), "log_px" (N,) each image's lower bound on log p(x) (float64), and
-    what fixes them. Under torchrun the ranks share the images and gather every value."""
+    Returns eval.json's record: "nll" the tighter bound (nats per image; "bound" names its
+    prior), "bounds" both (nats, and bits per dimension for a discrete likelihood), "log_px"
+    (N,) each image's lower bound on log p(x) under that prior (float64), and what fixes
+    them. Under torchrun the ranks share the images and gather every value."""
     from . import distributed
     from .diagnostics import fingerprint
     from .sampling import bits_per_dim
@@ -391,19 +394,18 @@ def bound(model: VQVAE, images: torch.Tensor, *, seed: int = EVAL_SEED, batch_si
     log_px_z = distributed.all_sum(log_px_z, world)
     uniform = model.cells * math.log(model.config.codebook_size)
     shape = model.config.image_shape
-    bounds = {"uniform": -log_px_z.mean().item() + uniform}
-    per_image = log_px_z - uniform
+    per_image = {"uniform": log_px_z - uniform}  # lower bounds on log p(x)
     if model.code_prior is not None:
-        log_prior = distributed.all_sum(log_prior, world)
-        bounds["learned"] = -(log_px_z + log_prior).mean().item()
-        per_image = log_px_z + log_prior
-    best = "learned" if "learned" in bounds else "uniform"
+        per_image["learned"] = log_px_z + distributed.all_sum(log_prior, world)
+    bounds = {name: -values.mean().item() for name, values in per_image.items()}
+    best = min(bounds, key=bounds.get)  # the tighter
     return {
         "nll": bounds[best],
         "nll_se": 0.0,  # no Monte Carlo: the bound is computed exactly at z_q
-        "nll_se_images": (per_image.std() / math.sqrt(n)).item() if n > 1 else None,
+        "nll_se_images": (per_image[best].std() / math.sqrt(n)).item() if n > 1 else None,
         "bound": best,
-        "bounds": {name: {"nats": value, "bits_per_dim": bits_per_dim(value, shape)}
+        "bounds": {name: {"nats": value, **({"bits_per_dim": bits_per_dim(value, shape)}
+                                            if model.likelihood.discrete else {})}
                    for name, value in bounds.items()},
         "reconstruction": -log_px_z.mean().item(),
         **({"bits_per_dim": bits_per_dim(bounds[best], shape)}
@@ -416,7 +418,7 @@ def bound(model: VQVAE, images: torch.Tensor, *, seed: int = EVAL_SEED, batch_si
         "quantity": "log p(x)",
         "estimator": ("an upper bound on -log p(x), not an importance-sampled estimate:"
                       " -log p(x|z_q) - log p(z_q) at each image's code grid z_q, the"
-                      f" {'learned' if best == 'learned' else 'uniform'} prior's log p(z_q)"),
+                      f" {best} prior's log p(z_q), the tighter of the two"),
         "codes": {"grid": list(model.grid), "codebook_size": model.config.codebook_size},
-        "log_px": per_image.cpu().numpy(),
+        "log_px": per_image[best].cpu().numpy(),
     }
