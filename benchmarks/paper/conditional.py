@@ -128,8 +128,9 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
         versus = ("—" if r["vs_vae"] is None
                   else f"{r['vs_vae']['difference']:+.2f} ± {r['vs_vae']['se']:.2f}")
         evaluation = "" if r["eval_seconds"] is None else f"{r['eval_seconds'] / 60:.0f} min"
+        quantity = r["quantity"].replace("|", "\\|")  # a bar inside a table's cell
         lines.append(
-            f"| {r['row']} | {r['quantity']} | {r['nll']:.2f} ± {r['nll_se']:.3f} |"
+            f"| {r['row']} | {quantity} | {r['nll']:.2f} ± {r['nll_se']:.3f} |"
             f" {r['neg_elbo']:.2f} | {r['kl']:.2f} | {r['active_units']} | {versus} |"
             f" {r['train_seconds'] / 60:.0f} min | {evaluation} | {r['threads']} |")
     pending = [row for row in rows if row not in records]
