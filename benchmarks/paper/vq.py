@@ -26,6 +26,7 @@ records to benchmarks/results/vq/<row>/, with the VQ-VAE's samples from its lear
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from vaelab.diagnostics import compare_runs
 from vaelab.evaluate import evaluate_run
 from vaelab.nets import GridDecoder, GridEncoder
 from vaelab.plots import samples_figure
-from vaelab.runs import PRIOR, read_eval, read_metrics, write_eval
+from vaelab.runs import METRICS, PRIOR, read_eval, read_metrics, write_eval
 from vaelab.sampling import importance_sampled
 from vaelab.train_prior import train_prior
 
@@ -110,6 +111,9 @@ def run_row(row: str, args) -> Path:
         r["seconds"], r["device"], r["processes"] = time.perf_counter() - start, "cpu", 1
         write_eval(run_dir, r)
     keep(run_dir, args.out / args.name / row)
+    if (run_dir / PRIOR / METRICS).is_file():  # the prior's epochs beside the run's records
+        shutil.copyfile(run_dir / PRIOR / METRICS,
+                        args.out / args.name / row / "prior_metrics.jsonl")
     return run_dir
 
 
@@ -164,8 +168,9 @@ def write_table(run_dirs: dict, args) -> None:
         f" 32 and 64 channels, to a 7x7 grid of 16 channels, and back), Adam 1e-3, batch 100,"
         f" {plural(args.epochs, 'epoch')}, seed {args.seed}. The VQ-VAE's codes: K = 512 per"
         " cell, 49 cells; its learned prior, a causal transformer over the 49 codes, trained"
-        f" {plural(args.prior_epochs, 'epoch')} by `vaelab train-prior`. Its numbers are upper bounds on -log p(x), exact at each"
-        " image's codes; the Gaussian VAE's is importance sampled (K draws per image).",
+        f" {plural(args.prior_epochs, 'epoch')} by `vaelab train-prior`. Its numbers are upper"
+        " bounds on -log p(x), exact at each image's codes; the Gaussian VAE's is importance"
+        " sampled (K draws per image).",
         "",
         "| model | -log p(x) | how | reconstruction -log p(x\\|z) | training | evaluation |",
         "| --- | --- | --- | --- | --- | --- |",
