@@ -15,7 +15,7 @@ from torch.distributions import Bernoulli, Normal
 
 from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, run_vaelab,
                       synthetic_dataset, write_idx_dir, write_png_dir)
-from digits import classify, digit_classifier, grid_tiles
+from benchmarks.lib.digits import classify, digit_classifier, grid_tiles
 from test_train import tiny_config
 from vaelab.config import ModelConfig, RunConfig
 from vaelab.errors import VaelabError

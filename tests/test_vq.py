@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import (assert_refused_in_one_line, assert_resumes_bit_for_bit, run_vaelab,
                       synthetic_dataset, write_idx_dir)
-from digits import classify, digit_classifier, grid_tiles
+from benchmarks.lib.digits import classify, digit_classifier, grid_tiles
 from test_distributed import torchrun, vaelab
 from vaelab.config import ModelConfig, RunConfig
 from vaelab.models import build_model

@@ -1,5 +1,6 @@
-"""A small digit classifier, trained on MNIST inside the tests that need one: it judges whether
-a model's samples of a class look like that class."""
+"""A small digit classifier, trained on MNIST where it is needed (the tests of samples by class,
+benchmarks.decisions.class_prior): it judges whether a model's samples of a class look like
+that class."""
 
 from __future__ import annotations
 
