@@ -74,8 +74,9 @@ class TrainStep:
         self.labels = labels.to(device) if model.conditional and labels is not None else None
         if model.conditional and self.labels is None:
             raise ValueError("a conditional model trains on labelled images: give labels")
-        self.y = None if self.labels is None else torch.empty(n, dtype=self.labels.dtype,
-                                                                device=device)
+        # (n, ...): a row of y per image, whatever its shape (a label, or a vector)
+        self.y = None if self.labels is None else torch.empty(
+            (n, *self.labels.shape[1:]), dtype=self.labels.dtype, device=device)
         self._seed, self._epoch, self._next_step = 0, 0, 0  # the host's count of the epoch's steps
         share = batch_size // world.size
         self.rows = torch.arange(world.rank * share, (world.rank + 1) * share, device=device)  # of each batch
