@@ -431,6 +431,17 @@ class VAE(Model):
             return None
         return self._closed_form(self.posterior, self.prior, q, components, y)
 
+    def draw_footprint(self) -> tuple[int, int, int]:
+        """What one decoded draw of z costs, for evaluation to size its calls by: the values the
+        decoder makes across its layers (vaelab's own decoders count them; any other is taken
+        to make four outputs' worth, a guess but a fixed one, so the chunking and with it the
+        per-image values stay the same), the bytes of each (the decoder's dtype: bf16 in
+        evaluation), and the bytes the prior's log-density makes (a mixture's temporaries)."""
+        floats = (self.decoder.row_floats if self.own_decoder
+                  else 4 * math.prod(self.out_shape))
+        itemsize = next(self.decoder.parameters()).dtype.itemsize
+        return floats, itemsize, self.prior.row_bytes
+
     def kl_per_dim(self, q: tuple[torch.Tensor, ...], y: torch.Tensor | None = None
                    ) -> torch.Tensor | None:
         """Each latent dimension's KL(q(z_d|x) || p(z_d)) in closed form, (N, z_dim) nats, for

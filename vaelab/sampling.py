@@ -207,22 +207,15 @@ class _Accumulator:
         return self.iwae_sum[k] / self.iwae_groups[k]
 
 
-def _decoder_row_floats(model: VAE) -> int:
-    """Values one decoded row makes across the decoder's layers: vaelab's own decoders count
-    them; any other is taken to make four outputs' worth (a guess, but a fixed one, so the
-    chunking and with it the per-image values stay the same)."""
-    return model.decoder.row_floats if model.own_decoder else 4 * math.prod(model.out_shape)
-
-
 def _samples_per_call(model: VAE, samples: int) -> int:
     """How many of a launch's samples (for all its images) one call of the model decodes: on the
     CPU the largest divisor of `samples` within about CPU_CALL_BYTES, always the same for a given
     model, precision and tile (so the results stay bitwise); on CUDA the whole launch."""
     if model.device.type == "cuda":
         return samples
-    row_bytes = (_decoder_row_floats(model) * next(model.decoder.parameters()).dtype.itemsize
-                 + model.likelihood.temporaries * math.prod(model.config.image_shape) * 4
-                 + model.prior.row_bytes)
+    floats, itemsize, prior_bytes = model.draw_footprint()
+    row_bytes = (floats * itemsize + prior_bytes
+                 + model.likelihood.temporaries * math.prod(model.config.image_shape) * 4)
     fit = max(1, CPU_CALL_BYTES // (TILE_IMAGES * row_bytes))
     return max(d for d in range(1, min(fit, samples) + 1) if samples % d == 0)
 
@@ -237,7 +230,8 @@ def _launch_size(model: VAE, n_tiles: int, sample_tiles: int, tile_samples: int)
     free, _ = torch.cuda.mem_get_info(device)
     out = math.prod(model.out_shape)
     # logits and their temporaries, hidden layers, a mixture prior's temporaries
-    row_bytes = 4 * (4 * out + 2 * _decoder_row_floats(model)) + model.prior.row_bytes
+    floats, _, prior_bytes = model.draw_footprint()
+    row_bytes = 4 * (4 * out + 2 * floats) + prior_bytes
     rows = max(1, free // 4 // row_bytes)
     per_image_tile = TILE_IMAGES * tile_samples
     s = max(1, min(sample_tiles, rows // per_image_tile))
