@@ -127,6 +127,27 @@ def _conv_out(channels: tuple[int, ...], h: int, w: int) -> tuple[int, int, int]
     return channels[-1], h // scale, w // scale
 
 
+def down_convs(in_channels: int, channels: tuple[int, ...], activation: str) -> list[nn.Module]:
+    """The encoders' stride-2 4x4 convolutions from in_channels through `channels`, each followed
+    by the activation: each halves height and width."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip((in_channels, *channels[:-1]), channels):
+        layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), ACTIVATIONS[activation][0]()]
+    return layers
+
+
+def up_convs(channels: tuple[int, ...], out_channels: int, activation: str) -> list[nn.Module]:
+    """The decoders' stride-2 4x4 transposed convolutions, `channels` in reverse and then to
+    out_channels, with the activation after each but the last: each doubles height and width."""
+    widths = (*channels[::-1][1:], out_channels)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(channels[::-1], widths)):
+        layers.append(nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1))
+        if i < len(widths) - 1:
+            layers.append(ACTIVATIONS[activation][0]())
+    return layers
+
+
 class ConvEncoder(nn.Module):
     """(N, C, H, W) or flat (N, C*H*W) images [, y] -> (N, hidden[-1]) features."""
 
@@ -134,10 +155,7 @@ class ConvEncoder(nn.Module):
                  activation: str, labels: int = 0):
         super().__init__()
         self.image_shape = tuple(image_shape)
-        layers: list[nn.Module] = []
-        for n_in, n_out in zip((image_shape[0], *channels[:-1]), channels):
-            layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), ACTIVATIONS[activation][0]()]
-        self.convs = nn.Sequential(*layers)
+        self.convs = nn.Sequential(*down_convs(image_shape[0], channels, activation))
         self.dense = MLP([math.prod(_conv_out(channels, *image_shape[1:])), *hidden], activation,
                          final_activation=True, labels=labels)
 
@@ -154,13 +172,8 @@ class ConvDecoder(nn.Module):
         self.start = _conv_out(channels, *image_shape[1:])
         self.dense = MLP([z_dim, *hidden, math.prod(self.start)], activation, final_activation=True,
                          labels=labels)
+        self.convs = nn.Sequential(*up_convs(channels, out_channels, activation))
         widths = (*channels[::-1][1:], out_channels)
-        layers: list[nn.Module] = []
-        for i, (n_in, n_out) in enumerate(zip(channels[::-1], widths)):
-            layers.append(nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1))
-            if i < len(widths) - 1:
-                layers.append(ACTIVATIONS[activation][0]())
-        self.convs = nn.Sequential(*layers)
         side = lambda i: (image_shape[1] * 2 ** i // 2 ** len(channels)) * (image_shape[2] * 2 ** i // 2 ** len(channels))
         self.row_floats = self.dense.row_floats + sum(n * side(i + 1) for i, n in enumerate(widths))
 
@@ -179,11 +192,8 @@ class GridEncoder(nn.Module):
                  activation: str):
         super().__init__()
         self.image_shape = tuple(image_shape)
-        layers: list[nn.Module] = []
-        for n_in, n_out in zip((image_shape[0], *channels[:-1]), channels):
-            layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), ACTIVATIONS[activation][0]()]
-        layers.append(nn.Conv2d(channels[-1], out, 3, padding=1))
-        self.convs = nn.Sequential(*layers)
+        self.convs = nn.Sequential(*down_convs(image_shape[0], channels, activation),
+                                   nn.Conv2d(channels[-1], out, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convs(x.reshape(len(x), *self.image_shape))
@@ -197,14 +207,9 @@ class GridDecoder(nn.Module):
     def __init__(self, latent: int, channels: tuple[int, ...], activation: str,
                  out_channels: int):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(latent, channels[-1], 3, padding=1),
-                                   ACTIVATIONS[activation][0]()]
-        widths = (*channels[::-1][1:], out_channels)
-        for i, (n_in, n_out) in enumerate(zip(channels[::-1], widths)):
-            layers.append(nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1))
-            if i < len(widths) - 1:
-                layers.append(ACTIVATIONS[activation][0]())
-        self.convs = nn.Sequential(*layers)
+        self.convs = nn.Sequential(nn.Conv2d(latent, channels[-1], 3, padding=1),
+                                   ACTIVATIONS[activation][0](),
+                                   *up_convs(channels, out_channels, activation))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.convs(z)

@@ -6,10 +6,10 @@ and metrics.jsonl.
 It trains on the images the run trained on (its --train-size) and tests on its test set. Each
 epoch's record names the run's epoch whose codes it learned (`run_epochs`): once the run trains
 on (`vaelab train --resume`), its codes move, load_run no longer attaches the old prior, and
-train-prior starts a new one. Each
-epoch encodes the training images afresh, observed with keys (seed, "prior", epoch), so
-that the prior sees the codes of dynamically binarized images as the VQ-VAE did; the test value
-is -log p(codes) of the test images as evaluation observes them, nats per image.
+train-prior starts a new one. Each epoch encodes the training images afresh, observed with keys
+(seed, "prior", epoch), so that the prior sees the codes of dynamically binarized images as the
+VQ-VAE did; the test value is -log p(codes) of the test images as evaluation observes them, nats
+per image.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .distributed import SINGLE, World
 from .errors import VaelabError
 from .models import Model
 from .runs import (CHECKPOINT, PRIOR, load_config, read_checkpoint, read_metrics,
-                   restore_checkpoint, save_checkpoint)
+                   restore_checkpoint, save_checkpoint, stage_is_current)
 from .start import open_run
 
 ENCODE_ROWS = 1000  # images encoded at a time
@@ -48,34 +48,29 @@ def train_prior(options: TrainPriorOptions, world: World = SINGLE) -> list[dict]
     model, data = open_run(options, world, writes=PRIOR)
     run_config = load_config(options.run)  # the images the model trained on, and its test set
     data = data.subset(run_config.train_size, run_config.test_size)
-    prior = model.second_stage()
-    if prior is None:
-        raise VaelabError(f"{options.run} has no prior to train: `vaelab train-prior` is for a"
-                          " run of --model vq-vae")
-    directory = Path(options.run) / PRIOR
     with torch.random.fork_rng(devices=[]):  # its weights keyed by the seed
         torch.manual_seed(options.seed)
         prior = model.second_stage()
-    # (a prior trained on the codes of an earlier epoch of the run starts afresh: see below)
+    if prior is None:
+        raise VaelabError(f"{options.run} has no prior to train: `vaelab train-prior` is for a"
+                          " run of --model vq-vae")
     if len(data.train_images) < options.batch_size:
         raise VaelabError(f"--batch-size {options.batch_size} is larger than the"
                           f" {len(data.train_images)} training images")
+    directory = Path(options.run) / PRIOR
     optimizer = torch.optim.Adam(prior.parameters(), lr=options.lr)
     metrics: list[dict] = []
     run_epochs = len(read_metrics(options.run))
     if (directory / CHECKPOINT).is_file():
-        metrics = restore_checkpoint(read_checkpoint(directory), directory, prior, optimizer,
-                                     "adam")
-        if metrics and metrics[-1].get("run_epochs") != run_epochs:  # the run trained on since
+        if stage_is_current(options.run):
+            metrics = restore_checkpoint(read_checkpoint(directory), directory, prior, optimizer,
+                                         "adam")
+        else:  # trained on the codes of an earlier epoch: the run has trained on since
+            done = read_metrics(directory)
             show.write(f"vaelab: {directory} was trained on the codes of epoch"
-                       f" {metrics[-1].get('run_epochs')}, the run is at epoch {run_epochs}:"
-                       " training a new prior", not options.quiet and world.main,
+                       f" {done[-1].get('run_epochs') if done else None}, the run is at epoch"
+                       f" {run_epochs}: training a new prior", not options.quiet and world.main,
                        file=sys.stderr)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(options.seed)
-                prior = model.second_stage()
-            optimizer = torch.optim.Adam(prior.parameters(), lr=options.lr)
-            metrics = []
     device = model.device
     index = torch.arange(len(data.test_images), device=device)
     test_codes = image_codes(model, data.test_images, rng.image_keys(EVAL_SEED, "observe", index))

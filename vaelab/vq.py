@@ -285,10 +285,13 @@ class VQVAE(Model):
         """(M, D * h * w) -> (M, D, h, w)."""
         return z.reshape(len(z), self.config.z_dim, *self.grid)
 
+    def _vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """(M, D * h * w) -> each cell's vector, (M * h * w, D), cells in raster order."""
+        return self._grid(z).permute(0, 2, 3, 1).reshape(-1, self.config.z_dim)
+
     def codes(self, z_e: torch.Tensor) -> torch.Tensor:
         """Encoder outputs (M, D * h * w) -> each cell's nearest code (M, h * w) int64."""
-        flat = self._grid(z_e).permute(0, 2, 3, 1).reshape(-1, self.config.z_dim)
-        return self.codebook.nearest(flat).view(len(z_e), self.cells)
+        return self.codebook.nearest(self._vectors(z_e)).view(len(z_e), self.cells)
 
     def quantised(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (M, h * w) -> their vectors z_q (M, D * h * w), channel-major."""
@@ -311,13 +314,12 @@ class VQVAE(Model):
         """x: (N, C, H, W) as the model sees it -> the terms of its one point z_q: log p(x|z_q)
         (1, N), the uniform prior's KL h * w * log K, and the commitment loss as the penalty.
         In training mode the codebook takes its moving-average step from this batch."""
-        z_e = self._grid(self.posterior_params(x)[0] if posterior is None else posterior[0])
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, self.config.z_dim)
-        index = self.codebook.nearest(flat.detach())
+        flat = self.posterior_params(x)[0] if posterior is None else posterior[0]
+        codes = self.codes(flat.detach())
         # the codes as they were chosen, before this batch moves them (as in Sonnet)
-        z_q = self.codebook.embedding[index].view(len(x), *self.grid, -1).permute(0, 3, 1, 2)
+        z_e, z_q = self._grid(flat), self._grid(self.quantised(codes))
         if self.training:
-            self.codebook.update(flat.detach(), index)
+            self.codebook.update(self._vectors(flat.detach()), codes.flatten())
         commitment = self.config.commitment * (z_e - z_q).square().sum((1, 2, 3))
         z = z_e + (z_q - z_e).detach()  # straight through: z_q forward, the identity backward
         log_px_z = self.likelihood.log_prob(self.decoder(z), x, workspace)[None]
@@ -363,7 +365,7 @@ class VQVAE(Model):
 
 @torch.no_grad()
 def bound(model: VQVAE, images: torch.Tensor, *, seed: int = EVAL_SEED, batch_size: int = 500,
-          world: World = SINGLE, progress=None) -> dict:
+          world: World = SINGLE) -> dict:
     """The upper bound -log p(x) <= -log p(x|z_q) - log p(z_q) on images (N, C, H, W) at each
     image's code grid z_q (image i observed with the keys (seed, i), as evaluation observes it),
     under the uniform prior (log K per code) and, where the run has one, the learned prior.
@@ -384,13 +386,10 @@ def bound(model: VQVAE, images: torch.Tensor, *, seed: int = EVAL_SEED, batch_si
     for start in range(world.rank * batch_size, n, world.size * batch_size):
         index = torch.arange(start, min(start + batch_size, n), device=device)
         x = model.observe(images[index.cpu()].to(device), image_keys(seed, "observe", index))
-        terms = model(x)
-        log_px_z[index] = terms.log_px_z[0].double()
+        q = model.posterior_params(x)  # one encoder pass for both terms
+        log_px_z[index] = model(x, posterior=q).log_px_z[0].double()
         if model.code_prior is not None:
-            codes = model.codes(model.posterior_mean(x))
-            log_prior[index] = model.code_prior.log_prob(codes).double()
-        if progress:
-            progress(min(start + batch_size, n) / n)
+            log_prior[index] = model.code_prior.log_prob(model.codes(q[0])).double()
     log_px_z = distributed.all_sum(log_px_z, world)
     uniform = model.cells * math.log(model.config.codebook_size)
     shape = model.config.image_shape
