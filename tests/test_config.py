@@ -270,7 +270,7 @@ def test_a_preset_may_not_set_where_the_data_is_or_how_it_is_read(monkeypatch):
 
 def test_an_unknown_preset_is_one_line():
     with pytest.raises(
-        VaelabError, match="unknown preset 'huge'; choose one of burda1, burda2, conv, tutorial"
+        VaelabError, match="unknown preset 'huge'; choose one of burda1, burda2, conv, topdown-mnist"
     ):
         resolve(RunConfig(preset="huge"))
 
@@ -362,7 +362,7 @@ def test_a_run_and_its_model_share_no_option_name():
     ("vaelab.likelihoods.LIKELIHOODS", "poisson", "unknown likelihood 'poisson'; choose one of "
                                                   "bernoulli, gaussian, gaussian-learned, logistic"),
     ("vaelab.presets.PRESETS", "huge", "unknown preset 'huge'; choose one of burda1, burda2, conv"),
-    ("vaelab.nets.ACTIVATIONS", "gelu", "unknown activation 'gelu'; choose one of elu, relu"),
+    ("vaelab.nets.ACTIVATIONS", "swish", "unknown activation 'swish'; choose one of elu, gelu"),
 ])
 def test_an_unknown_name_in_a_registry_is_one_line(registry, name, says):
     import importlib
@@ -383,9 +383,9 @@ def test_a_name_registered_later_is_a_choice_of_its_option(monkeypatch):
     from vaelab.cli import build_parser
     from vaelab.nets import ACTIVATIONS
 
-    monkeypatch.setitem(ACTIVATIONS, "gelu", (nn.GELU, lambda h: h.copy_(nn.functional.gelu(h))))
-    RunConfig(model=ModelConfig(activation="gelu")).validate()
-    assert build_parser().parse_args(["train", "--activation", "gelu"]).activation == "gelu"
+    monkeypatch.setitem(ACTIVATIONS, "silu", (nn.SiLU, lambda h: h.copy_(nn.functional.silu(h))))
+    RunConfig(model=ModelConfig(activation="silu")).validate()
+    assert build_parser().parse_args(["train", "--activation", "silu"]).activation == "silu"
 
 
 PLUGIN = """

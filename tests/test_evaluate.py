@@ -111,11 +111,18 @@ def test_compare_pairs_the_per_image_values():
     assert r["images"] == 4
 
 
-@pytest.mark.parametrize("key", ["k", "seed", "test_set_sha256"])
+@pytest.mark.parametrize("key", ["seed", "test_set_sha256"])
 def test_compare_refuses_evaluations_that_differ_in_what_fixes_them(key):
     record = {"k": 10, "seed": 1, "precision": "fp32", "test_set_sha256": "x", "nll": 5.0, "nll_se": 0.01}
     with pytest.raises(VaelabError, match="evaluated with different"):
         compare(record, np.zeros(3), {**record, key: "other"}, np.zeros(3))
+
+
+def test_compare_pairs_estimates_with_different_k_and_names_them():
+    record = {"k": 10, "seed": 1, "precision": "fp32", "test_set_sha256": "x", "nll": 5.0, "nll_se": 0.01}
+    r = compare(record, np.zeros(3), {**record, "k": 5000}, np.ones(3))
+    assert r["ks"] == (10, 5000) and r["difference"] == pytest.approx(1.0)
+    assert compare(record, np.zeros(3), record, np.zeros(3))["ks"] is None
 
 
 def test_compare_pairs_evaluations_at_two_precisions_and_names_them():

@@ -9,7 +9,8 @@ from torch import nn
 
 from vaelab.nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder, Workspace, conv_check
 
-FUNCTIONAL = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus}
+FUNCTIONAL = {"relu": F.relu, "tanh": torch.tanh, "elu": F.elu, "softplus": F.softplus,
+              "gelu": F.gelu}
 
 
 def seeded(module, seed=0):
@@ -33,7 +34,7 @@ def kinds(module):
 
 # ---------------------------------------------------------------- activations
 
-def test_the_activation_table_has_the_four_documented_names():
+def test_the_activation_table_has_the_five_documented_names():
     assert set(ACTIVATIONS) == set(FUNCTIONAL)
 
 

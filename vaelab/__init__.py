@@ -8,7 +8,7 @@ from .config import RunConfig
 from .data import Dataset, load_data
 from .errors import DataError, RunError, VaelabError
 from .models import VAE, ConditionalVAE, ModelConfig, build_model, preset
-from . import vq  # noqa: F401  (registers the vq-vae family)
+from . import topdown, vq  # noqa: F401  (register the topdown and vq-vae families)
 from .runs import load_run
 from .train import build, fit, train
 

@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_compare,
         "paired difference of two evaluated runs' test NLL",
         "The mean over test images of NLL(RUN_A) - NLL(RUN_B), from the per-image values `vaelab"
-        " evaluate` wrote, with its standard error. Both runs must be evaluated with the same k,"
-        " seed and test set; evaluations at different precisions pair, with a note.",
+        " evaluate` wrote, with its standard error. Both runs must be evaluated with the same"
+        " seed and test set; evaluations with different K or at different precisions pair, with"
+        " a note.",
         config.CompareOptions,
     )
     command(
@@ -365,6 +366,9 @@ def diagnostics_text(r: dict) -> str:
     units = ", ".join(f"{a} of {len(v)}" for a, v in zip(r["active_units"], r["latent_variance"]))
     active = (f"active units: {units} (variance over test images of E_q[z_d] above"
               f" {r['active_threshold']}; E_q[z]: {r['posterior_mean']})")
+    if "kl_per_layer" in r:
+        layers = ", ".join(f"{v:.2f}" for v in r["kl_per_layer"])
+        return f"{active}\nKL per layer, the top first: {layers} nats"
     if "kl_per_dim" not in r:
         return f"{active}\n{r['kl_per_dim_note']}"
     kl = sorted(r["kl_per_dim"], reverse=True)
@@ -427,7 +431,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     r = compare_runs(options.run_a, options.run_b)
     print(
         f"test NLL: {options.run_a} {r['nll_a']:.3f}, {options.run_b} {r['nll_b']:.3f} nats per"
-        f" image (K={r['k']}, {r['images']} images)\npaired difference (first minus second):"
+        f" image ({'K=' + str(r['k']) if not r['ks'] else 'K=%s and %s' % r['ks']},"
+        f" {r['images']} images)\npaired difference (first minus second):"
         f" {r['difference']:+.4f} nats per image, standard error {r['se']:.4f} over images"
         f" (Monte-Carlo {r['mc_se']:.4f})"
     )
@@ -438,6 +443,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if r["quantities"]:
         a, b = r["quantities"]
         print(f"note: the first estimates {a}, the second {b}, each image with its own label y")
+    if r["ks"]:
+        a, b = r["ks"]
+        print(f"note: K={a} and K={b} importance samples; a smaller K's estimate of log p(x) is"
+              " lower on average, so its model's NLL is over-stated the more")
     if r["precisions"]:
         a, b = r["precisions"]
         print(f"note: the decoders ran at different precisions ({a} and {b}), the draws were the"
@@ -462,8 +471,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     options = _parsed(args, config.SampleOptions)
     path = write_samples(options.run, options.output, options.n, options.seed, options.force,
-                         options.label)
+                         options.label, options.temperature)
     of = "" if options.label is None else f" of class {options.label}"
+    of += "" if options.temperature == 1.0 else f" at temperature {options.temperature}"
     print(f"wrote {options.n} samples{of} to {path}")
     return 0
 

@@ -268,7 +268,7 @@ def _default_with_recommendations(name: str, default: Any) -> str:
 
 # The model's fields that hold sizes: tuples, which JSON gives as lists.
 SHAPES = ("encoder_hidden", "decoder_hidden", "conv_channels", "image_shape", "upper_z_dims",
-          "upper_hidden")
+          "upper_hidden", "blocks")
 
 
 @options_dataclass
@@ -372,7 +372,8 @@ class ModelConfig(Options):
         "vae",
         "the model: vae, a VAE with continuous latents; vq-vae, a grid of discrete codes from a"
         " conv encoder and a codebook of --codebook-size vectors (van den Oord et al. 2017), whose"
-        " prior over codes `vaelab train-prior` learns afterwards",
+        " prior over codes `vaelab train-prior` learns afterwards; topdown, a deep hierarchy of"
+        " Gaussian layers inferred top-down along the generative path (VDVAE, Child 2021)",
         choices=FAMILIES, flag="--model", default_text="vae; the preset's",
     )
     codebook_size: int = option(
@@ -384,6 +385,15 @@ class ModelConfig(Options):
     codebook_decay: float = option(
         0.99, "--model vq-vae: the decay of the codebook's exponential moving averages",
         rule=FRACTION)
+    width: int = option(
+        32, "--model topdown: channels of the hierarchy's residual stream", rule=POSITIVE,
+        default_text="32; the preset's")
+    blocks: tuple[int, ...] = option(
+        (1, 2, 2, 1),
+        "--model topdown: stochastic layers at each resolution, the top's (1x1) first, then each"
+        " doubling up to the image's (28x28: 1, 7, 14, 28; 32x32: 1, 4, 8, 16, 32), of --z-dim"
+        " channels each; the encoder has as many residual blocks at each",
+        rule=SIZES, metavar="B1,B2", default_text="1,2,2,1; the preset's")
 
     def normal(self, name: str, value):
         # JSON gives lists; the runs saved before (C, H, W) stored (H, W)
@@ -678,6 +688,15 @@ class RunConfig(Options):
         default_text="skip none",
         resume=True,
     )
+    ema: float = option(
+        0.0,
+        "keep an exponential moving average of the weights (VDVAE's), average = RATE * average"
+        " + (1 - RATE) * weights after every update (RATE warmed up as (1 + t) / (10 + t) over the"
+        " first updates t), and test, save, evaluate and sample with it; 0: none",
+        rule=Rule(lambda v: _real(v) and 0 <= v < 1, "must be a number >= 0 and below 1"),
+        metavar="RATE",
+        default_text="0, none; the preset's",
+    )
     seed: int = seed_option(0, "seed for weights, batches and noise")
     device: str = device_option(resume=True)
     cuda_graph: bool = option(
@@ -888,7 +907,10 @@ class EvaluateOptions(Options):
     """`vaelab evaluate`: the test log-likelihood of a run by importance sampling."""
 
     run: str = run_option()
-    k: int = option(5000, "importance samples per test image", rule=POSITIVE)
+    k: int | None = option(
+        None, "importance samples per test image", rule=POSITIVE,
+        default_text="the model's: 5000, and 100 for --model topdown, whose every draw is a pass"
+        " through its whole decoder")
     seed: int = seed_option()
     images: int | None = first_images_option(None, "test images only", aliases=("--test-size",))
     data_dir: str | None = data_dir_option()
@@ -998,6 +1020,9 @@ class SampleOptions(Options):
     output: str = option(MISSING, "PNG file to write", short="-o", rule=PATH)
     seed: int = seed_option(0, "fixes the draws of z")
     label: str | None = label_option("every sample", "its classes in turn")
+    temperature: float = option(
+        1.0, "--model topdown: scale each layer's prior standard deviation by T (below 1: less"
+        " variety, cleaner images)", rule=POSITIVE_NUMBER, metavar="T")
     force: bool = option(False, "overwrite the output file if it exists", rule=SWITCH)
 
 

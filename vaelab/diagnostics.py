@@ -26,7 +26,8 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al. (2015): a unit is active if Cov_x(E_q[z_
 
 
 def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.Tensor | None,
-                k: int, closed_means: int | None = None) -> dict:
+                k: int, closed_means: int | None = None,
+                kl_per_layer: torch.Tensor | None = None) -> dict:
     """What the latent code is used for, over the test images.
 
     posterior_means: (N, noise_dim) E_q[z] of each image, every layer's; kl_per_image: (N, z_dim)
@@ -37,6 +38,8 @@ def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.T
     A mean from K draws carries Var_q / K of Monte-Carlo noise into the variance: negligible at
     the default K=5000, but it can lift a unit over the threshold at K below a hundred or so.
     closed_means: how many of the first columns are in closed form (default: all of them).
+    kl_per_layer: (N, L) a hierarchy's KL of each layer given the layers above (Model.kl_per_layer),
+    recorded as kl_per_layer, the mean over images (nats), in the order of model.sizes.
     """
     sizes = model.sizes
     closed = sum(sizes) if closed_means is None else closed_means
@@ -55,6 +58,8 @@ def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.T
         out["kl_per_dim"] = kl_per_image.mean(0).tolist()
     else:
         out["kl_per_dim_note"] = f"KL per dimension left out: {model.kl_per_dim_note()}"
+    if kl_per_layer is not None:
+        out["kl_per_layer"] = kl_per_layer.mean(0).tolist()
     return out
 
 
@@ -74,12 +79,12 @@ def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dic
     Monte-Carlo error); "precisions" then names both, else it is None. A conditional model's
     log p(x|y) pairs with another's log p(x): what knowing the label is worth, log p(y|x) -
     log p(y) for exact likelihoods, so at most -log p(y) (log 10 for ten equally frequent
-    classes); "quantities" then names both, else it is None.
+    classes); "quantities" then names both, else it is None. Estimates with different K pair
+    too (a top-down hierarchy's default K is smaller than a VAE's): "ks" then names both, else
+    it is None; an estimate's bias is towards a lower log p(x), the more so the smaller its K.
     """
-    # k pairs importance-sampled estimates; a bound (a VQ-VAE's) pairs with any on the same images
-    sampled = estimate(a) == estimate(b) == "importance sampling"
-    for key, what in (("k", "k"), ("seed", "seed"), ("test_set_sha256", "test set")):
-        if (key != "k" or sampled) and a.get(key) != b.get(key):
+    for key, what in (("seed", "seed"), ("test_set_sha256", "test set")):
+        if a.get(key) != b.get(key):
             raise VaelabError(f"the two runs were evaluated with different {what} ({a.get(key)} and {b.get(key)}); "
                               "evaluate both the same way to compare them")
     if log_px_a.shape != log_px_b.shape:
@@ -92,7 +97,9 @@ def compare(a: dict, log_px_a: np.ndarray, b: dict, log_px_b: np.ndarray) -> dic
             "precisions": None if a.get("precision") == b.get("precision") else
             (a.get("precision"), b.get("precision")),
             "quantities": None if quantity(a) == quantity(b) else (quantity(a), quantity(b)),
-            "estimates": None if estimate(a) == estimate(b) else (estimate(a), estimate(b))}
+            "estimates": None if estimate(a) == estimate(b) else (estimate(a), estimate(b)),
+            "ks": (None if a.get("k") == b.get("k") or "bound" in (estimate(a), estimate(b))
+                   else (a.get("k"), b.get("k")))}
 
 
 def estimate(record: dict) -> str:

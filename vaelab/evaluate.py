@@ -28,7 +28,8 @@ def evaluate_run(options: EvaluateOptions, world: World = SINGLE) -> dict:
     if model.estimate == "bound":
         r = vq.bound(model, data.test_images, seed=options.seed, world=world)
     else:
-        r = importance_sampled(model, data.test_images, k=options.k, seed=options.seed,
+        r = importance_sampled(model, data.test_images, k=options.k or model.default_k,
+                               seed=options.seed,
                                precision=options.precision, progress=not options.quiet,
                                world=world,
                                labels=model.checked_labels(data.test_labels, "the test images"))

@@ -45,7 +45,9 @@ class Model(nn.Module):
     - `capturable`: whether its training step may be captured as a CUDA graph;
     - `estimate`: how evaluation estimates log p(x): "importance sampling" of z
       (sampling.importance_sampled), or "bound", the family's own upper bound on -log p(x);
-    - `has_active_units`: whether the test pass counts active units of its latent means;
+    - `has_active_units`: whether the test pass counts active units (of `test_unit_means`);
+    - `kl_per_layer`: whether evaluation reports the KL of each layer, from the draws;
+    - `top_down`: whether it gives `reconstruct_top` and draws at a temperature;
     - `networks()`: the modules an initialisation scheme redraws;
     - `epoch_metrics()`: what it records of each training epoch (a codebook's use, say);
     - `check(config)`: the run options (a RunConfig) it refuses, in one line.
@@ -55,6 +57,9 @@ class Model(nn.Module):
     capturable = True
     estimate = "importance sampling"
     has_active_units = True
+    kl_per_layer = False  # whether its terms' kl_per_dim holds each layer's KL (N, L)
+    default_k = 5000  # importance samples per image that `vaelab evaluate` draws by default
+    top_down = False  # whether it can reconstruct from its top layers (reconstruct_top)
     config: ModelConfig
 
     @classmethod
@@ -80,6 +85,18 @@ class Model(nn.Module):
     def networks(self) -> list[nn.Module]:
         """The modules whose layers an initialisation scheme (models.initialise) redraws."""
         return [self.encoder, self.decoder]
+
+    def test_unit_means(self, q: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """What the test pass counts active units over, from q's parameters (posterior_params):
+        (N, z_dim) z_1's closed-form E_q[z_1], or a flow's base
+        Gaussian's mu."""
+        mean = self.latent_means(q)
+        return q[0] if mean is None else mean[:, :self.config.z_dim]
+
+    @property
+    def units(self) -> int:
+        """The columns of test_unit_means."""
+        return self.config.z_dim
 
     def epoch_metrics(self) -> dict:
         """What the model records of the training epoch just ended, for metrics.jsonl."""

@@ -35,6 +35,7 @@ from .registry import Registry
 # name -> (module, in-place function); registered in the order --help lists them
 ACTIVATIONS = Registry("activation")
 ACTIVATIONS.register("elu", (nn.ELU, F.elu_))
+ACTIVATIONS.register("gelu", (nn.GELU, lambda h: h.copy_(F.gelu(h))))
 ACTIVATIONS.register("relu", (nn.ReLU, torch.relu_))
 ACTIVATIONS.register("softplus", (nn.Softplus, lambda h: h.copy_(F.softplus(h))))
 ACTIVATIONS.register("tanh", (nn.Tanh, torch.tanh_))

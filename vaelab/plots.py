@@ -271,7 +271,8 @@ def samples_figure(model: VAE, n: int = 64, seed: int = 0) -> Figure:
 
 
 def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: int = 0,
-                  force: bool = False, label: str | int | None = None) -> Path:
+                  force: bool = False, label: str | int | None = None,
+                  temperature: float = 1.0) -> Path:
     """`vaelab sample`: a PNG grid of n decoder means of a run's model for z ~ p(z); a
     conditional model's of class `label` (a name or number; without one, its classes in turn).
     An existing file is overwritten only with force."""
@@ -281,7 +282,7 @@ def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: in
     model = load_run(run_dir)
     labels = None if label is None else torch.full((n,), model.label_number(label))
     try:
-        save_image_grid(path, sample_images(model, n, seed, labels))
+        save_image_grid(path, sample_images(model, n, seed, labels, temperature))
     except OSError as e:
         raise VaelabError(f"cannot write {path} ({e.strerror or e})") from None
     return path
@@ -289,13 +290,73 @@ def write_samples(run_dir: str | Path, output: str | Path, n: int = 64, seed: in
 
 @torch.no_grad()
 def sample_images(model: VAE, n: int = 64, seed: int = 0,
-                  labels: torch.Tensor | None = None) -> np.ndarray:
+                  labels: torch.Tensor | None = None, temperature: float = 1.0) -> np.ndarray:
     """(n, H, W) or (n, H, W, 3) decoder means for n draws z ~ p(z); a conditional model's
-    under labels (n,) (default: 0, 1, 2, ... in turn)."""
+    under labels (n,) (default: 0, 1, 2, ... in turn); a top-down hierarchy's with its priors'
+    standard deviations times temperature."""
     generator = torch.Generator(model.device).manual_seed(seed)
     y = conditioning(model, labels, n)
-    z = model.sample_prior(n, generator, y)
+    if temperature != 1.0:
+        if not model.top_down:
+            raise VaelabError("--temperature scales the priors of a top-down hierarchy (--model"
+                              " topdown); this run's model samples at 1")
+        z = model.sample_prior(n, generator, temperature=temperature)
+    else:
+        z = model.sample_prior(n, generator, y)
     return _as_images(model.decode_mean(z, y), model.config.image_shape)
+
+
+TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.5)  # rows of temperatures.png
+
+
+@torch.no_grad()
+def temperature_figure(model: VAE, n: int = 10, seed: int = 0) -> Figure:
+    """A top-down hierarchy's samples, a row per temperature (TEMPERATURES), each row from the
+    same noise: lower temperatures trade variety for clean strokes (Child 2021)."""
+    rows = [sample_images(model, n, seed, temperature=t) for t in TEMPERATURES]
+    grid = image_grid(np.concatenate(rows), nrow=n)
+    fig = Figure(figsize=(n * 0.6, len(rows) * 0.6 + 0.6))
+    ax = fig.subplots()
+    _show(ax, grid)
+    ax.set_xticks([])
+    step = grid.shape[0] / len(rows)
+    ax.set_yticks([step * (i + 0.5) for i in range(len(rows))], [f"T = {t}" for t in TEMPERATURES])
+    ax.set_title("Samples by the priors' temperature (decoder means)")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def layers_figure(model: VAE, data: Dataset, n: int = 8, seed: int = 0,
+                  temperature: float = 0.8) -> Figure:
+    """What a hierarchy's layers encode: each test image (a row, as the model sees it), then
+    decoded with its top k layers at q's means and the rest drawn from the priors at
+    temperature, for k = 1, ..., L (at most 8 values of k, spread evenly)."""
+    images = data.test_images[:n].to(model.device)
+    x = model.observe(images, image_keys(seed, "observe", torch.arange(len(images),
+                                                                       device=model.device)))
+    layers = len(model.sizes)
+    ks = sorted({round(1 + i * (layers - 1) / 7) for i in range(8)}) if layers > 8 \
+        else list(range(1, layers + 1))
+    shape = model.config.image_shape
+    columns = [_as_images(x, shape)]
+    for k in ks:
+        generator = torch.Generator(model.device).manual_seed(seed)
+        z = model.reconstruct_top(x, k, generator, temperature=temperature)
+        columns.append(_as_images(model.decode_mean(z), shape))
+    tiles = np.stack(columns, 1).reshape(-1, *columns[0].shape[1:])  # row by row
+    grid = image_grid(tiles, nrow=len(columns))
+    fig = Figure(figsize=(len(columns) * 0.7, len(images) * 0.7 + 0.8))
+    ax = fig.subplots()
+    _show(ax, grid)
+    ax.set_yticks([])
+    step = grid.shape[1] / len(columns)
+    ax.set_xticks([step * (i + 0.5) for i in range(len(columns))],
+                  ["data", *(f"top {k}" for k in ks)])
+    ax.set_title(f"Decoded from the top k layers, the rest from the priors (T = {temperature})",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 CLASS_SAMPLES = 10  # columns of classes.png
@@ -462,6 +523,9 @@ def draw_figures(run_dir: str | Path, model: VAE, data: Dataset, metrics: list[d
         figures["samples.png"] = lambda: samples_figure(model)
     if model.conditional:
         figures["classes.png"] = lambda: class_figure(model)
+    if model.top_down:
+        figures["temperatures.png"] = lambda: temperature_figure(model)
+        figures["layers.png"] = lambda: layers_figure(model, data)
     if len(data.test_images) >= 2:  # a pair to join
         figures["interpolation.png"] = lambda: interpolation_figure(model, data)
     if model.plane:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from . import config as configs, distributed
+from .average import WeightAverage
 from .config import CUSTOM, RunConfig
 from .errors import RunError, VaelabError
 from .fileio import atomic_write_bytes, atomic_write_json
@@ -95,9 +97,10 @@ def load_config(run_dir: str | Path) -> RunConfig:
     return config
 
 
-def save_weights(run_dir: Path, model: VAE) -> None:
-    """Write the model's weights atomically as safetensors."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+def save_weights(run_dir: Path, model: VAE, average: WeightAverage | None = None) -> None:
+    """Write the model's weights atomically as safetensors: with average, the average's."""
+    with average.applied() if average is not None else nullcontext():
+        tensors = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(Path(run_dir) / WEIGHTS, save_safetensors(tensors))
 
 
@@ -201,15 +204,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         raise RunError(f"{path} is corrupt: {e}") from None
 
 
-def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, metrics: list[dict]) -> None:
-    """Everything needed to continue after the epoch just finished, in one atomic file.
+def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer, metrics: list[dict],
+                    average: WeightAverage | None = None) -> None:
+    """Everything needed to continue after the epoch just finished, in one atomic file: with an
+    average of the weights (--ema), that too.
 
-    Then model.safetensors and metrics.jsonl are rewritten from the same state:
-    a crash between the writes leaves the checkpoint as the truth. Learning
+    Then model.safetensors (the average, where there is one) and metrics.jsonl are rewritten
+    from the same state: a crash between the writes leaves the checkpoint as the truth. Learning
     rates are stored as numbers, whatever the optimizer holds them in.
     """
     run_dir = Path(run_dir)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if average is not None:
+        tensors.update({f"average.{i}": t.cpu().contiguous() for i, t in average.state().items()})
     state = optimizer.state_dict()
     scalars = {}
     for index, entries in state["state"].items():
@@ -222,7 +229,7 @@ def save_checkpoint(run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
     metadata = {"epoch": str(metrics[-1]["epoch"]), "metrics": json.dumps(metrics),
                 "optimizer": json.dumps({"param_groups": groups, "scalars": scalars})}
     atomic_write_bytes(run_dir / CHECKPOINT, save_safetensors(tensors, metadata=metadata))
-    save_weights(run_dir, model)
+    save_weights(run_dir, model, average)
     write_metrics(run_dir, metrics)
 
 
@@ -248,9 +255,9 @@ def _metadata(data: bytes) -> dict:
 
 
 def restore_checkpoint(data: bytes, run_dir: Path, model: VAE, optimizer: torch.optim.Optimizer,
-                       kind: str) -> list[dict]:
-    """Put checkpoint bytes back into model and optimizer (`kind`: "sgd" or "adam"); returns the
-    metrics of the finished epochs. Checkpoints of earlier versions load too: their random-number
+                       kind: str, average: WeightAverage | None = None) -> list[dict]:
+    """Put checkpoint bytes back into model and optimizer (`kind`: "sgd" or "adam"), and the
+    average of the weights where the run keeps one; returns the metrics of the finished epochs. Checkpoints of earlier versions load too: their random-number
     state is not needed any more, and their plain-SGD optimizer groups become torch.optim.SGD's."""
     path = Path(run_dir) / CHECKPOINT
     try:
@@ -262,6 +269,14 @@ def restore_checkpoint(data: bytes, run_dir: Path, model: VAE, optimizer: torch.
         raise RunError(f"{path} is corrupt: {e}") from None
     try:
         _restore(tensors, saved, model, optimizer, kind)
+        saved_average = {k[len("average."):]: v for k, v in tensors.items()
+                         if k.startswith("average.")}
+        if (average is None) != (not saved_average):
+            raise ValueError("it was written " + ("with" if saved_average else "without")
+                             + " an average of the weights (--ema), which this run "
+                             + ("does not keep" if saved_average else "keeps"))
+        if average is not None:
+            average.load(saved_average)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise RunError(f"{path} does not fit this run (corrupt, or written for another model, "
                        f"optimizer or device): {e}") from None

@@ -120,16 +120,17 @@ def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, sa
     """For each name, the mean over the test set of `values[name](terms)`, a function of the model's
     terms for `samples` draws of z giving (N,) nats; one pass over the test set, in batches of at
     most batch_size images and TEST_ROWS images x samples. Under torchrun the ranks share the
-    batches and add their sums. With active, also "active_units": the units of z_1 whose
-    posterior mean mu varies over the test images by more than ACTIVE_THRESHOLD (Burda et al.'s
-    criterion, from the same pass: the closed-form E_q[z_1], or a flow's base Gaussian's mu)."""
+    batches and add their sums. With active, also "active_units": the units whose posterior
+    mean varies over the test images by more than ACTIVE_THRESHOLD (Burda et al.'s criterion,
+    from the same pass: Model.test_unit_means, a VAE's closed-form E_q[z_1] or a flow's base
+    Gaussian's mu)."""
     batch_size = max(1, min(batch_size, TEST_ROWS // samples))
     active = active and model.has_active_units
     unconditional = test_set.labels is None
     components = model.prior_components() if unconditional else None
     device = test_set.images.device
     totals = torch.zeros(len(values), dtype=torch.float64, device=device)
-    moments = torch.zeros(2, model.config.z_dim, dtype=torch.float64, device=device)
+    moments = torch.zeros(2, model.units, dtype=torch.float64, device=device)
     for start in range(world.rank * batch_size, len(test_set), world.size * batch_size):
         rows = slice(start, start + batch_size)
         x, eps = test_set.draw(model, rows, samples)
@@ -138,8 +139,7 @@ def test_means(model: VAE, test_set: TestSet, values: dict[str, Callable], *, sa
         terms = model(x, eps, posterior=q, components=components, y=y)
         totals += torch.stack([f(terms).sum(dtype=torch.float64) for f in values.values()])
         if active:
-            mean = model.latent_means(q)
-            mu = (q[0] if mean is None else mean[:, :model.config.z_dim]).double()
+            mu = model.test_unit_means(q).double()
             moments += torch.stack([mu.sum(0), mu.square().sum(0)])
     n = len(test_set)
     means = dict(zip(values, distributed.all_sum(totals, world).div_(n).tolist()))
@@ -307,6 +307,7 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     if model.conditional:  # padded as the images are: the padding rows' values are dropped
         y_all = labels.to(device)[index.clamp(max=n - 1)]
     z_dim, noise_dim = model.config.z_dim, model.noise_dim
+    k_drawn = -(-k // ns) * ns  # the draws made per image, the last launch's padding included
     # Once for the whole evaluation (a VampPrior's encodings); per call where y conditions them.
     components = None if model.conditional else model.prior_components()
     workspace = Workspace() if model.own_decoder else None
@@ -320,6 +321,10 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
     drawn_means = closed_means < noise_dim
     latent = torch.zeros((len(padded), noise_dim + (z_dim if factorized else 0)), dtype=torch.float64,
                          device=device)
+    # A hierarchy's KL of each layer (given the layers above: Terms.kl_per_dim), averaged over
+    # every draw made, the padding samples' too (they are draws from q all the same).
+    layer_kl = (torch.zeros((len(padded), len(model.sizes)), dtype=torch.float64, device=device)
+                if model.kl_per_layer else None)
     launches = range(0, len(padded), nb)
     mine = launches[world.rank::world.size]
     bar = show.bar(sum(min(nb, n - s) for s in mine if s < n) * k, f"importance sampling, K={k}",
@@ -340,6 +345,9 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
                 acc.add(torch.cat([log_weights(terms) for terms in calls])[:keep])
                 if drawn_means:  # E_q[z] has no closed form: the mean of the K draws
                     z_sum += torch.cat([terms.z for terms in calls])[:keep].sum(0, dtype=torch.float64)
+                if layer_kl is not None:
+                    layer_kl[rows] += sum(t.kl_per_dim.double() * (len(t.z) / k_drawn)
+                                          for t in calls)
                 bar.update(min(ns, k - first) * max(0, min(rows.stop, n) - rows.start))
             values[:, rows] = torch.stack([acc.log_px(), acc.log_px_variance(), *(acc.iwae(j) for j in iwae_ks)])
             if drawn_means:
@@ -372,7 +380,8 @@ def importance_sampled(model: VAE, images: torch.Tensor, *, k: int = 5000, seed:
         "quantity": "log p(x|y)" if model.conditional else "log p(x)",
         "precision": precision,
         **diagnostics(model, latent[:, :noise_dim], latent[:, noise_dim:] if factorized else None, k,
-                      closed_means),
+                      closed_means,
+                      None if layer_kl is None else distributed.all_sum(layer_kl, world)[:n]),
         "log_px": log_px_all.cpu().numpy(),
         "per_image": {"elbo": iwae[1].cpu().numpy(), "log_px_variance": var.cpu().numpy()},
     }

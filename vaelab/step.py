@@ -16,6 +16,7 @@ import torch
 
 from . import rng
 from .distributed import SINGLE, World
+from .average import WeightAverage
 from .models import VAE
 from .objectives import Objective
 
@@ -41,7 +42,8 @@ class TrainStep:
                  cuda_graph: bool = True, world: World = SINGLE,
                  forward: torch.nn.Module | None = None, beta: float = 1.0,
                  kl_warmup_epochs: int = 0, grad_clip: float | None = None,
-                 skip_threshold: float | None = None, say: Callable[[str], None] | None = None):
+                 skip_threshold: float | None = None, say: Callable[[str], None] | None = None,
+                 average: WeightAverage | None = None):
         device = images.device
         self.model, self.optimizer, self.images = model, optimizer, images
         self.forward = forward or model
@@ -53,6 +55,7 @@ class TrainStep:
         self.beta, self.warmup_steps = beta, kl_warmup_epochs * (len(images) // batch_size)
         self.weighted = beta != 1.0 or kl_warmup_epochs > 0  # else the plain ELBO, with no multiply
         self.grad_clip, self.skip_threshold = grad_clip, skip_threshold
+        self.average = average  # --ema: follows every update taken
         # What the last step measured, in tensors a captured step writes too: the gradient's
         # global norm before clipping, and whether the update was skipped (--skip-threshold).
         self.grad_norm = torch.zeros((), dtype=torch.float32, device=device)
@@ -181,27 +184,34 @@ class TrainStep:
             norm = torch.nn.utils.clip_grad_norm_(parameters, self.grad_clip, foreach=True)
         self.grad_norm.copy_(norm)
         if self.skip_threshold is None:
-            self.optimizer.step()
+            self._step()
             return
         torch.logical_not(norm <= self.skip_threshold, out=self.skipped)  # NaN skips too
         if self._held is None and not self.optimizer.state:
             # The optimizer makes its state in its first step, so there is nothing yet to put
             # back: this once (a fresh run's first step, never captured), decide on the host.
             if not self.skipped.item():
-                self.optimizer.step()
+                self._step()
             return
         if self._held is None:
             state = [v for s in self.optimizer.state.values() for v in s.values()
                      if isinstance(v, torch.Tensor)]
-            held = [*self.model.parameters(), *state]
+            average = self.average.held if self.average is not None else []
+            held = [*self.model.parameters(), *state, *average]
             self._held = held, [t.clone() for t in held]
         held, copies = self._held
         with torch.no_grad():
             for t, before in zip(held, copies):
                 before.copy_(t)
-            self.optimizer.step()
+            self._step()
             for t, before in zip(held, copies):
                 t.copy_(torch.where(self.skipped, before, t))
+
+    def _step(self) -> None:
+        """The optimizer's update, and the average's step after it (--ema)."""
+        self.optimizer.step()
+        if self.average is not None:
+            self.average.update()
 
     def __call__(self, check: Callable[[str, object], None] | None = None) -> torch.Tensor:
         """The next step of the epoch; with check (see eager), run eagerly and watched."""

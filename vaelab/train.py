@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed, progress as show
+from .average import WeightAverage
 from .callbacks import Callback, as_callbacks
 from .config import SKIP_LIMIT, ModelConfig, RunConfig, explicit, resolve
 from .data import Dataset, load_data
@@ -61,6 +63,11 @@ class Training:
     test_set: TestSet         # the test images, with the same keyed pixels and noise every epoch
     world: World = SINGLE
     objective: Objective | None = None  # the step's; None: made from config.objective
+    average: WeightAverage | None = None  # --ema's average of the weights, the step's
+
+    def averaged(self):
+        """A context in which the model holds the average of its weights (--ema), if any."""
+        return self.average.applied() if self.average is not None else nullcontext()
 
     def __post_init__(self):
         if self.objective is None:
@@ -155,6 +162,7 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
     lr = torch.tensor(config.lr_at(1), dtype=torch.float32, device=device)
     optimizer = make_optimizer(config, model, lr)
     objective = OBJECTIVES[config.objective](config)
+    average = WeightAverage(model, config.ema) if config.ema else None
     forward = model
     if world.distributed:  # averages the gradients over the ranks during backward
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
@@ -165,10 +173,10 @@ def build(config: RunConfig, data: Dataset | None = None, progress: bool = True,
                      batch_size=config.batch_size,
                      cuda_graph=config.cuda_graph, world=world, forward=forward, beta=config.beta,
                      kl_warmup_epochs=config.kl_warmup, grad_clip=config.grad_clip,
-                     skip_threshold=config.skip_threshold, say=say)
+                     skip_threshold=config.skip_threshold, say=say, average=average)
     test_set = TestSet(data.test_images.to(device), seed=config.eval_seed,
                        labels=_labels(model, data.test_labels, device))
-    return Training(config, data, model, optimizer, lr, step, test_set, world, objective)
+    return Training(config, data, model, optimizer, lr, step, test_set, world, objective, average)
 
 
 def class_names(data: Dataset, recorded: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -291,13 +299,14 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
     elif resume:
         # Rank 0 holds the run folder; the others get its checkpoint from it (no shared disk needed).
         data = distributed.share_result(lambda: read_checkpoint(Path(run_dir)), world)
-        metrics = restore_checkpoint(data, Path(run_dir), model, training.optimizer, config.optimizer)
+        metrics = restore_checkpoint(data, Path(run_dir), model, training.optimizer, config.optimizer,
+                                     training.average)
         training.step.forget_graph()  # a graph captured before would update the optimizer state replaced here
         if len(metrics) > config.epochs:
             raise VaelabError(f"{run_dir} has finished {len(metrics)} epochs already; --epochs {config.epochs} "
                               f"would undo some: give at least {len(metrics)}")
         if world.main:
-            save_weights(Path(run_dir), model)
+            save_weights(Path(run_dir), model, training.average)
             write_metrics(Path(run_dir), metrics)
             save_config(Path(run_dir), config)  # records a longer --epochs, another device or data folder
     elif run_dir is not None:
@@ -315,6 +324,8 @@ def fit(training: Training, run_dir: str | Path | None = None, progress: bool = 
         callback.on_fit_start(training, None if run_dir is None else Path(run_dir))
     try:
         _epochs(training, metrics, batch_losses, run_dir, progress, callbacks)
+        if training.average is not None:  # what the run saved, and what evaluation uses
+            training.average.copy_to_model()
         result = TrainResult(model.eval(), metrics, training.data, run_dir, batch_losses)
     finally:
         for callback in callbacks:
@@ -338,9 +349,10 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         _check_epoch(training, epoch, measured, before, run_dir)
         model.eval()
         test = {}
-        for i, (samples, values) in enumerate(training.objective.test_passes()):
-            test.update(test_means(model, training.test_set, values, samples=samples,
-                                   world=world, active=i == 0))
+        with training.averaged():  # the weights it saves are the ones it tests
+            for i, (samples, values) in enumerate(training.objective.test_passes()):
+                test.update(test_means(model, training.test_set, values, samples=samples,
+                                       world=world, active=i == 0))
         test_loss = test["test_loss"]
         if not math.isfinite(test_loss):  # the epoch's last updates broke the weights: keep the last good checkpoint
             raise TrainingDiverged(f"the test loss became {test_loss} after epoch {epoch}: training diverged; "
@@ -355,7 +367,7 @@ def _epochs(training: Training, metrics: list[dict], batch_losses: list[np.ndarr
         metrics.append(record)
         batch_losses.append(measured.losses.cpu().numpy())
         if run_dir is not None and world.main:
-            save_checkpoint(Path(run_dir), model, training.optimizer, metrics)
+            save_checkpoint(Path(run_dir), model, training.optimizer, metrics, training.average)
             write_batch_losses(Path(run_dir), epoch, batch_losses[-1])
         stop = any([bool(c.on_epoch_end(dict(record), training)) for c in callbacks])
         epochs.update()

@@ -95,19 +95,24 @@ def chosen_rows(parser, text: str, rows) -> list[str]:
 
 
 def train_row(name: str, config: vaelab.RunConfig, run_dir: Path, quiet: bool = True,
-              model: vaelab.VAE | None = None) -> Path:
+              model: vaelab.VAE | None = None, seconds: float | None = None) -> Path:
     """Train (or resume, or leave alone when it has all its epochs) one row's run; model: a
-    model of your own networks to train (vaelab.train's)."""
-    done = len(read_metrics(run_dir)) if (run_dir / CHECKPOINT).is_file() else 0
-    if done >= config.epochs:
+    model of your own networks to train (vaelab.train's). seconds: a budget of training time
+    (the epochs' recorded seconds): the run stops after the epoch that reaches it."""
+    metrics = read_metrics(run_dir) if (run_dir / CHECKPOINT).is_file() else []
+    done = len(metrics)
+    spent = lambda: sum(m["seconds"] for m in read_metrics(run_dir))  # noqa: E731
+    if done >= config.epochs or (seconds is not None and done and spent() >= seconds):
         return run_dir
     print(
         f"{name}: {'resuming at epoch ' + str(done + 1) if done else 'training'} {run_dir}",
         file=sys.stderr,
     )
     # recorded once the run's folder is one (a fresh run refuses a folder of other files)
-    record = EpochFunction(lambda record, training: _record_host(run_dir, "training"))
-    vaelab.train(config, run_dir, progress=not quiet, resume=done > 0, callbacks=[record],
+    callbacks = [EpochFunction(lambda record, training: _record_host(run_dir, "training"))]
+    if seconds is not None:
+        callbacks.append(EpochFunction(lambda record, training: spent() >= seconds))
+    vaelab.train(config, run_dir, progress=not quiet, resume=done > 0, callbacks=callbacks,
                  model=model)
     return run_dir
 
