@@ -85,7 +85,9 @@ def test_two_processes_train_as_one_up_to_the_order_of_sums(one_and_two):
     ["--preset", "burda2", "--objective", "iwae", "--k", "5", "--estimator", "dreg", "--optimizer", "adam",
      "--lr", "1e-3", "--batch-size", "100"],
     ["--free-bits", "0.2", "--grad-clip", "50", "--skip-threshold", "1000", "--optimizer", "adam", "--lr", "1e-3"],
-], ids=["conv-logistic", "mlp-gaussian-learned-beta", "vamp-iaf", "iwae-dreg", "burda2-iwae-dreg", "health"])
+    ["--preset", "topdown-mnist", "--width", "8", "--blocks", "1,1,1,1"],  # and its average
+], ids=["conv-logistic", "mlp-gaussian-learned-beta", "vamp-iaf", "iwae-dreg", "burda2-iwae-dreg", "health",
+        "topdown-ema"])
 def test_the_conv_preset_and_new_likelihoods_train_as_one_in_two_processes(tmp_path, recipe):
     common = [*TRAIN, *recipe, "--train-size", 600, "--epochs", 1]
     one = vaelab("train", *common, "--out", tmp_path / "one")

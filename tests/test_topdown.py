@@ -164,7 +164,7 @@ def test_a_hierarchy_with_an_average_resumes_bit_for_bit(tmp_path):
 @pytest.mark.slow
 def test_the_mnist_preset_trains_evaluates_samples_reports_and_resumes(tmp_path, mnist):
     run = tmp_path / "run"
-    common = ["--preset", "topdown-mnist", "--train-size", 300, "--test-size", 100, "--batch-size",
+    common = ["--preset", "topdown-mnist", "--train-size", 200, "--test-size", 50, "--batch-size",
               100, "--quiet"]
     done = run_vaelab("train", *common, "--epochs", 1, "--out", run)
     assert done.returncode == 0, done.stderr

@@ -148,6 +148,7 @@ def test_the_epochs_record_the_codebooks_use():
     (["--conditional"], "--model vq-vae needs no --conditional"),
     (["--beta", "2"], "--model vq-vae needs no --beta"),
     (["--skip-threshold", "100"], "--model vq-vae needs no --skip-threshold"),
+    (["--ema", "0.99"], "--model vq-vae needs no --ema"),
 ])
 def test_what_a_vq_vae_cannot_do_is_refused_in_one_line(tmp_path, args, says):
     assert_refused_in_one_line(tmp_path, ["--preset", "vq-vae", *args], says)

@@ -621,7 +621,8 @@ class RunConfig(Options):
         "free bits (Kingma et al. 2016): each latent dimension's KL, averaged over the batch, costs"
         " at least LAMBDA nats in the training objective, so that a KL below it earns nothing"
         " (where q and p do not factorize over dimensions, the layer's KL costs at least LAMBDA"
-        " x its size); test_loss and evaluate stay the true negative ELBO and NLL",
+        " x its size; a top-down hierarchy's, each layer's at least LAMBDA); test_loss and"
+        " evaluate stay the true negative ELBO and NLL",
         rule=NUMBER_AT_LEAST_0,
         metavar="LAMBDA",
         default_text="0, off",

@@ -230,6 +230,8 @@ class VQVAE(Model):
              " a constant"),
             (config.skip_threshold is not None, "no --skip-threshold: a skipped update could not"
              " put back the codebook's moving averages, which the step has moved already"),
+            (bool(config.ema), "no --ema: its codebook follows the encoder's own outputs, which an"
+             " average of the weights would not give"),
         ]
         for wrong, needs in refused:
             if wrong:

@@ -186,6 +186,30 @@ def row_values(row: str, run_dir: Path, baseline_dir: Path | None) -> dict:
                                                    "se": paired["se"]}}
 
 
+def paired_rows(run_dirs: dict, baseline: str) -> list[tuple[dict, dict, list[dict]]]:
+    """For each evaluated row (run_dirs: row -> the folder of its evaluation), its row_values
+    paired with the baseline row where that is evaluated, with the K, the test images, the last
+    epoch's test KL and any KL per layer added; and its eval.json record and metrics."""
+    base = run_dirs.get(baseline)
+    out = []
+    for row, run_dir in run_dirs.items():
+        record, metrics = read_eval(run_dir), read_metrics(run_dir)
+        values = row_values(row, run_dir, None if row == baseline or base is None else base)
+        values.update(k=record["k"], images=record["test_images"], kl=metrics[-1]["test_kl"],
+                      kl_per_layer=record.get("kl_per_layer"))
+        out.append((values, record, metrics))
+    return out
+
+
+def evaluated_where(row: str, args) -> Path | None:
+    """The folder that holds a row's evaluation: its run (args.runs/<row>), else its kept records
+    (kept_dir); None before it is evaluated."""
+    for where in (args.runs / row, kept_dir(row, args)):
+        if (where / EVAL).is_file():
+            return where
+    return None
+
+
 def kept_dir(row: str, args) -> Path:
     """Where a table's finished row keeps its records: beside the table, results/<name>/<row>/
     (args: the script's, with out and name)."""

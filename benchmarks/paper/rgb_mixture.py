@@ -32,11 +32,9 @@ from pathlib import Path
 import numpy as np
 
 import vaelab
-from vaelab.runs import read_eval, read_metrics
-
 from benchmarks.lib.machine import RESULTS, write_results
-from benchmarks.lib.resumable import chosen_rows, kept_dir, machines, row_values, train_row
-from benchmarks.lib.resumable import evaluate_row, keep
+from benchmarks.lib.resumable import (chosen_rows, evaluate_row, evaluated_where, keep, kept_dir,
+                                      machines, paired_rows, train_row)
 
 ROWS = ("logistic", "logistic-mixture")
 BASELINE = "logistic"
@@ -95,10 +93,9 @@ def main(argv=None) -> int:
             train_row(row, row_config(row, args, data), run_dir, args.quiet)
             evaluate_row(run_dir, k=vaelab.load_run(run_dir).default_k, quiet=args.quiet)
             keep(run_dir, kept_dir(row, args))
-        for where in (run_dir, kept_dir(row, args)):
-            if (where / "eval.json").is_file():
-                run_dirs[row] = where
-                break
+        where = evaluated_where(row, args)
+        if where is not None:
+            run_dirs[row] = where
     if run_dirs:
         write_table(run_dirs, args)
     return 0
@@ -106,16 +103,8 @@ def main(argv=None) -> int:
 
 def write_table(run_dirs: dict, args) -> None:
     hardware = machines(list(run_dirs.values()))
-    baseline = run_dirs.get(BASELINE)
-    results = []
-    for row, run_dir in run_dirs.items():
-        record, metrics = read_eval(run_dir), read_metrics(run_dir)
-        values = row_values(row, run_dir, None if row == BASELINE or baseline is None
-                            else baseline)
-        values.update(k=record["k"], images=record["test_images"],
-                      bits_per_dim=record["bits_per_dim"], kl=metrics[-1]["test_kl"],
-                      kl_per_layer=record.get("kl_per_layer"))
-        results.append(values)
+    results = [{**values, "bits_per_dim": record["bits_per_dim"]}
+               for values, record, _ in paired_rows(run_dirs, BASELINE)]
     dims = 3 * SIDE * SIDE
     lines = [
         f"Machine: {hardware}. 32x32 RGB patches of scikit-image's seven colour photographs"

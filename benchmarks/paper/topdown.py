@@ -40,12 +40,12 @@ from vaelab.config import EvaluateOptions
 from vaelab.data import load_data
 from vaelab.diagnostics import compare
 from vaelab.evaluate import evaluate_run
-from vaelab.runs import read_eval, read_metrics
+from vaelab.runs import read_eval
 from vaelab.sampling import importance_sampled
 
 from benchmarks.lib.machine import RESULTS, cpu_and_torch, write_results
-from benchmarks.lib.resumable import (_record_host, chosen_rows, keep, kept_dir, machines,
-                                      row_values, train_row)
+from benchmarks.lib.resumable import (_record_host, chosen_rows, evaluated_where, keep, kept_dir,
+                                      machines, paired_rows, train_row)
 
 ROWS = ("burda2", "topdown")
 BASELINE = "burda2"
@@ -122,13 +122,9 @@ def main(argv=None) -> int:
     rows = chosen_rows(parser, args.rows, ROWS)
     run_dirs = {}
     for row in rows:
-        if args.table_only:
-            for where in (args.runs / row, kept_dir(row, args)):
-                if (where / "eval.json").is_file():
-                    run_dirs[row] = where
-                    break
-        else:
-            run_dirs[row] = train_and_evaluate(row, args)
+        where = evaluated_where(row, args) if args.table_only else train_and_evaluate(row, args)
+        if where is not None:
+            run_dirs[row] = where
     if run_dirs:
         write_table(run_dirs, args)
     return 0
@@ -137,21 +133,14 @@ def main(argv=None) -> int:
 def write_table(run_dirs: dict, args) -> None:
     """The table of the rows evaluated so far, paired with burda2 where it is there."""
     hardware = machines(list(run_dirs.values()))
-    baseline = run_dirs.get(BASELINE)
     results = []
-    for row, run_dir in run_dirs.items():
-        record, metrics = read_eval(run_dir), read_metrics(run_dir)
-        values = row_values(row, run_dir, None if row == BASELINE or baseline is None
-                            else baseline)
-        values.update(k=record["k"], images=record["test_images"],
-                      kl=metrics[-1]["test_kl"], test_loss=metrics[-1]["test_loss"],
-                      active_units=record["active_units"],
-                      kl_per_layer=record.get("kl_per_layer"),
+    for values, record, metrics in paired_rows(run_dirs, BASELINE):
+        check = run_dirs[values["row"]] / CHECK
+        values.update(active_units=record["active_units"],
                       seconds_per_epoch=values["train_seconds"] / len(metrics),
                       seconds_per_image=(record["seconds"] / record["test_images"]
-                                         if record.get("seconds") else None))
-        check = run_dir / CHECK
-        values["k_check"] = json.loads(check.read_text()) if check.is_file() else None
+                                         if record.get("seconds") else None),
+                      k_check=json.loads(check.read_text()) if check.is_file() else None)
         results.append(values)
     lines = [
         f"Machine: {hardware}. Dynamically binarized MNIST; each row trained for about"
