@@ -142,7 +142,7 @@ def test_the_kl_per_layer_is_evaluated_from_the_draws():
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     r = importance_sampled(model, images, k=100, progress=False)
     assert len(r["kl_per_layer"]) == 3 and all(v > 0 for v in r["kl_per_layer"])
-    assert len(r["active_units"]) == 3 and r["posterior_mean"].startswith("the mean of the K=100")
+    assert len(r["active_units"]) == 3 and r["posterior_mean"].startswith("every layer's mu")
     # the mean over draws of each layer's analytic KL: what other draws of the terms give
     x = model.observe(images, image_keys(1234, "observe", torch.arange(4)))
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_the_mnist_preset_trains_evaluates_samples_reports_and_resumes(tmp_path,
     whole = tmp_path / "whole"
     assert run_vaelab("train", *common, "--epochs", 2, "--out", whole).returncode == 0
     assert (run / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
-    done = run_vaelab("evaluate", run, "--k", 50)
+    done = run_vaelab("evaluate", run, "--k", 50, "--images", 50)
     assert done.returncode == 0, done.stderr
     assert "KL per layer, the top first" in done.stdout
     record = json.loads((run / "eval.json").read_text())
@@ -182,3 +182,28 @@ def test_the_mnist_preset_trains_evaluates_samples_reports_and_resumes(tmp_path,
     assert (run / "figures" / "layers.png").exists()
     assert (run / "figures" / "temperatures.png").exists()
     assert run_vaelab("report", run).returncode == 0
+
+
+def test_encode_gives_every_layers_gaussian_along_the_mean_pass():
+    from vaelab.score import encode
+
+    model = trained_looking(tiny())
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    codes = encode(model, images)
+    assert codes["mu"].shape == codes["logvar"].shape == (3, model.noise_dim)
+    assert "z_mean" not in codes  # a pass per draw: the mean pass's mu is the code
+    x = model.observe(images, image_keys(1234, "observe", torch.arange(3)))
+    torch.testing.assert_close(torch.from_numpy(codes["mu"]), model.posterior_mean(x))
+
+
+def test_gap_is_refused_in_one_line_and_score_takes_the_models_k(tmp_path):
+    from vaelab import train
+
+    data = write_idx_dir(tmp_path / "data", synthetic_dataset(100, 50))
+    run = tmp_path / "run"
+    train(topdown_run(epochs=1, data_dir=str(data)), run, progress=False)
+    refused = run_vaelab("gap", run)
+    assert refused.returncode == 2 and "a chain of layers" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    done = run_vaelab("score", run, "-o", tmp_path / "s.npz", "--split", "test")
+    assert done.returncode == 0 and "the model's default K" in done.stdout, done.stderr

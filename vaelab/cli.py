@@ -419,7 +419,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     options, world, (path, csv, table) = _distributed(args, config.ScoreOptions, score_run)
     if world.main and not options.quiet:
         log_px = table["log_px"]
-        print(f"log p(x) of {_counted(table)} (K={options.k}): mean {log_px.mean():.3f}, from"
+        k = f"K={options.k}" if options.k else "the model's default K"
+        print(f"log p(x) of {_counted(table)} ({k}): mean {log_px.mean():.3f}, from"
               f" {log_px.min():.3f} to {log_px.max():.3f} nats; written to {path} and {csv}")
     return 0
 

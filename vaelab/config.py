@@ -992,7 +992,8 @@ class EncodeOptions(RunImagesOptions):
 class ScoreOptions(RunImagesOptions):
     """`vaelab score`: each image's log p(x) under a run's model, by importance sampling."""
 
-    k: int = option(5000, "importance samples per image", rule=POSITIVE)
+    k: int | None = option(None, "importance samples per image", rule=POSITIVE,
+                           default_text="the model's, as evaluate's")
     precision: str = precision_option()
 
 

@@ -51,7 +51,7 @@ def diagnostics(model: VAE, posterior_means: torch.Tensor, kl_per_image: torch.T
         "active_units": [int((v > ACTIVE_THRESHOLD).sum()) for v in variance],
         "active_threshold": ACTIVE_THRESHOLD,
         "latent_variance": [v.tolist() for v in variance],
-        "posterior_mean": ("mu of q(z|x)" if closed >= sum(sizes) else
+        "posterior_mean": (model.posterior_mean_note or "mu of q(z|x)" if closed >= sum(sizes) else
                            drawn if closed == 0 else f"layer 1: mu of q(z_1|x); above: {drawn}"),
     }
     if kl_per_image is not None:

@@ -214,6 +214,10 @@ def gap_run(options: GapOptions, world: World = SINGLE) -> dict:
     """`vaelab gap`: amortization_gap over a run's first test images, written by rank 0 into
     RUN/gap.json. Returns the result, with the seconds it took."""
     model, data = open_run(options, world, writes=GAP, sampled="gap")
+    if not model.fits_posterior:
+        raise VaelabError(f"`vaelab gap` fits each image's Gaussian posterior, and a"
+                          f" {model.config.family} model's posterior is a chain of layers, each"
+                          " conditioned on those above, which it does not fit")
     images = data.subset(None, options.images).test_images
     run = Path(options.run)
     start = time.perf_counter()

@@ -60,6 +60,8 @@ class Model(nn.Module):
     kl_per_layer = False  # whether its terms' kl_per_dim holds each layer's KL (N, L)
     default_k = 5000  # importance samples per image that `vaelab evaluate` draws by default
     top_down = False  # whether it can reconstruct from its top layers (reconstruct_top)
+    fits_posterior = True  # whether `vaelab gap` can fit each image's q (posterior_params)
+    posterior_mean_note: str | None = None  # what latent_means gives, where not E_q[z]
     config: ModelConfig
 
     @classmethod
@@ -95,8 +97,13 @@ class Model(nn.Module):
 
     @property
     def units(self) -> int:
-        """The columns of test_unit_means."""
+        """The columns of test_unit_means, and of encode's mu and logvar."""
         return self.config.z_dim
+
+    def gaussian(self, q: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q's Gaussian from posterior_params' output: mu, logvar (N, units) each (with an IAF
+        posterior, its base Gaussian's)."""
+        return q[0], q[1]
 
     def epoch_metrics(self) -> dict:
         """What the model records of the training epoch just ended, for metrics.jsonl."""
@@ -357,7 +364,7 @@ class VAE(Model):
                         y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W) or flat (N, D), float32 as the model sees it (VAE.observe) -> mu,
         logvar: (N, z_dim) each (with an IAF posterior, its base Gaussian's)."""
-        return self.posterior_params(x, y)[:2]
+        return self.gaussian(self.posterior_params(x, y))
 
     def posterior_params(self, x: torch.Tensor, y: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, ...]:

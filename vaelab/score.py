@@ -45,9 +45,10 @@ def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 1
     same images in either form give the same codes).
 
     Returns float32 arrays:
-      mu, logvar  (N, z_dim) q(z_1|x)'s Gaussian: with --posterior iaf, the flow's base Gaussian
+      mu, logvar  (N, z_dim) q(z_1|x)'s Gaussian: with --posterior iaf, the flow's base Gaussian;
+                  (N, noise_dim) a top-down hierarchy's every layer (Model.gaussian)
       z_mean      (N, noise_dim) E_q[z] of every layer (z_1, then z_2, ...), the mean of `draws`
-                  keyed draws; only where it is not mu: an IAF posterior or a hierarchy
+                  keyed draws; only where it is not mu: an IAF posterior or a bottom-up hierarchy
     labels: (N,) the images' labels, which a conditional model reads (and needs).
     Under torchrun the ranks share the batches and every rank gets every image's values.
     """
@@ -57,7 +58,7 @@ def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 1
     if model.conditional and labels is None:
         raise VaelabError("this model is conditional: encoding needs the images' labels")
     drawn = model.latent_mean_columns < model.noise_dim
-    width = 2 * model.config.z_dim + (model.noise_dim if drawn else 0)
+    width = 2 * model.units + (model.noise_dim if drawn else 0)
     values = torch.zeros((n, width), dtype=torch.float32, device=device)
     components = model.prior_components() if drawn and not model.conditional else None
     starts = range(0, n, BATCH)[world.rank::world.size]
@@ -68,7 +69,7 @@ def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 1
                           image_keys(seed, "observe", index))
         y = None if not model.conditional else labels[start:start + BATCH].to(device)
         q = model.posterior_params(x, y)
-        parts = list(q[:2])
+        parts = list(model.gaussian(q))
         if drawn:
             eps = draw_noise(image_keys(seed, "noise", index), model.noise_dim, draws)
             parts.append(model(x, eps, posterior=q, components=components, y=y).z.mean(0))
@@ -76,10 +77,10 @@ def encode(model: VAE, images: torch.Tensor, *, seed: int = 1234, draws: int = 1
         bar.update(len(index) * world.size)
     bar.close()
     values = distributed.all_sum(values, world).cpu().numpy()  # zeros elsewhere: exact
-    z_dim = model.config.z_dim
-    out = {"mu": values[:, :z_dim], "logvar": values[:, z_dim:2 * z_dim]}
+    units = model.units
+    out = {"mu": values[:, :units], "logvar": values[:, units:2 * units]}
     if drawn:
-        out["z_mean"] = values[:, 2 * z_dim:]
+        out["z_mean"] = values[:, 2 * units:]
     return out
 
 
@@ -227,5 +228,6 @@ def score_run(options: ScoreOptions, world: World = SINGLE) -> tuple[Path, Path,
     split, file for a folder, label where there are labels, then score's arrays). Returns both
     files' paths and the table written, by column."""
     return _write_for_run(options, world, lambda model, images, labels: score(
-        model, images, k=options.k, seed=options.seed, precision=options.precision,
+        model, images, k=options.k or model.default_k, seed=options.seed,
+        precision=options.precision,
         progress=not options.quiet, world=world, labels=labels), "score")
