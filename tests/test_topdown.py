@@ -109,7 +109,7 @@ def test_with_the_posterior_equal_to_the_prior_the_kls_vanish_and_is_is_prior_sa
     terms = model(x, torch.randn(2, 6, model.noise_dim))
     torch.testing.assert_close(terms.kl, torch.zeros(6), rtol=0, atol=1e-5)  # up to rounding
     torch.testing.assert_close(terms.log_qz, terms.log_pz)
-    k = 2000
+    k = 500
     r = importance_sampled(model, images, k=k, progress=False)
     # log p(x) from draws of the prior, decoded, on the same binarization of each image
     z = model.sample_prior(6 * k, torch.Generator().manual_seed(5))
