@@ -173,8 +173,8 @@ class TopDownVAE(Model):
     those z_l; sample_prior draws them from the priors, at a temperature."""
 
     own_decoder = False  # its decoder runs in float32, without evaluation's workspaces
-    # A draw is a pass through the whole decoder: at K=100, 10,000 MNIST test images take about
-    # an hour on two CPU cores with the topdown-mnist preset (benchmarks/results/topdown.md).
+    # A draw is a pass through the whole decoder: K=100 keeps the evaluation of 10,000 MNIST
+    # test images within an hour on two CPU cores (benchmarks/results/topdown.md).
     default_k = 100
     kl_per_layer = True
     top_down = True
