@@ -194,6 +194,7 @@ def test_the_mixtures_probabilities_of_a_grey_pixels_256_levels_sum_to_one():
     assert abs(total.item()) < 1e-5
 
 
+@pytest.mark.slow
 def test_the_mixtures_probabilities_of_an_rgb_pixels_256_cubed_colours_sum_to_one():
     likelihood, out = _mixture_out(k=2, c=3, seed=1)
     levels = torch.arange(256, dtype=torch.float32) / 255

@@ -157,6 +157,7 @@ def topdown_run(**overrides) -> RunConfig:
     return RunConfig(**{**fields, **overrides})
 
 
+@pytest.mark.slow
 def test_a_hierarchy_with_an_average_resumes_bit_for_bit(tmp_path):
     assert_resumes_bit_for_bit(tmp_path, lambda epochs: topdown_run(epochs=epochs))
 
