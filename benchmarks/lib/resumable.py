@@ -6,6 +6,7 @@ where the run directory is gone. Shared by benchmarks.paper.components and .deep
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import shutil
@@ -22,7 +23,7 @@ from vaelab.evaluate import evaluate_run
 from vaelab.gap import GAP, gap_run, read_gap
 from vaelab.runs import CHECKPOINT, CONFIG, EVAL, LOG_PX, METRICS, read_eval, read_metrics
 
-from benchmarks.lib.machine import cpu_and_torch
+from benchmarks.lib.machine import RESULTS, cpu_and_torch
 
 HOSTS = "hosts.json"  # beside a row's run: the machines, dates and torch thread counts it ran at
 KEPT = (CONFIG, METRICS, EVAL, LOG_PX, GAP, HOSTS)  # what a finished row keeps beside its table
@@ -82,6 +83,23 @@ def finished(run_dir: Path, kept_dir: Path, epochs: int, k: int) -> Path | None:
     if finished_eval(run_dir, epochs, k) is not None:
         return run_dir
     return kept_dir if finished_eval(kept_dir, epochs, k, kept=True) is not None else None
+
+
+def table_parser(doc: str, rows, name: str) -> argparse.ArgumentParser:
+    """The options every table of rows shares: --rows (comma-separated, from rows), --seed,
+    --runs (default runs/<name>), --out, --name, --table-only and --quiet; the caller adds its
+    own. doc: the script's docstring, whose first paragraph describes it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rows", default=",".join(rows),
+                        help="comma-separated, from: " + ", ".join(rows))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=Path, default=Path("runs") / name)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--table-only", action="store_true",
+                        help="write the table from the rows already evaluated; run nothing")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
 
 
 def chosen_rows(parser, text: str, rows) -> list[str]:
@@ -199,6 +217,12 @@ def paired_rows(run_dirs: dict, baseline: str) -> list[tuple[dict, dict, list[di
                       kl_per_layer=record.get("kl_per_layer"))
         out.append((values, record, metrics))
     return out
+
+
+def paired_cell(paired: dict | None) -> str:
+    """A table's cell for a paired difference ({"difference", "se"}, in nats): "+1.23 ± 0.45",
+    or "—" for the row the others are paired with."""
+    return "—" if paired is None else f"{paired['difference']:+.2f} ± {paired['se']:.2f}"
 
 
 def evaluated_where(row: str, args) -> Path | None:

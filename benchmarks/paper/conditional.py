@@ -28,7 +28,6 @@ finished row's records to benchmarks/results/conditional/<row>/.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -37,9 +36,9 @@ import vaelab
 from vaelab.plots import class_figure
 from vaelab.runs import read_eval, read_metrics
 
-from benchmarks.lib.machine import RESULTS, write_results
-from benchmarks.lib.resumable import (chosen_rows, finished, kept_dir, machines, row_values,
-                                      train_evaluate_keep)
+from benchmarks.lib.machine import write_results
+from benchmarks.lib.resumable import (chosen_rows, finished, kept_dir, machines, paired_cell,
+                                      row_values, table_parser, train_evaluate_keep)
 
 ROWS = ("vae", "cvae", "cvae-per-class")
 BASELINE = "vae"
@@ -65,18 +64,9 @@ def train_and_evaluate(row: str, args) -> tuple[Path, dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS),
-                        help="comma-separated, from: " + ", ".join(ROWS))
+    parser = table_parser(__doc__, ROWS, "conditional")
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--k-eval", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=Path("runs/conditional"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="conditional")
-    parser.add_argument("--table-only", action="store_true",
-                        help="write the table from the rows already evaluated; run nothing")
-    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     rows = chosen_rows(parser, args.rows, ROWS)
     if BASELINE not in rows:
@@ -125,8 +115,7 @@ def write_table(rows: list[str], run_dirs: dict, records: dict, args) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        versus = ("—" if r["vs_vae"] is None
-                  else f"{r['vs_vae']['difference']:+.2f} ± {r['vs_vae']['se']:.2f}")
+        versus = paired_cell(r["vs_vae"])
         evaluation = "" if r["eval_seconds"] is None else f"{r['eval_seconds'] / 60:.0f} min"
         quantity = r["quantity"].replace("|", "\\|")  # a bar inside a table's cell
         lines.append(

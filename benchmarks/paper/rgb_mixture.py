@@ -25,16 +25,16 @@ row's records to benchmarks/results/rgb_mixture/<row>/.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 import vaelab
-from benchmarks.lib.machine import RESULTS, write_results
+from benchmarks.lib.machine import write_results
 from benchmarks.lib.resumable import (chosen_rows, evaluate_row, evaluated_where, keep, kept_dir,
-                                      machines, paired_rows, train_row)
+                                      machines, paired_cell, paired_rows, table_parser,
+                                      train_row)
 
 ROWS = ("logistic", "logistic-mixture")
 BASELINE = "logistic"
@@ -72,17 +72,8 @@ def row_config(row: str, args, data: Path) -> vaelab.RunConfig:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS),
-                        help="comma-separated, from: " + ", ".join(ROWS))
+    parser = table_parser(__doc__, ROWS, "rgb_mixture")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=Path("runs/rgb_mixture"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="rgb_mixture")
-    parser.add_argument("--table-only", action="store_true",
-                        help="write the table from the rows already evaluated; run nothing")
-    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     rows = chosen_rows(parser, args.rows, ROWS)
     run_dirs = {}
@@ -120,8 +111,7 @@ def write_table(run_dirs: dict, args) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        versus = ("—" if r["paired"] is None
-                  else f"{r['paired']['difference']:+.2f} ± {r['paired']['se']:.2f}")
+        versus = paired_cell(r["paired"])
         lines.append(
             f"| {r['row']} | {r['epochs']} | {r['train_seconds'] / 60:.0f} min | {r['k']} |"
             f" {r['images']} | {r['nll']:.1f} ± {r['nll_se']:.2f} | {r['bits_per_dim']:.3f} |"

@@ -27,7 +27,6 @@ benchmarks/results/topdown/<row>/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -43,9 +42,9 @@ from vaelab.evaluate import evaluate_run
 from vaelab.runs import read_eval
 from vaelab.sampling import importance_sampled
 
-from benchmarks.lib.machine import RESULTS, cpu_and_torch, write_results
+from benchmarks.lib.machine import cpu_and_torch, write_results
 from benchmarks.lib.resumable import (_record_host, chosen_rows, evaluated_where, keep, kept_dir,
-                                      machines, paired_rows, train_row)
+                                      machines, paired_rows, paired_cell, table_parser, train_row)
 
 ROWS = ("burda2", "topdown")
 BASELINE = "burda2"
@@ -103,21 +102,12 @@ def k_check(run_dir: Path, images: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=",".join(ROWS),
-                        help="comma-separated, from: " + ", ".join(ROWS))
+    parser = table_parser(__doc__, ROWS, "topdown")
     parser.add_argument("--minutes", type=float, default=45.0,
                         help="each row's training time")
     parser.add_argument("--images", type=int, default=10_000, help="test images evaluated")
     parser.add_argument("--check-images", type=int, default=100,
                         help="test images of the K check")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=Path, default=Path("runs/topdown"))
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--name", default="topdown")
-    parser.add_argument("--table-only", action="store_true",
-                        help="write the table from the rows already evaluated; run nothing")
-    parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     rows = chosen_rows(parser, args.rows, ROWS)
     run_dirs = {}
@@ -155,8 +145,7 @@ def write_table(run_dirs: dict, args) -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        versus = ("—" if r["paired"] is None
-                  else f"{r['paired']['difference']:+.2f} ± {r['paired']['se']:.2f}")
+        versus = paired_cell(r["paired"])
         evaluation = "" if r["eval_seconds"] is None else f"{r['eval_seconds'] / 60:.0f} min"
         per_image = "" if r["seconds_per_image"] is None else f"{r['seconds_per_image']:.3f}"
         units = "+".join(map(str, r["active_units"]))
