@@ -78,11 +78,40 @@ class Model(nn.Module):
         """Where the weights are."""
         return next(self.parameters()).device
 
+    def generator(self, generator: torch.Generator | None = None) -> torch.Generator:
+        """generator, or without one a fresh generator on the model's device, seeded anew: draws
+        that differ from call to call."""
+        if generator is None:
+            generator = torch.Generator(self.device)
+            generator.seed()
+        return generator
+
     def observe(self, images: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """Images (N, C, H, W) or flat, uint8 or floats in [0, 1] (images.stored) -> what the
         model sees, x: (N, C, H, W) float32 (see likelihoods). keys: (N,) one per image, for
         the likelihoods that draw (rng.image_keys)."""
         return self.likelihood.observe(stored(images, self.config.image_shape), keys)
+
+    def encode(self, images: torch.Tensor, y: torch.Tensor | None = None, *,
+               seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: (N, C, H, W) or flat (N, C * H * W), uint8 or floats in [0, 1] (one meaning:
+        images.stored) -> mu, logvar: (N, units) each, q's Gaussian (Model.gaussian: q(z|x)'s,
+        with an IAF posterior its base Gaussian's; a top-down hierarchy's every layer). y: the
+        images' labels (N,), for a conditional model.
+
+        Image i is observed as `vaelab.score.encode` and evaluation observe it: with the draws
+        keyed by (seed, i) where the likelihood draws (a Bernoulli's binarization). For what the
+        model sees already (Model.observe's x), use encode_observed."""
+        images = stored(images, self.config.image_shape).to(self.device)
+        index = torch.arange(len(images), device=self.device)
+        x = self.observe(images, image_keys(seed, "observe", index))
+        return self.encode_observed(x, y)
+
+    def encode_observed(self, x: torch.Tensor,
+                        y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, C, H, W) or flat (N, D), float32 as the model sees it (Model.observe) -> mu,
+        logvar: (N, units) each, as encode gives them."""
+        return self.gaussian(self.posterior_params(x, y))
 
     def networks(self) -> list[nn.Module]:
         """The modules whose layers an initialisation scheme (models.initialise) redraws."""
@@ -90,10 +119,11 @@ class Model(nn.Module):
 
     def test_unit_means(self, q: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """What the test pass counts active units over, from q's parameters (posterior_params):
-        (N, z_dim) z_1's closed-form E_q[z_1], or a flow's base
-        Gaussian's mu."""
+        (N, units) the first columns of latent_means (z_1's closed-form E_q[z_1]; a top-down
+        hierarchy's every layer), or where it has none q's first parameter (a flow's base
+        Gaussian's mu)."""
         mean = self.latent_means(q)
-        return q[0] if mean is None else mean[:, :self.config.z_dim]
+        return q[0] if mean is None else mean[:, :self.units]
 
     @property
     def units(self) -> int:
@@ -346,26 +376,6 @@ class VAE(Model):
         """Each stochastic layer's size, the decoder's z_1 first: the columns of a draw z."""
         return self.posterior.sizes
 
-    def encode(self, images: torch.Tensor, y: torch.Tensor | None = None, *,
-               seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-        """images: (N, C, H, W) or flat (N, C * H * W), uint8 or floats in [0, 1] (one meaning:
-        images.stored) -> mu, logvar: (N, z_dim) each, q(z|x)'s Gaussian (with an IAF posterior,
-        its base Gaussian's). y: the images' labels (N,), for a conditional model.
-
-        Image i is observed as `vaelab.score.encode` and evaluation observe it: with the draws
-        keyed by (seed, i) where the likelihood draws (a Bernoulli's binarization). For what the
-        model sees already (VAE.observe's x), use encode_observed."""
-        images = stored(images, self.config.image_shape).to(self.device)
-        index = torch.arange(len(images), device=self.device)
-        x = self.observe(images, image_keys(seed, "observe", index))
-        return self.encode_observed(x, y)
-
-    def encode_observed(self, x: torch.Tensor,
-                        y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, C, H, W) or flat (N, D), float32 as the model sees it (VAE.observe) -> mu,
-        logvar: (N, z_dim) each (with an IAF posterior, its base Gaussian's)."""
-        return self.gaussian(self.posterior_params(x, y))
-
     def posterior_params(self, x: torch.Tensor, y: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, ...]:
         """x, as the model sees it [, y] -> q(z|x)'s parameters, (N, ...) each, the first two a
@@ -530,9 +540,7 @@ class VAE(Model):
         """n draws z ~ p(z [| y]) as the decoder reads them: (n, z_dim), with upper layers drawn
         down from the top one. generator: a torch.Generator on the model's device, for draws that
         repeat; without one, fresh draws each call. y: (n, ...) for a conditional model."""
-        if generator is None:
-            generator = torch.Generator(self.device)
-            generator.seed()
+        generator = self.generator(generator)
         return self.posterior.decoded(self.prior.sample(n, generator, self.encode_observed, y))
 
 

@@ -37,15 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import likelihoods
-from .config import EVAL_SEED, ModelConfig
+from .config import ModelConfig
 from .densities import kl_normals_per_dim, log_normal
 from .errors import VaelabError
 from .families import FAMILIES
-from .images import stored
 from .models import Model
 from .nets import ACTIVATIONS
 from .objectives import Terms
-from .rng import image_keys
 
 BOTTLENECK = 4  # a block's inner width is width / 4 (VDVAE's bottleneck_multiple 0.25)
 
@@ -314,19 +312,6 @@ class TopDownVAE(Model):
     def decode_mean(self, z: torch.Tensor, y=None) -> torch.Tensor:
         return self.likelihood.mean(self.decode(z))
 
-    def encode(self, images: torch.Tensor, y=None, *,
-               seed: int = EVAL_SEED) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, H, W) or flat, uint8 or floats in [0, 1] -> mu, logvar (N, noise_dim)
-        each: every layer's q(z_l | z_>l, x) along the pass that takes each layer at its mean
-        (image i observed with the keys (seed, i), as evaluation observes it)."""
-        images = stored(images, self.config.image_shape).to(self.device)
-        index = torch.arange(len(images), device=self.device)
-        return self.encode_observed(self.observe(images, image_keys(seed, "observe", index)))
-
-    def encode_observed(self, x: torch.Tensor, y=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x as the model sees it -> mu, logvar (N, noise_dim): see encode."""
-        return self.gaussian(self.posterior_params(x))
-
     def gaussian(self, q: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The bottom-up activations -> mu, logvar (N, noise_dim): every layer's q along the pass
         that takes each layer at its mean."""
@@ -362,9 +347,6 @@ class TopDownVAE(Model):
 
     posterior_mean_note = "every layer's mu of q along the pass at the means of the layers above"
 
-    def test_unit_means(self, q: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self.latent_means(q)
-
     @property
     def units(self) -> int:
         return self.noise_dim
@@ -386,9 +368,7 @@ class TopDownVAE(Model):
                      temperature: float = 1.0) -> torch.Tensor:
         """n draws of every layer from the priors p(z_l | z_>l), their standard deviations times
         temperature: (n, noise_dim). generator: on the model's device, for draws that repeat."""
-        if generator is None:
-            generator = torch.Generator(self.device)
-            generator.seed()
+        generator = self.generator(generator)
         eps = torch.randn(n, self.noise_dim, generator=generator, device=self.device)
         return self._drawn(n, eps, 0, temperature)
 

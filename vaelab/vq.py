@@ -352,9 +352,7 @@ class VQVAE(Model):
         if self.code_prior is None:
             raise VaelabError("a VQ-VAE samples from its learned prior over codes, which this run"
                               " has not trained yet: run `vaelab train-prior RUN` first")
-        if generator is None:
-            generator = torch.Generator(self.device)
-            generator.seed()
+        generator = self.generator(generator)
         return self.quantised(self.code_prior.sample(n, generator))
 
     @property

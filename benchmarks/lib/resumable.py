@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -68,11 +69,12 @@ def machines(run_dirs: list[Path]) -> str:
     return f"{'; '.join(names)}; {span}"
 
 
-def keep(run_dir: Path, kept_dir: Path) -> None:
+def keep(run_dir: Path, kept_dir: Path, extra: tuple[str, ...] = ()) -> None:
     """Copy a finished row's records (config, metrics, evaluation, per-image log p(x), gaps,
-    machines) to kept_dir, where `finished` finds them once the run directory is gone."""
+    machines, and the table's own `extra` files) to kept_dir, where `finished` finds them once
+    the run directory is gone."""
     kept_dir.mkdir(parents=True, exist_ok=True)
-    for name in KEPT:
+    for name in (*KEPT, *extra):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, kept_dir / name)
 
@@ -232,6 +234,19 @@ def evaluated_where(row: str, args) -> Path | None:
         if (where / EVAL).is_file():
             return where
     return None
+
+
+def evaluated_rows(rows: list[str], args, run: Callable[[str], object]) -> dict[str, Path]:
+    """Each row trained and evaluated by run(row), unless args.table_only; then, by row, the
+    folders that hold an evaluation (evaluated_where), for the table."""
+    run_dirs = {}
+    for row in rows:
+        if not args.table_only:
+            run(row)
+        where = evaluated_where(row, args)
+        if where is not None:
+            run_dirs[row] = where
+    return run_dirs
 
 
 def kept_dir(row: str, args) -> Path:

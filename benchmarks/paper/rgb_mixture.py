@@ -32,7 +32,7 @@ import numpy as np
 
 import vaelab
 from benchmarks.lib.machine import write_results
-from benchmarks.lib.resumable import (chosen_rows, evaluate_row, evaluated_where, keep, kept_dir,
+from benchmarks.lib.resumable import (chosen_rows, evaluate_row, evaluated_rows, keep, kept_dir,
                                       machines, paired_cell, paired_rows, table_parser,
                                       train_row)
 
@@ -71,22 +71,22 @@ def row_config(row: str, args, data: Path) -> vaelab.RunConfig:
                             seed=args.seed, device="cpu", data_dir=str(data))
 
 
+def train_and_evaluate(row: str, args) -> None:
+    """The row trained (or resumed) on the patches, evaluated with its model's default K, and its
+    records kept."""
+    run_dir = args.runs / row
+    data = photo_patches(args.runs / "data")
+    train_row(row, row_config(row, args, data), run_dir, args.quiet)
+    evaluate_row(run_dir, k=vaelab.load_run(run_dir).default_k, quiet=args.quiet)
+    keep(run_dir, kept_dir(row, args))
+
+
 def main(argv=None) -> int:
     parser = table_parser(__doc__, ROWS, "rgb_mixture")
     parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args(argv)
     rows = chosen_rows(parser, args.rows, ROWS)
-    run_dirs = {}
-    for row in rows:
-        run_dir = args.runs / row
-        if not args.table_only:
-            data = photo_patches(args.runs / "data")
-            train_row(row, row_config(row, args, data), run_dir, args.quiet)
-            evaluate_row(run_dir, k=vaelab.load_run(run_dir).default_k, quiet=args.quiet)
-            keep(run_dir, kept_dir(row, args))
-        where = evaluated_where(row, args)
-        if where is not None:
-            run_dirs[row] = where
+    run_dirs = evaluated_rows(rows, args, lambda row: train_and_evaluate(row, args))
     if run_dirs:
         write_table(run_dirs, args)
     return 0

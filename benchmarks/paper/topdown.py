@@ -43,7 +43,7 @@ from vaelab.runs import read_eval
 from vaelab.sampling import importance_sampled
 
 from benchmarks.lib.machine import cpu_and_torch, write_results
-from benchmarks.lib.resumable import (_record_host, chosen_rows, evaluated_where, keep, kept_dir,
+from benchmarks.lib.resumable import (_record_host, chosen_rows, evaluated_rows, keep, kept_dir,
                                       machines, paired_rows, paired_cell, table_parser, train_row)
 
 ROWS = ("burda2", "topdown")
@@ -67,7 +67,9 @@ def evaluated(run_dir: Path, images: int) -> dict | None:
     return record if record["test_images"] == images else None
 
 
-def train_and_evaluate(row: str, args) -> Path:
+def train_and_evaluate(row: str, args) -> None:
+    """The row trained for its minutes (or resumed), evaluated with its model's default K, the
+    hierarchy's K checked, and its records kept."""
     run_dir = train_row(row, row_config(row, args), args.runs / row, args.quiet,
                         seconds=60 * args.minutes)
     if evaluated(run_dir, args.images) is None:
@@ -76,10 +78,7 @@ def train_and_evaluate(row: str, args) -> Path:
                                      device="cpu", quiet=args.quiet))
     if row == "topdown" and not (run_dir / CHECK).is_file():
         (run_dir / CHECK).write_text(json.dumps(k_check(run_dir, args.check_images)) + "\n")
-    keep(run_dir, kept_dir(row, args))
-    if (run_dir / CHECK).is_file():
-        (kept_dir(row, args) / CHECK).write_bytes((run_dir / CHECK).read_bytes())
-    return run_dir
+    keep(run_dir, kept_dir(row, args), extra=(CHECK,))
 
 
 def k_check(run_dir: Path, images: int) -> dict:
@@ -110,11 +109,7 @@ def main(argv=None) -> int:
                         help="test images of the K check")
     args = parser.parse_args(argv)
     rows = chosen_rows(parser, args.rows, ROWS)
-    run_dirs = {}
-    for row in rows:
-        where = evaluated_where(row, args) if args.table_only else train_and_evaluate(row, args)
-        if where is not None:
-            run_dirs[row] = where
+    run_dirs = evaluated_rows(rows, args, lambda row: train_and_evaluate(row, args))
     if run_dirs:
         write_table(run_dirs, args)
     return 0
